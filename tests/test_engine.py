@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from rsna_cspine.engine import (
+    EarlyStopping,
+    SummaryLog,
+    fold_of,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
+from rsna_cspine.errors import CSpineError
+
+
+def _model_and_optimizer():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    return model, opt, sched
+
+
+def _step(model, opt, sched):
+    x = torch.randn(16, 4)
+    loss = model(x).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+def test_checkpoint_resume_continues_identically(tmp_path):
+    seed_everything(3)
+    model, opt, sched = _model_and_optimizer()
+    _step(model, opt, sched)
+    save_checkpoint(tmp_path / "last.pt", model=model, optimizer=opt, scheduler=sched, epoch=1, best_score=0.5)
+    _step(model, opt, sched)  # the uninterrupted run's second step (consumes RNG after the save)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model2, opt2, sched2 = _model_and_optimizer()
+    torch.manual_seed(999)  # a resumed process starts with unrelated RNG state
+    state = load_checkpoint(
+        tmp_path / "last.pt", model=model2, optimizer=opt2, scheduler=sched2, restore_rng=True
+    )
+    assert state["epoch"] == 1 and state["best_score"] == 0.5
+    assert sched2.get_last_lr() == pytest.approx([5e-3])
+    _step(model2, opt2, sched2)
+    for a, b in zip(expected, model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_unreadable_checkpoint_names_file(tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CSpineError, match="broken.pt"):
+        load_checkpoint(bad)
+    with pytest.raises(CSpineError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_summary_log_truncates_on_resume(tmp_path):
+    log = SummaryLog(tmp_path)
+    for epoch in range(1, 4):
+        log.append({"epoch": epoch, "train_loss": 1.0 / epoch, "val_dice": 0.2 * epoch})
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    resumed = SummaryLog(tmp_path, resume_epoch=2)
+    resumed.append({"epoch": 3, "train_loss": 0.1, "val_dice": 0.9})
+    with (tmp_path / "summary.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert float(rows[-1]["val_dice"]) == pytest.approx(0.9)
+
+
+def test_early_stopping_counts_bad_epochs():
+    stopper = EarlyStopping(patience=2, mode="min")
+    assert stopper.step(1.0)
+    assert stopper.step(0.5)
+    assert not stopper.step(0.6)
+    assert not stopper.should_stop
+    assert not stopper.step(0.7)
+    assert stopper.should_stop
+    restored = EarlyStopping(patience=2)
+    restored.load_state_dict(stopper.state_dict())
+    assert restored.best == 0.5 and restored.should_stop
+
+
+def test_fold_of_is_a_deterministic_group_split():
+    studies = [f"1.2.3.{i}" for i in range(50)] * 2  # every study twice: one fold each still
+    folds = fold_of(studies, n_folds=5, seed=7)
+    assert set(folds) == set(studies)
+    counts = np.bincount(list(folds.values()), minlength=5)
+    assert counts.tolist() == [10] * 5
+    assert fold_of(studies, 5, seed=7) == folds
+    assert fold_of(studies, 5, seed=8) != folds
