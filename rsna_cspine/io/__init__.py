@@ -1,4 +1,7 @@
-"""Input/output: DICOM series → Volume, NIfTI → aligned labels, Kaggle-layout tables."""
+"""Input/output: DICOM series → Volume, NIfTI → aligned labels, Kaggle-layout tables.
+
+Heavy decoders are imported by the submodules only when a series is actually loaded.
+"""
 
 from __future__ import annotations
 

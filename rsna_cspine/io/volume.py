@@ -25,7 +25,8 @@ class Volume:
         slice_numbers: ``(z,)`` the number in each source file's name (``12`` for ``12.dcm``), in array
             order; ``-1`` where a name has no number. This is what maps a mask slice back to a file.
         files: source file name of each slice, in array order.
-        reversed_numbering: True when file numbers decrease from superior to inferior.
+        reversed_numbering: True when file numbers decrease from superior to inferior (InstanceNumber
+            decides when the file names carry no number; meaningless for shuffled numbering).
         study_uid: StudyInstanceUID (the folder name when the header lacks it).
         warnings: human-readable notes about repairs made while loading (dropped slices, gaps, ...).
     """
