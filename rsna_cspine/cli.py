@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 #: subcommand → (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -30,12 +31,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _module_file_exists(module_name: str) -> bool:
+    """True when the subcommand's module is present, checked on disk so no stage package is imported
+    (importing ``rsna_cspine.seg`` would pull in torch and MONAI just to print the help)."""
+    package_root = Path(__file__).resolve().parent.parent
+    relative = Path(*module_name.split("."))
+    return (package_root / relative.with_suffix(".py")).is_file() or (package_root / relative / "__init__.py").is_file()
+
+
 def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsna-cspine", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        if available_only and importlib.util.find_spec(module_name) is None:
+        if available_only and not _module_file_exists(module_name):
             continue
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
@@ -43,16 +52,15 @@ def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
-        parser.print_help()
+        build_parser().print_help()
         return 0
     verbose = False
     while argv and argv[0] in ("-v", "--verbose"):
         verbose = True
         argv.pop(0)
     if not argv or argv[0] not in COMMANDS:
-        parser.print_help()
+        build_parser().print_help()
         return 2
     name = argv.pop(0)
     logging.basicConfig(

@@ -1,0 +1,153 @@
+"""Write a whole synthetic dataset in the exact Kaggle RSNA 2022 layout.
+
+    OUT/train.csv                  StudyInstanceUID, patient_overall, C1..C7
+    OUT/test.csv                   row_id, StudyInstanceUID, prediction_type (8 rows per test study)
+    OUT/sample_submission.csv      row_id, fractured (= 0.5)
+    OUT/train_bounding_boxes.csv   StudyInstanceUID, x, y, width, height, slice_number
+    OUT/train_images/<UID>/<n>.dcm
+    OUT/test_images/<UID>/<n>.dcm
+    OUT/segmentations/<UID>.nii    (train studies)
+
+plus three files the real layout does not have: ``test_labels.csv`` (the test studies' true labels,
+same columns as train.csv, for scoring held-out predictions), ``synth_studies.csv`` (per-study
+generation and storage details) and ``synth_config.yaml`` (the config that made the data).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from tqdm import tqdm
+
+from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
+from rsna_cspine.errors import LayoutError
+from rsna_cspine.synth.config import SynthConfig
+from rsna_cspine.synth.phantom import make_phantom
+from rsna_cspine.synth.writer import (
+    available_codecs,
+    make_uid,
+    plan_storage,
+    write_dicom_series,
+    write_segmentation,
+)
+
+LABEL_COLUMNS = ["StudyInstanceUID", "patient_overall", *VERTEBRAE]
+BOX_COLUMNS = ["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]
+_GENERATED = ("train_images", "test_images", "segmentations")
+
+
+def study_streams(cfg: SynthConfig, index: int) -> tuple[np.random.Generator, np.random.Generator,
+                                                         np.random.Generator]:
+    """Independent ``(phantom, storage, split)`` generators of study ``index``.
+
+    Each study's seed sequence is spawned from ``cfg.seed`` with its own index as key, so study ``k`` is
+    the same whatever ``n_studies`` is.
+    """
+    sequence = np.random.SeedSequence(cfg.seed, spawn_key=(index,))
+    return tuple(np.random.default_rng(child) for child in sequence.spawn(3))  # type: ignore[return-value]
+
+
+def study_uid(cfg: SynthConfig, index: int) -> str:
+    """StudyInstanceUID of study ``index``: ``1.2.826.0.1.3680043.<digits>``, fixed by seed and index."""
+    return make_uid(cfg.seed, index)
+
+
+def write_dataset(out_dir: str | Path, cfg: SynthConfig, progress: bool = True,
+                  overwrite: bool = False) -> pd.DataFrame:
+    """Generate ``cfg.n_studies`` phantoms and write them in the Kaggle layout.
+
+    ``OUT/test_labels.csv`` holds the test studies' true labels: the real Kaggle layout has no such
+    file (its test labels are hidden); it exists here so held-out predictions can be scored.
+
+    Args:
+        out_dir: dataset root (created).
+        cfg: generator settings.
+        progress: show a tqdm bar over studies.
+        overwrite: delete earlier ``train_images``/``test_images``/``segmentations`` first; without it a
+            non-empty earlier output is an error (mixing two runs would corrupt the layout).
+
+    Returns:
+        One row per study (train and test) with the label columns, ``split`` and generation details.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _GENERATED:
+        folder = out / name
+        if folder.exists() and any(folder.iterdir()):
+            if not overwrite:
+                raise LayoutError(f"{name}/ already holds files; pass overwrite=True to replace them", folder)
+            shutil.rmtree(folder)
+    codecs = available_codecs()
+
+    streams = [study_streams(cfg, k) for k in range(cfg.n_studies)]
+    split_draws = [rng.random(3) for _, _, rng in streams]  # (split rank, segmentation, boxes)
+    n_test = int(round(cfg.n_studies * cfg.test_fraction))
+    test_indices = set(np.argsort([d[0] for d in split_draws], kind="stable")[:n_test].tolist())
+
+    rows: list[dict] = []
+    boxes: list[dict] = []
+    for k in tqdm(range(cfg.n_studies), desc="synth studies", disable=not progress, unit="study"):
+        phantom_rng, storage_rng, _ = streams[k]
+        uid = study_uid(cfg, k)
+        phantom = make_phantom(cfg, phantom_rng)
+        storage = plan_storage(phantom, storage_rng, cfg, codecs)
+        is_test = k in test_indices
+        write_dicom_series(phantom, out / ("test_images" if is_test else "train_images") / uid, uid, storage)
+        has_segmentation = (not is_test) and split_draws[k][1] < cfg.segmentation_fraction
+        if has_segmentation:
+            write_segmentation(phantom, out / "segmentations" / f"{uid}.nii", storage)
+        n_boxes = 0
+        if not is_test and phantom.patient_overall and split_draws[k][2] < cfg.bbox_fraction:
+            for box in phantom.fracture_boxes:
+                boxes.append({"StudyInstanceUID": uid, "x": float(box["x"]), "y": float(box["y"]),
+                              "width": float(box["width"]), "height": float(box["height"]),
+                              "slice_number": storage.file_numbers[box["z"]]})
+                n_boxes += 1
+        rows.append({
+            "StudyInstanceUID": uid,
+            "patient_overall": phantom.patient_overall,
+            **{name: phantom.fractured[name] for name in VERTEBRAE},
+            "split": "test" if is_test else "train",
+            "study_index": k,
+            "n_slices": int(phantom.hu.shape[0]),
+            "image_size": int(phantom.hu.shape[1]),
+            "slice_spacing_mm": phantom.spacing[0],
+            "pixel_spacing_mm": phantom.spacing[1],
+            "codec": storage.codec,
+            "transfer_syntax": storage.transfer_syntax,
+            "pixel_representation": storage.pixel_representation,
+            "bits_stored": storage.bits_stored,
+            "numbering": storage.numbering,
+            "mixed_rescale": storage.mixed_rescale,
+            "circular_fov": phantom.circular_fov,
+            "has_segmentation": has_segmentation,
+            "n_boxes": n_boxes,
+            "fracture_kinds": json.dumps(phantom.fracture_kinds, sort_keys=True),
+        })
+
+    table = pd.DataFrame(rows)
+    if table.empty:
+        table = pd.DataFrame(columns=LABEL_COLUMNS + ["split"])
+    _write_tables(out, table, boxes)
+    table.to_csv(out / "synth_studies.csv", index=False)
+    (out / "synth_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return table
+
+
+def _write_tables(out: Path, table: pd.DataFrame, boxes: list[dict]) -> None:
+    train = table[table["split"] == "train"]
+    test = table[table["split"] == "test"]
+    train[LABEL_COLUMNS].to_csv(out / "train.csv", index=False)
+    test[LABEL_COLUMNS].to_csv(out / "test_labels.csv", index=False)
+    test_rows = [{"row_id": f"{uid}_{kind}", "StudyInstanceUID": uid, "prediction_type": kind}
+                 for uid in test["StudyInstanceUID"] for kind in TARGET_COLUMNS]
+    test_table = pd.DataFrame(test_rows, columns=["row_id", "StudyInstanceUID", "prediction_type"])
+    test_table.to_csv(out / "test.csv", index=False)
+    pd.DataFrame({"row_id": test_table["row_id"], "fractured": 0.5}).to_csv(
+        out / "sample_submission.csv", index=False)
+    pd.DataFrame(boxes, columns=BOX_COLUMNS).to_csv(out / "train_bounding_boxes.csv", index=False)
