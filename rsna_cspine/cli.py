@@ -40,7 +40,9 @@ def _module_file_exists(module_name: str) -> bool:
 
 
 def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rsna-cspine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rsna-cspine", description="RSNA 2022 cervical-spine fracture detection: DICOM studies → submission.csv"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
