@@ -1,0 +1,382 @@
+"""``rsna-cspine demo``: the whole job on a fresh machine in about ten minutes of CPU.
+
+Generates a small synthetic Kaggle-layout dataset, trains stage 1 (3D UNet) and stage 2 (2.5D
+classifier, crops from the ground-truth masks) briefly, predicts the held-out test studies through the
+same pipeline as a real submission, scores the submission against the held-out labels next to the prior
+baseline, writes the CV report of the stage-2 out-of-fold predictions, and prints where everything is.
+
+Output folder::
+
+    OUT/data/            synthetic Kaggle layout (train.csv, test.csv, test_labels.csv, *_images/, segmentations/)
+    OUT/work/            preprocessing caches (stage-1 grids, stage-2 crops)
+    OUT/runs/seg/        stage-1 run (config.yaml, summary.csv, curves.png, best.pt, last.pt)
+    OUT/runs/cls/        stage-2 run (fold0/..., oof_fold0.csv)
+    OUT/models/          the models folder predict reads (seg/fold0/best.pt, cls/fold0/best.pt)
+    OUT/submission.csv   plus submission.timings.csv
+    OUT/cv_report/       report.md, scores.csv, roc.png, reliability.png, confusion.png, ...
+    OUT/demo_summary.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsna_cspine.config import load_config
+from rsna_cspine.errors import ConfigError, CSpineError
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+_MARKER = "demo_summary.json"
+_DATA_DONE = ".demo_data_complete"
+
+
+@dataclass
+class DemoConfig:
+    """Knobs of the demo (``configs/demo.yaml``).
+
+    Attributes:
+        minutes: wall-clock target for the whole demo; the two trainings share what data generation
+            and ``reserve_s`` leave.
+        seed: seeds the dataset and both trainings.
+        device: ``auto``, ``cpu`` or ``cuda[:k]``.
+        synth: ``SynthConfig`` fields for the synthetic dataset (``n_studies``, ``image_size``, ...).
+        seg_config: stage-1 YAML (relative paths are looked up in the working folder, then the repository).
+        seg_overrides: ``key=value`` overrides of the stage-1 config.
+        cls_config: stage-2 YAML.
+        cls_overrides: ``key=value`` overrides of the stage-2 config.
+        seg_share: stage 1's share of the training time (stage 2 gets the rest).
+        reserve_s: seconds kept for prediction, scoring and the report.
+        rule: patient_overall rule of the submission and of the CV report.
+    """
+
+    minutes: float = 10.0
+    seed: int = 0
+    device: str = "auto"
+    synth: dict[str, Any] = field(default_factory=lambda: {"n_studies": 40, "image_size": 128, "test_fraction": 0.25})
+    seg_config: str = "configs/seg_cpu.yaml"
+    seg_overrides: list[str] = field(default_factory=list)
+    cls_config: str = "configs/cls_cpu.yaml"
+    cls_overrides: list[str] = field(default_factory=list)
+    seg_share: float = 0.55
+    reserve_s: float = 90.0
+    rule: str = "noisy_or"
+
+
+@dataclass
+class DemoResult:
+    """Where the demo's artefacts are and how well it did.
+
+    Attributes:
+        out_dir: the demo folder.
+        submission: the submission of the held-out test studies.
+        timings: the per-study timing log of the prediction.
+        cv_report: ``report.md`` of the stage-2 out-of-fold predictions.
+        pictures: the PNG files (CV report plots, training curves).
+        models_dir: the models folder used for prediction.
+        score: competition score (study form) of the submission on the held-out labels.
+        prior_score: the same score of the prior (training prevalence) submission.
+        seg_dice: best validation mean Dice of stage 1 (NaN when unknown).
+        cv_score: stage-2 out-of-fold competition score (study form).
+        n_test: held-out test studies.
+        seconds: wall-clock time of each step and ``total``.
+    """
+
+    out_dir: Path
+    submission: Path
+    timings: Path
+    cv_report: Path
+    pictures: list[Path]
+    models_dir: Path
+    score: float
+    prior_score: float
+    seg_dice: float
+    cv_score: float
+    n_test: int
+    seconds: dict[str, float]
+
+
+def _config_path(name: str) -> Path:
+    path = Path(name)
+    if path.is_absolute() or path.is_file():
+        return path
+    return REPO_ROOT / path
+
+
+def _clean_previous(out_dir: Path) -> None:
+    """Refuse a folder that is not a demo's; remove a previous demo's runs and outputs (data and caches stay)."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / _MARKER).is_file() and not (out_dir / "data" / _DATA_DONE).is_file():
+        raise ConfigError("folder exists and is not a previous demo's; choose a new folder", out_dir)
+    for name in ("runs", "models", "cv_report", "submission.csv.parts"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    for name in ("submission.csv", "submission.timings.csv", _MARKER):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def _banner(step: str, text: str) -> None:
+    print(f"\n=== [{step}] {text}", flush=True)
+
+
+def _best(summary_csv: Path, column: str, mode: str) -> float:
+    import pandas as pd
+
+    if not summary_csv.is_file():
+        return float("nan")
+    values = pd.to_numeric(pd.read_csv(summary_csv).get(column, pd.Series(dtype=float)), errors="coerce").dropna()
+    if values.empty:
+        return float("nan")
+    return float(values.max() if mode == "max" else values.min())
+
+
+def run_demo(
+    out_dir: str | Path,
+    minutes: float | None = None,
+    seed: int | None = None,
+    config: DemoConfig | None = None,
+) -> DemoResult:
+    """Synthetic data → train both stages → predict → score → CV report.
+
+    Args:
+        out_dir: demo folder (created; a previous demo's runs in it are replaced, its data reused).
+        minutes: overrides ``config.minutes`` (default 10).
+        seed: overrides ``config.seed`` (default 0).
+        config: demo settings; default ``configs/demo.yaml`` (or the built-in defaults without it).
+
+    Returns:
+        Paths of the artefacts and the scores.
+    """
+    started = time.monotonic()  # before the heavy imports below: they are part of the demo's ten minutes
+    from rsna_cspine.aggregate import build_submission
+    from rsna_cspine.cls.config import ClsConfig
+    from rsna_cspine.cls.train import fold_run_dir, train_classifier
+    from rsna_cspine.crops.cache import build_crop_cache
+    from rsna_cspine.io.kaggle import KaggleLayout, read_test_csv, read_train_labels
+    from rsna_cspine.metric import competition_score, labels_to_solution, prior_predictions
+    from rsna_cspine.pipeline import PipelineConfig, predict_dataset, timing_log_path
+    from rsna_cspine.report.cv import cv_report, load_oof
+    from rsna_cspine.seg.config import SegConfig
+    from rsna_cspine.seg.preprocess import build_cache
+    from rsna_cspine.seg.train import labelled_studies, train_segmentation
+    from rsna_cspine.synth import SynthConfig, write_dataset
+
+    if config is None:
+        config = load_config(DemoConfig, DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    minutes = config.minutes if minutes is None else float(minutes)
+    seed = config.seed if seed is None else int(seed)
+    if minutes <= 0 or not 0.0 < config.seg_share < 1.0:
+        raise ConfigError(f"minutes must be > 0 and seg_share in (0, 1); got {minutes}, {config.seg_share}")
+    budget_s = minutes * 60.0
+    out_dir = Path(out_dir)
+    _clean_previous(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    data_dir, work_dir, runs_dir, models_dir = out_dir / "data", out_dir / "work", out_dir / "runs", out_dir / "models"
+
+    # 1. Data.
+    tick = time.monotonic()
+    synth_cfg = SynthConfig(**{**config.synth, "seed": seed})
+    if (data_dir / _DATA_DONE).is_file() and json.loads((data_dir / _DATA_DONE).read_text()) == repr(synth_cfg):
+        _banner("1/7 data", f"reusing the synthetic dataset in {data_dir}")
+    else:
+        _banner("1/7 data", f"writing {synth_cfg.n_studies} synthetic studies ({synth_cfg.image_size} px) to {data_dir}")
+        shutil.rmtree(data_dir, ignore_errors=True)
+        write_dataset(data_dir, synth_cfg)
+        (data_dir / _DATA_DONE).write_text(json.dumps(repr(synth_cfg)))
+    seconds["data"] = time.monotonic() - tick
+    layout = KaggleLayout(data_dir)
+    train_labels = read_train_labels(layout.train_csv)
+
+    seg_cfg = load_config(
+        SegConfig,
+        _config_path(config.seg_config),
+        [
+            *config.seg_overrides,
+            f"data.root={data_dir}",
+            f"data.cache_dir={work_dir / 'seg_cache'}",
+            f"run_dir={runs_dir / 'seg'}",
+            f"seed={seed}",
+            f"device={config.device}",
+        ],
+    )
+    cls_cfg = load_config(
+        ClsConfig,
+        _config_path(config.cls_config),
+        [
+            *config.cls_overrides,
+            f"data.root={data_dir}",
+            "data.mask_source=gt",
+            f"run_dir={runs_dir / 'cls'}",
+            f"seed={seed}",
+            "fold=0",
+            f"device={config.device}",
+        ],
+    )
+
+    # A crop cache refuses other crop settings: one folder per setting lets a rerun change them.
+    crop_key = hashlib.sha1(repr(cls_cfg.data.crop).encode()).hexdigest()[:8]
+    cls_cfg.data.cache_dir = str(work_dir / f"crops_{crop_key}")
+
+    # 2. Caches first, so that the training budgets below are spent on training alone.
+    tick = time.monotonic()
+    _banner("2/7 caches", "stage-1 grids and stage-2 crops of the training studies (from the ground-truth masks)")
+    seg_data = seg_cfg.data
+    build_cache(layout, labelled_studies(data_dir), seg_data.cache_dir, seg_data.grid, seg_data.hu_window,
+                antialias=seg_data.antialias)  # fmt: skip
+    build_crop_cache(layout, train_labels["StudyInstanceUID"].tolist(), "gt", cls_cfg.data.cache_dir, cls_cfg.data.crop)
+    seconds["caches"] = time.monotonic() - tick
+
+    def training_minutes(share: float) -> float:
+        left = budget_s - (time.monotonic() - started) - config.reserve_s
+        return max(left * share, 20.0) / 60.0
+
+    # 3. Stage 1. Its trainer stops after the epoch that crosses the budget; stage 2 absorbs the overrun.
+    tick = time.monotonic()
+    seg_cfg.train.max_minutes = training_minutes(config.seg_share)
+    _banner("3/7 stage 1", f"training the 3D UNet for ≤ {seg_cfg.train.max_minutes:.1f} min ({config.seg_config})")
+    seg_run = train_segmentation(seg_cfg)
+    seconds["stage1"] = time.monotonic() - tick
+
+    # 4. Stage 2, on what is left.
+    tick = time.monotonic()
+    cls_cfg.max_minutes = training_minutes(1.0)
+    _banner("4/7 stage 2", f"training the 2.5D classifier for ≤ {cls_cfg.max_minutes:.1f} min ({config.cls_config})")
+    train_classifier(cls_cfg)
+    seconds["stage2"] = time.monotonic() - tick
+
+    # 5. Predict the held-out studies exactly as a submission would.
+    tick = time.monotonic()
+    for stage, run, fold in (("seg", seg_run, seg_cfg.fold), ("cls", fold_run_dir(cls_cfg), cls_cfg.fold)):
+        target = models_dir / stage / f"fold{fold}"
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run / "best.pt", target / "best.pt")
+        shutil.copy2(run / "config.yaml", target / "config.yaml")
+    _banner("5/7 predict", f"test.csv studies → {out_dir / 'submission.csv'}")
+    submission_path = out_dir / "submission.csv"
+    submission = predict_dataset(
+        data_dir, models_dir, submission_path, cfg=PipelineConfig(device=config.device, rule=config.rule, resume=False)
+    )
+    seconds["predict"] = time.monotonic() - tick
+
+    # 6. Score against the held-out truth, next to the prior every model must beat.
+    tick = time.monotonic()
+    _banner("6/7 score", "competition metric on the held-out test labels")
+    test = read_test_csv(layout.test_csv)
+    test_labels = read_train_labels(data_dir / "test_labels.csv")
+    solution = labels_to_solution(test_labels)
+    solution = solution[solution["row_id"].isin(test["row_id"])]
+    score = competition_score(solution, submission)
+    prior = prior_predictions(train_labels)
+    prior_rows, _ = build_submission(test, {uid: prior for uid in test["StudyInstanceUID"]})
+    prior_score = competition_score(solution, prior_rows)
+    seconds["score"] = time.monotonic() - tick
+
+    # 7. CV report of stage 2's out-of-fold predictions.
+    tick = time.monotonic()
+    _banner("7/7 report", "CV report of the stage-2 out-of-fold predictions")
+    report = cv_report(load_oof(Path(cls_cfg.run_dir)), train_labels, out_dir / "cv_report", rule=config.rule)
+    seconds["report"] = time.monotonic() - tick
+    seconds["total"] = time.monotonic() - started
+
+    pictures = sorted(p for p in report["files"].values() if str(p).endswith(".png"))
+    pictures += [p for p in (seg_run / "curves.png", fold_run_dir(cls_cfg) / "curves.png") if p.is_file()]
+    result = DemoResult(
+        out_dir=out_dir,
+        submission=submission_path,
+        timings=timing_log_path(submission_path),
+        cv_report=Path(report["files"]["report"]),
+        pictures=pictures,
+        models_dir=models_dir,
+        score=float(score),
+        prior_score=float(prior_score),
+        seg_dice=_best(seg_run / "summary.csv", "val_dice_mean", "max"),
+        cv_score=float(report["scores"]["study"]["model"]),
+        n_test=len(test["StudyInstanceUID"].unique()),
+        seconds={k: round(v, 1) for k, v in seconds.items()},
+    )
+    (out_dir / _MARKER).write_text(json.dumps(_as_json(result), indent=2) + "\n")
+    return result
+
+
+def _as_json(result: DemoResult) -> dict[str, Any]:
+    out = {}
+    for key, value in vars(result).items():
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, list):
+            value = [str(v) for v in value]
+        elif isinstance(value, float) and not np.isfinite(value):
+            value = None
+        out[key] = value
+    return out
+
+
+def format_summary(result: DemoResult) -> str:
+    """The closing summary printed by ``rsna-cspine demo``.
+
+    Args:
+        result: what ``run_demo`` returned.
+    """
+    gain = 1.0 - result.score / result.prior_score if result.prior_score > 0 else float("nan")
+    lines = [
+        "",
+        "=== demo finished in {:.1f} min ({})".format(
+            result.seconds["total"] / 60, ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items() if k != "total")
+        ),
+        f"held-out score ({result.n_test} test studies, weighted log loss, lower is better): "
+        f"model {result.score:.4f} vs prior {result.prior_score:.4f} ({gain:+.1%})",
+        f"stage 1 best validation Dice: {result.seg_dice:.3f}; stage 2 out-of-fold score: {result.cv_score:.4f}",
+        f"submission:   {result.submission}",
+        f"timings:      {result.timings}",
+        f"CV report:    {result.cv_report}",
+        f"models:       {result.models_dir}",
+        "pictures:",
+        *(f"  {p}" for p in result.pictures),
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the ``demo`` options.
+
+    Args:
+        parser: the subcommand's parser.
+    """
+    parser.add_argument("--out", type=Path, default=Path("demo"), help="demo folder (default ./demo)")
+    parser.add_argument("--minutes", type=float, default=None, help="time target (default 10)")
+    parser.add_argument("--seed", type=int, default=None, help="dataset and training seed (default 0)")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="demo YAML (default configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="DemoConfig settings, e.g. synth.n_studies=30")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo and print the summary.
+
+    Args:
+        args: parsed options of ``add_arguments``.
+
+    Returns:
+        0 on success, 1 when a setting or input is invalid (the reason is logged).
+    """
+    # The JPEG 2000 encoder logs every tile at INFO: thousands of lines that would bury the demo's progress.
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)
+    try:
+        config = load_config(DemoConfig, args.config if args.config.is_file() else None, args.overrides)
+        result = run_demo(args.out, minutes=args.minutes, seed=args.seed, config=config)
+    except CSpineError as exc:
+        logger.error("%s", exc)
+        return 1
+    print(format_summary(result))
+    return 0

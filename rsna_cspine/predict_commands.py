@@ -1,0 +1,69 @@
+"""``rsna-cspine predict``: studies of test.csv → submission.csv (or one shard of it)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from rsna_cspine.aggregate import PATIENT_RULES
+from rsna_cspine.config import load_config
+from rsna_cspine.errors import CSpineError
+from rsna_cspine.pipeline import PipelineConfig, parse_shard, predict_dataset, timing_log_path
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the ``predict`` options.
+
+    Args:
+        parser: the subcommand's parser.
+    """
+    parser.add_argument("--data", type=Path, required=True, help="Kaggle-layout folder (test.csv, test_images/)")
+    parser.add_argument("--models", type=Path, required=True, help="folder with seg/ and cls/ checkpoints")
+    parser.add_argument("--out", type=Path, required=True, help="submission.csv (or the shard file with --shard)")
+    parser.add_argument("--config", type=Path, default=None, help="YAML of PipelineConfig settings")
+    parser.add_argument("--shard", default=None, metavar="I/N", help="predict only studies k with k %% N == I")
+    parser.add_argument("--rule", choices=PATIENT_RULES, default=None, help="patient_overall rule (default noisy_or)")
+    parser.add_argument("--blend-weight", type=float, default=None, help="noisy-OR weight of the blend rule")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="wall-clock limit")
+    parser.add_argument("--device", default=None, help="auto, cpu or cuda[:k]")
+    parser.add_argument("--tta", action="store_true", default=None, help="flip test-time augmentation")
+    parser.add_argument("--no-resume", action="store_true", help="ignore results of an earlier interrupted run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="more PipelineConfig settings")
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    pairs = {
+        "rule": args.rule,
+        "blend_weight": args.blend_weight,
+        "time_budget_s": args.time_budget,
+        "device": args.device,
+        "tta": args.tta,
+        "resume": False if args.no_resume else None,
+    }
+    return [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in pairs.items() if value is not None]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predict and write the submission.
+
+    Args:
+        args: parsed options of ``add_arguments``.
+
+    Returns:
+        0 on success, 1 when an input is invalid (the reason is logged).
+    """
+    try:
+        cfg = load_config(PipelineConfig, args.config, list(args.overrides) + _flag_overrides(args))
+        shard = parse_shard(args.shard) if args.shard else None
+        rows = predict_dataset(args.data, args.models, args.out, shard=shard, cfg=cfg, progress=not args.no_progress)
+    except CSpineError as exc:
+        logger.error("%s", exc)
+        return 1
+    what = "shard file" if shard else "submission"
+    print(f"{what}: {args.out} ({len(rows)} rows)")
+    print(f"per-study timings: {timing_log_path(args.out)}")
+    return 0

@@ -1,0 +1,85 @@
+"""``rsna-cspine predict`` and ``rsna-cspine merge`` from the command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rsna_cspine.cli import main
+from rsna_cspine.constants import TARGET_COLUMNS
+from rsna_cspine.pipeline import timing_log_path
+from test_pipeline import GOOD, make_tiny_dataset, make_tiny_models
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+def _wide(path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(path, dtype={"row_id": str})
+    parts = frame["row_id"].str.extract(r"^(?P<uid>.+)_(?P<target>C[1-7]|patient_overall)$")
+    return frame.assign(**parts).pivot(index="uid", columns="target", values="fractured")[list(TARGET_COLUMNS)]
+
+
+def test_predict_with_rule_flag_then_shards_and_merge(models: Path, data: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "submission.csv"
+    code = main(["predict", "--data", str(data), "--models", str(models), "--out", str(out), "--rule", "max",
+                 "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert code == 0
+    assert f"submission: {out}" in capsys.readouterr().out
+    wide = _wide(out)
+    good = wide.loc[GOOD]
+    np.testing.assert_allclose(good["patient_overall"], good[list(TARGET_COLUMNS[:7])].max(axis=1))
+    assert timing_log_path(out).is_file()
+
+    shards = [tmp_path / f"part{i}.csv" for i in range(2)]
+    for i, shard in enumerate(shards):
+        assert main(["predict", "--data", str(data), "--models", str(models), "--out", str(shard),
+                     "--shard", f"{i}/2", "--no-progress", "rule=max", "device=cpu"]) == 0  # fmt: skip
+    merged = tmp_path / "merged.csv"
+    assert main(["merge", *map(str, shards), "--test-csv", str(data / "test.csv"), "--out", str(merged)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(merged), pd.read_csv(out))
+
+    # A missing shard: refused, nothing written, exit code 1.
+    refused = tmp_path / "refused.csv"
+    assert main(["merge", str(shards[0]), "--test-csv", str(data / "test.csv"), "--out", str(refused)]) == 1
+    assert not refused.exists()
+
+
+def test_bad_arguments_exit_with_1(models: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.csv"
+    assert main(["predict", "--data", str(data), "--models", str(models), "--out", str(out), "--shard", "2/2"]) == 1
+    assert main(["predict", "--data", str(tmp_path), "--models", str(models), "--out", str(out)]) == 1  # no test.csv
+    assert main(["predict", "--data", str(data), "--models", str(models), "--out", str(out), "rule=nope"]) == 1
+    assert not out.exists()
+
+
+def test_console_script_runs_predict_with_a_zero_time_budget(data: Path, tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("rsna-cspine")
+    out = tmp_path / "s.csv"
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    result = subprocess.run(
+        [str(script), "predict", "--data", str(data), "--models", str(tmp_path / "none"), "--out", str(out),
+         "--time-budget", "0", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(pd.read_csv(out)) == len(pd.read_csv(data / "test.csv"))
+    timings = pd.read_csv(timing_log_path(out))
+    assert timings["path"].eq("prior").all() and timings["status"].eq("budget").all()
+    assert f"submission: {out}" in result.stdout
