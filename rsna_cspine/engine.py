@@ -102,11 +102,18 @@ def init_distributed(device: torch.device) -> DistContext:
 
 
 def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel when in a process group, the plain module otherwise."""
+    """DistributedDataParallel when in a process group, the plain module otherwise.
+
+    On GPU, BatchNorm layers become SyncBatchNorm so that running statistics are computed over the global
+    batch and stay identical on every rank (per-rank batches are small for 3D and 2.5D inputs). PyTorch's
+    SyncBatchNorm is GPU-only, so on CPU (gloo) the running statistics stay rank-local; rank 0's are saved.
+    """
     if not ctx.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    if device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 
@@ -124,6 +131,18 @@ def all_reduce_mean(value: float, ctx: DistContext) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t.item() / ctx.world_size)
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank when it is True on at least one; keeps per-rank decisions (a time budget
+    measured by each rank's own clock) from splitting the group, which would hang the next collective."""
+    if not ctx.enabled:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def barrier(ctx: DistContext) -> None:
