@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # pylibjpeg-openjpeg logs every JPEG 2000 tile at INFO, which buries the progress of real work.
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)
     module = importlib.import_module(COMMANDS[name][0])
     sub_parser = argparse.ArgumentParser(prog=f"rsna-cspine {name}", description=COMMANDS[name][1])
     module.add_arguments(sub_parser)
