@@ -341,7 +341,10 @@ class FracturePipeline:
             tta = self.cfg.tta and path == "full"
             raw = np.asarray(self._ensemble(path).predict(crops, tta=tta), dtype=np.float64)
             timings["classify"] = time.perf_counter() - tick
-        except Exception as exc:  # noqa: BLE001 - any failure of any stage is this study's failure
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - any failure of any stage is this study's failure;
+            # BaseException because Rust decoders (pylibjpeg-rle) raise pyo3's PanicException, not an Exception.
             raise StudyFailure(f"{stage} failed: {exc.__class__.__name__}: {exc}", folder, stage) from exc
         if raw.shape != (len(VERTEBRAE),):
             raise StudyFailure(f"classify failed: ensemble returned shape {raw.shape}, expected (7,)", folder, "classify")
@@ -702,7 +705,9 @@ def _predict_studies(
             continue
         try:
             prediction = pipeline.predict_study(layout.study_dir(uid, pipeline.cfg.split), path=path)
-        except Exception as exc:  # noqa: BLE001 - whatever goes wrong, this study gets the prior
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - whatever goes wrong (native panics too), this study gets the prior
             reason = exc.reason if isinstance(exc, StudyFailure) else f"{exc.__class__.__name__}: {exc}"
             logger.warning("study %s failed, prior used: %s", uid, reason)
             records.append(_record(uid, path, "failed", reason))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import struct
 import sys
 import warnings
 from collections import Counter
@@ -31,7 +32,19 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless
+from pydicom.encaps import generate_frames
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
 
 from rsna_cspine.errors import DicomSeriesError
 from rsna_cspine.io.volume import Volume
@@ -62,6 +75,19 @@ _TILT_TOLERANCE_DEG = 0.1
 _MIN_SLICES_FOR_POOL = 8
 #: At most this many file names are quoted in one message.
 _MAX_NAMED = 5
+#: Larger |ImagePositionPatient| coordinates (mm) are corrupt values, not a patient position.
+_MAX_COORDINATE_MM = 1e5
+#: Larger Rows × Columns is a corrupt header (8192² is far above any CT matrix).
+_MAX_PIXELS = 8192 * 8192
+#: Syntaxes whose codestream ends with an end-of-image marker (JPEG EOI / JPEG 2000 EOC, both FFD9)
+#: and states its own image size; both are checked before any decoder sees the frame, because
+#: GDCM aborts the process and libjpeg loops forever on some inconsistent streams.
+_JPEG_FAMILY = frozenset({
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000,
+})
+#: JPEG SOF0..SOF15 (not DHT C4, JPG C8, DAC CC) and JPEG-LS SOF55.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
 
 _NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -219,7 +245,10 @@ def load_series(
     headers, normal = _sort_superior_first(headers, report)
     headers = _drop_duplicates(headers, normal, report)
 
-    hu = np.empty((len(headers), *headers[0].matrix), dtype=np.float32)
+    try:
+        hu = np.empty((len(headers), *headers[0].matrix), dtype=np.float32)
+    except MemoryError as exc:
+        raise DicomSeriesError(f"cannot allocate a {len(headers)}x{headers[0].matrix} float32 volume", folder) from exc
     failed = _decode_into(hu, headers, datasets, _resolve_workers(workers), report)
     if failed:
         bad += [(headers[i].path, reason) for i, reason in failed.items()]
@@ -273,6 +302,8 @@ def _read_header(path: Path) -> tuple[SliceHeader, Dataset]:
             raise DicomSeriesError(f"unreadable DICOM header ({type(exc).__name__}: {exc})", path) from exc
         try:
             header = _header_from_dataset(path, ds)
+        except DicomSeriesError:
+            raise
         except Exception as exc:
             raise DicomSeriesError(f"malformed DICOM header ({type(exc).__name__}: {exc})", path) from exc
     notes = tuple(dict.fromkeys(str(w.message) for w in caught))
@@ -282,31 +313,69 @@ def _read_header(path: Path) -> tuple[SliceHeader, Dataset]:
 def _header_from_dataset(path: Path, ds: Dataset) -> SliceHeader:
     meta = getattr(ds, "file_meta", None)
     transfer_syntax = str(getattr(meta, "TransferSyntaxUID", "") or ImplicitVRLittleEndian)
+    if not pydicom.uid.UID(transfer_syntax).is_transfer_syntax:
+        raise DicomSeriesError(f"unknown transfer syntax {transfer_syntax!r}", path)
     orientation = _floats(ds.get("ImageOrientationPatient"), 6)
     if orientation is not None:
         row, col = orientation[:3], orientation[3:]
-        if not (np.isclose(np.linalg.norm(row), 1, atol=1e-2) and np.isclose(np.linalg.norm(col), 1, atol=1e-2)):
+        unit = np.isclose(np.linalg.norm(row), 1, atol=1e-2) and np.isclose(np.linalg.norm(col), 1, atol=1e-2)
+        if not (unit and abs(row @ col) < 1e-2):
             orientation = None
+    position = _floats(ds.get("ImagePositionPatient"), 3)
+    if position is not None and np.abs(position).max() > _MAX_COORDINATE_MM:
+        position = None
     spacing = _floats(ds.get("PixelSpacing"), 2)
     if spacing is not None and np.any(spacing <= 0):
         spacing = None
     rows, columns = ds.get("Rows"), ds.get("Columns")
     instance = ds.get("InstanceNumber")
+    slope = _rescale_value(ds.get("RescaleSlope"), 1.0)
+    intercept = _rescale_value(ds.get("RescaleIntercept"), 0.0)
+    # Stored values have at most 32 bits: this bound keeps every HU finite in float32.
+    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0
+            and abs(slope) * 2.0**32 + abs(intercept) < np.finfo(np.float32).max):
+        raise DicomSeriesError(f"RescaleSlope {slope} / RescaleIntercept {intercept} cannot give finite HU", path)
+    if "PixelData" in ds:
+        _check_pixel_format(ds, path, pydicom.uid.UID(transfer_syntax).is_compressed)
     return SliceHeader(
         path=path,
         series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
         study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-        position=_floats(ds.get("ImagePositionPatient"), 3),
+        position=position,
         orientation=orientation,
         pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
         matrix=(int(rows), int(columns)) if rows and columns else None,
-        slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-        intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+        slope=slope,
+        intercept=intercept,
         transfer_syntax=transfer_syntax,
         has_pixel_data="PixelData" in ds,
         instance_number=int(instance) if isinstance(instance, int) else None,
         slice_gap_hint=_positive_float(ds.get("SpacingBetweenSlices")) or _positive_float(ds.get("SliceThickness")),
     )
+
+
+def _rescale_value(value: object, default: float) -> float:
+    """RescaleSlope/Intercept as a float; ``default`` when absent or empty (not when 0)."""
+    return default if value is None or value == "" else float(value)  # type: ignore[arg-type]
+
+
+def _check_pixel_format(ds: Dataset, path: Path, compressed: bool) -> None:
+    """Refuse pixel layouts a CT slice never has before any decoder sees them."""
+    bits = ds.get("BitsAllocated")
+    samples = ds.get("SamplesPerPixel", 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2")
+    allowed_bits = (8, 16) if compressed else (8, 16, 32)
+    if bits not in allowed_bits or samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DicomSeriesError(
+            f"not a grey-level image: BitsAllocated {bits}, SamplesPerPixel {samples}, {photometric}", path
+        )
+    rows, columns = ds.get("Rows") or 0, ds.get("Columns") or 0
+    if rows * columns > _MAX_PIXELS:
+        raise DicomSeriesError(f"implausible matrix {rows}x{columns}", path)
+    element = ds.get_item("PixelData")
+    length = getattr(element, "length", None)
+    if not compressed and length is not None and length != 0xFFFFFFFF and length < rows * columns * bits // 8:
+        raise DicomSeriesError(f"{length} bytes of pixel data for a {rows}x{columns} {bits}-bit image", path)
 
 
 def _read_headers(
@@ -543,6 +612,8 @@ def _decode_dataset(ds: Dataset, plugins: tuple[str, ...] | None) -> tuple[np.nd
         decoder = get_decoder(transfer_syntax)
         if not transfer_syntax.is_compressed:  # pydicom's own native decoder, no plugins involved
             return _single_channel(decoder.as_array(ds)[0], ds), None
+        if transfer_syntax in _JPEG_FAMILY:
+            _check_codestream(ds)
         available = list(decoder.available_plugins)
         if not available:
             raise DicomSeriesError(f"no installed decoder for {transfer_syntax.name}", ds.filename)
@@ -553,12 +624,54 @@ def _decode_dataset(ds: Dataset, plugins: tuple[str, ...] | None) -> tuple[np.nd
         for plugin in order:
             try:
                 stored, _ = decoder.as_array(ds, decoding_plugin=plugin)
-            except Exception as exc:  # each plugin raises its own types on bad streams
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - plugins raise their own types; pyo3 panics are BaseExceptions
                 failures.append(f"{plugin}: {type(exc).__name__}: {exc}")
                 continue
             note = f"{plugin} after {'; '.join(failures)}" if failures else None
             return _single_channel(stored, ds), note
     raise DicomSeriesError(f"cannot decode {transfer_syntax.name}: {' | '.join(failures)}", ds.filename)
+
+
+def _check_codestream(ds: Dataset) -> None:
+    """Refuse a JPEG-family frame that is cut short or whose own size contradicts the header."""
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    # FFD9 (EOI / EOC) cannot occur inside entropy-coded data; only a few padding bytes may follow it.
+    if b"\xff\xd9" not in frame[-16:]:
+        raise DicomSeriesError("compressed frame is truncated (no end-of-image marker)", ds.filename)
+    size = _codestream_size(frame)
+    expected = (int(ds.Rows), int(ds.Columns), 1)
+    if size is not None and size != expected:
+        raise DicomSeriesError(
+            f"compressed frame is {size[0]}x{size[1]} with {size[2]} component(s), the header says "
+            f"{expected[0]}x{expected[1]} grey", ds.filename,
+        )
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG / JPEG-LS SOF or a JPEG 2000 SIZ segment; None if unparsable.
+
+    Hand-written: pydicom parses these headers only privately, and only to read the precision.
+    """
+    try:
+        if frame[:4] == b"\xff\x4f\xff\x51":  # JPEG 2000: SOC, then SIZ at a fixed layout
+            width, height, x_offset, y_offset = struct.unpack(">IIII", frame[8:24])
+            (components,) = struct.unpack(">H", frame[40:42])
+            return height - y_offset, width - x_offset, components
+        if frame[:2] != b"\xff\xd8":
+            return None
+        offset = 2
+        while offset + 10 <= len(frame) and frame[offset] == 0xFF:
+            marker = frame[offset + 1]
+            (length,) = struct.unpack(">H", frame[offset + 2 : offset + 4])
+            if marker in _SOF_MARKERS:
+                _, height, width, components = struct.unpack(">BHHB", frame[offset + 4 : offset + 10])
+                return height, width, components
+            offset += 2 + length
+    except struct.error:
+        return None
+    return None
 
 
 def _single_channel(stored: np.ndarray, ds: Dataset) -> np.ndarray:
