@@ -1,0 +1,147 @@
+"""Stage-2 training data: (study, vertebra) items over the crop cache, with stack-consistent augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode, v2
+
+from rsna_cspine.cls.config import ClsAugConfig
+from rsna_cspine.constants import VERTEBRAE
+from rsna_cspine.crops.cache import load_vertebra_stack
+from rsna_cspine.crops.extract import to_unit_float
+from rsna_cspine.errors import CSpineError
+
+ITEM_COLUMNS: tuple[str, ...] = ("StudyInstanceUID", "vertebra", "label", "path", "present")
+
+
+def vertebra_items(labels: pd.DataFrame, crop_paths: dict[str, str | Path]) -> pd.DataFrame:
+    """One row per (study, vertebra) of every study that has crops.
+
+    Args:
+        labels: train.csv-like table (StudyInstanceUID, C1..C7).
+        crop_paths: study → its crop ``.npz``.
+
+    Returns:
+        Columns StudyInstanceUID, vertebra (0 = C1), label (0/1), path, present (vertebra found by the mask).
+    """
+    rows = []
+    for record in labels.itertuples(index=False):
+        uid = str(record.StudyInstanceUID)
+        if uid not in crop_paths:
+            continue
+        path = Path(crop_paths[uid])
+        try:
+            with np.load(path) as data:
+                present = data["present"].astype(bool)
+        except (OSError, KeyError, ValueError) as exc:
+            raise CSpineError(f"unreadable crop file ({exc})", path) from exc
+        for i, name in enumerate(VERTEBRAE):
+            rows.append((uid, i, int(getattr(record, name)), str(path), bool(present[i])))
+    return pd.DataFrame(rows, columns=list(ITEM_COLUMNS))
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of one item's augmentation: depends only on (run seed, epoch, item), never on worker or order."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class StackAugment:
+    """The same random geometry for every plane of a stack, and intensity jitter on the image planes.
+
+    Args:
+        cfg: augmentation settings.
+        size: output height/width (the crop size).
+        image_channels: leading channels per slice that are CT intensities (a trailing mask plane is
+            moved geometrically but never brightened).
+    """
+
+    def __init__(self, cfg: ClsAugConfig, size: int, image_channels: int) -> None:
+        self.cfg = cfg
+        self.image_channels = image_channels
+        # The stack is reshaped to one (N*C, S, S) image so one draw of each transform moves every plane alike.
+        self.geometry = v2.Compose(
+            [
+                v2.RandomResizedCrop(size, scale=(cfg.scale_min, 1.0), ratio=(0.85, 1.0 / 0.85), antialias=True),
+                v2.RandomHorizontalFlip(cfg.hflip),
+                v2.RandomVerticalFlip(cfg.vflip),
+                v2.RandomAffine(
+                    degrees=cfg.rotate_deg,
+                    translate=(cfg.translate, cfg.translate),
+                    interpolation=InterpolationMode.BILINEAR,
+                ),
+            ]
+        )
+
+    def __call__(self, stack: torch.Tensor) -> torch.Tensor:
+        """Augment one ``(N, C, S, S)`` stack in [0, 1] using torch's global RNG (seed it per item)."""
+        n, c, h, w = stack.shape
+        out = self.geometry(stack.reshape(n * c, h, w)).reshape(n, c, h, w)
+        # torchvision's colour jitter accepts only 1- or 3-channel images; a per-stack affine intensity
+        # change is the same operation for any channel count.
+        contrast = 1.0 + (torch.rand(()) * 2 - 1) * self.cfg.contrast
+        brightness = (torch.rand(()) * 2 - 1) * self.cfg.brightness
+        images = out[:, : self.image_channels]
+        mean = images.mean()
+        out[:, : self.image_channels] = ((images - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+        return out
+
+
+class VertebraDataset(Dataset):
+    """Items of :func:`vertebra_items` (present vertebrae only) → model inputs.
+
+    Each item gives ``image (N, C, S, S)`` float32 in [0, 1], ``label`` float, ``slice_labels (N,)`` int64
+    (-1 unknown) and its row ``index``. A negative vertebra's slices are all known negatives.
+
+    Args:
+        items: rows of :func:`vertebra_items`.
+        augment: stack augmentation, or None (validation).
+        seed: run seed (with the epoch and the item index it fixes each item's augmentation).
+        in_memory: keep decoded stacks after their first read.
+    """
+
+    def __init__(self, items: pd.DataFrame, augment: StackAugment | None = None, seed: int = 0, in_memory: bool = False) -> None:
+        self.items = items.reset_index(drop=True)
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.in_memory = in_memory
+        self._memory: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose augmentation draws are used (call before building the loader's iterator)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _stack(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if index in self._memory:
+            return self._memory[index]
+        row = self.items.iloc[index]
+        stack = load_vertebra_stack(row["path"], int(row["vertebra"]))
+        if self.in_memory:
+            self._memory[index] = stack
+        return stack
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        images, slice_labels = self._stack(index)
+        label = int(self.items.at[index, "label"])
+        image = torch.from_numpy(to_unit_float(images))
+        slice_target = torch.from_numpy(np.asarray(slice_labels, dtype=np.int64))
+        if label == 0:
+            slice_target = torch.zeros_like(slice_target)
+        if self.augment is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item_seed(self.seed, self.epoch, index))
+                image = self.augment(image)
+        return {
+            "image": image,
+            "label": torch.tensor(float(label)),
+            "slice_labels": slice_target,
+            "index": torch.tensor(index),
+        }

@@ -1,0 +1,119 @@
+"""Inference with one or more stage-2 checkpoints (fold ensemble): a study's crops → seven probabilities."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rsna_cspine.cls.config import ClsConfig
+from rsna_cspine.cls.model import FractureClassifier, build_classifier
+from rsna_cspine.config import from_dict
+from rsna_cspine.crops.extract import CropConfig, VertebraCrops, to_unit_float
+from rsna_cspine.engine import autocast, load_checkpoint
+from rsna_cspine.errors import ConfigError, CSpineError
+
+log = logging.getLogger(__name__)
+
+
+class FractureEnsemble:
+    """Fold models that share one crop geometry; their probabilities are averaged.
+
+    Args:
+        models: classifiers with weights loaded.
+        crop_config: the crop settings the models were trained on (crops must be cut with it).
+        device: where the models run.
+        batch_size: vertebrae per forward pass.
+        amp: mixed precision on GPU.
+    """
+
+    def __init__(
+        self, models: list[FractureClassifier], crop_config: CropConfig, device: torch.device, batch_size: int = 7, amp: bool = True
+    ) -> None:
+        if not models:
+            raise ConfigError("an ensemble needs at least one model")
+        self.models = [m.to(device).eval() for m in models]
+        self.crop_config = crop_config
+        self.device = device
+        self.batch_size = batch_size
+        self.amp = amp
+
+    @torch.inference_mode()
+    def predict_stacks(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Probabilities of a batch of stacks.
+
+        Args:
+            images: ``(B, N, C, S, S)`` as cut by ``extract_vertebra_crops`` (uint8 or float16).
+            tta: also score the left-right mirrored stacks and average.
+
+        Returns:
+            ``(B,)`` float64, the mean over models (and flips).
+        """
+        c = self.crop_config
+        expected = (c.n_slices, c.in_chans, c.size, c.size)
+        if images.ndim != 5 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"stacks must be (B, {', '.join(map(str, expected))}) for this ensemble, got {images.shape}")
+        out = np.zeros(len(images), dtype=np.float64)
+        for start in range(0, len(images), self.batch_size):
+            x = torch.from_numpy(to_unit_float(images[start : start + self.batch_size])).to(self.device)
+            views = [x, x.flip(-1)] if tta else [x]
+            total = torch.zeros(len(x), device=self.device)
+            for model in self.models:
+                for view in views:
+                    with autocast(self.device, self.amp):
+                        logit = model(view)["logit"]
+                    total += torch.sigmoid(logit.float())
+            out[start : start + len(x)] = (total / (len(self.models) * len(views))).cpu().numpy()
+        return out
+
+    def predict(self, crops: VertebraCrops, tta: bool = False) -> np.ndarray:
+        """Seven vertebra probabilities of one study.
+
+        Args:
+            crops: the study's stacks, cut with ``self.crop_config``.
+            tta: add left-right flipped views.
+
+        Returns:
+            ``(7,)`` float64; NaN for a vertebra absent from the mask (the caller substitutes its prior).
+        """
+        probs = np.full(len(crops.present), np.nan, dtype=np.float64)
+        present = np.flatnonzero(crops.present)
+        if len(present):
+            probs[present] = self.predict_stacks(crops.images[present], tta=tta)
+        return probs
+
+
+def load_classifiers(checkpoints: list[Path], device: torch.device, batch_size: int = 7) -> FractureEnsemble:
+    """Rebuild every checkpoint's model from the config stored in it and make an ensemble.
+
+    Args:
+        checkpoints: ``best.pt`` files written by ``train_classifier`` (one per fold).
+        device: where to run them.
+        batch_size: vertebrae per forward pass.
+
+    Raises:
+        ConfigError: no checkpoint, or checkpoints trained on different crop settings.
+    """
+    if not checkpoints:
+        raise ConfigError("no stage-2 checkpoint given")
+    models: list[FractureClassifier] = []
+    crop_config: CropConfig | None = None
+    amp = True
+    for path in checkpoints:
+        state = load_checkpoint(path)
+        if not state.get("config") or "data" not in state["config"]:
+            raise CSpineError("not a stage-2 checkpoint (no stored classifier config)", path)
+        cfg = from_dict(ClsConfig, state["config"])
+        if crop_config is None:
+            crop_config, amp = cfg.data.crop, cfg.amp
+        elif cfg.data.crop != crop_config:
+            raise ConfigError(f"crop settings differ from the first checkpoint's ({crop_config})", path)
+        # The checkpoint overwrites every weight: no need for (or dependency on) the pretrained file.
+        model = build_classifier(cfg, load_pretrained=False)
+        model.load_state_dict(state["model"])
+        models.append(model)
+        log.info("loaded %s (%s, epoch %s, best score %s)", path, cfg.model.backbone, state.get("epoch"), state.get("best_score"))
+    assert crop_config is not None
+    return FractureEnsemble(models, crop_config, device, batch_size=batch_size, amp=amp)

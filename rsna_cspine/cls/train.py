@@ -1,0 +1,385 @@
+"""Train the stage-2 fracture classifier on one fold and write its out-of-fold predictions.
+
+Data order depends only on (seed, epoch) and each item's augmentation only on (seed, epoch, item), so a
+run resumed from ``last.pt`` repeats the uninterrupted run exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from rsna_cspine.aggregate import patient_overall
+from rsna_cspine.cls.config import ClsConfig
+from rsna_cspine.cls.data import StackAugment, VertebraDataset, vertebra_items
+from rsna_cspine.cls.model import build_classifier
+from rsna_cspine.config import to_dict
+from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRA_WEIGHTS, VERTEBRAE
+from rsna_cspine.crops.cache import build_crop_cache
+from rsna_cspine.engine import (
+    DistContext,
+    EarlyStopping,
+    SummaryLog,
+    all_reduce_mean,
+    autocast,
+    barrier,
+    cleanup_distributed,
+    fold_of,
+    init_distributed,
+    load_checkpoint,
+    make_grad_scaler,
+    prepare_run_dir,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+    unwrap_model,
+    wrap_model,
+)
+from rsna_cspine.errors import LayoutError
+from rsna_cspine.io.kaggle import KaggleLayout, read_train_labels
+from rsna_cspine.metric import prior_predictions, score_arrays, weighted_log_loss
+
+log = logging.getLogger(__name__)
+
+
+def fracture_loss(
+    logit: torch.Tensor,
+    label: torch.Tensor,
+    slice_logits: torch.Tensor | None = None,
+    slice_labels: torch.Tensor | None = None,
+    slice_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Competition-weighted vertebra BCE plus optional per-slice BCE on known slice labels.
+
+    Positives weigh ``VERTEBRA_WEIGHTS[1]`` (2) and negatives ``VERTEBRA_WEIGHTS[0]`` (1), normalised by the
+    weight sum as the metric does.
+
+    Args:
+        logit: ``(B,)`` vertebra logits.
+        label: ``(B,)`` 0/1 targets.
+        slice_logits: ``(B, N)`` or None.
+        slice_labels: ``(B, N)`` in {-1, 0, 1}; -1 entries are ignored.
+        slice_weight: multiplier of the slice term.
+
+    Returns:
+        ``(total, vertebra_term)``.
+    """
+    neg_w, pos_w = VERTEBRA_WEIGHTS
+    label = label.float()
+    weights = label * pos_w + (1.0 - label) * neg_w
+    per_item = F.binary_cross_entropy_with_logits(logit.float(), label, reduction="none")
+    vertebra = (per_item * weights).sum() / weights.sum()
+    total = vertebra
+    if slice_weight > 0 and slice_logits is not None and slice_labels is not None:
+        known = slice_labels >= 0
+        if known.any():
+            slice_term = F.binary_cross_entropy_with_logits(slice_logits.float()[known], slice_labels[known].float())
+            total = total + slice_weight * slice_term
+    return total, vertebra
+
+
+@dataclass
+class _Split:
+    train: pd.DataFrame
+    val: pd.DataFrame
+    val_labels: pd.DataFrame
+    prior: np.ndarray
+
+
+def _prepare_items(cfg: ClsConfig, ctx: DistContext) -> _Split:
+    """Labels, crop cache (built on rank 0), items and the fold split."""
+    layout = KaggleLayout(Path(cfg.data.root))
+    labels = read_train_labels(layout.train_csv)
+    uids = labels["StudyInstanceUID"].tolist()
+    # Folds come from every study of train.csv, so a study whose crops fail never reshuffles the others.
+    folds = fold_of(uids, cfg.n_folds, cfg.fold_seed)
+    if ctx.is_main:
+        build_crop_cache(
+            layout, uids, cfg.data.mask_source, cfg.data.cache_dir, cfg.data.crop,
+            pred_mask_dir=cfg.data.pred_mask_dir, split="train", num_workers=cfg.data.cache_workers,
+        )
+    barrier(ctx)
+    # Every rank re-reads the finished cache (a no-op build) so all see the same list of usable studies.
+    index = build_crop_cache(layout, uids, cfg.data.mask_source, cfg.data.cache_dir, cfg.data.crop,
+                             pred_mask_dir=cfg.data.pred_mask_dir, split="train")
+    ok = index[index["status"] != "failed"]
+    if ok.empty:
+        raise LayoutError("no study has crops; see the crop cache errors above", cfg.data.cache_dir)
+    labels = labels[labels["StudyInstanceUID"].isin(ok["StudyInstanceUID"])].reset_index(drop=True)
+    items = vertebra_items(labels, dict(zip(ok["StudyInstanceUID"], ok["path"])))
+    val_uids = {u for u in labels["StudyInstanceUID"] if folds[u] == cfg.fold}
+    train_uids = set(labels["StudyInstanceUID"]) - val_uids
+    train_labels = labels[labels["StudyInstanceUID"].isin(train_uids)]
+    in_train = items["StudyInstanceUID"].isin(train_uids)
+    # Vertebrae the mask missed have no image: never trained on; in validation they take the prior.
+    return _Split(
+        train=items[in_train & items["present"]].reset_index(drop=True),
+        val=items[~in_train & items["present"]].reset_index(drop=True),
+        val_labels=labels[labels["StudyInstanceUID"].isin(val_uids)].reset_index(drop=True),
+        prior=prior_predictions(train_labels),
+    )
+
+
+def _train_loader(dataset: VertebraDataset, cfg: ClsConfig, ctx: DistContext, epoch: int) -> DataLoader:
+    """This epoch's loader; its order comes from a generator seeded with (seed + epoch)."""
+    dataset.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(cfg.seed + epoch)
+    sampler = None
+    if ctx.enabled:
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+        sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        num_workers=cfg.data.num_workers,
+        drop_last=len(dataset) > cfg.batch_size * max(ctx.world_size, 1),
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+@torch.inference_mode()
+def predict_items(
+    model: torch.nn.Module, dataset: VertebraDataset, batch_size: int, device: torch.device, amp: bool, num_workers: int = 0
+) -> np.ndarray:
+    """Fracture probability of every item of a dataset, in item order.
+
+    Args:
+        model: the classifier (put in eval mode here).
+        dataset: items to score (no augmentation).
+        batch_size: items per forward pass.
+        device: where the model is.
+        amp: mixed precision on GPU.
+        num_workers: DataLoader workers.
+    """
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    probs = np.zeros(len(dataset), dtype=np.float64)
+    for batch in tqdm(loader, desc="predict", leave=False, disable=None):
+        with autocast(device, amp):
+            logit = model(batch["image"].to(device, non_blocking=True))["logit"]
+        probs[batch["index"].numpy()] = torch.sigmoid(logit.float()).cpu().numpy()
+    return probs
+
+
+def study_predictions(items: pd.DataFrame, probs: np.ndarray, studies: list[str], prior: np.ndarray) -> np.ndarray:
+    """``(n_studies, 8)`` predictions: item probabilities, the prior where a vertebra was not found, noisy-OR overall.
+
+    Args:
+        items: scored items (StudyInstanceUID, vertebra).
+        probs: one probability per item row.
+        studies: row order of the output.
+        prior: ``(8,)`` fallback.
+    """
+    row_of = {uid: i for i, uid in enumerate(studies)}
+    out = np.tile(prior[: len(VERTEBRAE)], (len(studies), 1)).astype(np.float64)
+    rows = items["StudyInstanceUID"].map(row_of).to_numpy()
+    out[rows, items["vertebra"].to_numpy()] = probs
+    return np.column_stack([out, patient_overall(out, rule="noisy_or")])
+
+
+def _validate(
+    model: torch.nn.Module, dataset: VertebraDataset, split: _Split, cfg: ClsConfig, device: torch.device
+) -> tuple[dict[str, float], np.ndarray]:
+    """Validation metrics and the ``(n_val_studies, 8)`` predictions in ``split.val_labels`` order."""
+    probs = predict_items(model, dataset, cfg.val_batch_size, device, cfg.amp, cfg.data.num_workers)
+    labels = split.val["label"].to_numpy(np.float64)
+    weights = np.where(labels > 0.5, VERTEBRA_WEIGHTS[1], VERTEBRA_WEIGHTS[0])
+    studies = split.val_labels["StudyInstanceUID"].tolist()
+    y_true = split.val_labels[list(TARGET_COLUMNS)].to_numpy(np.float64)
+    y_pred = study_predictions(split.val, probs, studies, split.prior)
+    metrics = {
+        "val_loss": weighted_log_loss(labels, probs, weights) if len(labels) else float("nan"),
+        "val_auc": _auc(labels, probs),
+        "val_score": score_arrays(y_true, y_pred),
+        "prior_score": score_arrays(y_true, np.tile(split.prior, (len(studies), 1))),
+    }
+    return metrics, y_pred
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def write_oof(path: Path, studies: list[str], y_pred: np.ndarray, fold: int) -> Path:
+    """Out-of-fold table: StudyInstanceUID, C1..C7, patient_overall, fold (what ``rsna-cspine cv`` reads).
+
+    Args:
+        path: destination CSV.
+        studies: one UID per row of ``y_pred``.
+        y_pred: ``(n, 8)`` in ``TARGET_COLUMNS`` order.
+        fold: the validation fold.
+    """
+    frame = pd.DataFrame(y_pred, columns=list(TARGET_COLUMNS))
+    frame.insert(0, "StudyInstanceUID", studies)
+    frame["fold"] = fold
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+def _train_one_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: object,
+    scaler: torch.amp.GradScaler,
+    cfg: ClsConfig,
+    device: torch.device,
+    epoch: int,
+    ctx: DistContext,
+) -> float:
+    model.train()
+    total, count = 0.0, 0
+    updates = epoch * len(loader)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if ctx.is_main else True)
+    for batch in bar:
+        image = batch["image"].to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            out = model(image)
+        loss, _ = fracture_loss(
+            out["logit"], batch["label"].to(device), out["slice_logits"], batch["slice_labels"].to(device),
+            cfg.slice_loss_weight,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        updates += 1
+        scheduler.step_update(num_updates=updates)  # type: ignore[attr-defined]
+        total += float(loss.detach()) * len(image)
+        count += len(image)
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return all_reduce_mean(total / max(count, 1), ctx)
+
+
+def fold_run_dir(cfg: ClsConfig) -> Path:
+    """``run_dir/fold{K}`` (``run_dir/all`` for fold -1): where one fold's checkpoints and summary live."""
+    return Path(cfg.run_dir) / ("all" if cfg.fold < 0 else f"fold{cfg.fold}")
+
+
+def train_classifier(cfg: ClsConfig, resume: bool = False) -> Path:
+    """Train one fold; keep ``last.pt`` every epoch and ``best.pt`` on a better validation score.
+
+    Args:
+        cfg: the run config (``fold=-1`` trains on every study without validation).
+        resume: continue from ``run_dir/fold{K}/last.pt`` (a fresh start when it does not exist yet).
+
+    Returns:
+        The fold's run folder; ``run_dir/oof_fold{K}.csv`` holds the best model's validation predictions.
+    """
+    cfg.validate()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    ctx = init_distributed(device)
+    try:
+        return _train(cfg, resume, device, ctx)
+    finally:
+        cleanup_distributed(ctx)
+
+
+def _train(cfg: ClsConfig, resume: bool, device: torch.device, ctx: DistContext) -> Path:
+    started = time.monotonic()
+    split = _prepare_items(cfg, ctx)
+    run_dir = fold_run_dir(cfg)
+    if ctx.is_main:
+        prepare_run_dir(run_dir, cfg, resume)
+    barrier(ctx)
+    has_val = cfg.fold >= 0 and len(split.val_labels) > 0
+    log.info(
+        "fold %d: %d train items (%d positive), %d val studies; prior %s",
+        cfg.fold, len(split.train), int(split.train["label"].sum()), len(split.val_labels), np.round(split.prior, 3),
+    )
+    crop = cfg.data.crop
+    augment = StackAugment(cfg.aug, crop.size, crop.in_chans - int(crop.add_mask_channel)) if cfg.aug.enabled else None
+    train_set = VertebraDataset(split.train, augment, seed=cfg.seed, in_memory=cfg.data.in_memory)
+    val_set = VertebraDataset(split.val, None, in_memory=cfg.data.in_memory)
+
+    model = build_classifier(cfg).to(device)
+    optimizer = create_optimizer_v2(
+        model, opt=cfg.optim.opt, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
+    )
+    updates_per_epoch = len(_train_loader(train_set, cfg, ctx, 0))
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.optim.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.optim.warmup_epochs,
+        warmup_lr=cfg.optim.warmup_lr, min_lr=cfg.optim.min_lr, decay_epochs=cfg.optim.decay_epochs,
+        decay_rate=cfg.optim.decay_rate, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
+    )
+    scaler = make_grad_scaler(device, cfg.amp)
+    stopper = EarlyStopping(patience=cfg.early_stopping_patience, mode="min")
+    start_epoch = 0
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if resume and last_path.is_file():
+        state = load_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                restore_rng=True, map_location=device)
+        start_epoch = int(state["epoch"])
+        stopper.load_state_dict(state["extra"].get("early_stopping", {}))
+        log.info("resumed from %s after epoch %d", last_path, start_epoch)
+    model = wrap_model(model, ctx, device)
+    summary = SummaryLog(run_dir, resume_epoch=start_epoch if resume else None) if ctx.is_main else None
+    oof_path = Path(cfg.run_dir) / f"oof_fold{cfg.fold}.csv"
+    config = to_dict(cfg)
+    longest_epoch = 0.0
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if stopper.should_stop:
+            log.info("early stopping: no better validation score for %d epochs", stopper.bad_epochs)
+            break
+        elapsed_min = (time.monotonic() - started) / 60
+        if cfg.max_minutes > 0 and epoch > start_epoch and elapsed_min + longest_epoch / 60 > cfg.max_minutes:
+            log.info("time budget: %.1f of %.1f min used; stopping before epoch %d", elapsed_min, cfg.max_minutes, epoch + 1)
+            break
+        tick = time.monotonic()
+        train_loss = _train_one_epoch(model, _train_loader(train_set, cfg, ctx, epoch), optimizer, scheduler, scaler,
+                                      cfg, device, epoch, ctx)
+        scheduler.step(epoch + 1)
+        row: dict[str, float | int] = {"epoch": epoch + 1, "train_loss": train_loss}
+        improved = True
+        if has_val:
+            metrics, y_pred = _validate(unwrap_model(model), val_set, split, cfg, device)
+            row.update(metrics)
+            improved = stopper.step(metrics["val_score"])
+        row["lr"] = float(optimizer.param_groups[0]["lr"])
+        row["time_s"] = time.monotonic() - tick
+        longest_epoch = max(longest_epoch, row["time_s"])
+        if ctx.is_main:
+            extra = {"early_stopping": stopper.state_dict(), "fold": cfg.fold}
+            save_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                            epoch=epoch + 1, best_score=stopper.best, config=config, extra=extra)
+            if improved:
+                save_checkpoint(best_path, model=model, epoch=epoch + 1, best_score=stopper.best, config=config, extra=extra)
+                if has_val:
+                    write_oof(oof_path, split.val_labels["StudyInstanceUID"].tolist(), y_pred, cfg.fold)
+            summary.append(row)  # type: ignore[union-attr]
+            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        barrier(ctx)
+
+    if has_val and ctx.is_main and best_path.is_file():
+        # Re-score with best.pt so the OOF file always matches the checkpoint the CV and ensemble use.
+        best_model = build_classifier(cfg, load_pretrained=False).to(device)
+        load_checkpoint(best_path, model=best_model, map_location=device)
+        metrics, y_pred = _validate(best_model, val_set, split, cfg, device)
+        write_oof(oof_path, split.val_labels["StudyInstanceUID"].tolist(), y_pred, cfg.fold)
+        log.info("best model: %s; out-of-fold predictions in %s", {k: round(v, 4) for k, v in metrics.items()}, oof_path)
+    barrier(ctx)
+    return run_dir

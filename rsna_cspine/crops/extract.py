@@ -1,0 +1,248 @@
+"""Per-vertebra 2.5D stacks: evenly spaced axial slices, each with its neighbours as channels.
+
+For vertebra ``v`` (label ``v`` in the mask, 1..7 = C1..C7) the stack holds ``n_slices`` centre slices
+spread evenly from the vertebra's first to its last axial slice. Each centre slice contributes
+``channels`` planes (itself and ``channels // 2`` neighbours on each side, ``neighbour_step`` slices
+apart), once per intensity window, plus optionally the vertebra's mask on the centre slice. Every
+plane is cut with the same square box around the whole vertebra (margin added) and resized, so the
+stack is spatially consistent from slice to slice and the sequence model sees one object.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from rsna_cspine.constants import CERVICAL_LABELS, VERTEBRAE
+from rsna_cspine.errors import ConfigError
+
+#: Value used outside the image when a crop box reaches past the volume edge (air).
+_PAD_HU = -1024.0
+
+
+@dataclass
+class CropConfig:
+    """How one vertebra becomes a ``(n_slices, in_chans, size, size)`` stack.
+
+    Attributes:
+        n_slices: centre slices per vertebra, evenly spaced over its axial extent.
+        channels: planes per centre slice and window (odd: the slice and ``channels // 2`` neighbours each side).
+        size: output height and width in pixels.
+        margin: added around the vertebra's in-plane box on each side, as a fraction of the box size
+            (``margin_unit="fraction"``) or in mm (``margin_unit="mm"``).
+        margin_unit: ``"fraction"`` or ``"mm"``.
+        add_mask_channel: append the vertebra's own mask on the centre slice as a last channel.
+        windows: one or more ``(low, high)`` Hounsfield windows mapped to [0, 1]; each adds ``channels`` planes.
+        neighbour_step: distance in slices between neighbouring planes (1 = adjacent slices).
+        dtype: ``"uint8"`` (0..255, compact cache) or ``"float16"`` (0..1).
+    """
+
+    n_slices: int = 15
+    channels: int = 5
+    size: int = 224
+    margin: float = 0.15
+    margin_unit: str = "fraction"
+    add_mask_channel: bool = False
+    windows: tuple[tuple[float, float], ...] = ((-400.0, 1500.0),)
+    neighbour_step: int = 1
+    dtype: str = "uint8"
+
+    @property
+    def in_chans(self) -> int:
+        """Channels per centre slice as the model sees them."""
+        return self.channels * len(self.windows) + int(self.add_mask_channel)
+
+    @property
+    def half_width(self) -> int:
+        """Slices between a centre slice and its farthest neighbour plane."""
+        return (self.channels // 2) * self.neighbour_step
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` when a value cannot produce a stack."""
+        if self.n_slices < 1 or self.size < 8:
+            raise ConfigError(f"crop: n_slices must be ≥ 1 and size ≥ 8, got {self.n_slices}, {self.size}")
+        if self.channels < 1 or self.channels % 2 == 0:
+            raise ConfigError(f"crop.channels must be odd (centre ± neighbours), got {self.channels}")
+        if self.neighbour_step < 1:
+            raise ConfigError(f"crop.neighbour_step must be ≥ 1, got {self.neighbour_step}")
+        if self.margin < 0 or self.margin_unit not in ("fraction", "mm"):
+            raise ConfigError(f"crop: margin must be ≥ 0 with unit fraction|mm, got {self.margin} {self.margin_unit}")
+        if not self.windows or any(len(w) != 2 or w[1] <= w[0] for w in self.windows):
+            raise ConfigError(f"crop.windows must be (low, high) pairs with high > low, got {self.windows}")
+        if self.dtype not in ("uint8", "float16"):
+            raise ConfigError(f"crop.dtype must be uint8 or float16, got {self.dtype}")
+
+
+@dataclass
+class VertebraCrops:
+    """The seven stacks of one study.
+
+    Attributes:
+        images: ``(7, N, C, S, S)`` uint8 (0..255) or float16 (0..1); zeros for an absent vertebra.
+        present: ``(7,)`` True where the mask has the vertebra.
+        slice_index: ``(7, N)`` volume z index of each centre slice; -1 for an absent vertebra.
+        z_range: ``(7, 2)`` first and last z index of the vertebra (inclusive); -1 when absent.
+        boxes: ``(7, 4)`` crop square ``(y0, y1, x0, x1)`` in volume pixels (end exclusive; may reach past
+            the image, where air was padded); -1 when absent.
+        slice_labels: ``(7, N)`` per-centre-slice fracture evidence (1/0, -1 unknown); filled by the cache.
+    """
+
+    images: np.ndarray
+    present: np.ndarray
+    slice_index: np.ndarray
+    z_range: np.ndarray
+    boxes: np.ndarray
+    slice_labels: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int8))
+
+    def __post_init__(self) -> None:
+        if self.slice_labels.size == 0:
+            self.slice_labels = np.full(self.slice_index.shape, -1, dtype=np.int8)
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.images.shape[1])
+
+    def as_float(self, vertebra: int) -> np.ndarray:
+        """One vertebra's stack as float32 in [0, 1] (what the classifier consumes).
+
+        Args:
+            vertebra: 0-based index (0 = C1).
+        """
+        return to_unit_float(self.images[vertebra])
+
+
+def to_unit_float(images: np.ndarray) -> np.ndarray:
+    """uint8 0..255 or float16 0..1 → float32 0..1."""
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0
+    return images.astype(np.float32)
+
+
+def _square_box(
+    bbox: tuple[slice, slice], cfg: CropConfig, dy: float, dx: float
+) -> tuple[int, int, int, int]:
+    """Square (in mm) box around an in-plane bounding box, margin added; end-exclusive pixel bounds."""
+    (ys, xs) = bbox
+    h_mm, w_mm = (ys.stop - ys.start) * dy, (xs.stop - xs.start) * dx
+    if cfg.margin_unit == "fraction":
+        side_mm = max(h_mm, w_mm) * (1.0 + 2.0 * cfg.margin)
+    else:
+        side_mm = max(h_mm, w_mm) + 2.0 * cfg.margin
+    cy, cx = (ys.start + ys.stop) / 2.0, (xs.start + xs.stop) / 2.0
+    side_y, side_x = max(1, math.ceil(side_mm / dy)), max(1, math.ceil(side_mm / dx))
+    y0, x0 = math.floor(cy - side_y / 2.0), math.floor(cx - side_x / 2.0)
+    return y0, y0 + side_y, x0, x0 + side_x
+
+
+def _cut(array: np.ndarray, z: np.ndarray, box: tuple[int, int, int, int], fill: float) -> np.ndarray:
+    """``array[z, y0:y1, x0:x1]`` reading only the in-image part, the rest filled with ``fill``."""
+    y0, y1, x0, x1 = box
+    _, height, width = array.shape
+    iy0, iy1, ix0, ix1 = max(y0, 0), min(y1, height), max(x0, 0), min(x1, width)
+    out = np.full((len(z), y1 - y0, x1 - x0), fill, dtype=np.float32)
+    if iy1 > iy0 and ix1 > ix0:
+        out[:, iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = array[z, iy0:iy1, ix0:ix1]
+    return out
+
+
+def _resize(planes: np.ndarray, size: int) -> torch.Tensor:
+    """(P, h, w) float32 → (P, size, size); antialiased so thin cortical bone survives downsampling."""
+    t = torch.from_numpy(planes)[None]
+    antialias = planes.shape[1] > size or planes.shape[2] > size
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)[0]
+
+
+def extract_vertebra_crops(
+    hu: np.ndarray,
+    mask: np.ndarray,
+    cfg: CropConfig,
+    spacing: tuple[float, float, float] | None = None,
+) -> VertebraCrops:
+    """Cut the 2.5D stack of every cervical vertebra of one study.
+
+    Args:
+        hu: ``(z, y, x)`` Hounsfield units (any real dtype; a memmap is read only where needed).
+        mask: ``(z, y, x)`` integer labels aligned with ``hu`` (1..7 = C1..C7; other labels ignored).
+        cfg: crop geometry and intensity settings.
+        spacing: ``(dz, dy, dx)`` mm; needed for a mm margin and to make the box square in mm.
+            Without it pixels are taken as square.
+
+    Returns:
+        The seven stacks; vertebrae absent from the mask are zeros with ``present`` False.
+    """
+    cfg.validate()
+    if hu.shape != mask.shape or hu.ndim != 3:
+        raise ValueError(f"hu {hu.shape} and mask {mask.shape} must be the same 3-D shape")
+    if cfg.margin_unit == "mm" and spacing is None:
+        raise ConfigError("crop.margin_unit='mm' needs the volume spacing")
+    dy, dx = (1.0, 1.0) if spacing is None else (float(spacing[1]), float(spacing[2]))
+    n_z = hu.shape[0]
+    n, c, s = cfg.n_slices, cfg.in_chans, cfg.size
+    dtype = np.uint8 if cfg.dtype == "uint8" else np.float16
+    images = np.zeros((len(VERTEBRAE), n, c, s, s), dtype=dtype)
+    present = np.zeros(len(VERTEBRAE), dtype=bool)
+    slice_index = np.full((len(VERTEBRAE), n), -1, dtype=np.int32)
+    z_range = np.full((len(VERTEBRAE), 2), -1, dtype=np.int32)
+    boxes = np.full((len(VERTEBRAE), 4), -1, dtype=np.int32)
+    offsets = (np.arange(cfg.channels) - cfg.channels // 2) * cfg.neighbour_step
+
+    # One C pass over the mask gives every label's bounding box (labels above C7 are skipped).
+    objects = ndimage.find_objects(np.asarray(mask), max_label=max(CERVICAL_LABELS))
+    for i, label in enumerate(CERVICAL_LABELS):
+        bbox = objects[label - 1] if label - 1 < len(objects) else None
+        if bbox is None:
+            continue
+        z0, z1 = bbox[0].start, bbox[0].stop - 1
+        centres = np.rint(np.linspace(z0, z1, n)).astype(np.int64)
+        planes_z = np.clip(centres[:, None] + offsets[None, :], 0, n_z - 1)  # (N, channels)
+        unique_z, inverse = np.unique(planes_z, return_inverse=True)
+        box = _square_box(bbox[1:], cfg, dy, dx)
+        block = _cut(hu, unique_z, box, _PAD_HU)
+        per_window = []
+        for low, high in cfg.windows:
+            windowed = np.clip((block - low) / (high - low), 0.0, 1.0)
+            resized = _resize(windowed.astype(np.float32), s)  # (U, S, S)
+            per_window.append(resized[torch.from_numpy(inverse.reshape(n, cfg.channels))])  # (N, ch, S, S)
+        stack = torch.cat(per_window, dim=1)
+        if cfg.add_mask_channel:
+            own = (_cut(mask, centres, box, 0) == label).astype(np.float32)
+            stack = torch.cat([stack, _resize(own, s)[:, None]], dim=1)
+        values = stack.clamp_(0.0, 1.0).numpy()
+        images[i] = np.rint(values * 255.0).astype(np.uint8) if dtype == np.uint8 else values.astype(np.float16)
+        present[i] = True
+        slice_index[i] = centres
+        z_range[i] = (z0, z1)
+        boxes[i] = box
+    return VertebraCrops(images=images, present=present, slice_index=slice_index, z_range=z_range, boxes=boxes)
+
+
+def slice_labels_from_boxes(crops: VertebraCrops, box_z: np.ndarray | None, half_width: int) -> np.ndarray:
+    """Per-centre-slice fracture evidence from the z indices of a study's bounding boxes.
+
+    A centre slice is positive when a box lies on a slice within ``half_width`` of it and inside its
+    vertebra's z-range; every other slice of a present vertebra is negative. Without boxes
+    (``box_z`` None) nothing is known: all -1.
+
+    Args:
+        crops: the study's stacks (their ``slice_index`` and ``z_range`` are used).
+        box_z: z index (volume array order) of every box of the study, or None when it has no boxes.
+        half_width: the stack's reach in slices (``CropConfig.half_width``).
+
+    Returns:
+        ``(7, N)`` int8 in {-1, 0, 1}.
+    """
+    labels = np.full(crops.slice_index.shape, -1, dtype=np.int8)
+    if box_z is None:
+        return labels
+    box_z = np.asarray(box_z, dtype=np.int64)
+    for i in np.flatnonzero(crops.present):
+        z0, z1 = crops.z_range[i]
+        inside = box_z[(box_z >= z0) & (box_z <= z1)]
+        near = np.abs(crops.slice_index[i][:, None] - inside[None, :]) <= half_width
+        labels[i] = near.any(axis=1).astype(np.int8)
+    return labels

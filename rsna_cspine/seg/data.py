@@ -1,0 +1,140 @@
+"""Training data for stage 1: cached grid-resolution studies → MONAI dictionary transforms → loaders.
+
+Data order and augmentation depend only on (seed, epoch): each epoch gets a fresh loader whose
+``torch.Generator`` is seeded from them; MONAI's DataLoader derives the random state of every
+augmentation (in the main process or in each worker) from that generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from monai.data import DataLoader, Dataset
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
+from torch.utils.data import DistributedSampler
+
+from rsna_cspine.seg.config import SegAugmentConfig
+from rsna_cspine.seg.preprocess import load_cached_study
+
+
+class LoadCachedStudyd(MapTransform):
+    """Replace ``{"path": file}`` by the cached ``image`` and folded ``label`` arrays."""
+
+    def __init__(self, thoracic: str = "background") -> None:
+        super().__init__(keys=["path"])
+        self.thoracic = thoracic
+
+    def __call__(self, data: dict) -> dict:
+        out = dict(data)
+        out.update(load_cached_study(out.pop("path"), self.thoracic))
+        return out
+
+
+def build_transforms(
+    aug: SegAugmentConfig,
+    grid: Sequence[int],
+    thoracic: str,
+    train: bool,
+    patch_size: Sequence[int] | None = None,
+    patch_foreground: float = 0.75,
+) -> Compose:
+    """Loading plus, for training, a random patch and MONAI augmentations applied alike to image and label.
+
+    Args:
+        aug: augmentation settings.
+        grid: the cached grid ``(D, H, W)`` (translations are a fraction of it).
+        thoracic: label folding (see ``preprocess.fold_labels``).
+        train: add the random patch and augmentations.
+        patch_size: train on this sub-volume (0 on an axis = the whole axis); None = the whole grid.
+        patch_foreground: share of patches centred on a vertebra voxel (the rest on background).
+    """
+    steps: list = [LoadCachedStudyd(thoracic)]
+    patch = tuple(int(p) if p else int(g) for p, g in zip(patch_size, grid)) if patch_size else tuple(grid)
+    if train and patch != tuple(grid):
+        # The spine fills a small part of each slice: patches around it spend the (CPU) budget where the
+        # labels are, while background patches keep teaching what is not a vertebra.
+        steps.append(
+            RandCropByPosNegLabeld(
+                keys=["image", "label"], label_key="label", spatial_size=patch,
+                pos=patch_foreground, neg=1.0 - patch_foreground, num_samples=1,
+            )
+        )
+    if train and aug.enabled:
+        steps += [
+            RandAffined(
+                keys=["image", "label"],
+                prob=aug.affine_prob,
+                rotate_range=tuple(aug.rotate_rad),
+                scale_range=(aug.scale,) * 3,
+                translate_range=tuple(aug.translate_frac * g for g in grid),
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            ),
+            # Spatial axis 2 is x (left-right): labels are not lateralised, so this flip is harmless.
+            # Never flip z: C1 must stay superior.
+            RandFlipd(keys=["image", "label"], prob=aug.flip_x_prob, spatial_axis=2),
+            RandGaussianNoised(keys=["image"], prob=aug.noise_prob, std=aug.noise_std),
+            RandScaleIntensityd(keys=["image"], prob=aug.intensity_scale_prob, factors=aug.intensity_scale),
+            RandShiftIntensityd(keys=["image"], prob=aug.intensity_shift_prob, offsets=aug.intensity_shift),
+        ]
+    steps.append(EnsureTyped(keys=["image", "label"], track_meta=False))
+    return Compose(steps)
+
+
+def make_dataset(paths: Sequence[Path], transform: Compose) -> Dataset:
+    """A MONAI Dataset over cache files (items are ``{"path": file}``)."""
+    return Dataset(data=[{"path": str(p)} for p in paths], transform=transform)
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """A loader whose order and augmentation are a function of (seed, epoch[, rank]) only.
+
+    Args:
+        dataset: from :func:`make_dataset`.
+        batch_size: studies per batch.
+        shuffle: shuffle the studies (training).
+        seed: run seed.
+        epoch: epoch index (0-based).
+        num_workers: loader processes (0 = in the main process).
+        rank: process rank under torchrun.
+        world_size: number of processes under torchrun.
+    """
+    generator = torch.Generator()
+    generator.manual_seed(int(seed) * 1_000_003 + int(epoch) * 7919 + int(rank))
+    sampler = None
+    if world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        sampler.set_epoch(epoch)
+        shuffle = False
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=generator,
+        drop_last=False,
+        persistent_workers=False,
+    )

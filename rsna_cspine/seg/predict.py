@@ -1,0 +1,442 @@
+"""Stage-1 inference: Volume → vertebra mask at the original resolution + a per-vertebra table.
+
+Memory stays small for large studies: the network runs on the grid (128³ by default), the label map
+is taken there (argmax, thoracic folded, largest component per vertebra) and only the uint8 result is
+mapped back to ``(z, y, x)`` by index lookup; 8-channel logits are never upsampled (a 512×512×700
+study would need 5.6 GB for them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from monai.transforms import KeepLargestConnectedComponent
+
+from rsna_cspine.config import from_dict
+from rsna_cspine.constants import CERVICAL_LABELS, VERTEBRAE
+from rsna_cspine.engine import autocast, load_checkpoint, resolve_device
+from rsna_cspine.errors import ConfigError, CSpineError
+from rsna_cspine.io.volume import Volume
+from rsna_cspine.seg.config import SegConfig
+from rsna_cspine.seg.model import build_model
+from rsna_cspine.seg.preprocess import nearest_indices, num_classes, preprocess_volume
+
+log = logging.getLogger(__name__)
+
+#: Columns of the per-vertebra table (``z``/``y``/``x`` bounds are inclusive array indices).
+VERTEBRA_COLUMNS: tuple[str, ...] = (
+    "vertebra", "found", "z_min", "z_max", "slice_number_min", "slice_number_max",
+    "y_min", "y_max", "x_min", "x_max", "centroid_z", "centroid_y", "centroid_x", "voxel_count",
+)  # fmt: skip
+
+
+@dataclass
+class SegmentationResult:
+    """What stage 1 says about one study.
+
+    Attributes:
+        mask: uint8 ``(z, y, x)`` at the volume's resolution; 1..7 = C1..C7, 0 elsewhere.
+        vertebrae: one row per vertebra (``VERTEBRA_COLUMNS``); ``found`` False and empty bounds when absent.
+        grid_mask: uint8 ``(D, H, W)`` label map on the network grid (what ``mask`` was expanded from).
+    """
+
+    mask: np.ndarray
+    vertebrae: pd.DataFrame
+    grid_mask: np.ndarray
+
+
+#: Label values a mask can hold: background and C1..C7.
+N_MASK_LABELS: int = len(CERVICAL_LABELS) + 1
+UPSAMPLE_MODES: tuple[str, ...] = ("linear", "nearest")
+
+
+def upsample_mask(grid_mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour expansion of a grid label map to ``shape`` (the inverse of the grid sampling).
+
+    Args:
+        grid_mask: ``(D, H, W)`` labels.
+        shape: original ``(z, y, x)``.
+    """
+    idx = [nearest_indices(g, n) for g, n in zip(grid_mask.shape, shape)]
+    return grid_mask[np.ix_(*idx)]
+
+
+def _axis_coords(n: int, axis: int) -> np.ndarray:
+    return np.arange(n).reshape([-1 if a == axis else 1 for a in range(3)])
+
+
+def axis_histograms(mask: np.ndarray) -> list[np.ndarray]:
+    """Voxel count of every label 0..7 at every index along z, y and x: three ``(8, n_axis)`` arrays.
+
+    Everything in the vertebra table (extent, centroid, count) follows from these projections, so they
+    can be summed chunk by chunk over a large mask.
+
+    Args:
+        mask: ``(z, y, x)`` labels in 0..7.
+    """
+    labels = mask.astype(np.int64)
+    out = []
+    for axis, n in enumerate(mask.shape):
+        flat = (labels * n + _axis_coords(n, axis)).ravel()
+        out.append(np.bincount(flat, minlength=N_MASK_LABELS * n).reshape(N_MASK_LABELS, n))
+    return out
+
+
+def nearest_histograms(grid_mask: np.ndarray, shape: Sequence[int]) -> list[np.ndarray]:
+    """``axis_histograms(upsample_mask(grid_mask, shape))``, computed on the grid without the big mask.
+
+    A grid voxel expands to a box whose side along each axis is the number of original indices mapped
+    to it, so the original count at index ``j`` of an axis is the grid count at its grid index weighted
+    by the other two axes' multiplicities.
+
+    Args:
+        grid_mask: ``(D, H, W)`` labels in 0..7.
+        shape: original ``(z, y, x)``.
+    """
+    idx = [nearest_indices(g, n) for g, n in zip(grid_mask.shape, shape)]
+    mult = [np.bincount(i, minlength=g).astype(np.float64) for i, g in zip(idx, grid_mask.shape)]
+    labels = grid_mask.astype(np.int64)
+    out = []
+    for axis, g in enumerate(grid_mask.shape):
+        weight = np.ones(grid_mask.shape)
+        for other in range(3):
+            if other != axis:
+                weight = weight * mult[other].reshape([-1 if a == other else 1 for a in range(3)])
+        flat = (labels * g + _axis_coords(g, axis)).ravel()
+        grid_hist = np.bincount(flat, weights=weight.ravel(), minlength=N_MASK_LABELS * g).reshape(N_MASK_LABELS, g)
+        out.append(np.rint(grid_hist[:, idx[axis]]).astype(np.int64))
+    return out
+
+
+def table_from_histograms(histograms: Sequence[np.ndarray], slice_numbers: np.ndarray | None = None) -> pd.DataFrame:
+    """The per-vertebra table (``VERTEBRA_COLUMNS``) from a mask's axis histograms.
+
+    Args:
+        histograms: ``axis_histograms`` (or ``nearest_histograms``) of the mask.
+        slice_numbers: file number of each slice (``Volume.slice_numbers``); min/max over the vertebra's
+            slices are reported, since file numbers may run in either direction.
+    """
+    rows = []
+    for label, name in zip(CERVICAL_LABELS, VERTEBRAE):
+        count = int(histograms[0][label].sum())
+        row: dict = {"vertebra": name, "found": count > 0}
+        if count:
+            for key, hist in zip("zyx", histograms):
+                h = hist[label]
+                present = np.nonzero(h)[0]
+                row[f"{key}_min"], row[f"{key}_max"] = int(present[0]), int(present[-1])
+                row[f"centroid_{key}"] = float((np.arange(len(h)) * h).sum() / count)
+            row["voxel_count"] = count
+            if slice_numbers is not None and len(slice_numbers) == len(histograms[0][label]):
+                numbers = np.asarray(slice_numbers)[row["z_min"] : row["z_max"] + 1]
+                row["slice_number_min"], row["slice_number_max"] = int(numbers.min()), int(numbers.max())
+        rows.append(row)
+    table = pd.DataFrame(rows).reindex(columns=list(VERTEBRA_COLUMNS))
+    for col in VERTEBRA_COLUMNS:
+        if col.endswith(("_min", "_max")) or col == "voxel_count":
+            table[col] = table[col].astype("Int64")
+        elif col.startswith("centroid_"):
+            table[col] = table[col].astype(float)
+    table["found"] = table["found"].astype(bool)
+    return table
+
+
+def vertebra_table(
+    grid_mask: np.ndarray, shape: Sequence[int], slice_numbers: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Per-vertebra table of ``upsample_mask(grid_mask, shape)``, exactly, without building that mask.
+
+    Args:
+        grid_mask: ``(D, H, W)`` labels (1..7 = C1..C7).
+        shape: original ``(z, y, x)``.
+        slice_numbers: file number of each original slice.
+    """
+    return table_from_histograms(nearest_histograms(grid_mask, shape), slice_numbers)
+
+
+def mask_table(mask: np.ndarray, slice_numbers: np.ndarray | None = None) -> pd.DataFrame:
+    """Per-vertebra table of any ``(z, y, x)`` mask with labels 0..7 (e.g. a ground-truth one).
+
+    Args:
+        mask: labels (values above 7 are not allowed; fold thoracic labels first).
+        slice_numbers: file number of each slice.
+    """
+    return table_from_histograms(axis_histograms(mask), slice_numbers)
+
+
+def upsample_linear(
+    probs: torch.Tensor, shape: Sequence[int], chunk_slices: int = 8
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Argmax of the trilinearly interpolated class probabilities at ``shape``, a few slices at a time.
+
+    Equal to ``F.interpolate(probs, shape, mode="trilinear").argmax`` (interpolation is separable: z by
+    hand, then in-plane), but only ``chunk_slices`` full-resolution slices of C channels exist at once,
+    and the mask's axis histograms are gathered on the way.
+
+    Args:
+        probs: ``(C, D, H, W)`` class probabilities on the grid (any device).
+        shape: original ``(z, y, x)``.
+        chunk_slices: slices interpolated at a time (bounds memory).
+
+    Returns:
+        uint8 mask ``(z, y, x)`` (labels above 7 set to 0) and its ``axis_histograms``.
+    """
+    n_z, n_y, n_x = (int(s) for s in shape)
+    depth = probs.shape[1]
+    # Source slice of each output slice, as torch computes it for align_corners=False.
+    src = np.clip((np.arange(n_z) + 0.5) * depth / n_z - 0.5, 0, depth - 1)
+    lower = np.floor(src).astype(np.int64)
+    upper = np.minimum(lower + 1, depth - 1)
+    frac = torch.as_tensor(src - lower, dtype=probs.dtype, device=probs.device)
+    mask = np.empty((n_z, n_y, n_x), dtype=np.uint8)
+    histograms = [np.zeros((N_MASK_LABELS, n), dtype=np.int64) for n in (n_z, n_y, n_x)]
+    for start in range(0, n_z, chunk_slices):
+        stop = min(start + chunk_slices, n_z)
+        w = frac[start:stop].view(1, -1, 1, 1)
+        planes = probs[:, lower[start:stop]] * (1 - w) + probs[:, upper[start:stop]] * w  # (C, n, H, W)
+        planes = F.interpolate(planes.permute(1, 0, 2, 3), size=(n_y, n_x), mode="bilinear", align_corners=False)
+        labels = planes.argmax(dim=1)
+        labels[labels > max(CERVICAL_LABELS)] = 0
+        block = labels.to(torch.uint8).cpu().numpy()
+        mask[start:stop] = block
+        hz, hy, hx = axis_histograms(block)
+        histograms[0][:, start:stop] = hz
+        histograms[1] += hy
+        histograms[2] += hx
+    return mask, histograms
+
+
+class Segmenter:
+    """One or more trained stage-1 networks (probabilities averaged) with their preprocessing settings.
+
+    Args:
+        models: networks sharing one config (e.g. the folds of one run).
+        cfg: the config they were trained with (grid, HU window, thoracic mode, inference settings).
+        device: where to run.
+        amp: mixed precision on GPU.
+    """
+
+    def __init__(self, models: Sequence[torch.nn.Module], cfg: SegConfig, device: torch.device, amp: bool = True):
+        if not models:
+            raise ValueError("Segmenter needs at least one model")
+        self.models = [m.to(device).eval() for m in models]
+        self.cfg = cfg
+        self.device = device
+        self.amp = amp
+        self._keep_largest = KeepLargestConnectedComponent(applied_labels=list(CERVICAL_LABELS), independent=True)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return tuple(int(g) for g in self.cfg.data.grid)  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def predict_probabilities(self, image: np.ndarray) -> torch.Tensor:
+        """Softmax probabilities ``(C, D, H, W)`` on the grid (mean over the models), on ``self.device``.
+
+        Args:
+            image: ``(1, D, H, W)`` output of ``preprocess_volume`` with this segmenter's settings.
+        """
+        x = torch.as_tensor(image, dtype=torch.float32)[None].to(self.device)
+        probs = None
+        for model in self.models:
+            with autocast(self.device, self.amp):
+                logits = sliding_window_inference(
+                    x, roi_size=self.grid, sw_batch_size=self.cfg.predict.sw_batch_size,
+                    predictor=model, overlap=self.cfg.predict.overlap,
+                )
+            p = torch.softmax(logits.float(), dim=1)
+            probs = p if probs is None else probs + p
+        return probs[0] / len(self.models)
+
+    @torch.inference_mode()
+    def clean(self, probs: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """Grid label map (C1..C7 as 1..7, 0 elsewhere) after the largest-component clean-up, and the
+        probabilities with the removed stray voxels handed to the background.
+
+        Args:
+            probs: ``(C, D, H, W)`` from :meth:`predict_probabilities` (modified in place).
+        """
+        labels = probs.argmax(dim=0, keepdim=True)  # (1, D, H, W)
+        labels[labels > max(CERVICAL_LABELS)] = 0  # the optional thoracic class is not part of the mask
+        if self.cfg.predict.keep_largest_component:
+            kept = torch.as_tensor(self._keep_largest(labels.clone())).to(labels.device)  # it works in place
+            removed = (labels > 0) & (kept == 0)
+            # Removed voxels become certain background, so they stay background once interpolated.
+            probs[:, removed[0]] = 0.0
+            probs[0][removed[0]] = 1.0
+            labels = kept
+        return labels[0].to(torch.uint8).cpu().numpy(), probs
+
+    def predict_grid(self, image: np.ndarray) -> np.ndarray:
+        """Cleaned label map on the grid for a preprocessed ``(1, D, H, W)`` image.
+
+        Args:
+            image: output of ``preprocess_volume`` with this segmenter's settings.
+        """
+        return self.clean(self.predict_probabilities(image))[0]
+
+    def predict(self, volume: Volume) -> SegmentationResult:
+        """Segment C1..C7 in one study at its own resolution.
+
+        ``predict.upsample`` = ``linear`` takes the argmax of trilinearly interpolated probabilities
+        (smooth boundaries, a few slices at a time); ``nearest`` expands the grid label map (fastest).
+
+        Args:
+            volume: the loaded study.
+        """
+        d = self.cfg.data
+        image = preprocess_volume(volume, d.grid, d.hu_window, antialias=d.antialias)
+        grid_mask, probs = self.clean(self.predict_probabilities(image))
+        mode = self.cfg.predict.upsample
+        if mode == "nearest":
+            mask = upsample_mask(grid_mask, volume.shape)
+            table = vertebra_table(grid_mask, volume.shape, volume.slice_numbers)
+        elif mode == "linear":
+            with torch.inference_mode():
+                mask, histograms = upsample_linear(probs, volume.shape, self.cfg.predict.chunk_slices)
+            table = table_from_histograms(histograms, volume.slice_numbers)
+        else:
+            raise ConfigError(f"predict.upsample must be one of {UPSAMPLE_MODES}, got {mode!r}")
+        missing = table.loc[~table["found"], "vertebra"].tolist()
+        if missing:
+            log.warning("study %s: vertebrae not found: %s", volume.study_uid or "?", ", ".join(missing))
+        return SegmentationResult(mask=mask, vertebrae=table, grid_mask=grid_mask)
+
+
+def load_segmenter(
+    checkpoint: str | Path | Sequence[str | Path], device: str | torch.device = "auto", amp: bool = True
+) -> Segmenter:
+    """Rebuild the network(s) from ``best.pt``-style checkpoints (the config travels inside each file).
+
+    Args:
+        checkpoint: one checkpoint, or several trained with the same grid/window (an ensemble).
+        device: ``auto``, ``cpu``, ``cuda``… or a torch device.
+        amp: mixed precision on GPU.
+    """
+    paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    models, cfg = [], None
+    for path in paths:
+        state = load_checkpoint(path, map_location="cpu")
+        if not state.get("config"):
+            raise CSpineError("not a stage-1 checkpoint (it carries no config)", path)
+        this = from_dict(SegConfig, state["config"])
+        if cfg is not None and (tuple(this.data.grid), tuple(this.data.hu_window), this.data.antialias) != (
+            tuple(cfg.data.grid), tuple(cfg.data.hu_window), cfg.data.antialias
+        ):
+            raise CSpineError("checkpoints disagree on grid/HU window; they cannot be ensembled", path)
+        cfg = cfg or this
+        model = build_model(this.model, num_classes(this.data.thoracic))
+        model.load_state_dict(state["model"])
+        models.append(model)
+    return Segmenter(models, cfg, device, amp=amp)
+
+
+def study_uids(root: str | Path, split: str) -> list[str]:
+    """Studies of a split in table order: train.csv for ``train``, test.csv (unique, first seen) for ``test``.
+
+    Args:
+        root: Kaggle-layout folder.
+        split: ``train`` or ``test``.
+    """
+    from rsna_cspine.io.kaggle import KaggleLayout, read_test_csv, read_train_labels
+
+    layout = KaggleLayout(root)
+    if split == "train":
+        table = read_train_labels(layout.train_csv)
+    elif split == "test":
+        table = read_test_csv(layout.test_csv)
+    else:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return list(dict.fromkeys(table["StudyInstanceUID"].astype(str)))
+
+
+def save_mask(path: str | Path, result: SegmentationResult, volume: Volume) -> Path:
+    """Write ``mask`` (uint8 ``(z, y, x)``) and the volume's ``slice_numbers`` to a compressed ``.npz``, atomically.
+
+    Args:
+        path: destination ``<uid>_mask.npz``.
+        result: the study's segmentation.
+        volume: the study (for its slice numbers).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, mask=result.mask, slice_numbers=np.asarray(volume.slice_numbers))
+    tmp.replace(path)
+    return path
+
+
+def predict_studies(
+    root: str | Path,
+    split: str,
+    checkpoints: str | Path | Sequence[str | Path],
+    out_dir: str | Path,
+    studies: Sequence[str] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Segment many studies: ``<out>/<uid>_mask.npz`` each, rows appended to ``<out>/vertebrae.csv``.
+
+    Resumable: a study already in ``vertebrae.csv`` whose mask file exists is skipped. A study that
+    fails is logged and listed in ``<out>/predict_failures.csv``; the batch goes on.
+
+    Args:
+        root: Kaggle-layout folder.
+        split: ``train`` or ``test``.
+        checkpoints: stage-1 checkpoint(s) (several are ensembled).
+        out_dir: output folder.
+        studies: only these UIDs (default: every study of the split).
+        device: ``auto``, ``cpu`` or ``cuda[:k]``.
+        progress: tqdm bar.
+
+    Returns:
+        The whole ``vertebrae.csv`` table after this run.
+    """
+    from tqdm.auto import tqdm
+
+    from rsna_cspine.io.dicom import load_series
+    from rsna_cspine.io.kaggle import KaggleLayout
+
+    layout = KaggleLayout(root)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table_path = out_dir / "vertebrae.csv"
+    uids = list(studies) if studies else study_uids(root, split)
+    done: set[str] = set()
+    if table_path.is_file():
+        previous = pd.read_csv(table_path, dtype={"StudyInstanceUID": str})
+        done = {u for u in previous["StudyInstanceUID"].unique() if (out_dir / f"{u}_mask.npz").is_file()}
+        if len(done) < previous["StudyInstanceUID"].nunique():  # rows whose mask is missing: redo them
+            previous[previous["StudyInstanceUID"].isin(done)].to_csv(table_path, index=False)
+    todo = [u for u in uids if u not in done]
+    log.info("predict-seg: %d studies, %d already done, %d to do", len(uids), len(uids) - len(todo), len(todo))
+    failures: list[dict[str, str]] = []
+    segmenter = load_segmenter(checkpoints, device) if todo else None
+    for uid in tqdm(todo, desc="predict-seg", unit="study", disable=None if progress else True):
+        try:
+            volume = load_series(layout.study_dir(uid, split))
+            result = segmenter.predict(volume)
+            save_mask(out_dir / f"{uid}_mask.npz", result, volume)
+            rows = result.vertebrae.copy()
+            rows.insert(0, "StudyInstanceUID", uid)
+            rows.to_csv(table_path, mode="a", header=not table_path.is_file(), index=False)
+        except Exception as exc:  # noqa: BLE001 - one bad study must not stop the batch
+            log.warning("predict-seg failed for study %s: %s: %s", uid, exc.__class__.__name__, exc)
+            failures.append({"StudyInstanceUID": uid, "error": f"{exc.__class__.__name__}: {exc}"})
+    failures_path = out_dir / "predict_failures.csv"
+    if failures:
+        pd.DataFrame(failures).to_csv(failures_path, index=False)
+    elif failures_path.exists():
+        failures_path.unlink()
+    if not table_path.is_file():
+        return pd.DataFrame(columns=["StudyInstanceUID", *VERTEBRA_COLUMNS])
+    return pd.read_csv(table_path, dtype={"StudyInstanceUID": str})

@@ -1,0 +1,270 @@
+"""Volume → network input: HU window, resampling to a fixed grid, and the per-study training cache.
+
+Every study is resampled to one grid (e.g. 128³) whatever its slice count and in-plane size, as the
+top RSNA 2022 teams did; the aspect distortion is the same for training and prediction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from rsna_cspine.constants import CERVICAL_LABELS, THORACIC_LABELS
+from rsna_cspine.io.volume import Volume
+
+if TYPE_CHECKING:
+    from rsna_cspine.io.kaggle import KaggleLayout
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HU_WINDOW: tuple[float, float] = (-400.0, 1600.0)
+THORACIC_MODES: tuple[str, ...] = ("background", "class")
+#: Bumped when the cache format or the preprocessing changes, so stale files are rebuilt.
+CACHE_VERSION: int = 1
+
+
+def nearest_indices(n_source: int, n_target: int) -> np.ndarray:
+    """Source index sampled by each target index under centre-aligned nearest-neighbour resampling.
+
+    Target voxel ``i`` covers ``[i, i+1) * n_source / n_target`` in source units; it takes the source
+    voxel containing its centre. The same rule maps labels down to the grid and masks back up, so a
+    mask predicted on the grid lands where its image came from.
+
+    Args:
+        n_source: length of the axis being sampled.
+        n_target: length of the resampled axis.
+    """
+    idx = np.floor((np.arange(n_target) + 0.5) * (n_source / n_target)).astype(np.int64)
+    return np.clip(idx, 0, n_source - 1)
+
+
+def resample_nearest(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resampling of a 3-D array (labels) to ``shape`` by index lookup (no float copy).
+
+    Args:
+        array: ``(z, y, x)`` array of any dtype.
+        shape: target ``(D, H, W)``.
+    """
+    idx = [nearest_indices(n, m) for n, m in zip(array.shape, shape)]
+    return array[np.ix_(*idx)]
+
+
+def fold_labels(labels: np.ndarray, thoracic: str = "background") -> np.ndarray:
+    """RSNA label values → training classes: 1..7 = C1..C7, thoracic → 0 or 8, anything else → 0.
+
+    Args:
+        labels: uint8 label map with RSNA values (1..7 cervical, 8..19 thoracic).
+        thoracic: ``background`` or ``class``.
+    """
+    if thoracic not in THORACIC_MODES:
+        raise ValueError(f"thoracic must be one of {THORACIC_MODES}, got {thoracic!r}")
+    out = np.where(np.isin(labels, CERVICAL_LABELS), labels, 0).astype(np.uint8)
+    if thoracic == "class":
+        out[np.isin(labels, THORACIC_LABELS)] = 8
+    return out
+
+
+def num_classes(thoracic: str) -> int:
+    """Output channels of the network (background + C1..C7 [+ thoracic])."""
+    return 9 if thoracic == "class" else 8
+
+
+def _resize_axis_pair(x: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+
+
+def preprocess_volume(
+    volume: Volume,
+    grid: Sequence[int],
+    hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
+    *,
+    antialias: bool = True,
+    chunk_slices: int = 32,
+) -> np.ndarray:
+    """HU → window clipped to [0, 1] → resampled to ``grid``; returns float32 ``(1, D, H, W)``.
+
+    Resampling is linear and separable: each chunk of slices is resized in-plane first, then the small
+    stack is resized along z. Without antialiasing this equals one trilinear interpolation, but it never
+    holds a float copy of the full-resolution volume (a 512×512×700 study is 730 MB); with antialiasing
+    (the default) thin cortex is averaged into the grid voxel instead of being skipped by point sampling.
+
+    Args:
+        volume: the loaded study (``hu`` float32 ``(z, y, x)``).
+        grid: target ``(D, H, W)``.
+        hu_window: ``(low, high)`` HU mapped to 0 and 1.
+        antialias: area-like averaging when shrinking an axis.
+        chunk_slices: slices normalised and resized in-plane at a time (bounds memory).
+    """
+    depth, height, width = (int(g) for g in grid)
+    low, high = float(hu_window[0]), float(hu_window[1])
+    hu = volume.hu
+    planes = []
+    for start in range(0, hu.shape[0], chunk_slices):
+        block = torch.as_tensor(np.asarray(hu[start : start + chunk_slices], dtype=np.float32))
+        block = ((block.clamp(low, high) - low) / (high - low)).unsqueeze(1)  # (n, 1, y, x)
+        planes.append(_resize_axis_pair(block, (height, width), antialias)[:, 0])
+    stack = torch.cat(planes, dim=0)  # (z, H, W), small
+    # Resize z as the first axis of a 2-D image whose second axis (x) keeps its size.
+    by_row = stack.permute(1, 0, 2).unsqueeze(1)  # (H, 1, z, W)
+    out = _resize_axis_pair(by_row, (depth, width), antialias)[:, 0].permute(1, 0, 2)  # (D, H, W)
+    return out.unsqueeze(0).contiguous().numpy().astype(np.float32, copy=False)
+
+
+def _cache_matches(path: Path, grid: Sequence[int], hu_window: Sequence[float], antialias: bool) -> bool:
+    try:
+        with np.load(path) as npz:
+            return (
+                int(npz["version"]) == CACHE_VERSION
+                and tuple(int(v) for v in npz["grid"]) == tuple(int(g) for g in grid)
+                and np.allclose(npz["hu_window"], hu_window)
+                and bool(npz["antialias"]) == antialias
+            )
+    except Exception:  # noqa: BLE001 - unreadable or partial file: rebuild it
+        return False
+
+
+def cache_training_study(
+    layout: KaggleLayout,
+    uid: str,
+    cache_dir: str | Path,
+    grid: Sequence[int],
+    hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
+    *,
+    antialias: bool = True,
+) -> Path:
+    """Decode one labelled training study once and store it at grid resolution as ``<cache_dir>/<uid>.npz``.
+
+    The file holds ``image`` (float16 ``(1, D, H, W)``), ``labels`` (uint8 ``(D, H, W)``, RSNA values so
+    the thoracic option can change without re-decoding), ``original_shape``, ``spacing`` and the
+    preprocessing settings; an existing file with the same settings is reused as is.
+
+    Args:
+        layout: the Kaggle-layout dataset.
+        uid: StudyInstanceUID with a segmentation.
+        cache_dir: output folder.
+        grid: target ``(D, H, W)``.
+        hu_window: HU window of :func:`preprocess_volume`.
+        antialias: see :func:`preprocess_volume`.
+    """
+    from rsna_cspine.errors import LayoutError
+    from rsna_cspine.io.dicom import load_series
+    from rsna_cspine.io.nifti import load_segmentation
+
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"{uid}.npz"
+    if path.is_file() and _cache_matches(path, grid, hu_window, antialias):
+        return path
+    seg_path = layout.segmentation_path(uid)
+    if seg_path is None:
+        raise LayoutError(f"study {uid} has no segmentation", layout.segmentations)
+    volume = load_series(layout.study_dir(uid, "train"))
+    labels = load_segmentation(seg_path, volume)
+    image = preprocess_volume(volume, grid, hu_window, antialias=antialias)
+    return write_cache_file(
+        path, image, resample_nearest(labels, grid), volume.shape, volume.spacing, hu_window, antialias=antialias
+    )
+
+
+def write_cache_file(
+    path: str | Path,
+    image: np.ndarray,
+    labels: np.ndarray,
+    original_shape: Sequence[int],
+    spacing: Sequence[float],
+    hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
+    *,
+    antialias: bool = True,
+) -> Path:
+    """Atomically write one grid-resolution study in the cache format read by :func:`load_cached_study`.
+
+    Args:
+        path: destination ``.npz``.
+        image: float ``(1, D, H, W)`` preprocessed image.
+        labels: ``(D, H, W)`` RSNA label values at grid resolution.
+        original_shape: ``(z, y, x)`` of the source volume.
+        spacing: ``(dz, dy, dx)`` of the source volume in mm.
+        hu_window: window the image was made with.
+        antialias: whether the image was resampled with antialiasing.
+    """
+    path = Path(path)
+    if image.ndim != 4 or image.shape[1:] != labels.shape:
+        raise ValueError(f"{path}: image {image.shape} and labels {labels.shape} do not match")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(
+        tmp,
+        image=image.astype(np.float16),
+        labels=labels.astype(np.uint8),
+        original_shape=np.asarray(original_shape, dtype=np.int64),
+        spacing=np.asarray(spacing, dtype=np.float64),
+        grid=np.asarray(labels.shape, dtype=np.int64),
+        hu_window=np.asarray(hu_window, dtype=np.float64),
+        antialias=np.asarray(antialias),
+        version=np.asarray(CACHE_VERSION),
+    )
+    os.replace(tmp, path)
+    return path
+
+
+def build_cache(
+    layout: KaggleLayout,
+    uids: Sequence[str],
+    cache_dir: str | Path,
+    grid: Sequence[int],
+    hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
+    *,
+    antialias: bool = True,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Cache every study (resumable); a study that fails is logged, listed in ``cache_failures.csv``, skipped.
+
+    Args:
+        layout: the Kaggle-layout dataset.
+        uids: studies to cache (each needs a segmentation).
+        cache_dir: output folder (also receives ``cache_failures.csv``).
+        grid: target ``(D, H, W)``.
+        hu_window: HU window of :func:`preprocess_volume`.
+        antialias: see :func:`preprocess_volume`.
+        progress: show a tqdm bar.
+
+    Returns:
+        uid → cached file, for the studies that succeeded.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    done: dict[str, Path] = {}
+    failures: list[dict[str, str]] = []
+    for uid in tqdm(list(uids), desc="seg cache", unit="study", disable=not progress or None):
+        try:
+            done[uid] = cache_training_study(layout, uid, cache_dir, grid, hu_window, antialias=antialias)
+        except Exception as exc:  # noqa: BLE001 - one bad study must not stop the batch
+            log.warning("skipping study %s: %s: %s", uid, exc.__class__.__name__, exc)
+            failures.append({"StudyInstanceUID": uid, "error": f"{exc.__class__.__name__}: {exc}"})
+    failures_csv = cache_dir / "cache_failures.csv"
+    if failures:
+        pd.DataFrame(failures).to_csv(failures_csv, index=False)
+    elif failures_csv.exists():
+        failures_csv.unlink()
+    return done
+
+
+def load_cached_study(path: str | Path, thoracic: str = "background") -> dict[str, np.ndarray]:
+    """Read one cache file as float32 ``image`` (1, D, H, W) and folded uint8 ``label`` (1, D, H, W).
+
+    Args:
+        path: a file written by :func:`cache_training_study`.
+        thoracic: how thoracic labels are folded (see :func:`fold_labels`).
+    """
+    with np.load(path) as npz:
+        image = npz["image"].astype(np.float32)
+        label = fold_labels(npz["labels"], thoracic)[None]
+    return {"image": image, "label": label}

@@ -1,0 +1,389 @@
+"""The failure matrix: every bad input, what the program does with it, and the tests that prove it.
+
+This list is the single source of ``docs/failure_matrix.md``::
+
+    python -m tests.failure_matrix --write   # regenerate the document
+    python -m tests.failure_matrix --check   # exit 1 when the document is stale
+
+tests/test_reliability_inputs.py fails when the document differs from :func:`render`, when a test
+named here no longer exists, or when a row's status (proven / known bug) disagrees with its tests'
+``xfail`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_PATH = ROOT / "docs" / "failure_matrix.md"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the matrix.
+
+    Attributes:
+        area: the table the row belongs to.
+        bad_input: the input, as a user would describe it.
+        behaviour: what the program does (for a known bug: what it must do, which its tests assert).
+        tests: node ids of the test functions that prove it (``tests/<file>.py::<test>``, no parameter ids:
+            every parametrization of a named function is part of the proof).
+        bug: for a known bug, what happens today; its tests are ``xfail(strict=True)`` until it is fixed.
+    """
+
+    area: str
+    bad_input: str
+    behaviour: str
+    tests: tuple[str, ...]
+    bug: str = ""
+
+
+SERIES = "DICOM series (`rsna_cspine.io.dicom.load_series`)"
+FUZZ = "Mutated real DICOM files (fuzzing)"
+NIFTI = "Segmentation NIfTI (`rsna_cspine.io.nifti.load_segmentation`)"
+CSV = "Competition CSV tables"
+RUN = "Prediction and training runs"
+AREAS: tuple[str, ...] = (SERIES, FUZZ, NIFTI, CSV, RUN)
+
+_DS = "tests/test_dicom_series.py::"
+_DR = "tests/test_dicom_real.py::"
+_RS = "tests/test_reliability_series.py::"
+_FZ = "tests/test_fuzz_loader.py::"
+_NI = "tests/test_nifti.py::"
+_RI = "tests/test_reliability_inputs.py::"
+_KI = "tests/test_kaggle_io.py::"
+_AG = "tests/test_aggregate.py::"
+_ME = "tests/test_metric.py::"
+_PI = "tests/test_pipeline.py::"
+
+CASES: tuple[Case, ...] = (
+    # ------------------------------------------------------------------ DICOM series
+    Case(SERIES, "Folder does not exist", "`DicomSeriesError`: `<path>: folder does not exist`.",
+         (_DS + "test_empty_and_missing_folders_raise",)),
+    Case(SERIES, "Empty folder", "`DicomSeriesError`: `<path>: folder is empty`.",
+         (_DS + "test_empty_and_missing_folders_raise",)),
+    Case(SERIES, "A file given where the study folder is expected", "`DicomSeriesError`: `<path>: not a folder`.",
+         (_RS + "test_a_file_given_as_the_folder_raises_naming_it",)),
+    Case(SERIES, "Non-DICOM files mixed in (README, thumbnails)",
+         "Skipped; a warning names them. A folder with no DICOM at all: `DicomSeriesError` (no readable DICOM).",
+         (_DS + "test_non_dicom_file_is_skipped_with_warning", _DS + "test_folder_without_dicom_or_pixels_raises")),
+    Case(SERIES, "Truncated file (cut in the header or in the pixel data)",
+         "The slice is dropped and named with the cause, the hole is reported as a gap. If fewer than 90 % "
+         "(`min_valid_fraction`) of the slices load: `DicomSeriesError` naming the folder and the bad files.",
+         (_DS + "test_truncated_file_is_dropped_and_named", _DS + "test_truncated_header_is_dropped_and_named",
+          _DS + "test_too_many_bad_files_raise_naming_folder_and_file")),
+    Case(SERIES, "File without pixel data",
+         "Dropped and named (`no pixel data`); a folder where no file has pixels: `DicomSeriesError`.",
+         (_DS + "test_file_without_pixel_data_is_dropped_and_named",
+          _DS + "test_folder_without_dicom_or_pixels_raises")),
+    Case(SERIES, "One slice",
+         "A one-slice volume; its thickness comes from SpacingBetweenSlices / SliceThickness, else 1 mm, "
+         "with a warning either way.",
+         (_DS + "test_single_slice", _RS + "test_single_slice_without_thickness_assumes_1_mm_with_warning",
+          _DR + "test_bad_sequence_file_loads_as_a_series_with_warnings")),
+    Case(SERIES, "Two interleaved series in one folder (e.g. a scout)",
+         "The series with the most slices is kept; a warning lists the others and their files. A tie is "
+         "broken by SeriesInstanceUID, so the choice does not depend on file names.",
+         (_DS + "test_interleaved_series_keeps_the_larger",
+          _RS + "test_tied_interleaved_series_choice_does_not_depend_on_file_names")),
+    Case(SERIES, "Duplicate slice positions",
+         "The first file (in file-name order) at each position is kept; a warning names dropped and kept files.",
+         (_DS + "test_duplicate_positions_keep_one",)),
+    Case(SERIES, "A missing slice (gap)",
+         "Volume kept with its true positions, slice step = median step, a warning names the gap and its files.",
+         (_DS + "test_gap_is_reported_and_spacing_is_the_median_step",
+          _DS + "test_truncated_file_is_dropped_and_named")),
+    Case(SERIES, "Non-uniform slice spacing without a gap",
+         "Steps more than 10 % from the median are reported with their range; the true positions travel with the "
+         "volume; ±5 % scanner jitter is not reported.",
+         (_RS + "test_uneven_steps_without_a_gap_are_warned_and_positions_kept",
+          _RS + "test_small_jitter_is_not_reported")),
+    Case(SERIES, "Mixed matrix sizes",
+         "The minority size is dropped and named; when the majority is under 90 % of the files: `DicomSeriesError`.",
+         (_DS + "test_mixed_matrix_sizes",)),
+    Case(SERIES, "Per-slice RescaleSlope / RescaleIntercept",
+         "Each slice is rescaled with its own values (float32, no float64 copy).",
+         (_DS + "test_rescale_is_per_slice",)),
+    Case(SERIES, "RescaleSlope / RescaleIntercept NaN, infinite, overflowing float32, or slope 0",
+         "Checked in the header pass: both must be finite, the slope non-zero and |slope| × 2³² + |intercept| below "
+         "the float32 maximum, else the slice is dropped and named (`RescaleSlope … / RescaleIntercept … cannot give "
+         "finite HU`) and the hole reported as a gap; below `min_valid_fraction`: `DicomSeriesError` naming the file. "
+         "Never non-finite HU.",
+         (_RS + "test_non_finite_or_zero_rescale_is_refused",)),
+    Case(SERIES, "Signed / unsigned mismatch",
+         "PixelRepresentation and BitsStored are honoured per slice, also mixed within one series (12-bit data "
+         "is masked or sign-extended like pydicom); a JPEG 2000 stream whose signedness contradicts the header is "
+         "corrected like pydicom.",
+         (_DS + "test_signed_and_unsigned_storage", _DS + "test_bits_stored_below_allocated_matches_pydicom",
+          _RS + "test_signed_unsigned_and_12_bit_slices_mixed_in_one_series",
+          _DR + "test_pixel_representation_mismatch_in_j2k_stream")),
+    Case(SERIES, "Reversed order (file 1 is the most inferior slice; feet-first orientation)",
+         "Sorted superior → inferior along the slice normal; `reversed_numbering` records it for mask alignment.",
+         (_DS + "test_reversed_numbering_is_put_superior_first",
+          _DS + "test_feet_first_orientation_still_superior_first")),
+    Case(SERIES, "Shuffled order (file names and InstanceNumbers that disagree with the positions)",
+         "Sorted by ImagePositionPatient projected on the slice normal, never by name or InstanceNumber.",
+         (_DS + "test_order_comes_from_positions_not_names",
+          _RS + "test_order_follows_positions_when_names_and_instance_numbers_both_disagree")),
+    Case(SERIES, "JPEG data that one decoder rejects",
+         "The next decoder (GDCM ↔ pylibjpeg) decodes it to the same array; the fallback is recorded in "
+         "`Volume.warnings`.",
+         (_DS + "test_decoder_fallback_is_used_and_recorded", _DR + "test_fallback_decoder_gives_the_same_array",
+          _DR + "test_gdcm_and_pylibjpeg_agree")),
+    Case(SERIES, "JPEG Lossless slice that every decoder rejects",
+         "Dropped and named with each decoder's error, in-process and in the decoder process pool; the hole is "
+         "reported as a gap.",
+         (_RS + "test_jpeg_slice_every_decoder_rejects_is_dropped_and_named",)),
+    Case(SERIES, "JPEG Lossless frame cut short (GDCM rejects it, pylibjpeg decodes a partial image)",
+         "Before any decoder sees it, a JPEG / JPEG-LS / JPEG 2000 frame must end with its end-of-image marker "
+         "`FFD9` (within its last 16 bytes); otherwise the slice is dropped and named (`compressed frame is "
+         "truncated (no end-of-image marker)`), and the other slices keep their true images.",
+         (_RS + "test_truncated_jpeg_frame_is_not_decoded_into_a_wrong_slice",)),
+    Case(SERIES, "A decoder worker process dies (compressed series decoded in the process pool)",
+         "The broken pool is reported and the slices are decoded in-process instead; the volume is complete. (A "
+         "crash that repeats in-process would abort the parent: the streams that made GDCM abort are refused before "
+         "decoding, see the fuzzing rows.)",
+         (_RS + "test_a_dead_decoder_worker_is_recovered_by_decoding_in_process",)),
+    Case(SERIES, "Huge slice counts (1,500 × 64², 160 × 512²)",
+         "Memory stays bounded: measured peak RSS growth 1.03 × the float32 output for 512² slices and 2.2 × for "
+         "1,500 64² slices (the parsed headers, ~20 kB each); the test allows 1.5 × output + 32 kB per slice.",
+         (_RS + "test_memory_stays_bounded_on_huge_slice_counts",)),
+    Case(SERIES, "Gantry tilt",
+         "Data kept (not resampled), a warning gives the angle; the affine follows the real slice positions, and "
+         "masks round-trip exactly through NIfTI.",
+         (_DS + "test_gantry_tilt_warns_and_keeps_data", _NI + "test_round_trip_is_exact")),
+    # ------------------------------------------------------------------ fuzzing
+    Case(FUZZ, "Random byte flips, overwrites, truncations, insertions and deletions in the header or pixel data "
+               "of real files (CT, JPEG Lossless, JPEG 2000, JPEG-LS, RLE) and small real series",
+         "A Volume that keeps its contract (finite HU, consistent shapes, orthonormal cosines, invertible affine, "
+         "slices ordered along the slice direction) or `DicomSeriesError`. 120 derandomized hypothesis examples, "
+         "each load in a forked child so that crashes and hangs are seen; any other outcome (another exception, a "
+         "crash, a hang, a broken volume) fails.",
+         (_FZ + "test_byte_mutations_give_a_valid_volume_or_the_project_error",
+          _FZ + "test_isolation_tells_crash_hang_exception_and_error_apart",
+          _FZ + "test_volume_problems_flags_each_broken_invariant")),
+    Case(FUZZ, "Header fields set to invalid values (matrix, bits, PixelRepresentation, PhotometricInterpretation, "
+               "NumberOfFrames, rescale, position, orientation, spacing, UIDs, transfer syntax) or deleted",
+         "As above: a valid Volume or `DicomSeriesError` (120 derandomized examples).",
+         (_FZ + "test_header_field_mutations_give_a_valid_volume_or_the_project_error",)),
+    Case(FUZZ, "Corrupt RLE segment (decodes past the end of the frame)",
+         "pylibjpeg-rle panics (pyo3's `PanicException`, a `BaseException`); the loader catches any decoder's "
+         "`BaseException` but KeyboardInterrupt / SystemExit as that decoder's failure, so the next one (pydicom's "
+         "own RLE decoder) reads the slice and `Volume.warnings` names the file and the panic; when every decoder "
+         "fails, the slice is dropped and named.",
+         (_FZ + "test_regression_rle_segment_overrun",
+          _RI + "test_prediction_run_survives_a_study_whose_decoder_panics")),
+    Case(FUZZ, "TransferSyntaxUID that is not a transfer syntax",
+         "File refused and named in the header pass (`unknown transfer syntax '<uid>'`).",
+         (_FZ + "test_regression_unknown_transfer_syntax",)),
+    Case(FUZZ, "Compressed data GDCM cannot handle (32/64-bit JPEG Lossless, JPEG 2000 with a corrupt SIZ header or "
+               "a colour PhotometricInterpretation)",
+         "Refused and named before any decoder runs: the header pass requires BitsAllocated ∈ {8, 16} for "
+         "compressed data (8, 16 or 32 native), SamplesPerPixel = 1 and MONOCHROME1/2 (`not a grey-level image: "
+         "…`), and the frame's own size (JPEG / JPEG-LS SOF, JPEG 2000 SIZ) must be Rows × Columns with one "
+         "component (`compressed frame is … the header says …`).",
+         (_FZ + "test_regression_gdcm_abort_on_32_bit_jpeg_lossless",
+          _FZ + "test_regression_gdcm_abort_on_corrupt_jpeg2000_header")),
+    Case(FUZZ, "JPEG Lossless (the RSNA syntax) or JPEG-LS frame header with 0 lines",
+         "Refused and named before any decoder runs: the frame header's lines × samples must equal Rows × "
+         "Columns (`compressed frame is 0x512 … the header says 512x512 grey`), so libjpeg never sees it.",
+         (_FZ + "test_regression_jpeg_lossless_zero_lines",)),
+    Case(FUZZ, "Rows / Columns corrupted to 65535",
+         "Checked per file before the volume is allocated: Rows × Columns above 8192² (`implausible matrix …`) or "
+         "native pixel data shorter than the matrix needs refuses the file, named; a volume that still cannot be "
+         "allocated is a `DicomSeriesError` naming the folder, never a `MemoryError`.",
+         (_FZ + "test_regression_huge_matrix",)),
+    Case(FUZZ, "ImagePositionPatient near 1e300",
+         "A coordinate beyond ±1e5 mm is not a patient position: the slice is dropped and named (`no valid "
+         "ImagePositionPatient`); below `min_valid_fraction`: `DicomSeriesError` naming the file.",
+         (_FZ + "test_regression_position_overflow",)),
+    Case(FUZZ, "ImageOrientationPatient with parallel or non-orthogonal cosines",
+         "Both cosines must be unit vectors (±0.01) and |row · col| < 0.01, else the slice is dropped and named "
+         "(`no valid ImageOrientationPatient`); below `min_valid_fraction`: `DicomSeriesError` naming the files.",
+         (_FZ + "test_regression_parallel_orientation_cosines",)),
+    # ------------------------------------------------------------------ NIfTI
+    Case(NIFTI, "Wrong shape for its study", "`NiftiError` naming the file and both shapes.",
+         (_NI + "test_wrong_shape_raises_naming_the_file",)),
+    Case(NIFTI, "Wrong affine: another place, an LPS affine stored as RAS, singular, non-finite",
+         "`NiftiError` naming the file (no overlap with the study, or singular affine).",
+         (_NI + "test_non_overlapping_affine_raises", _RI + "test_wrong_affine_is_refused_naming_the_file")),
+    Case(NIFTI, "Grid shifted against the study",
+         "Up to 10 % outside: labels copied exactly, the rest background, with a warning; more: `NiftiError`.",
+         (_NI + "test_one_slice_shift_is_filled_with_background_and_warned",
+          _RI + "test_grid_shifted_beyond_the_overlap_threshold_is_refused")),
+    Case(NIFTI, "Grid that is not an axis permutation of the study (finer, rotated)",
+         "Nearest-neighbour resampling through the affines, with a warning.",
+         (_NI + "test_finer_grid_is_resampled_nearest_with_warning",)),
+    Case(NIFTI, "Unknown label values (> 19, negative, fractional, NaN)",
+         "Set to 0; a `SegmentationWarning` lists the values.",
+         (_NI + "test_unknown_label_values_are_zeroed_with_warning", _NI + "test_float_storage_with_fractional_values",
+          _RI + "test_negative_and_nan_labels_are_zeroed_with_warning")),
+    Case(NIFTI, "Empty mask", "Returned as all zeros with a `SegmentationWarning`.", (_NI + "test_empty_mask_warns",)),
+    Case(NIFTI, "Unreadable file, missing file, 2-D or 4-D data", "`NiftiError` naming the file.",
+         (_NI + "test_unreadable_and_non_3d_files_raise",)),
+    # ------------------------------------------------------------------ CSV
+    Case(CSV, "Missing columns (train.csv, test.csv, train_bounding_boxes.csv)",
+         "`LayoutError` naming the file, the missing and the found columns.",
+         (_KI + "test_train_label_errors", _KI + "test_test_csv_errors", _KI + "test_bounding_box_errors")),
+    Case(CSV, "Unknown study ids",
+         "Predictions for studies not in test.csv are left out (logged); submission or OOF rows for unknown "
+         "studies are refused (`SubmissionError` / CV report error); shards cut from another test.csv are "
+         "refused; train.csv studies without images are listed as cache failures and skipped.",
+         (_AG + "test_missing_or_non_finite_study_gets_fallback", _ME + "test_refuses_extra_rows",
+          "tests/test_cv_report.py::test_refuses_unknown_or_duplicated_studies",
+          _PI + "test_merge_refuses_missing_duplicated_and_foreign_shards",
+          "tests/test_seg_preprocess.py::test_build_cache_lists_a_broken_study_and_goes_on")),
+    Case(CSV, "Duplicated row_ids or StudyInstanceUIDs",
+         "`LayoutError` (test.csv, train.csv) or `SubmissionError` (submission, metric) naming them; a refused "
+         "write leaves the previous submission intact.",
+         (_KI + "test_test_csv_errors", _KI + "test_train_label_errors", _AG + "test_write_submission_validation",
+          _ME + "test_refuses_duplicated_rows")),
+    Case(CSV, "Bad values (labels not 0/1, empty StudyInstanceUID, unknown prediction_type, non-numeric boxes)",
+         "`LayoutError` naming the file and example rows.",
+         (_KI + "test_train_label_errors", _KI + "test_test_csv_errors", _KI + "test_bounding_box_errors")),
+    Case(CSV, "test.csv rows whose study has no images (no folder, empty folder, non-DICOM files)",
+         "That study gets the prior (train.csv prevalence), a warning names it and the cause, and the submission is "
+         "complete, in test.csv order.",
+         (_PI + "test_broken_studies_get_the_prior_and_the_file_is_complete", _KI + "test_studies_without_images")),
+    Case(CSV, "test.csv saved by a spreadsheet (UTF-8 BOM, CRLF line ends, padded cells)",
+         "Read exactly like the clean file.",
+         (_RI + "test_spreadsheet_saved_test_csv_reads_like_the_clean_file",)),
+    Case(CSV, "test.csv with a header and no rows",
+         "A `CSpineError` and no submission file (never an empty submission).",
+         (_RI + "test_empty_test_csv_writes_no_submission",)),
+    # ------------------------------------------------------------------ runs
+    Case(RUN, "One broken study (non-DICOM files, missing folder) among good ones",
+         "A complete, valid submission in test.csv order; the broken study gets the prior; the good studies' "
+         "predictions are bit-identical to a run without it; the failure is logged with study and cause and in "
+         "`<submission>.timings.csv`.",
+         (_PI + "test_broken_studies_get_the_prior_and_the_file_is_complete",
+          _PI + "test_failure_is_logged_with_study_and_cause",
+          _PI + "test_good_studies_do_not_depend_on_the_broken_ones")),
+    Case(RUN, "A study whose decoder panics (corrupt RLE slice) among good ones",
+         "A complete submission; the good studies' predictions are unchanged. The loader reads the slice with the "
+         "fallback decoder and the panic is logged and named in `<submission>.timings.csv`; a panic that escapes "
+         "any stage makes that study fail like any broken study (the prior), never the run.",
+         (_RI + "test_prediction_run_survives_a_study_whose_decoder_panics",)),
+    Case(RUN, "Degenerate studies that do load (one 1×1 slice, 2×2×2 voxels, 1-pixel-high slices)",
+         "Predicted; vertebrae not found take their prior; patient_overall follows the rule; notes logged.",
+         (_RI + "test_degenerate_studies_are_predicted_with_the_prior_for_absent_vertebrae",)),
+    Case(RUN, "No usable models", "Every study gets the prior; the submission is complete; the cause is logged.",
+         (_PI + "test_missing_models_still_write_a_complete_prior_submission",)),
+    Case(RUN, "Interrupted prediction run",
+         "A rerun resumes from the finished studies' parts and writes the same submission; changed settings "
+         "recompute everything.",
+         (_PI + "test_rerun_resumes_from_parts_and_recomputes_after_a_settings_change",)),
+    Case(RUN, "Interrupted submission write (disk full, killed)", "The previous submission.csv stays intact.",
+         (_AG + "test_interrupted_write_keeps_previous_file",)),
+    Case(RUN, "Interrupted training run (stage 1 and stage 2)",
+         "Resuming from the checkpoint gives weights identical to an uninterrupted run (same seed, CPU).",
+         ("tests/test_seg_train.py::test_resume_gives_the_same_weights_as_an_uninterrupted_run",
+          "tests/test_cls_train.py::test_resume_equals_uninterrupted_and_oof_is_written",
+          "tests/test_engine.py::test_checkpoint_resume_continues_identically")),
+    Case(RUN, "Killed while writing a checkpoint",
+         "The previous checkpoint stays intact and loadable; the next save succeeds.",
+         (_RI + "test_checkpoint_write_killed_midway_keeps_the_previous_checkpoint",)),
+)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render(cases: tuple[Case, ...] = CASES) -> str:
+    """The Markdown document for ``cases``.
+
+    Args:
+        cases: the rows, grouped by :data:`AREAS` in that order.
+    """
+    known = sum(1 for case in cases if case.bug)
+    lines = [
+        "# Failure matrix",
+        "",
+        "<!-- Generated by `python -m tests.failure_matrix --write` from tests/failure_matrix.py; do not edit. -->",
+        "",
+        "Every bad input the project is tested against, what the program does with it, and the tests that prove "
+        "it. Errors are the project's types (`rsna_cspine.errors`), and each message names the file and the cause; "
+        "repairs are listed in `Volume.warnings` and logged. tests/test_reliability_inputs.py fails when this "
+        "document is stale or names a test that no longer exists.",
+        "",
+        f"{len(cases)} inputs; {known} are **known bugs**: their tests are `xfail(strict=True)` and turn red "
+        "once the bug is fixed, so that the marker is removed with it."
+        if known else
+        f"{len(cases)} inputs, no known bug: every row is proven by passing tests. (A bug found later gets a "
+        "`bug=` text in tests/failure_matrix.py and strict-xfail tests until it is fixed.)",
+    ]
+    for area in AREAS:
+        rows = [case for case in cases if case.area == area]
+        if not rows:
+            continue
+        lines += ["", f"## {area}", "", "| Bad input | What the program does | Proven by |", "|---|---|---|"]
+        for case in rows:
+            does = f"**Known bug** — today: {case.bug}. Required: {case.behaviour}" if case.bug else case.behaviour
+            proven = "<br>".join(f"`{test}`" for test in case.tests)
+            lines.append(f"| {_cell(case.bad_input)} | {_cell(does)} | {proven} |")
+    return "\n".join(lines) + "\n"
+
+
+def referenced_files(cases: tuple[Case, ...] = CASES) -> list[str]:
+    """The test files the matrix names, sorted."""
+    return sorted({test.split("::")[0] for case in cases for test in case.tests})
+
+
+def defined_tests(path: str | Path) -> dict[str, bool]:
+    """Test functions defined in a test file (``name`` or ``Class::name``) → whether one is marked xfail.
+
+    Read from the source, so that checking does not import (and run the imports of) every test module.
+
+    Args:
+        path: a test file, relative to the repository root or absolute.
+    """
+    tree = ast.parse((ROOT / path).read_text())
+    found: dict[str, bool] = {}
+
+    def xfail(node: ast.FunctionDef) -> bool:
+        return any("xfail" in ast.unparse(decorator) for decorator in node.decorator_list)
+
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
+            found[node.name] = xfail(node)
+        elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name.startswith("test"):
+                    found[f"{node.name}::{item.name}"] = xfail(item)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print, write or check the document.
+
+    Args:
+        argv: ``--write`` or ``--check`` (default: print to stdout).
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--write", action="store_true", help=f"write {DOC_PATH.relative_to(ROOT)}")
+    group.add_argument("--check", action="store_true", help="exit 1 when the document is stale")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.write:
+        DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
+        DOC_PATH.write_text(text)
+        print(f"wrote {DOC_PATH} ({len(CASES)} rows)")
+        return 0
+    if args.check:
+        current = DOC_PATH.read_text() if DOC_PATH.is_file() else ""
+        if current != text:
+            print(f"{DOC_PATH} is stale: run python -m tests.failure_matrix --write", file=sys.stderr)
+            return 1
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

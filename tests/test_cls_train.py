@@ -1,0 +1,238 @@
+"""Stage-2 training: loss, augmentation, a learnable toy task, resume = uninterrupted, OOF file, CLI."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import rsna_cspine.cls.train as train_module
+from rsna_cspine.aggregate import patient_overall
+from rsna_cspine.cli import main as cli_main
+from rsna_cspine.cls.config import ClsAugConfig, ClsConfig
+from rsna_cspine.cls.data import StackAugment, VertebraDataset, vertebra_items
+from rsna_cspine.cls.model import FractureClassifier
+from rsna_cspine.cls.predict import load_classifiers
+from rsna_cspine.cls.train import fracture_loss, train_classifier
+from rsna_cspine.config import load_config, save_config
+from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
+from rsna_cspine.crops import CropConfig, VertebraCrops, load_crops, save_crops
+from rsna_cspine.engine import fold_of, load_checkpoint
+
+torch.set_num_threads(1)
+
+N_SLICES, CHANNELS, SIZE = 6, 3, 32
+CROP = CropConfig(n_slices=N_SLICES, channels=CHANNELS, size=SIZE)
+ABSENT_VERTEBRA = 3  # one study has no C4 in its mask
+
+
+def _uid(i: int) -> str:
+    return f"1.2.826.0.1.3680043.{1000 + i}"
+
+
+def _absent_study(n_studies: int) -> int:
+    """A study of validation fold 0 (3 folds, fold seed 42), so the OOF file shows the prior fallback."""
+    folds = fold_of([_uid(i) for i in range(n_studies)], 3, 42)
+    return min(i for i in range(n_studies) if folds[_uid(i)] == 0)
+
+
+def _toy_dataset(tmp_path, n_studies: int = 14, seed: int = 0) -> tuple[str, str]:
+    """train.csv + a ready crop cache where a fractured vertebra shows a bright square on slices 2..4."""
+    rng = np.random.default_rng(seed)
+    absent_study = _absent_study(n_studies)
+    root, cache = tmp_path / "kaggle", tmp_path / "crops"
+    root.mkdir()
+    rows = []
+    for s in range(n_studies):
+        labels = (rng.random(7) < 0.35).astype(int)
+        images = rng.integers(0, 80, size=(7, N_SLICES, CHANNELS, SIZE, SIZE)).astype(np.uint8)
+        slice_labels = np.zeros((7, N_SLICES), dtype=np.int8)
+        for v in np.flatnonzero(labels):
+            y, x = rng.integers(4, SIZE - 14, size=2)
+            images[v, 2:5, :, y : y + 10, x : x + 10] = 230
+            slice_labels[v, 2:5] = 1
+        present = np.ones(7, dtype=bool)
+        if s == absent_study:
+            present[ABSENT_VERTEBRA] = False
+            images[ABSENT_VERTEBRA] = 0
+        crops = VertebraCrops(
+            images=images,
+            present=present,
+            slice_index=np.tile(np.arange(N_SLICES, dtype=np.int32) * 2, (7, 1)),
+            z_range=np.tile(np.array([0, 2 * N_SLICES - 2], dtype=np.int32), (7, 1)),
+            boxes=np.tile(np.array([0, SIZE, 0, SIZE], dtype=np.int32), (7, 1)),
+            slice_labels=np.where(present[:, None], slice_labels, -1).astype(np.int8),
+        )
+        save_crops(cache / f"{_uid(s)}.npz", crops, mask_source="gt")
+        rows.append({"StudyInstanceUID": _uid(s), **dict(zip(VERTEBRAE, labels)), "patient_overall": int(labels.max())})
+    pd.DataFrame(rows)[["StudyInstanceUID", *TARGET_COLUMNS]].to_csv(root / "train.csv", index=False)
+    return str(root), str(cache)
+
+
+def _config(tmp_path, root: str, cache: str, run: str, **overrides) -> ClsConfig:
+    cfg = ClsConfig(run_dir=str(tmp_path / run), fold=0, n_folds=3, epochs=2, batch_size=8, val_batch_size=16,
+                    device="cpu", amp=False, threads=1, early_stopping_patience=0, slice_loss_weight=0.3)
+    cfg.data.root, cfg.data.cache_dir, cfg.data.mask_source, cfg.data.num_workers = root, cache, "gt", 0
+    cfg.data.crop = CROP
+    cfg.model.backbone, cfg.model.hidden, cfg.model.head = "test_resnet", 16, "gru"
+    cfg.optim.lr, cfg.optim.warmup_epochs = 2e-3, 0
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def test_weighted_bce_matches_the_competition_weights() -> None:
+    logit = torch.tensor([0.3, -1.2, 2.0])
+    label = torch.tensor([1.0, 0.0, 0.0])
+    softplus = torch.nn.functional.softplus
+    expected = (2 * softplus(-logit[0]) + softplus(logit[1]) + softplus(logit[2])) / (2 + 1 + 1)
+    total, vertebra = fracture_loss(logit, label)
+    torch.testing.assert_close(vertebra, expected)
+    torch.testing.assert_close(total, expected)
+    # Slice term: mean BCE over known entries only (-1 ignored), scaled by its weight.
+    slice_logits = torch.tensor([[0.5, -0.5], [1.0, 9.0], [0.0, 0.0]])
+    slice_labels = torch.tensor([[1, 0], [0, -1], [-1, -1]])
+    known = (softplus(-slice_logits[0, 0]) + softplus(slice_logits[0, 1]) + softplus(slice_logits[1, 0])) / 3
+    total, _ = fracture_loss(logit, label, slice_logits, slice_labels, slice_weight=0.5)
+    torch.testing.assert_close(total, expected + 0.5 * known)
+
+
+def test_augmentation_moves_every_plane_alike_and_leaves_the_mask_unbrightened() -> None:
+    aug = StackAugment(ClsAugConfig(rotate_deg=20, brightness=0.3, contrast=0.3, vflip=0.5), SIZE, image_channels=2)
+    plane = torch.rand(SIZE, SIZE)
+    mask = torch.zeros(SIZE, SIZE)
+    mask[8:20, 10:24] = 1.0
+    stack = torch.stack([plane, plane, mask])[None].repeat(N_SLICES, 1, 1, 1)  # (N, 3, S, S)
+    torch.manual_seed(3)
+    out = aug(stack.clone())
+    assert out.shape == stack.shape
+    for n in range(1, N_SLICES):
+        torch.testing.assert_close(out[n], out[0])
+    torch.testing.assert_close(out[:, 0], out[:, 1])
+    assert out[:, 2].min() == 0.0  # background of the mask plane stays 0: no brightness shift there
+    assert not torch.allclose(out[:, 0], stack[:, 0])
+    torch.manual_seed(3)
+    torch.testing.assert_close(aug(stack.clone()), out)
+
+
+def test_dataset_items_and_known_negative_slices(tmp_path) -> None:
+    root, cache = _toy_dataset(tmp_path, n_studies=4)
+    labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
+    items = vertebra_items(labels, {u: f"{cache}/{u}.npz" for u in labels["StudyInstanceUID"]})
+    assert len(items) == 4 * 7
+    assert items["present"].sum() == 4 * 7 - 1
+    assert not items[(items["StudyInstanceUID"] == _uid(_absent_study(4))) & (items["vertebra"] == ABSENT_VERTEBRA)]["present"].any()
+    dataset = VertebraDataset(items[items["present"]])
+    for i in range(len(dataset)):
+        item = dataset[i]
+        assert item["image"].shape == (N_SLICES, CHANNELS, SIZE, SIZE) and item["image"].dtype == torch.float32
+        assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+        if item["label"] == 0:
+            assert (item["slice_labels"] == 0).all()
+        else:
+            assert item["slice_labels"].tolist() == [0, 0, 1, 1, 1, 0]
+
+
+def test_loss_falls_on_a_learnable_toy_task(tmp_path) -> None:
+    torch.manual_seed(0)
+    root, cache = _toy_dataset(tmp_path, n_studies=4)
+    labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
+    items = vertebra_items(labels, {u: f"{cache}/{u}.npz" for u in labels["StudyInstanceUID"]})
+    dataset = VertebraDataset(items[items["present"]].head(16))
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    assert 0 < batch["label"].sum() < len(batch["label"])
+    model = FractureClassifier("test_resnet", CHANNELS, head="gru", hidden=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(25):
+        out = model(batch["image"])
+        loss, _ = fracture_loss(out["logit"], batch["label"], out["slice_logits"], batch["slice_labels"], 0.3)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+def _interrupt_before_epoch(monkeypatch, epoch_to_stop: int) -> None:
+    original = train_module._train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[7] == epoch_to_stop:  # the `epoch` argument
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_one_epoch", interrupted)
+
+
+def test_resume_equals_uninterrupted_and_oof_is_written(tmp_path, monkeypatch) -> None:
+    root, cache = _toy_dataset(tmp_path)
+    straight = train_classifier(_config(tmp_path, root, cache, "straight"))
+
+    cfg = _config(tmp_path, root, cache, "resumed")
+    with monkeypatch.context() as patch:
+        _interrupt_before_epoch(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            train_classifier(cfg)
+    assert load_checkpoint(tmp_path / "resumed" / "fold0" / "last.pt")["epoch"] == 1
+    resumed = train_classifier(cfg, resume=True)
+
+    a = load_checkpoint(straight / "last.pt")
+    b = load_checkpoint(resumed / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    summary_a = pd.read_csv(straight / "summary.csv")
+    summary_b = pd.read_csv(resumed / "summary.csv")
+    assert summary_a["epoch"].tolist() == summary_b["epoch"].tolist() == [1, 2]
+    np.testing.assert_allclose(summary_a["train_loss"], summary_b["train_loss"], rtol=1e-5)
+    for column in ("val_loss", "val_auc", "val_score", "prior_score", "lr", "time_s"):
+        assert column in summary_a.columns
+    assert (straight / "config.yaml").is_file() and (straight / "best.pt").is_file()
+
+    # Out-of-fold file: the validation fold's studies, right columns, noisy-OR overall, prior where absent.
+    oof = pd.read_csv(tmp_path / "straight" / "oof_fold0.csv", dtype={"StudyInstanceUID": str})
+    assert list(oof.columns) == ["StudyInstanceUID", *TARGET_COLUMNS, "fold"]
+    labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
+    folds = fold_of(labels["StudyInstanceUID"].tolist(), 3, 42)
+    assert sorted(oof["StudyInstanceUID"]) == sorted(u for u, k in folds.items() if k == 0)
+    assert (oof["fold"] == 0).all()
+    probs = oof[list(VERTEBRAE)].to_numpy()
+    assert ((probs > 0) & (probs < 1)).all()
+    np.testing.assert_allclose(oof["patient_overall"], patient_overall(probs), rtol=1e-9)
+    absent_uid = _uid(_absent_study(len(labels)))
+    train_labels = labels[labels["StudyInstanceUID"].map(folds) != 0]
+    value = oof.loc[oof["StudyInstanceUID"] == absent_uid, VERTEBRAE[ABSENT_VERTEBRA]].item()
+    assert value == pytest.approx(train_labels[VERTEBRAE[ABSENT_VERTEBRA]].mean())
+
+    # The checkpoint alone rebuilds the model for inference; absent vertebrae come back as NaN.
+    ensemble = load_classifiers([straight / "best.pt", resumed / "best.pt"], torch.device("cpu"))
+    crops = load_crops(f"{cache}/{absent_uid}.npz")
+    single = load_classifiers([straight / "best.pt"], torch.device("cpu")).predict(crops)
+    both = ensemble.predict(crops, tta=True)
+    assert math.isnan(both[ABSENT_VERTEBRA]) and math.isnan(single[ABSENT_VERTEBRA])
+    present = np.flatnonzero(crops.present)
+    assert np.isfinite(both[present]).all() and ((both[present] > 0) & (both[present] < 1)).all()
+    flipped = crops.images[present][..., ::-1].copy()
+    mirror = load_classifiers([straight / "best.pt"], torch.device("cpu")).predict_stacks(flipped)
+    # Both checkpoints hold the same weights, so the TTA ensemble is the mean of one model's two views.
+    np.testing.assert_allclose(both[present], (single[present] + mirror) / 2, rtol=1e-5)
+
+
+def test_cli_train_cls_with_yaml_and_overrides(tmp_path) -> None:
+    root, cache = _toy_dataset(tmp_path, n_studies=8)
+    cfg = _config(tmp_path, root, cache, "cli", epochs=1)
+    config_path = save_config(cfg, tmp_path / "cls.yaml")
+    assert load_config(ClsConfig, config_path) == cfg
+    code = cli_main(["train-cls", "--config", str(config_path), "--fold", "1", "model.head=attention", "batch_size=4"])
+    assert code == 0
+    run = tmp_path / "cli" / "fold1"
+    saved = load_config(ClsConfig, run / "config.yaml")
+    assert saved.fold == 1 and saved.model.head == "attention" and saved.batch_size == 4
+    assert (tmp_path / "cli" / "oof_fold1.csv").is_file()
+    assert len(pd.read_csv(run / "summary.csv")) == 1
+    with pytest.raises(Exception, match="resume"):
+        cli_main(["train-cls", "--config", str(config_path), "--fold", "1"])  # refuses to overwrite a run

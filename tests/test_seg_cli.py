@@ -1,0 +1,80 @@
+"""``rsna-cspine train-seg`` / ``predict-seg`` end to end on a tiny synthetic Kaggle layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("rsna_cspine.synth")
+pytest.importorskip("rsna_cspine.io.dicom")
+pytest.importorskip("rsna_cspine.io.nifti")
+
+from rsna_cspine.cli import main  # noqa: E402
+from rsna_cspine.seg.predict import VERTEBRA_COLUMNS  # noqa: E402
+
+TINY = [
+    "data.grid=[16,32,32]", "model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0",
+    "train.epochs=1", "train.batch_size=2", "train.n_folds=2", "train.warmup_epochs=0", "device=cpu",
+    "augment.enabled=false",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_layout(tmp_path_factory) -> Path:
+    from rsna_cspine.synth import SynthConfig, write_dataset
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("synth")
+    write_dataset(root, SynthConfig(n_studies=5, seed=3, image_size=48, n_slices=(30, 36), test_fraction=0.2),
+                  progress=False)
+    return root
+
+
+def test_train_then_predict_from_the_command_line(tiny_layout, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["train-seg", "--fold", "0", "--no-progress", f"data.root={tiny_layout}",
+            f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={run_dir}", *TINY]
+    assert main(args) == 0
+    assert (run_dir / "best.pt").is_file() and (run_dir / "config.yaml").is_file()
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # the four segmented train studies
+    # Resuming a finished 1-epoch run is a no-op that still succeeds.
+    assert main([*args, "--resume"]) == 0
+    assert pd.read_csv(run_dir / "summary.csv")["epoch"].tolist() == [1]
+
+    out = tmp_path / "pred"
+    predict = ["predict-seg", "--data", str(tiny_layout), "--split", "test", "--checkpoint",
+               str(run_dir / "best.pt"), "--out", str(out), "--device", "cpu", "--no-progress"]
+    assert main(predict) == 0
+    table = pd.read_csv(out / "vertebrae.csv", dtype={"StudyInstanceUID": str})
+    uid = pd.read_csv(tiny_layout / "test.csv", dtype=str)["StudyInstanceUID"].iloc[0]
+    assert table.columns.tolist() == ["StudyInstanceUID", *VERTEBRA_COLUMNS]
+    assert table["StudyInstanceUID"].tolist() == [uid] * 7
+    n_files = len(list((tiny_layout / "test_images" / uid).glob("*.dcm")))
+    with np.load(out / f"{uid}_mask.npz") as npz:
+        assert npz["mask"].dtype == np.uint8 and npz["mask"].shape == (n_files, 48, 48)
+        assert sorted(npz["slice_numbers"].tolist()) == list(range(1, n_files + 1))
+    # A second run finds everything done and leaves the table alone.
+    assert main(predict) == 0
+    assert len(pd.read_csv(out / "vertebrae.csv")) == 7
+
+
+def test_predict_seg_lists_a_broken_study_and_goes_on(tiny_layout, tmp_path) -> None:
+    from rsna_cspine.config import to_dict
+    from rsna_cspine.engine import save_checkpoint
+    from rsna_cspine.seg.config import SegConfig, SegDataConfig, SegModelConfig
+    from rsna_cspine.seg.model import build_model
+
+    cfg = SegConfig(data=SegDataConfig(grid=(16, 32, 32)), model=SegModelConfig(channels=(4, 8), strides=(2,)))
+    checkpoint = save_checkpoint(tmp_path / "m.pt", model=build_model(cfg.model, 8), epoch=0, config=to_dict(cfg))
+    uid = pd.read_csv(tiny_layout / "test.csv", dtype=str)["StudyInstanceUID"].iloc[0]
+    out = tmp_path / "pred"
+    code = main(["predict-seg", "--data", str(tiny_layout), "--split", "test", "--checkpoint", str(checkpoint),
+                 "--out", str(out), "--studies", "1.2.3.missing", uid, "--device", "cpu", "--no-progress"])
+    assert code == 1
+    failures = pd.read_csv(out / "predict_failures.csv", dtype=str)
+    assert failures["StudyInstanceUID"].tolist() == ["1.2.3.missing"]
+    assert (out / f"{uid}_mask.npz").is_file()

@@ -1,0 +1,209 @@
+"""Stage-1 prediction: grid → original resolution, per-vertebra table, clean-up, checkpoints, evaluation."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rsna_cspine.engine import save_checkpoint
+from rsna_cspine.io.volume import Volume
+from rsna_cspine.seg.config import SegConfig, SegDataConfig, SegModelConfig, SegPredictConfig
+from rsna_cspine.seg.evaluate import evaluate_segmentation
+from rsna_cspine.seg.model import build_model
+from rsna_cspine.seg.predict import (
+    VERTEBRA_COLUMNS,
+    Segmenter,
+    load_segmenter,
+    mask_table,
+    table_from_histograms,
+    upsample_linear,
+    upsample_mask,
+    vertebra_table,
+)
+
+WINDOW = (-400.0, 1600.0)
+
+
+class IntensityBands(torch.nn.Module):
+    """A stand-in network whose answer is known: class k wherever the windowed intensity is k / 10."""
+
+    def __init__(self, n_classes: int = 8) -> None:
+        super().__init__()
+        self.register_buffer("centres", torch.arange(n_classes, dtype=torch.float32) / 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -((x - self.centres.view(1, -1, 1, 1, 1)) ** 2) * 1000
+
+
+def make_volume(hu: np.ndarray, reversed_numbers: bool = False) -> Volume:
+    n = hu.shape[0]
+    numbers = np.arange(n, 0, -1) if reversed_numbers else np.arange(1, n + 1)
+    return Volume(
+        hu=hu.astype(np.float32),
+        spacing=(1.0, 0.5, 0.5),
+        positions=np.stack([np.zeros(n), np.zeros(n), -np.arange(n, dtype=float)], axis=1),
+        row_cosine=np.array([1.0, 0.0, 0.0]),
+        col_cosine=np.array([0.0, 1.0, 0.0]),
+        slice_numbers=numbers,
+        study_uid="1.2.3.test",
+    )
+
+
+def band_volume(shape: tuple[int, int, int], boxes: dict[int, tuple[slice, slice, slice]]) -> tuple[Volume, np.ndarray]:
+    """HU = 200 k − 400 inside box k (windowed value k / 10), −400 elsewhere; returns (volume, labels)."""
+    hu = np.full(shape, -400.0)
+    labels = np.zeros(shape, np.uint8)
+    for k, box in boxes.items():
+        hu[box] = 200.0 * k - 400.0
+        labels[box] = k
+    return make_volume(hu), labels
+
+
+def band_segmenter(grid: tuple[int, int, int], upsample: str = "nearest") -> Segmenter:
+    cfg = SegConfig(
+        data=SegDataConfig(grid=grid, hu_window=WINDOW, antialias=False),
+        predict=SegPredictConfig(upsample=upsample, chunk_slices=5),
+    )
+    return Segmenter([IntensityBands()], cfg, torch.device("cpu"))
+
+
+def volume_with_stray_blob() -> tuple[Volume, np.ndarray, tuple[slice, slice, slice]]:
+    """Boxes for every vertebra but C5 on even indices, plus a small C3-valued blob far from C3.
+
+    A 2× linear shrink of it averages exact 2×2×2 blocks, so the grid image is exact.
+    """
+    even = lambda a, b: slice(2 * a, 2 * b)  # noqa: E731
+    boxes = {k: (even(3 * k - 2, 3 * k), even(4, 10), even(5, 11)) for k in (1, 2, 3, 4, 6, 7)}
+    volume, truth = band_volume((48, 32, 32), boxes)
+    stray = (slice(40, 44), slice(24, 28), slice(24, 28))
+    volume.hu[stray] = 200.0 * 3 - 400.0
+    return volume, truth, stray
+
+
+def test_predict_returns_the_mask_at_original_resolution_with_a_cleaned_table(caplog) -> None:
+    # Nearest expansion of an exact grid mask must reproduce the truth voxel for voxel.
+    volume, truth, _ = volume_with_stray_blob()
+    with caplog.at_level(logging.WARNING, logger="rsna_cspine.seg.predict"):
+        result = band_segmenter((24, 16, 16)).predict(volume)
+    assert result.mask.shape == volume.shape and result.mask.dtype == np.uint8
+    assert result.grid_mask.shape == (24, 16, 16)
+    np.testing.assert_array_equal(result.mask, truth)  # the stray blob is gone, nothing else changed
+    table = result.vertebrae
+    assert list(table.columns) == list(VERTEBRA_COLUMNS)
+    assert table["vertebra"].tolist() == ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
+    assert table["found"].tolist() == [True, True, True, True, False, True, True]
+    c5 = table.set_index("vertebra").loc["C5"]
+    assert c5[["z_min", "z_max", "voxel_count"]].isna().all()
+    assert "C5" in caplog.text and "1.2.3.test" in caplog.text
+    c2 = table.set_index("vertebra").loc["C2"]
+    assert (c2["z_min"], c2["z_max"]) == (8, 11)
+    assert (c2["slice_number_min"], c2["slice_number_max"]) == (9, 12)  # file numbers 1-based
+    assert (c2["y_min"], c2["y_max"], c2["x_min"], c2["x_max"]) == (8, 19, 10, 21)
+    assert c2["voxel_count"] == 4 * 12 * 12
+    assert c2["centroid_z"] == pytest.approx(9.5)
+
+
+def test_predict_handles_shapes_that_are_not_multiples_of_the_grid() -> None:
+    # Stacked full-plane slabs of 10 slices each (z 5..74), shrunk 75 → 16 slices on the grid.
+    boxes = {k: (slice(10 * k - 5, 10 * k + 5), slice(None), slice(None)) for k in range(1, 8)}
+    volume, truth = band_volume((75, 37, 41), boxes)
+    volume.slice_numbers = np.arange(75, 0, -1)  # reversed file numbering: z = 0 is file 75
+    result = band_segmenter((16, 16, 16), upsample="linear").predict(volume)
+    assert result.mask.shape == (75, 37, 41)
+    table = result.vertebrae.set_index("vertebra")
+    assert table["found"].all()
+    step = 75 / 16  # one grid slice in original slices: the boundary can move by at most that
+    for k in range(1, 8):
+        row = table.loc[f"C{k}"]
+        assert abs(row["z_min"] - (10 * k - 5)) <= step and abs(row["z_max"] - (10 * k + 4)) <= step
+        assert row["slice_number_min"] == 75 - row["z_max"] and row["slice_number_max"] == 75 - row["z_min"]
+    assert evaluate_segmentation(result.mask, truth)["dice_mean"] > 0.8
+
+
+@pytest.mark.parametrize("grid_shape, shape", [((6, 5, 7), (20, 11, 9)), ((10, 8, 8), (7, 5, 13))])
+def test_vertebra_table_equals_brute_force_on_the_expanded_mask(grid_shape, shape) -> None:
+    rng = np.random.default_rng(sum(shape))
+    grid_mask = rng.integers(0, 8, size=grid_shape).astype(np.uint8)
+    grid_mask[grid_mask == 4] = 0  # one vertebra absent
+    full = upsample_mask(grid_mask, shape)
+    assert full.shape == shape
+    table = vertebra_table(grid_mask, shape, np.arange(100, 100 + shape[0])).set_index("vertebra")
+    for k in range(1, 8):
+        row = table.loc[f"C{k}"]
+        coords = np.nonzero(full == k)
+        assert row["found"] == bool(len(coords[0]))
+        if not row["found"]:
+            continue
+        assert row["voxel_count"] == len(coords[0])
+        for axis, key in enumerate("zyx"):
+            assert row[f"{key}_min"] == coords[axis].min() and row[f"{key}_max"] == coords[axis].max()
+            assert row[f"centroid_{key}"] == pytest.approx(coords[axis].mean())
+        assert row["slice_number_min"] == 100 + coords[0].min()
+
+
+def test_linear_upsampling_equals_a_full_trilinear_interpolation() -> None:
+    rng = np.random.default_rng(5)
+    probs = torch.softmax(torch.as_tensor(rng.normal(0, 2, (8, 6, 5, 7)), dtype=torch.float32), dim=0)
+    shape = (23, 12, 9)
+    expected = F.interpolate(probs[None], size=shape, mode="trilinear", align_corners=False)[0].argmax(0).numpy()
+    mask, histograms = upsample_linear(probs, shape, chunk_slices=4)
+    np.testing.assert_array_equal(mask, expected)
+    reference = mask_table(mask, np.arange(1, 24))
+    pd.testing.assert_frame_equal(table_from_histograms(histograms, np.arange(1, 24)), reference)
+    assert reference.set_index("vertebra").loc["C2", "voxel_count"] == (mask == 2).sum()
+
+
+def test_linear_mode_also_drops_the_stray_blob() -> None:
+    volume, truth, stray = volume_with_stray_blob()
+    result = band_segmenter((24, 16, 16), upsample="linear").predict(volume)
+    assert result.mask.shape == volume.shape
+    assert not (result.mask[stray] == 3).any()
+    assert evaluate_segmentation(result.mask, truth)["dice_mean"] > 0.85
+    assert result.vertebrae["found"].tolist() == [True, True, True, True, False, True, True]
+
+
+def test_load_segmenter_rebuilds_a_trained_checkpoint(tmp_path) -> None:
+    from rsna_cspine.config import to_dict
+
+    cfg = SegConfig(data=SegDataConfig(grid=(16, 16, 16)), model=SegModelConfig(channels=(4, 8), strides=(2,)))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 8)
+    save_checkpoint(tmp_path / "best.pt", model=model, epoch=1, config=to_dict(cfg))
+    segmenter = load_segmenter([tmp_path / "best.pt", tmp_path / "best.pt"], "cpu")
+    assert len(segmenter.models) == 2 and segmenter.grid == (16, 16, 16)
+    for a, b in zip(segmenter.models[0].state_dict().values(), model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    volume = make_volume(np.random.default_rng(0).normal(0, 300, (21, 30, 30)))
+    result = segmenter.predict(volume)
+    assert result.mask.shape == (21, 30, 30) and result.mask.max() <= 7
+
+
+def test_load_segmenter_names_a_missing_checkpoint(tmp_path) -> None:
+    from rsna_cspine.errors import CSpineError
+
+    with pytest.raises(CSpineError, match="nope.pt"):
+        load_segmenter(tmp_path / "nope.pt", "cpu")
+
+
+def test_evaluate_segmentation_dice_and_slice_error_by_hand() -> None:
+    truth = np.zeros((30, 8, 8), np.uint8)
+    truth[0:10, 2:6, 2:6] = 1  # C1: 10 slices
+    truth[10:20, 2:6, 2:6] = 2  # C2
+    truth[20:30, 2:6, 2:6] = 9  # a thoracic vertebra: ignored
+    pred = np.zeros_like(truth)
+    pred[1:11, 2:6, 2:6] = 1  # C1 shifted down one slice: overlap 9 of 10 slices
+    pred[25:28, 2:6, 2:6] = 3  # C3 predicted where the truth has none
+    scores = evaluate_segmentation(pred, truth)
+    assert scores["dice"]["C1"] == pytest.approx(2 * 9 / 20)
+    assert scores["dice"]["C2"] == 0.0
+    assert scores["dice"]["C3"] == 0.0 and math.isnan(scores["z_error"]["C3"])
+    assert math.isnan(scores["dice"]["C4"])
+    assert scores["z_error"]["C1"] == 1.0 and scores["z_error"]["C2"] == math.inf
+    assert scores["found"] == {"C1": 1.0, "C2": 0.0}
+    assert scores["dice_mean"] == pytest.approx((0.9 + 0.0) / 2)
