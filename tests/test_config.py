@@ -65,3 +65,12 @@ def test_missing_file_and_bad_override(tmp_path):
         load_config(RunCfg, tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(RunCfg, None, ["epochs"])
+
+
+def test_float_fields_accept_yaml_exponents_and_refuse_words(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("optim:\n  lr: 3e-3\n")
+    assert load_config(RunCfg, yml).optim.lr == pytest.approx(0.003)
+    yml.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(RunCfg, yml)
