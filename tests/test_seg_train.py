@@ -174,7 +174,7 @@ def test_config_errors_name_the_bad_setting(tmp_path) -> None:
         resolve_config(SegConfig(data=SegDataConfig(grid=(30, 32, 32))))  # the default UNet needs multiples of 16
     with pytest.raises(ConfigError, match="patch_size"):
         cfg = tiny_config(tmp_path, 1)
-        cfg.train.patch_size = (0, 12, 16)
+        cfg.train.patch_size = (0, 10, 16)  # 10 is not a multiple of the tiny UNet's divisor (4)
         resolve_config(cfg)
     with pytest.raises(ConfigError, match="thoracic"):
         resolve_config(SegConfig(data=SegDataConfig(thoracic="drop")))
