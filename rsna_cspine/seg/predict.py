@@ -27,7 +27,7 @@ from rsna_cspine.errors import ConfigError, CSpineError
 from rsna_cspine.io.volume import Volume
 from rsna_cspine.seg.config import SegConfig
 from rsna_cspine.seg.model import build_model
-from rsna_cspine.seg.preprocess import nearest_indices, num_classes, preprocess_volume
+from rsna_cspine.seg.preprocess import nearest_indices, num_classes, preprocess_volume, write_failure_list
 
 log = logging.getLogger(__name__)
 
@@ -432,11 +432,7 @@ def predict_studies(
         except Exception as exc:  # noqa: BLE001 - one bad study must not stop the batch
             log.warning("predict-seg failed for study %s: %s: %s", uid, exc.__class__.__name__, exc)
             failures.append({"StudyInstanceUID": uid, "error": f"{exc.__class__.__name__}: {exc}"})
-    failures_path = out_dir / "predict_failures.csv"
-    if failures:
-        pd.DataFrame(failures).to_csv(failures_path, index=False)
-    elif failures_path.exists():
-        failures_path.unlink()
+    write_failure_list(failures, out_dir / "predict_failures.csv")
     if not table_path.is_file():
         return pd.DataFrame(columns=["StudyInstanceUID", *VERTEBRA_COLUMNS])
     return pd.read_csv(table_path, dtype={"StudyInstanceUID": str})

@@ -249,12 +249,21 @@ def build_cache(
         except Exception as exc:  # noqa: BLE001 - one bad study must not stop the batch
             log.warning("skipping study %s: %s: %s", uid, exc.__class__.__name__, exc)
             failures.append({"StudyInstanceUID": uid, "error": f"{exc.__class__.__name__}: {exc}"})
-    failures_csv = cache_dir / "cache_failures.csv"
-    if failures:
-        pd.DataFrame(failures).to_csv(failures_csv, index=False)
-    elif failures_csv.exists():
-        failures_csv.unlink()
+    write_failure_list(failures, cache_dir / "cache_failures.csv")
     return done
+
+
+def write_failure_list(failures: list[dict[str, str]], path: Path) -> None:
+    """Write the studies a batch skipped (uid, error) to ``path``; remove a stale list when none failed.
+
+    Args:
+        failures: one ``{"StudyInstanceUID", "error"}`` row per failed study.
+        path: the CSV to write or remove.
+    """
+    if failures:
+        pd.DataFrame(failures).to_csv(path, index=False)
+    elif path.exists():
+        path.unlink()
 
 
 def load_cached_study(path: str | Path, thoracic: str = "background") -> dict[str, np.ndarray]:
