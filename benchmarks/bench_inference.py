@@ -46,7 +46,7 @@ PEAK_TARGET_MIB = 4 * 1024.0
 
 
 def measure_in_process(
-    study: Path, models: Path, device: str, threads: int, amp: bool, warmup: int, repeats: int
+    study: Path, models: Path, device: str, threads: int, amp: bool, warmup: int, repeats: int, cpu_bf16: bool = False
 ) -> dict[str, Any]:
     """Load the pipeline and time ``warmup + repeats`` predictions of one study, with memory per stage.
 
@@ -58,6 +58,7 @@ def measure_in_process(
         amp: mixed precision on GPU (the project's autocast is a no-op on CPU).
         warmup: untimed first predictions.
         repeats: timed predictions.
+        cpu_bf16: stage 2 under bfloat16 autocast on CPU (where the CPU has native bf16).
     """
     import torch
 
@@ -71,6 +72,7 @@ def measure_in_process(
     # classifiers their checkpoint's ``amp``; set both to what this run asks for.
     pipeline._segmenter("full").amp = amp
     pipeline._ensemble("full").amp = amp
+    pipeline._ensemble("full").cpu_bf16 = cpu_bf16  # stays False where the CPU has no native bf16
     if cuda:
         torch.cuda.synchronize()
     model_load_s = time.perf_counter() - tick
@@ -115,6 +117,7 @@ def measure_in_process(
         "device": device,
         "threads": threads,
         "amp": amp,
+        "cpu_bf16": pipeline._ensemble("full").cpu_bf16,
         "model_load_s": model_load_s,
         "rss_after_models_mib": rss_after_models,
         "peak_rss_warmup_mib": peak_before_timed,
@@ -166,7 +169,7 @@ def reference_crops(pipeline: Any, study: Path, repeats: int) -> dict[str, Any] 
 
 def measure(
     study: Path, models: Path, device: str = "cpu", threads: int | None = None, amp: bool = False,
-    warmup: int = 1, repeats: int = 3,
+    warmup: int = 1, repeats: int = 3, cpu_bf16: bool = False,
 ) -> dict[str, Any]:
     """:func:`measure_in_process` in a fresh interpreter (so its peak memory is this study's alone).
 
@@ -178,10 +181,12 @@ def measure(
         amp: mixed precision on GPU.
         warmup: untimed first predictions.
         repeats: timed predictions.
+        cpu_bf16: stage 2 in bfloat16 on CPU.
     """
     args = ["--child", "--study", str(study), "--models", str(models), "--device", device,
             "--threads", str(threads or common.usable_cores()), "--warmup", str(warmup), "--repeats", str(repeats)]
-    return common.run_fresh(Path(__file__), args + (["--amp"] if amp else []))
+    flags = (["--amp"] if amp else []) + (["--cpu-bf16"] if cpu_bf16 else [])
+    return common.run_fresh(Path(__file__), args + flags)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,6 +285,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cls-config", default="configs/cls_resnet50.yaml", help="stage-2 config")
     parser.add_argument("--seg-set", nargs="*", default=[], metavar="KEY=VALUE", help="stage-1 config overrides")
     parser.add_argument("--cls-set", nargs="*", default=[], metavar="KEY=VALUE", help="stage-2 config overrides")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="stage 2 under bfloat16 autocast on CPU (only where the CPU has native bf16)")
 
 
 def model_spec(args: argparse.Namespace) -> common.ModelSpec:
@@ -307,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         common.emit_result(measure_in_process(args.study, args.models, args.device, args.threads, args.amp,
-                                              args.warmup, args.repeats))
+                                              args.warmup, args.repeats, args.cpu_bf16))
         return 0
     if args.quick:
         args.slices, args.warmup, args.repeats = min(args.slices, 64), 0, 1
@@ -322,10 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     for codec, folder in studies.items():
         label = common.CODEC_LABELS.get(codec, codec)
         print(f"measuring {label} on {args.device} ({threads} threads, amp={args.amp}) ...", flush=True)
-        result = measure(folder, models, args.device, threads, args.amp, args.warmup, args.repeats)
+        result = measure(folder, models, args.device, threads, args.amp, args.warmup, args.repeats, args.cpu_bf16)
         results[codec], summaries[label] = result, summarise(result)
         sections.append(f"#### {label}\n\n{render_stage_table(label, result, summaries[label], target)}")
     device_text = args.device + (" + AMP" if args.amp and args.device.startswith("cuda") else "")
+    device_text += " + stage-2 bf16" if args.cpu_bf16 and not args.device.startswith("cuda") else ""
     title = (f"### Per-study inference, {device_text}, {threads} torch threads "
              f"({args.slices}×{args.size}² study, {args.warmup} warm-up + {args.repeats} timed run(s))\n\n"
              f"Models: `{args.seg_config}` + `{args.cls_config}`, one fold each, random weights.\n\n")

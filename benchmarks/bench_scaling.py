@@ -85,13 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     for n in counts:
         study = common.synthetic_studies(args.work, n, args.size, [args.codec], args.seed)[args.codec]
         print(f"measuring {n} slices on {args.device} ...", flush=True)
-        result = bench_inference.measure(study, models, args.device, threads, args.amp, args.warmup, args.repeats)
+        result = bench_inference.measure(study, models, args.device, threads, args.amp, args.warmup, args.repeats,
+                                         args.cpu_bf16)
         results.append(result)
         summaries.append(bench_inference.summarise(result))
     x = np.array(counts, dtype=float)
     fit = linear_fit(x, np.array([s["total_s"] for s in summaries]))
     memory_fit = linear_fit(x, np.array([s["peak_total_mib"] for s in summaries]))
     device_text = args.device + (" + AMP" if args.amp and args.device.startswith("cuda") else "")
+    device_text += " + stage-2 bf16" if args.cpu_bf16 and not args.device.startswith("cuda") else ""
     title = (f"### Scaling with slice count ({device_text}, {threads} torch threads, {args.size}² "
              f"{common.CODEC_LABELS.get(args.codec, args.codec)}, {args.warmup} warm-up + {args.repeats} timed run(s))\n\n")
     common.save_results("scaling", info, command, title + render(counts, summaries, fit, memory_fit),

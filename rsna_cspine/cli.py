@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rsna_cspine.report.web", "local study viewer web page"),
     "train-2d": ("rsna_cspine.twod.commands", "train a 2D image-folder classifier"),
     "predict-2d": ("rsna_cspine.twod.predict_commands", "class probabilities for one 2D image"),
+    "synth-2d": ("rsna_cspine.twod.synth_commands", "write a synthetic 2D image folder (normal/fracture/dislocation)"),
 }
 
 

@@ -135,7 +135,7 @@ CASES: tuple[Case, ...] = (
          (_DS + "test_decoder_fallback_is_used_and_recorded", _DR + "test_fallback_decoder_gives_the_same_array",
           _DR + "test_gdcm_and_pylibjpeg_agree")),
     Case(SERIES, "JPEG Lossless slice that every decoder rejects",
-         "Dropped and named with each decoder's error, in-process and in the decoder process pool; the hole is "
+         "Dropped and named with each decoder's error, in-process and in the forked decoder workers; the hole is "
          "reported as a gap.",
          (_RS + "test_jpeg_slice_every_decoder_rejects_is_dropped_and_named",)),
     Case(SERIES, "JPEG Lossless frame cut short (GDCM rejects it, pylibjpeg decodes a partial image)",
@@ -143,7 +143,11 @@ CASES: tuple[Case, ...] = (
          "`FFD9` (within its last 16 bytes); otherwise the slice is dropped and named (`compressed frame is "
          "truncated (no end-of-image marker)`), and the other slices keep their true images.",
          (_RS + "test_truncated_jpeg_frame_is_not_decoded_into_a_wrong_slice",)),
-    Case(SERIES, "A decoder worker process dies (compressed series decoded in the process pool)",
+    Case(SERIES, "A header worker process dies (series of 64+ files read by the forked workers)",
+         "The failure is logged (`header pool failed …; reading headers in-process instead`) and the headers are "
+         "read in-process; the volume and its warnings are the same as with one worker.",
+         ("tests/test_dicom_fast_paths.py::test_a_dead_header_worker_is_recovered_in_process",)),
+    Case(SERIES, "A decoder worker process dies (compressed series decoded by the forked workers)",
          "The broken pool is reported and the slices are decoded in-process instead; the volume is complete. (A "
          "crash that repeats in-process would abort the parent: the streams that made GDCM abort are refused before "
          "decoding, see the fuzzing rows.)",

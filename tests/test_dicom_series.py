@@ -15,7 +15,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dicom_factory import axial_positions, make_ct_slice, random_stored, save_slice, write_series  # noqa: E402
 
 from rsna_cspine.errors import DicomSeriesError  # noqa: E402
-from rsna_cspine.io.dicom import load_series, read_slice_header, read_slice_hu  # noqa: E402
+from rsna_cspine.io.dicom import (  # noqa: E402
+    DECODING_PLUGINS,
+    DEFAULT_DECODING_PLUGINS,
+    load_series,
+    read_slice_header,
+    read_slice_hu,
+)
 
 ROWS, COLS = 12, 10
 
@@ -135,15 +141,16 @@ def test_decoder_fallback_is_used_and_recorded(tmp_path, monkeypatch):
     stored = random_stored(3, 32, 32, seed=9)
     write_series(tmp_path, stored, axial_positions(3), transfer_syntax=JPEG2000Lossless)
     decoder = get_decoder(JPEG2000Lossless)
+    first, second = DECODING_PLUGINS.get(JPEG2000Lossless, DEFAULT_DECODING_PLUGINS)[:2]
 
     def broken(src, runner):
-        raise RuntimeError("simulated pylibjpeg failure")
+        raise RuntimeError(f"simulated {first} failure")
 
     # pydicom's registry of plugin functions: the first-choice plugin for JPEG 2000 now raises.
-    monkeypatch.setitem(decoder._available, "pylibjpeg", broken)
+    monkeypatch.setitem(decoder._available, first, broken)
     volume = load_series(tmp_path, workers=1)
     np.testing.assert_array_equal(volume.hu, hu_of(stored))
-    assert has_warning(volume, "decoder fallback", "gdcm after pylibjpeg", "simulated pylibjpeg failure")
+    assert has_warning(volume, "decoder fallback", f"{second} after {first}", f"simulated {first} failure")
 
 
 def test_non_dicom_file_is_skipped_with_warning(tmp_path):

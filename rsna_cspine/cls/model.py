@@ -17,6 +17,39 @@ from rsna_cspine.cls.config import HEADS, ClsConfig
 from rsna_cspine.errors import ConfigError
 
 
+def create_backbone(
+    name: str,
+    in_chans: int,
+    num_classes: int = 0,
+    pretrained_file: str | None = None,
+    drop_path_rate: float = 0.0,
+    global_pool: str = "avg",
+    drop_rate: float = 0.0,
+) -> nn.Module:
+    """A timm model from a local weights file or random init; nothing is ever downloaded.
+
+    Args:
+        name: any timm model name.
+        in_chans: input channels; timm adapts a pretrained stem to them.
+        num_classes: classifier outputs; 0 returns pooled pre-logits features.
+        pretrained_file: local timm weights (``.pth``/``.safetensors``); None = random init.
+        drop_path_rate: stochastic depth (0 = off, and not passed to models without it).
+        global_pool: spatial pooling (timm name: ``avg``, ``max``, ``avgmax``, ...).
+        drop_rate: dropout before the classifier (0 = off).
+    """
+    kwargs: dict[str, object] = {"in_chans": in_chans, "num_classes": num_classes, "global_pool": global_pool}
+    if drop_path_rate > 0:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if drop_rate > 0:
+        kwargs["drop_rate"] = drop_rate
+    if pretrained_file:
+        if not Path(pretrained_file).is_file():
+            raise ConfigError("pretrained weights file not found", pretrained_file)
+        # timm loads the local file, adapts the stem to in_chans and drops a classifier whose size differs.
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
+    return timm.create_model(name, pretrained=bool(pretrained_file), **kwargs)
+
+
 class FractureClassifier(nn.Module):
     """Slice encoder + sequence head → vertebra logit (and per-slice logits).
 
@@ -47,15 +80,10 @@ class FractureClassifier(nn.Module):
         super().__init__()
         if head not in HEADS:
             raise ConfigError(f"head must be one of {HEADS}, got {head!r}")
-        kwargs: dict[str, object] = {"in_chans": in_chans, "num_classes": 0, "global_pool": global_pool}
-        if drop_path_rate > 0:
-            kwargs["drop_path_rate"] = drop_path_rate
-        if pretrained_file:
-            if not Path(pretrained_file).is_file():
-                raise ConfigError("pretrained weights file not found", pretrained_file)
-            # timm loads the local file, adapts the stem to in_chans and drops the ImageNet classifier.
-            kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
-        self.backbone = timm.create_model(backbone, pretrained=bool(pretrained_file), **kwargs)
+        self.backbone = create_backbone(
+            backbone, in_chans, num_classes=0, pretrained_file=pretrained_file, drop_path_rate=drop_path_rate,
+            global_pool=global_pool,
+        )
         # With num_classes=0 timm returns pre-logits features: head_hidden_size where a model has a
         # pre-logits layer (e.g. MobileNetV3), num_features otherwise.
         features = int(getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features)

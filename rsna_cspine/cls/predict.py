@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,18 @@ from rsna_cspine.errors import ConfigError, CSpineError
 log = logging.getLogger(__name__)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX); emulated bf16 is slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def _precision(device: torch.device, amp: bool, cpu_bf16: bool) -> AbstractContextManager:
+    if device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else nullcontext()
+    return autocast(device, amp)
+
+
 class FractureEnsemble:
     """Fold models that share one crop geometry; their probabilities are averaged.
 
@@ -25,20 +38,42 @@ class FractureEnsemble:
         models: classifiers with weights loaded.
         crop_config: the crop settings the models were trained on (crops must be cut with it).
         device: where the models run.
-        batch_size: vertebrae per forward pass.
+        batch_size: vertebrae per forward pass (7 = a whole study in one pass).
         amp: mixed precision on GPU.
+        cpu_bf16: bfloat16 autocast on CPU; honoured only where the CPU has native bf16
+            (:func:`cpu_has_native_bf16`), about 2× faster there; probabilities then differ from fp32
+            by ~1e-3, so it is off by default.
     """
 
     def __init__(
-        self, models: list[FractureClassifier], crop_config: CropConfig, device: torch.device, batch_size: int = 7, amp: bool = True
+        self,
+        models: list[FractureClassifier],
+        crop_config: CropConfig,
+        device: torch.device,
+        batch_size: int = 7,
+        amp: bool = True,
+        cpu_bf16: bool = False,
     ) -> None:
         if not models:
             raise ConfigError("an ensemble needs at least one model")
-        self.models = [m.to(device).eval() for m in models]
+        # channels_last lets oneDNN (CPU) and cuDNN pick their fastest convolutions; results are unchanged.
+        self.models = [m.to(device).to(memory_format=torch.channels_last).eval() for m in models]
         self.crop_config = crop_config
         self.device = device
         self.batch_size = batch_size
         self.amp = amp
+        self.cpu_bf16 = cpu_bf16
+
+    @property
+    def cpu_bf16(self) -> bool:
+        """Whether CPU inference runs under bfloat16 autocast (False where the CPU lacks native bf16)."""
+        return self._cpu_bf16
+
+    @cpu_bf16.setter
+    def cpu_bf16(self, value: bool) -> None:
+        if value and not cpu_has_native_bf16():
+            log.warning("cpu_bf16 requested but this CPU has no native bf16: staying in fp32")
+        self._cpu_bf16 = bool(value) and cpu_has_native_bf16()
 
     @torch.inference_mode()
     def predict_stacks(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
@@ -62,7 +97,7 @@ class FractureEnsemble:
             total = torch.zeros(len(x), device=self.device)
             for model in self.models:
                 for view in views:
-                    with autocast(self.device, self.amp):
+                    with _precision(self.device, self.amp, self.cpu_bf16):
                         logit = model(view)["logit"]
                     total += torch.sigmoid(logit.float())
             out[start : start + len(x)] = (total / (len(self.models) * len(views))).cpu().numpy()
@@ -85,13 +120,16 @@ class FractureEnsemble:
         return probs
 
 
-def load_classifiers(checkpoints: list[Path], device: torch.device, batch_size: int = 7) -> FractureEnsemble:
+def load_classifiers(
+    checkpoints: list[Path], device: torch.device, batch_size: int = 7, cpu_bf16: bool = False
+) -> FractureEnsemble:
     """Rebuild every checkpoint's model from the config stored in it and make an ensemble.
 
     Args:
         checkpoints: ``best.pt`` files written by ``train_classifier`` (one per fold).
         device: where to run them.
         batch_size: vertebrae per forward pass.
+        cpu_bf16: bfloat16 autocast on CPU where it is native (see :class:`FractureEnsemble`).
 
     Raises:
         ConfigError: no checkpoint, or checkpoints trained on different crop settings.
@@ -116,4 +154,4 @@ def load_classifiers(checkpoints: list[Path], device: torch.device, batch_size: 
         models.append(model)
         log.info("loaded %s (%s, epoch %s, best score %s)", path, cfg.model.backbone, state.get("epoch"), state.get("best_score"))
     assert crop_config is not None
-    return FractureEnsemble(models, crop_config, device, batch_size=batch_size, amp=amp)
+    return FractureEnsemble(models, crop_config, device, batch_size=batch_size, amp=amp, cpu_bf16=cpu_bf16)

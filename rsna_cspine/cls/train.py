@@ -1,4 +1,5 @@
-"""Train the stage-2 fracture classifier on one fold and write its out-of-fold predictions.
+"""Train the stage-2 fracture classifier on one fold and write its out-of-fold predictions; home of the
+one training loop (:func:`fit`) that every classification mode (vertebra stacks, 2D images) runs through.
 
 Data order depends only on (seed, epoch) and each item's augmentation only on (seed, epoch, item), so a
 run resumed from ``last.pt`` repeats the uninterrupted run exactly on CPU.
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -18,11 +21,11 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from rsna_cspine.aggregate import patient_overall
-from rsna_cspine.cls.config import ClsConfig
+from rsna_cspine.cls.config import ClsConfig, ClsOptimConfig
 from rsna_cspine.cls.data import StackAugment, VertebraDataset, vertebra_items
 from rsna_cspine.cls.model import build_classifier
 from rsna_cspine.config import to_dict
@@ -33,6 +36,7 @@ from rsna_cspine.engine import (
     EarlyStopping,
     SummaryLog,
     all_reduce_mean,
+    any_rank,
     autocast,
     barrier,
     cleanup_distributed,
@@ -52,6 +56,229 @@ from rsna_cspine.io.kaggle import KaggleLayout, read_train_labels
 from rsna_cspine.metric import prior_predictions, score_arrays, weighted_log_loss
 
 log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# The generic loop
+# ----------------------------------------------------------------------------------------------
+
+
+class _HasNumWorkers(Protocol):
+    num_workers: int
+
+
+class LoopConfig(Protocol):
+    """Run settings :func:`fit` reads; ``ClsConfig`` and ``TwoDConfig`` both carry them under these names."""
+
+    seed: int
+    epochs: int
+    batch_size: int
+    amp: bool
+    grad_clip: float
+    early_stopping_patience: int
+    max_minutes: float
+    optim: ClsOptimConfig
+    data: _HasNumWorkers
+
+
+class TrainingTask(Protocol):
+    """What one classification mode gives :func:`fit`: the model, the data and its own scoring.
+
+    Attributes:
+        model: the bare model, already on the training device; ``model(batch["image"])`` gives the
+            outputs :meth:`loss` reads.
+        train_set: training items (each a dict with at least ``image``); a ``set_epoch(epoch)`` method,
+            when present, is called before each epoch so augmentation can depend on the epoch.
+        has_validation: whether :meth:`validate` is called (without it every epoch counts as best).
+        monitor: the :meth:`validate` key early stopping and ``best.pt`` follow.
+        mode: ``min`` or ``max``: which direction of ``monitor`` is better.
+    """
+
+    model: torch.nn.Module
+    train_set: Dataset
+    has_validation: bool
+    monitor: str
+    mode: str
+
+    def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scalar training loss of one batch (the task moves the targets it needs to the device)."""
+
+    def validate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Validation metrics of the bare model, ``monitor`` included; called on every rank."""
+
+    def on_best(self) -> None:
+        """Rank 0, right after ``best.pt`` was written: keep what the last validation produced."""
+
+    def finish(self, best_path: Path) -> None:
+        """Rank 0, after the last epoch: final outputs (re-scored with ``best.pt`` when it exists)."""
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """Task facts stored in every checkpoint's ``extra`` (fold, class names, ...)."""
+
+
+def _train_loader(dataset: Dataset, cfg: LoopConfig, ctx: DistContext, epoch: int) -> DataLoader:
+    """This epoch's loader; its order comes from a generator seeded with (seed + epoch)."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(cfg.seed + epoch)
+    sampler = None
+    if ctx.enabled:
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+        sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        num_workers=cfg.data.num_workers,
+        drop_last=len(dataset) > cfg.batch_size * max(ctx.world_size, 1),  # type: ignore[arg-type]
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _train_one_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: object,
+    scaler: torch.amp.GradScaler,
+    cfg: LoopConfig,
+    device: torch.device,
+    epoch: int,
+    ctx: DistContext,
+    loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+) -> float:
+    """One pass over ``loader``; returns the mean training loss over ranks.
+
+    ``loss_fn`` defaults to the vertebra loss of a ``ClsConfig`` run, so callers that time the stage-2
+    step alone (``benchmarks/bench_training.py``) keep working.
+    """
+    if loss_fn is None:
+        slice_weight = float(getattr(cfg, "slice_loss_weight", 0.0))
+        loss_fn = lambda out, batch: vertebra_batch_loss(out, batch, slice_weight, device)  # noqa: E731
+    model.train()
+    total, count = 0.0, 0
+    updates = epoch * len(loader)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if ctx.is_main else True)
+    for batch in bar:
+        image = batch["image"].to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            out = model(image)
+        loss = loss_fn(out, batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        updates += 1
+        scheduler.step_update(num_updates=updates)  # type: ignore[attr-defined]
+        total += float(loss.detach()) * len(image)
+        count += len(image)
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return all_reduce_mean(total / max(count, 1), ctx)
+
+
+def fit(
+    task: TrainingTask,
+    cfg: LoopConfig,
+    run_dir: Path,
+    resume: bool,
+    device: torch.device,
+    ctx: DistContext,
+    started: float | None = None,
+) -> Path:
+    """The training loop every classification mode uses.
+
+    Seeded data order, AMP and gradient clipping, a timm optimiser and per-update scheduler, early
+    stopping on ``task.monitor``, ``last.pt`` every epoch and ``best.pt`` on improvement (with all RNG
+    states, so ``resume`` repeats an uninterrupted run), ``summary.csv`` + ``curves.png`` and a time
+    budget that every DDP rank agrees on. ``run_dir`` must already exist (``engine.prepare_run_dir``).
+
+    Args:
+        task: model, data and scoring of the mode being trained.
+        cfg: run settings (see :class:`LoopConfig`).
+        run_dir: where checkpoints and the summary go.
+        resume: continue from ``run_dir/last.pt`` when it exists.
+        device: the training device (``task.model`` is already on it).
+        ctx: the torchrun context.
+        started: ``time.monotonic()`` at the start of the run (data preparation counts against
+            ``cfg.max_minutes``); default now.
+
+    Returns:
+        ``run_dir``.
+    """
+    started = time.monotonic() if started is None else started
+    model = task.model
+    optimizer = create_optimizer_v2(
+        model, opt=cfg.optim.opt, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
+    )
+    updates_per_epoch = len(_train_loader(task.train_set, cfg, ctx, 0))
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.optim.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.optim.warmup_epochs,
+        warmup_lr=cfg.optim.warmup_lr, min_lr=cfg.optim.min_lr, decay_epochs=cfg.optim.decay_epochs,
+        decay_rate=cfg.optim.decay_rate, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
+    )
+    scaler = make_grad_scaler(device, cfg.amp)
+    stopper = EarlyStopping(patience=cfg.early_stopping_patience, mode=task.mode)
+    start_epoch = 0
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if resume and last_path.is_file():
+        state = load_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                restore_rng=True, map_location=device)
+        start_epoch = int(state["epoch"])
+        stopper.load_state_dict(state["extra"].get("early_stopping", {}))
+        log.info("resumed from %s after epoch %d", last_path, start_epoch)
+    model = wrap_model(model, ctx, device)
+    summary = SummaryLog(run_dir, resume_epoch=start_epoch if resume else None) if ctx.is_main else None
+    config = to_dict(cfg)
+    longest_epoch = 0.0
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if stopper.should_stop:
+            log.info("early stopping: no better %s for %d epochs", task.monitor, stopper.bad_epochs)
+            break
+        elapsed_min = (time.monotonic() - started) / 60
+        over_budget = cfg.max_minutes > 0 and epoch > start_epoch and elapsed_min + longest_epoch / 60 > cfg.max_minutes
+        # Each rank reads its own clock: they must stop together or the next collective hangs.
+        if any_rank(over_budget, ctx):
+            log.info("time budget: %.1f of %.1f min used; stopping before epoch %d", elapsed_min, cfg.max_minutes, epoch + 1)
+            break
+        tick = time.monotonic()
+        train_loss = _train_one_epoch(model, _train_loader(task.train_set, cfg, ctx, epoch), optimizer, scheduler,
+                                      scaler, cfg, device, epoch, ctx, loss_fn=task.loss)
+        scheduler.step(epoch + 1)
+        row: dict[str, float | int] = {"epoch": epoch + 1, "train_loss": train_loss}
+        improved = True
+        if task.has_validation:
+            metrics = task.validate(unwrap_model(model))
+            row.update(metrics)
+            improved = stopper.step(metrics[task.monitor])
+        row["lr"] = float(optimizer.param_groups[0]["lr"])
+        row["time_s"] = time.monotonic() - tick
+        longest_epoch = max(longest_epoch, row["time_s"])
+        if ctx.is_main:
+            extra = {"early_stopping": stopper.state_dict(), **task.checkpoint_extra()}
+            save_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                            epoch=epoch + 1, best_score=stopper.best, config=config, extra=extra)
+            if improved:
+                save_checkpoint(best_path, model=model, epoch=epoch + 1, best_score=stopper.best, config=config, extra=extra)
+                task.on_best()
+            summary.append(row)  # type: ignore[union-attr]
+            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        barrier(ctx)
+
+    if ctx.is_main:
+        task.finish(best_path)
+    barrier(ctx)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: vertebra stacks
+# ----------------------------------------------------------------------------------------------
 
 
 def fracture_loss(
@@ -88,6 +315,24 @@ def fracture_loss(
             slice_term = F.binary_cross_entropy_with_logits(slice_logits.float()[known], slice_labels[known].float())
             total = total + slice_weight * slice_term
     return total, vertebra
+
+
+def vertebra_batch_loss(
+    outputs: dict[str, torch.Tensor | None], batch: dict[str, torch.Tensor], slice_weight: float, device: torch.device
+) -> torch.Tensor:
+    """:func:`fracture_loss` of one :class:`VertebraDataset` batch (its targets moved to ``device``).
+
+    Args:
+        outputs: the classifier's ``logit`` and ``slice_logits``.
+        batch: ``label`` and ``slice_labels`` of the batch.
+        slice_weight: weight of the per-slice term.
+        device: where the outputs are.
+    """
+    loss, _ = fracture_loss(
+        outputs["logit"], batch["label"].to(device), outputs["slice_logits"], batch["slice_labels"].to(device),
+        slice_weight,
+    )
+    return loss
 
 
 @dataclass
@@ -129,26 +374,6 @@ def _prepare_items(cfg: ClsConfig, ctx: DistContext) -> _Split:
         val=items[~in_train & items["present"]].reset_index(drop=True),
         val_labels=labels[labels["StudyInstanceUID"].isin(val_uids)].reset_index(drop=True),
         prior=prior_predictions(train_labels),
-    )
-
-
-def _train_loader(dataset: VertebraDataset, cfg: ClsConfig, ctx: DistContext, epoch: int) -> DataLoader:
-    """This epoch's loader; its order comes from a generator seeded with (seed + epoch)."""
-    dataset.set_epoch(epoch)
-    generator = torch.Generator().manual_seed(cfg.seed + epoch)
-    sampler = None
-    if ctx.enabled:
-        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
-        sampler.set_epoch(epoch)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=generator,
-        num_workers=cfg.data.num_workers,
-        drop_last=len(dataset) > cfg.batch_size * max(ctx.world_size, 1),
-        pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -233,42 +458,55 @@ def write_oof(path: Path, studies: list[str], y_pred: np.ndarray, fold: int) -> 
     return path
 
 
-def _train_one_epoch(
-    model: torch.nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: object,
-    scaler: torch.amp.GradScaler,
-    cfg: ClsConfig,
-    device: torch.device,
-    epoch: int,
-    ctx: DistContext,
-) -> float:
-    model.train()
-    total, count = 0.0, 0
-    updates = epoch * len(loader)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if ctx.is_main else True)
-    for batch in bar:
-        image = batch["image"].to(device, non_blocking=True)
-        with autocast(device, cfg.amp):
-            out = model(image)
-        loss, _ = fracture_loss(
-            out["logit"], batch["label"].to(device), out["slice_logits"], batch["slice_labels"].to(device),
-            cfg.slice_loss_weight,
-        )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        updates += 1
-        scheduler.step_update(num_updates=updates)  # type: ignore[attr-defined]
-        total += float(loss.detach()) * len(image)
-        count += len(image)
-        bar.set_postfix(loss=f"{total / count:.4f}")
-    return all_reduce_mean(total / max(count, 1), ctx)
+class VertebraTask:
+    """Stage 2 as a :class:`TrainingTask`: vertebra stacks of one fold, scored with the competition metric.
+
+    Args:
+        cfg: the run config.
+        split: the fold's items and labels.
+        device: the training device.
+    """
+
+    monitor = "val_score"
+    mode = "min"
+
+    def __init__(self, cfg: ClsConfig, split: _Split, device: torch.device) -> None:
+        self.cfg, self.split, self.device = cfg, split, device
+        crop = cfg.data.crop
+        augment = StackAugment(cfg.aug, crop.size, crop.in_chans - int(crop.add_mask_channel)) if cfg.aug.enabled else None
+        self.train_set = VertebraDataset(split.train, augment, seed=cfg.seed, in_memory=cfg.data.in_memory)
+        self.val_set = VertebraDataset(split.val, None, in_memory=cfg.data.in_memory)
+        self.model = build_classifier(cfg).to(device)
+        self.has_validation = cfg.fold >= 0 and len(split.val_labels) > 0
+        self.oof_path = Path(cfg.run_dir) / f"oof_fold{cfg.fold}.csv"
+        self._last_pred: np.ndarray | None = None
+
+    def loss(self, outputs: dict[str, torch.Tensor | None], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return vertebra_batch_loss(outputs, batch, self.cfg.slice_loss_weight, self.device)
+
+    def validate(self, model: torch.nn.Module) -> dict[str, float]:
+        metrics, self._last_pred = _validate(model, self.val_set, self.split, self.cfg, self.device)
+        return metrics
+
+    def _write_oof(self, y_pred: np.ndarray) -> None:
+        write_oof(self.oof_path, self.split.val_labels["StudyInstanceUID"].tolist(), y_pred, self.cfg.fold)
+
+    def on_best(self) -> None:
+        if self.has_validation and self._last_pred is not None:
+            self._write_oof(self._last_pred)
+
+    def finish(self, best_path: Path) -> None:
+        if not (self.has_validation and best_path.is_file()):
+            return
+        # Re-score with best.pt so the OOF file always matches the checkpoint the CV and ensemble use.
+        best_model = build_classifier(self.cfg, load_pretrained=False).to(self.device)
+        load_checkpoint(best_path, model=best_model, map_location=self.device)
+        metrics, y_pred = _validate(best_model, self.val_set, self.split, self.cfg, self.device)
+        self._write_oof(y_pred)
+        log.info("best model: %s; out-of-fold predictions in %s", {k: round(v, 4) for k, v in metrics.items()}, self.oof_path)
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"fold": self.cfg.fold}
 
 
 def fold_run_dir(cfg: ClsConfig) -> Path:
@@ -305,81 +543,8 @@ def _train(cfg: ClsConfig, resume: bool, device: torch.device, ctx: DistContext)
     if ctx.is_main:
         prepare_run_dir(run_dir, cfg, resume)
     barrier(ctx)
-    has_val = cfg.fold >= 0 and len(split.val_labels) > 0
     log.info(
         "fold %d: %d train items (%d positive), %d val studies; prior %s",
         cfg.fold, len(split.train), int(split.train["label"].sum()), len(split.val_labels), np.round(split.prior, 3),
     )
-    crop = cfg.data.crop
-    augment = StackAugment(cfg.aug, crop.size, crop.in_chans - int(crop.add_mask_channel)) if cfg.aug.enabled else None
-    train_set = VertebraDataset(split.train, augment, seed=cfg.seed, in_memory=cfg.data.in_memory)
-    val_set = VertebraDataset(split.val, None, in_memory=cfg.data.in_memory)
-
-    model = build_classifier(cfg).to(device)
-    optimizer = create_optimizer_v2(
-        model, opt=cfg.optim.opt, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
-    )
-    updates_per_epoch = len(_train_loader(train_set, cfg, ctx, 0))
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.optim.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.optim.warmup_epochs,
-        warmup_lr=cfg.optim.warmup_lr, min_lr=cfg.optim.min_lr, decay_epochs=cfg.optim.decay_epochs,
-        decay_rate=cfg.optim.decay_rate, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
-    )
-    scaler = make_grad_scaler(device, cfg.amp)
-    stopper = EarlyStopping(patience=cfg.early_stopping_patience, mode="min")
-    start_epoch = 0
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if resume and last_path.is_file():
-        state = load_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                restore_rng=True, map_location=device)
-        start_epoch = int(state["epoch"])
-        stopper.load_state_dict(state["extra"].get("early_stopping", {}))
-        log.info("resumed from %s after epoch %d", last_path, start_epoch)
-    model = wrap_model(model, ctx, device)
-    summary = SummaryLog(run_dir, resume_epoch=start_epoch if resume else None) if ctx.is_main else None
-    oof_path = Path(cfg.run_dir) / f"oof_fold{cfg.fold}.csv"
-    config = to_dict(cfg)
-    longest_epoch = 0.0
-
-    for epoch in range(start_epoch, cfg.epochs):
-        if stopper.should_stop:
-            log.info("early stopping: no better validation score for %d epochs", stopper.bad_epochs)
-            break
-        elapsed_min = (time.monotonic() - started) / 60
-        if cfg.max_minutes > 0 and epoch > start_epoch and elapsed_min + longest_epoch / 60 > cfg.max_minutes:
-            log.info("time budget: %.1f of %.1f min used; stopping before epoch %d", elapsed_min, cfg.max_minutes, epoch + 1)
-            break
-        tick = time.monotonic()
-        train_loss = _train_one_epoch(model, _train_loader(train_set, cfg, ctx, epoch), optimizer, scheduler, scaler,
-                                      cfg, device, epoch, ctx)
-        scheduler.step(epoch + 1)
-        row: dict[str, float | int] = {"epoch": epoch + 1, "train_loss": train_loss}
-        improved = True
-        if has_val:
-            metrics, y_pred = _validate(unwrap_model(model), val_set, split, cfg, device)
-            row.update(metrics)
-            improved = stopper.step(metrics["val_score"])
-        row["lr"] = float(optimizer.param_groups[0]["lr"])
-        row["time_s"] = time.monotonic() - tick
-        longest_epoch = max(longest_epoch, row["time_s"])
-        if ctx.is_main:
-            extra = {"early_stopping": stopper.state_dict(), "fold": cfg.fold}
-            save_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            epoch=epoch + 1, best_score=stopper.best, config=config, extra=extra)
-            if improved:
-                save_checkpoint(best_path, model=model, epoch=epoch + 1, best_score=stopper.best, config=config, extra=extra)
-                if has_val:
-                    write_oof(oof_path, split.val_labels["StudyInstanceUID"].tolist(), y_pred, cfg.fold)
-            summary.append(row)  # type: ignore[union-attr]
-            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-        barrier(ctx)
-
-    if has_val and ctx.is_main and best_path.is_file():
-        # Re-score with best.pt so the OOF file always matches the checkpoint the CV and ensemble use.
-        best_model = build_classifier(cfg, load_pretrained=False).to(device)
-        load_checkpoint(best_path, model=best_model, map_location=device)
-        metrics, y_pred = _validate(best_model, val_set, split, cfg, device)
-        write_oof(oof_path, split.val_labels["StudyInstanceUID"].tolist(), y_pred, cfg.fold)
-        log.info("best model: %s; out-of-fold predictions in %s", {k: round(v, 4) for k, v in metrics.items()}, oof_path)
-    barrier(ctx)
-    return run_dir
+    return fit(VertebraTask(cfg, split, device), cfg, run_dir, resume, device, ctx, started=started)

@@ -26,6 +26,7 @@ from rsna_cspine.engine import (
     EarlyStopping,
     SummaryLog,
     all_reduce_mean,
+    any_rank,
     autocast,
     barrier,
     cleanup_distributed,
@@ -328,7 +329,7 @@ def fit_segmentation(
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
         # Ranks agree on the clock (their mean) so they stop, validate and save at the same epoch.
         spent = elapsed + all_reduce_mean(time.perf_counter() - t0, ctx)
-        out_of_time = budget_s > 0 and spent >= budget_s
+        out_of_time = any_rank(budget_s > 0 and spent >= budget_s, ctx)
         last_epoch = out_of_time or epoch + 1 == cfg.train.epochs
         scored = bool(val_paths) and (last_epoch or (epoch + 1) % max(cfg.train.val_every, 1) == 0)
         if scored:

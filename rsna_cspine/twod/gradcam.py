@@ -1,0 +1,91 @@
+"""Grad-CAM of a 2D classifier for one image, and its overlay picture.
+
+MONAI's :class:`monai.visualize.GradCAM` does the work on the backbone's last feature stage, found the
+same way as for stage 2 (:func:`rsna_cspine.report.gradcam.last_stage_name`), so any timm CNN works.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from monai.visualize import GradCAM
+
+from rsna_cspine.report.gradcam import last_stage_name
+from rsna_cspine.twod.model import ImageClassifier
+
+
+@dataclass
+class ImageCam:
+    """Grad-CAM of one image.
+
+    Attributes:
+        cam: ``(H, W)`` float32 in [0, 1] at the input's resolution (scaled by its own maximum).
+        class_index: the class whose logit was explained.
+        probs: ``(K,)`` class probabilities of the image.
+        peak: the largest raw Grad-CAM value (0: the model pointed at nothing).
+    """
+
+    cam: np.ndarray
+    class_index: int
+    probs: np.ndarray
+    peak: float
+
+
+def image_gradcam(model: ImageClassifier, image: np.ndarray | torch.Tensor, class_index: int | None = None) -> ImageCam:
+    """Grad-CAM of one ``(C, H, W)`` image in [0, 1].
+
+    Args:
+        model: the classifier (weights loaded); a copy carries MONAI's hooks, the model stays untouched.
+        image: the image as the model consumes it.
+        class_index: class to explain; default the predicted one.
+    """
+    x = torch.as_tensor(np.asarray(image, dtype=np.float32) if isinstance(image, np.ndarray) else image).float()
+    if x.ndim != 3:
+        raise ValueError(f"image must be (C, H, W), got shape {tuple(x.shape)}")
+    hooked = copy.deepcopy(model).eval()
+    device = next(hooked.parameters()).device
+    for parameter in hooked.parameters():
+        parameter.requires_grad_(True)
+    x = x[None].to(device)
+    with torch.no_grad():
+        probs = torch.softmax(hooked(x).float(), dim=1)[0].cpu().numpy()
+    target = int(probs.argmax()) if class_index is None else int(class_index)
+    # Identity post-processing: MONAI's default rescales (and inverts) the map; keep the raw values.
+    cam = GradCAM(hooked, target_layers=f"backbone.{last_stage_name(hooked.backbone)}", postprocessing=lambda m: m)
+    with torch.enable_grad():
+        raw = cam(x, class_idx=target).detach()[0, 0]
+    peak = float(raw.max())
+    scaled = raw / peak if peak > 0 else torch.zeros_like(raw)
+    return ImageCam(cam=scaled.cpu().numpy().astype(np.float32), class_index=target, probs=probs, peak=peak)
+
+
+def save_cam_overlay(image: np.ndarray, result: ImageCam, classes: list[str], path: str | Path) -> Path:
+    """Write the image and its Grad-CAM side by side (PNG).
+
+    Args:
+        image: ``(C, H, W)`` in [0, 1] (its channel mean is shown).
+        result: from :func:`image_gradcam`.
+        classes: class names (the title names the explained class and its probability).
+        path: destination PNG.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grey = np.asarray(image, dtype=np.float32).mean(0)
+    fig = Figure(figsize=(8, 4.3))
+    left, right = fig.subplots(1, 2)
+    left.imshow(grey, cmap="gray", vmin=0, vmax=1)
+    left.set_title("image")
+    right.imshow(grey, cmap="gray", vmin=0, vmax=1)
+    right.imshow(result.cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    name = classes[result.class_index]
+    right.set_title(f"Grad-CAM: {name} (p={result.probs[result.class_index]:.3f})")
+    for ax in (left, right):
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,92 @@
+"""Inference with a 2D checkpoint: one image → class probabilities (and optionally its Grad-CAM overlay)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rsna_cspine.config import from_dict
+from rsna_cspine.engine import load_checkpoint, resolve_device
+from rsna_cspine.errors import CSpineError
+from rsna_cspine.twod.config import TwoDConfig
+from rsna_cspine.twod.data import read_image
+from rsna_cspine.twod.gradcam import image_gradcam, save_cam_overlay
+from rsna_cspine.twod.model import ImageClassifier, build_image_classifier
+
+
+@dataclass
+class ImagePredictor:
+    """A trained 2D classifier with what it needs to read new images.
+
+    Attributes:
+        model: the classifier in eval mode.
+        cfg: the training config (image size, channels, DICOM window).
+        classes: class names in output order.
+        device: where the model runs.
+    """
+
+    model: ImageClassifier
+    cfg: TwoDConfig
+    classes: list[str]
+    device: torch.device
+
+    def load(self, path: str | Path) -> np.ndarray:
+        """Decode an image exactly as in training: ``(C, S, S)`` float32 in [0, 1]."""
+        d = self.cfg.data
+        return read_image(path, d.in_chans, d.image_size, d.dicom_window)
+
+    @torch.inference_mode()
+    def probabilities(self, image: np.ndarray) -> dict[str, float]:
+        """Class → probability of one decoded image (they sum to 1)."""
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32))[None].to(self.device)
+        probs = torch.softmax(self.model(x).float(), dim=1)[0].cpu().numpy()
+        return {name: float(p) for name, p in zip(self.classes, probs)}
+
+
+def load_image_classifier(checkpoint: str | Path, device: str | torch.device = "auto") -> ImagePredictor:
+    """Rebuild a 2D classifier from its checkpoint alone (config and class names are stored in it).
+
+    Args:
+        checkpoint: ``best.pt`` / ``last.pt`` of a ``train-2d`` run.
+        device: ``auto``, ``cpu``, ``cuda``, ... or a torch device.
+
+    Raises:
+        CSpineError: the file is not a ``train-2d`` checkpoint.
+    """
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    classes = (state.get("extra") or {}).get("classes")
+    if not classes or not isinstance(state.get("config"), dict):
+        raise CSpineError("not a train-2d checkpoint (no class names or config in it)", checkpoint)
+    cfg = from_dict(TwoDConfig, state["config"])
+    model = build_image_classifier(cfg, len(classes), load_pretrained=False)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CSpineError(f"weights do not fit the model its config describes ({exc})", checkpoint) from exc
+    return ImagePredictor(model=model.to(device).eval(), cfg=cfg, classes=list(classes), device=device)
+
+
+def predict_2d(
+    image: str | Path, checkpoint: str | Path, cam_path: str | Path | None = None, device: str = "auto"
+) -> dict[str, float]:
+    """Class probabilities of one image file; optionally write its Grad-CAM overlay.
+
+    Args:
+        image: PNG/JPEG/DICOM file.
+        checkpoint: a ``train-2d`` checkpoint.
+        cam_path: PNG to write the Grad-CAM overlay of the predicted class to; None = no CAM.
+        device: ``auto``, ``cpu``, ``cuda``.
+
+    Returns:
+        Class → probability, in the model's class order.
+    """
+    predictor = load_image_classifier(checkpoint, device)
+    pixels = predictor.load(image)
+    probs = predictor.probabilities(pixels)
+    if cam_path is not None:
+        save_cam_overlay(pixels, image_gradcam(predictor.model, pixels), predictor.classes, cam_path)
+    return probs

@@ -1,0 +1,247 @@
+"""Train a 2D image classifier with the stage-2 training loop (:func:`rsna_cspine.cls.train.fit`).
+
+This module only supplies what differs from stage 2: the image index and its split, the model, a
+cross-entropy loss, validation metrics, and the val/test reports written from ``best.pt`` at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from rsna_cspine.cls.data import StackAugment
+from rsna_cspine.cls.train import fit
+from rsna_cspine.engine import (
+    DistContext,
+    autocast,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+    load_checkpoint,
+    prepare_run_dir,
+    resolve_device,
+    seed_everything,
+)
+from rsna_cspine.twod.config import MONITORS, TwoDConfig
+from rsna_cspine.twod.data import ImageDataset, ImageIndex, check_images, index_images
+from rsna_cspine.twod.model import build_image_classifier
+from rsna_cspine.twod.report import classification_metrics, positive_index, write_split_report
+from rsna_cspine.twod.split import SPLITS, split_indices
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def predict_probs(
+    model: torch.nn.Module, dataset: ImageDataset, batch_size: int, device: torch.device, amp: bool, num_workers: int = 0
+) -> np.ndarray:
+    """Class probabilities of every image of a dataset, in row order.
+
+    Args:
+        model: the classifier (put in eval mode here).
+        dataset: images to score (no augmentation).
+        batch_size: images per forward pass.
+        device: where the model is.
+        amp: mixed precision on GPU.
+        num_workers: DataLoader workers.
+
+    Returns:
+        ``(n, n_classes)`` float64.
+    """
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    probs: list[np.ndarray] = []
+    for batch in tqdm(loader, desc="predict", leave=False, disable=None):
+        with autocast(device, amp):
+            logits = model(batch["image"].to(device, non_blocking=True))
+        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64))
+    return np.concatenate(probs) if probs else np.zeros((0, 0))
+
+
+class _Images:
+    """The ``image`` tensors of a loader, on the device: what ``torch.optim.swa_utils.update_bn`` iterates."""
+
+    def __init__(self, loader: DataLoader, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __iter__(self):  # noqa: ANN204 - a plain generator of tensors
+        for batch in self.loader:
+            yield batch["image"].to(self.device, non_blocking=True)
+
+
+def twod_run_dir(cfg: TwoDConfig) -> Path:
+    """``run_dir/fold{K}`` in k-fold mode, ``run_dir`` for a holdout split."""
+    return Path(cfg.run_dir) / f"fold{cfg.split.fold}" if cfg.split.mode == "kfold" else Path(cfg.run_dir)
+
+
+class ImageTask:
+    """The 2D mode as a :class:`~rsna_cspine.cls.train.TrainingTask`.
+
+    Args:
+        cfg: the run config.
+        index: the readable images and the class names.
+        splits: row numbers of ``index.frame`` per split.
+        images: decoded images in ``index.frame`` order, or None (decoded on the fly).
+        device: the training device.
+        run_dir: the run folder (reports go to ``run_dir/report``).
+    """
+
+    def __init__(
+        self,
+        cfg: TwoDConfig,
+        index: ImageIndex,
+        splits: dict[str, np.ndarray],
+        images: list[np.ndarray] | None,
+        device: torch.device,
+        run_dir: Path,
+    ) -> None:
+        self.cfg, self.index, self.device, self.run_dir = cfg, index, device, run_dir
+        self.classes = index.classes
+        self.monitor, self.mode = cfg.monitor, cfg.monitor_mode
+        d = cfg.data
+        self.frames = {name: index.frame.iloc[rows].reset_index(drop=True) for name, rows in splits.items()}
+        augment = StackAugment(cfg.aug, d.image_size, d.in_chans) if cfg.aug.enabled else None
+        self.datasets = {
+            name: ImageDataset(
+                self.frames[name], d.in_chans, d.image_size, d.dicom_window,
+                augment=augment if name == "train" else None, seed=cfg.seed,
+                images=None if images is None else [images[i] for i in rows],
+            )
+            for name, rows in splits.items()
+        }
+        self.datasets["train_clean"] = ImageDataset(
+            self.frames["train"], d.in_chans, d.image_size, d.dicom_window, seed=cfg.seed,
+            images=self.datasets["train"].images,
+        )
+        self.train_set = self.datasets["train"]
+        self.has_validation = len(self.frames["val"]) > 0
+        self.model = build_image_classifier(cfg, len(self.classes)).to(device)
+        weights = None
+        if cfg.class_weighted:
+            counts = np.bincount(self.frames["train"]["target"], minlength=len(self.classes)).astype(np.float64)
+            weights = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+        self.class_weights = weights
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(
+            outputs.float(), batch["target"].to(self.device), weight=self.class_weights,
+            label_smoothing=self.cfg.label_smoothing,
+        )
+
+    def _probs(self, model: torch.nn.Module, split: str) -> np.ndarray:
+        cfg = self.cfg
+        return predict_probs(model, self.datasets[split], cfg.val_batch_size, self.device, cfg.amp, cfg.data.num_workers)
+
+    def _recalibrate_batchnorm(self, model: torch.nn.Module) -> None:
+        """Re-estimate BatchNorm running statistics on clean training images (see ``bn_recalibration_images``).
+
+        The images are evenly spaced over the training split and the pass uses no randomness, so every rank
+        gets the same statistics and a resumed run the same as an uninterrupted one.
+        """
+        limit = self.cfg.bn_recalibration_images
+        if limit <= 0 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            return
+        clean = self.datasets["train_clean"]
+        picked = np.unique(np.linspace(0, len(clean) - 1, min(limit, len(clean))).round().astype(int))
+        loader = DataLoader(Subset(clean, picked.tolist()), batch_size=self.cfg.val_batch_size, shuffle=False,
+                            num_workers=self.cfg.data.num_workers)
+        with torch.no_grad():
+            update_bn(_Images(loader, self.device), model)  # a cumulative average over the picked images
+
+    def validate(self, model: torch.nn.Module) -> dict[str, float]:
+        self._recalibrate_batchnorm(model)
+        probs = self._probs(model, "val")
+        metrics = classification_metrics(self.frames["val"]["target"].to_numpy(), probs, self.classes, self.cfg.positive_class)
+        return {f"val_{k}": float(v) for k, v in metrics.items() if f"val_{k}" in MONITORS}
+
+    def on_best(self) -> None:
+        """Nothing to keep per epoch: the reports are written from ``best.pt`` in :meth:`finish`."""
+
+    def finish(self, best_path: Path) -> None:
+        model = self.model
+        if best_path.is_file():
+            model = build_image_classifier(self.cfg, len(self.classes), load_pretrained=False).to(self.device)
+            load_checkpoint(best_path, model=model, map_location=self.device)
+        report_dir = self.run_dir / "report"
+        results = {}
+        for split in ("val", "test"):
+            if len(self.frames[split]):
+                results[split] = write_split_report(
+                    report_dir, split, self.frames[split], self._probs(model, split), self.classes, self.cfg.positive_class
+                )
+        sections = [f"# 2D classifier report\n\nRun `{self.run_dir}`; model from `{best_path.name}`; backbone "
+                    f"`{self.cfg.model.backbone}`; classes {', '.join(f'`{c}`' for c in self.classes)}."]
+        sections += [(report_dir / f"{split}_report.md").read_text(encoding="utf-8") for split in results]
+        sections.append("## Training curves\n\n![curves](../curves.png)")
+        (report_dir / "report.md").write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+        for split, result in results.items():
+            log.info("%s: %s", split, {k: round(v, 4) for k, v in result["metrics"].items()})
+        log.info("reports in %s", report_dir)
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {
+            "classes": list(self.classes),
+            "positive_class": self.classes[positive_index(self.classes, self.cfg.positive_class)],
+            "split": self.cfg.split.mode,
+            "fold": self.cfg.split.fold if self.cfg.split.mode == "kfold" else None,
+        }
+
+
+def _write_splits(path: Path, frames: dict[str, pd.DataFrame], skipped: list[tuple[str, str]]) -> None:
+    table = pd.concat([f[["path", "label"]].assign(split=name) for name, f in frames.items()], ignore_index=True)
+    if skipped:
+        table = pd.concat([table, pd.DataFrame({"path": [p for p, _ in skipped], "label": "", "split": "skipped",
+                                                "reason": [r for _, r in skipped]})], ignore_index=True)
+    table.to_csv(path, index=False)
+
+
+def train_2d(cfg: TwoDConfig, resume: bool = False) -> Path:
+    """Train a 2D classifier on an image folder or CSV, then write val/test reports from ``best.pt``.
+
+    Args:
+        cfg: the run config (``cfg.data.root``: class folders or a ``path,label`` CSV).
+        resume: continue from the run folder's ``last.pt`` (a fresh start when it does not exist yet).
+
+    Returns:
+        The run folder: ``last.pt``, ``best.pt``, ``summary.csv``, ``curves.png``, ``splits.csv``,
+        ``config.yaml`` and ``report/``.
+    """
+    cfg.validate()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    ctx = init_distributed(device)
+    try:
+        return _train(cfg, resume, device, ctx)
+    finally:
+        cleanup_distributed(ctx)
+
+
+def _train(cfg: TwoDConfig, resume: bool, device: torch.device, ctx: DistContext) -> Path:
+    started = time.monotonic()
+    d = cfg.data
+    index, images = check_images(index_images(d.root), d.in_chans, d.image_size, d.dicom_window,
+                                 skip_unreadable=d.skip_unreadable, keep=d.in_memory)
+    splits = split_indices(index.frame["target"].to_numpy(), cfg.split)
+    positive_index(index.classes, cfg.positive_class)  # refuse an unknown positive class before training
+    run_dir = twod_run_dir(cfg)
+    task = ImageTask(cfg, index, splits, images, device, run_dir)
+    if ctx.is_main:
+        prepare_run_dir(run_dir, cfg, resume)
+        _write_splits(run_dir / "splits.csv", task.frames, index.skipped)
+    barrier(ctx)
+    counts = {s: np.bincount(task.frames[s]["target"], minlength=len(index.classes)).tolist() for s in SPLITS}
+    log.info("classes %s; images per class and split %s", index.classes, counts)
+    return fit(task, cfg, run_dir, resume, device, ctx, started=started)
