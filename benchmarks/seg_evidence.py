@@ -174,9 +174,13 @@ def memory(args: argparse.Namespace) -> int:
     work = Path(args.work)
     data = work / "memory_data"
     if not (data / "train.csv").is_file():
+        # Linux carries ru_maxrss across fork + exec: a child started after this big write would report
+        # the writer's peak, so the measurement is left to the next call.
+        log.warning("writing the study first; run the memory job again for a clean peak-RSS figure")
         n = args.slices
         write_dataset(data, SynthConfig(n_studies=1, seed=5, image_size=args.size, n_slices=(n, n),
                                         test_fraction=0.0, compressed_fraction=0.0))
+        return 0
     uid = pd.read_csv(data / "train.csv")["StudyInstanceUID"].astype(str).iloc[0]
     checkpoint = Path(args.checkpoint) if args.checkpoint else work / "memory_model.pt"
     if not args.checkpoint:
