@@ -15,7 +15,8 @@ import random
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -163,6 +164,31 @@ def cleanup_distributed(ctx: DistContext) -> None:
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
+
+
+_T = TypeVar("_T")
+
+
+def run_seeded_distributed(
+    body: Callable[[torch.device, DistContext], _T], *, device: str, seed: int, threads: int = 0
+) -> _T:
+    """Set threads and seeds, resolve the device, join the process group (under torchrun), run ``body``.
+
+    Args:
+        body: the training function, called with the device and the distributed context.
+        device: "auto", "cpu", "cuda", ...
+        seed: global seed.
+        threads: torch intra-op threads (0 keeps torch's default).
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
+    seed_everything(seed)
+    resolved = resolve_device(device)
+    ctx = init_distributed(resolved)
+    try:
+        return body(resolved, ctx)
+    finally:
+        cleanup_distributed(ctx)
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -39,15 +39,12 @@ from rsna_cspine.engine import (
     any_rank,
     autocast,
     barrier,
-    cleanup_distributed,
     fold_of,
-    init_distributed,
     load_checkpoint,
     make_grad_scaler,
     prepare_run_dir,
-    resolve_device,
+    run_seeded_distributed,
     save_checkpoint,
-    seed_everything,
     unwrap_model,
     wrap_model,
 )
@@ -525,15 +522,8 @@ def train_classifier(cfg: ClsConfig, resume: bool = False) -> Path:
         The fold's run folder; ``run_dir/oof_fold{K}.csv`` holds the best model's validation predictions.
     """
     cfg.validate()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    ctx = init_distributed(device)
-    try:
-        return _train(cfg, resume, device, ctx)
-    finally:
-        cleanup_distributed(ctx)
+    return run_seeded_distributed(lambda device, ctx: _train(cfg, resume, device, ctx),
+                                  device=cfg.device, seed=cfg.seed, threads=cfg.threads)
 
 
 def _train(cfg: ClsConfig, resume: bool, device: torch.device, ctx: DistContext) -> Path:

@@ -26,12 +26,9 @@ from rsna_cspine.engine import (
     DistContext,
     autocast,
     barrier,
-    cleanup_distributed,
-    init_distributed,
     load_checkpoint,
     prepare_run_dir,
-    resolve_device,
-    seed_everything,
+    run_seeded_distributed,
 )
 from rsna_cspine.twod.config import MONITORS, TwoDConfig
 from rsna_cspine.twod.data import ImageDataset, ImageIndex, check_images, index_images
@@ -218,15 +215,8 @@ def train_2d(cfg: TwoDConfig, resume: bool = False) -> Path:
         ``config.yaml`` and ``report/``.
     """
     cfg.validate()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    ctx = init_distributed(device)
-    try:
-        return _train(cfg, resume, device, ctx)
-    finally:
-        cleanup_distributed(ctx)
+    return run_seeded_distributed(lambda device, ctx: _train(cfg, resume, device, ctx),
+                                  device=cfg.device, seed=cfg.seed, threads=cfg.threads)
 
 
 def _train(cfg: TwoDConfig, resume: bool, device: torch.device, ctx: DistContext) -> Path:
