@@ -1,9 +1,11 @@
 """Stage-1 inference: Volume → vertebra mask at the original resolution + a per-vertebra table.
 
-Memory stays small for large studies: the network runs on the grid (128³ by default), the label map
-is taken there (argmax, thoracic folded, largest component per vertebra) and only the uint8 result is
-mapped back to ``(z, y, x)`` by index lookup; 8-channel logits are never upsampled (a 512×512×700
-study would need 5.6 GB for them).
+Memory stays small for large studies: the network runs on the grid (128³ by default). With
+``predict.upsample = nearest`` only the uint8 grid labels are mapped back to ``(z, y, x)`` by index
+lookup. With ``linear`` the class probabilities are interpolated, but only inside the boxes around grid
+cells whose neighbourhood holds more than one label, a few slices at a time; every other voxel copies
+its grid label, which is exactly what the interpolation's argmax would give there. The 8-channel
+probabilities are never upsampled whole (a 512×512×700 study would need 5.6 GB for them).
 """
 
 from __future__ import annotations
