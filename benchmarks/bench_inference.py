@@ -67,12 +67,11 @@ def measure_in_process(
 
     cuda = device.startswith("cuda")
     tick = time.perf_counter()
-    pipeline = FracturePipeline.from_models_dir(models, PipelineConfig(device=device))
+    pipeline = FracturePipeline.from_models_dir(models, PipelineConfig(device=device, cpu_bf16=cpu_bf16))
     # FracturePipeline has no AMP switch of its own: the segmenter takes load_segmenter's default and the
     # classifiers their checkpoint's ``amp``; set both to what this run asks for.
     pipeline._segmenter("full").amp = amp
     pipeline._ensemble("full").amp = amp
-    pipeline._ensemble("full").cpu_bf16 = cpu_bf16  # stays False where the CPU has no native bf16
     if cuda:
         torch.cuda.synchronize()
     model_load_s = time.perf_counter() - tick

@@ -242,7 +242,7 @@ def run_demo(
         left = budget_s - (time.monotonic() - started) - config.reserve_s
         return max(left * share, 20.0) / 60.0
 
-    # 3. Stage 1. Its trainer stops after the epoch that crosses the budget; stage 2 absorbs the overrun.
+    # 3. Stage 1. Its trainer stops before an epoch that would overrun its budget; stage 2 gets the rest.
     tick = time.monotonic()
     seg_cfg.train.max_minutes = training_minutes(config.seg_share)
     _banner("3/7 stage 1", f"training the 3D UNet for ≤ {seg_cfg.train.max_minutes:.1f} min ({config.seg_config})")

@@ -397,6 +397,67 @@ class EarlyStopping:
         self.best, self.bad_epochs = state.get("best"), state.get("bad_epochs", 0)
 
 
+@dataclass
+class TimeBudget:
+    """A wall-clock training budget: when to stop, and how far along the learning-rate schedule to be.
+
+    Without a budget the schedule runs over ``epochs`` as configured. With one, a run usually ends
+    before ``epochs``; an epoch-based cosine would then stop half-way down, with the learning rate still
+    high. So after every epoch the run re-plans how many epochs fit (epochs done + time left / mean
+    epoch time so far) and the schedule is compressed onto that count: the learning rate reaches its
+    floor when the budget ends. Every input is a number the DDP ranks already agree on (see
+    ``all_reduce_mean``), so all ranks follow the same schedule.
+
+    Attributes:
+        epochs: the configured epoch count (the schedule's own length).
+        budget_s: seconds available for training (≤ 0: no budget).
+    """
+
+    epochs: int
+    budget_s: float
+    planned: float = 0.0
+    longest_epoch_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.planned = float(self.epochs)
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_s > 0
+
+    def update(self, epochs_done: int, train_s: float, spent_s: float, last_epoch_s: float) -> None:
+        """Re-plan after an epoch.
+
+        Args:
+            epochs_done: epochs finished by this process (at least 1).
+            train_s: seconds those epochs took (the pace is ``train_s / epochs_done``).
+            spent_s: seconds of the budget used so far (including preparation and earlier runs).
+            last_epoch_s: the epoch just finished, for the stop rule.
+        """
+        self.longest_epoch_s = max(self.longest_epoch_s, last_epoch_s)
+        if not self.enabled or epochs_done <= 0 or train_s <= 0:
+            return
+        left = max(self.budget_s - spent_s, 0.0)
+        self.planned = min(float(self.epochs), epochs_done + left / (train_s / epochs_done))
+
+    def next_epoch_fits(self, spent_s: float) -> bool:
+        """Whether one more epoch (as long as the longest so far) ends inside the budget."""
+        return not self.enabled or spent_s + self.longest_epoch_s <= self.budget_s
+
+    def position(self, epoch: float) -> float:
+        """Where ``epoch`` (fractional within an epoch) stands on the configured schedule, in its epochs."""
+        if not self.enabled or self.planned <= 0:
+            return epoch
+        return min(epoch * self.epochs / self.planned, float(self.epochs))
+
+    def state_dict(self) -> dict[str, float]:
+        return {"planned": self.planned, "longest_epoch_s": self.longest_epoch_s}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.planned = float(state.get("planned", self.epochs))
+        self.longest_epoch_s = float(state.get("longest_epoch_s", 0.0))
+
+
 def prepare_run_dir(run_dir: str | Path, config: Any, resume: bool) -> Path:
     """Create the run folder and write ``config.yaml``; refuse to overwrite a finished run unless resuming."""
     from rsna_cspine.config import save_config

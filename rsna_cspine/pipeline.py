@@ -71,6 +71,9 @@ class PipelineConfig:
         blend_weight: weight of noisy-OR in the ``blend`` rule (the rest is ``max``).
         device: ``auto``, ``cpu`` or ``cuda[:k]``.
         tta: average the classifier over a horizontal flip on the full path.
+        cpu_bf16: run stage 2 under bfloat16 autocast on CPU (≈ 1.4× faster there); honoured only where
+            the CPU has native bf16, fp32 elsewhere. Probabilities move by ~1e-3, so it is part of the
+            resume fingerprint.
         time_budget_s: wall-clock limit of the whole run (model loading included); ``None`` = no limit,
             ``0`` = every study gets the prior. Studies switch to the cheap path, then the prior, when the
             median time per study says the rest would not fit.
@@ -88,6 +91,7 @@ class PipelineConfig:
     blend_weight: float = 0.5
     device: str = "auto"
     tta: bool = False
+    cpu_bf16: bool = False
     time_budget_s: float | None = None
     budget_safety: float = 1.2
     cheap_folds: int = 1
@@ -266,7 +270,7 @@ class FracturePipeline:
         if "full" not in self._ensembles:
             from rsna_cspine.cls.predict import load_classifiers
 
-            self._ensembles["full"] = load_classifiers(self.classifier_checkpoints, self.device)
+            self._ensembles["full"] = load_classifiers(self.classifier_checkpoints, self.device, cpu_bf16=self.cfg.cpu_bf16)
         full = self._ensembles["full"]
         if path == "full" or len(full.models) <= self.cfg.cheap_folds:
             return full
@@ -274,7 +278,8 @@ class FracturePipeline:
             from rsna_cspine.cls.predict import FractureEnsemble
 
             self._ensembles[path] = FractureEnsemble(
-                full.models[: self.cfg.cheap_folds], full.crop_config, self.device, batch_size=full.batch_size, amp=full.amp
+                full.models[: self.cfg.cheap_folds], full.crop_config, self.device, batch_size=full.batch_size, amp=full.amp,
+                cpu_bf16=full.cpu_bf16,
             )
         return self._ensembles[path]
 

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="wall-clock limit")
     parser.add_argument("--device", default=None, help="auto, cpu or cuda[:k]")
     parser.add_argument("--tta", action="store_true", default=None, help="flip test-time augmentation")
+    parser.add_argument("--cpu-bf16", action="store_true", default=None,
+                        help="stage 2 in bfloat16 on CPUs with native bf16 (fp32 elsewhere)")
     parser.add_argument("--no-resume", action="store_true", help="ignore results of an earlier interrupted run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="more PipelineConfig settings")
@@ -42,6 +44,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         "time_budget_s": args.time_budget,
         "device": args.device,
         "tta": args.tta,
+        "cpu_bf16": args.cpu_bf16,
         "resume": False if args.no_resume else None,
     }
     return [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in pairs.items() if value is not None]

@@ -9,6 +9,7 @@ import torch
 from rsna_cspine.engine import (
     EarlyStopping,
     SummaryLog,
+    TimeBudget,
     fold_of,
     load_checkpoint,
     save_checkpoint,
@@ -86,6 +87,40 @@ def test_early_stopping_counts_bad_epochs():
     restored = EarlyStopping(patience=2)
     restored.load_state_dict(stopper.state_dict())
     assert restored.best == 0.5 and restored.should_stop
+
+
+def test_time_budget_fits_the_cosine_schedule_to_the_epochs_that_fit():
+    from timm.scheduler import CosineLRScheduler
+
+    budget = TimeBudget(epochs=100, budget_s=60.0)
+    assert budget.position(3.0) == 3.0  # nothing measured yet: the configured schedule
+    # 10 s per epoch, 12 s of the budget spent (2 s of preparation): 1 + 48 / 10 epochs fit.
+    budget.update(epochs_done=1, train_s=10.0, spent_s=12.0, last_epoch_s=10.0)
+    assert budget.planned == pytest.approx(5.8)
+    assert budget.position(2.9) == pytest.approx(50.0)
+    assert budget.position(5.8) == pytest.approx(100.0) and budget.position(9.0) == 100.0
+    assert budget.next_epoch_fits(50.0) and not budget.next_epoch_fits(50.5)
+
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1e-2)
+    cosine = CosineLRScheduler(optimizer, t_initial=100, lr_min=1e-4)
+    cosine.step(budget.position(5.8))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # the floor when the budget ends
+    cosine.step(budget.position(2.9))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx((1e-2 + 1e-4) / 2)  # half-way in time
+
+    restored = TimeBudget(epochs=100, budget_s=60.0)
+    restored.load_state_dict(budget.state_dict())
+    assert restored.planned == budget.planned and restored.longest_epoch_s == 10.0
+    # A budget longer than the configured epochs never stretches the schedule.
+    roomy = TimeBudget(epochs=4, budget_s=1e6)
+    roomy.update(epochs_done=1, train_s=1.0, spent_s=1.0, last_epoch_s=1.0)
+    assert roomy.planned == 4 and roomy.position(2.0) == 2.0
+
+
+def test_without_a_budget_the_schedule_and_the_stop_rule_are_untouched():
+    budget = TimeBudget(epochs=10, budget_s=0.0)
+    budget.update(epochs_done=3, train_s=1e9, spent_s=1e9, last_epoch_s=1e9)
+    assert budget.position(7.5) == 7.5 and budget.next_epoch_fits(1e12)
 
 
 def test_fold_of_is_a_deterministic_group_split():

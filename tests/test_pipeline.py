@@ -362,3 +362,17 @@ def test_config_validation_and_checkpoint_layout(tmp_path: Path) -> None:
     assert set(PATIENT_RULES) >= {"noisy_or", "max", "blend"}
     with pytest.raises(LayoutError, match="no 'seg' folder"):
         FracturePipeline.from_models_dir(tmp_path, CPU)
+
+
+def test_cpu_bf16_setting_reaches_both_paths_and_keeps_the_probabilities(models: Path, data: Path) -> None:
+    from rsna_cspine.cls.predict import cpu_has_native_bf16
+
+    folder = data / "test_images" / GOOD[0]
+    fp32 = FracturePipeline.from_models_dir(models, CPU)
+    bf16 = FracturePipeline.from_models_dir(models, PipelineConfig(device="cpu", cpu_bf16=True, cheap_folds=1))
+    # Honoured only where the CPU computes bf16 natively; elsewhere the pipeline stays in fp32.
+    assert bf16._ensemble("full").cpu_bf16 == bf16._ensemble("cheap").cpu_bf16 == cpu_has_native_bf16()
+    assert not fp32._ensemble("full").cpu_bf16
+    assert bf16.fingerprint()["settings"]["cpu_bf16"] and not fp32.fingerprint()["settings"]["cpu_bf16"]
+    np.testing.assert_allclose(bf16.predict_study(folder).vertebra_probs, fp32.predict_study(folder).vertebra_probs,
+                               atol=2e-2)

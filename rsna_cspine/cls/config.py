@@ -134,7 +134,8 @@ class ClsConfig:
         grad_clip: max gradient norm (0 = off).
         slice_loss_weight: weight of the per-slice BCE on known slice labels (0 = off).
         early_stopping_patience: epochs without a better validation score before stopping (0 = never).
-        max_minutes: stop after the epoch that would overrun this budget (0 = no budget).
+        max_minutes: stop before an epoch that would overrun this budget, with the learning-rate
+            schedule fitted to the epochs that fit (0 = no budget; see ``engine.TimeBudget``).
         threads: CPU threads for torch (0 = torch's default).
         data: data settings.
         model: model settings.

@@ -35,6 +35,7 @@ from rsna_cspine.engine import (
     DistContext,
     EarlyStopping,
     SummaryLog,
+    TimeBudget,
     all_reduce_mean,
     any_rank,
     autocast,
@@ -145,20 +146,22 @@ def _train_one_epoch(
     epoch: int,
     ctx: DistContext,
     loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    schedule_position: Callable[[float], float] | None = None,
 ) -> float:
     """One pass over ``loader``; returns the mean training loss over ranks.
 
     ``loss_fn`` defaults to the vertebra loss of a ``ClsConfig`` run, so callers that time the stage-2
-    step alone (``benchmarks/bench_training.py``) keep working.
+    step alone (``benchmarks/bench_training.py``) keep working. ``schedule_position`` maps the run's
+    fractional epoch to the scheduler's (``TimeBudget.position``; identity by default).
     """
     if loss_fn is None:
         slice_weight = float(getattr(cfg, "slice_loss_weight", 0.0))
         loss_fn = lambda out, batch: vertebra_batch_loss(out, batch, slice_weight, device)  # noqa: E731
     model.train()
     total, count = 0.0, 0
-    updates = epoch * len(loader)
+    n_batches = len(loader)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if ctx.is_main else True)
-    for batch in bar:
+    for step, batch in enumerate(bar):
         image = batch["image"].to(device, non_blocking=True)
         with autocast(device, cfg.amp):
             out = model(image)
@@ -170,8 +173,9 @@ def _train_one_epoch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        updates += 1
-        scheduler.step_update(num_updates=updates)  # type: ignore[attr-defined]
+        at = epoch + (step + 1) / n_batches
+        at = schedule_position(at) if schedule_position is not None else at
+        scheduler.step_update(num_updates=round(at * n_batches))  # type: ignore[attr-defined]
         total += float(loss.detach()) * len(image)
         count += len(image)
         bar.set_postfix(loss=f"{total / count:.4f}")
@@ -192,7 +196,7 @@ def fit(
     Seeded data order, AMP and gradient clipping, a timm optimiser and per-update scheduler, early
     stopping on ``task.monitor``, ``last.pt`` every epoch and ``best.pt`` on improvement (with all RNG
     states, so ``resume`` repeats an uninterrupted run), ``summary.csv`` + ``curves.png`` and a time
-    budget that every DDP rank agrees on. ``run_dir`` must already exist (``engine.prepare_run_dir``).
+    budget that every DDP rank agrees on (the schedule is fitted to the epochs that fit: ``TimeBudget``). ``run_dir`` must already exist (``engine.prepare_run_dir``).
 
     Args:
         task: model, data and scoring of the mode being trained.
@@ -220,6 +224,7 @@ def fit(
     )
     scaler = make_grad_scaler(device, cfg.amp)
     stopper = EarlyStopping(patience=cfg.early_stopping_patience, mode=task.mode)
+    budget = TimeBudget(cfg.epochs, cfg.max_minutes * 60.0)
     start_epoch = 0
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if resume and last_path.is_file():
@@ -227,25 +232,26 @@ def fit(
                                 restore_rng=True, map_location=device)
         start_epoch = int(state["epoch"])
         stopper.load_state_dict(state["extra"].get("early_stopping", {}))
+        budget.load_state_dict(state["extra"].get("time_budget", {}))
         log.info("resumed from %s after epoch %d", last_path, start_epoch)
     model = wrap_model(model, ctx, device)
     summary = SummaryLog(run_dir, resume_epoch=start_epoch if resume else None) if ctx.is_main else None
     config = to_dict(cfg)
-    longest_epoch = 0.0
+    train_s = 0.0
 
     for epoch in range(start_epoch, cfg.epochs):
         if stopper.should_stop:
             log.info("early stopping: no better %s for %d epochs", task.monitor, stopper.bad_epochs)
             break
-        elapsed_min = (time.monotonic() - started) / 60
-        over_budget = cfg.max_minutes > 0 and epoch > start_epoch and elapsed_min + longest_epoch / 60 > cfg.max_minutes
-        # Each rank reads its own clock: they must stop together or the next collective hangs.
-        if any_rank(over_budget, ctx):
-            log.info("time budget: %.1f of %.1f min used; stopping before epoch %d", elapsed_min, cfg.max_minutes, epoch + 1)
+        # Ranks agree on the clock (their mean): they must stop together or the next collective hangs.
+        spent = all_reduce_mean(time.monotonic() - started, ctx)
+        if epoch > start_epoch and any_rank(not budget.next_epoch_fits(spent), ctx):
+            log.info("time budget: %.1f of %.1f min used; stopping before epoch %d", spent / 60, cfg.max_minutes, epoch + 1)
             break
         tick = time.monotonic()
         train_loss = _train_one_epoch(model, _train_loader(task.train_set, cfg, ctx, epoch), optimizer, scheduler,
-                                      scaler, cfg, device, epoch, ctx, loss_fn=task.loss)
+                                      scaler, cfg, device, epoch, ctx, loss_fn=task.loss,
+                                      schedule_position=budget.position)
         scheduler.step(epoch + 1)
         row: dict[str, float | int] = {"epoch": epoch + 1, "train_loss": train_loss}
         improved = True
@@ -255,9 +261,12 @@ def fit(
             improved = stopper.step(metrics[task.monitor])
         row["lr"] = float(optimizer.param_groups[0]["lr"])
         row["time_s"] = time.monotonic() - tick
-        longest_epoch = max(longest_epoch, row["time_s"])
+        epoch_s = all_reduce_mean(row["time_s"], ctx)
+        train_s += epoch_s
+        budget.update(epochs_done=epoch + 1 - start_epoch, train_s=train_s,
+                      spent_s=all_reduce_mean(time.monotonic() - started, ctx), last_epoch_s=epoch_s)
         if ctx.is_main:
-            extra = {"early_stopping": stopper.state_dict(), **task.checkpoint_extra()}
+            extra = {"early_stopping": stopper.state_dict(), "time_budget": budget.state_dict(), **task.checkpoint_extra()}
             save_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                             epoch=epoch + 1, best_score=stopper.best, config=config, extra=extra)
             if improved:

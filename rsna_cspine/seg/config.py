@@ -73,7 +73,8 @@ class SegTrainConfig:
         fold_seed: shuffles studies before the fold split (keep it fixed across folds).
         val_every: validate every this many epochs (and always after the last one); early-stopping
             patience counts validations.
-        max_minutes: stop cleanly after the epoch that crosses this budget (0 = none).
+        max_minutes: stop before an epoch that would overrun this budget, with the learning-rate
+            schedule fitted to the epochs that fit (0 = no budget; see ``engine.TimeBudget``).
         cpu_threads: torch intra-op threads (0 = torch's default). On a CPU shared with other jobs one
             thread can be several times faster than two (no spinning threads waiting for each other).
     """

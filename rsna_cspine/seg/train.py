@@ -25,6 +25,7 @@ from rsna_cspine.engine import (
     DistContext,
     EarlyStopping,
     SummaryLog,
+    TimeBudget,
     all_reduce_mean,
     any_rank,
     autocast,
@@ -201,7 +202,8 @@ def train_segmentation(cfg: SegConfig, resume: bool = False, progress: bool = Tr
 
     Writes ``config.yaml`` (resolved), ``summary.csv``/``curves.png`` per epoch (losses, val Dice mean and
     per vertebra, lr, time), ``last.pt`` every epoch and ``best.pt`` on the best validation mean Dice.
-    Stops at ``train.epochs``, on early stopping, or after the epoch that crosses ``train.max_minutes``.
+    Stops at ``train.epochs``, on early stopping, or before an epoch that would overrun ``train.max_minutes``;
+    with a budget the cosine schedule is fitted to the epochs that fit in it (``engine.TimeBudget``).
 
     Args:
         cfg: the run config (``run_dir`` may contain ``{fold}``).
@@ -292,6 +294,7 @@ def fit_segmentation(
     loss_fn = make_loss(cfg)
     stopper = EarlyStopping(patience=cfg.train.patience, mode="max")
     start_epoch, elapsed = 0, 0.0
+    budget = TimeBudget(cfg.train.epochs, cfg.train.max_minutes * 60.0)
     if resume and (run_dir / "last.pt").is_file():
         state = load_checkpoint(
             run_dir / "last.pt", model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
@@ -300,6 +303,7 @@ def fit_segmentation(
         start_epoch = int(state["epoch"])
         stopper.load_state_dict(state["extra"].get("early_stopping", {}))
         elapsed = float(state["extra"].get("elapsed_s", 0.0))
+        budget.load_state_dict(state["extra"].get("time_budget", {}))
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
     elif resume:
         log.warning("--resume given but %s has no last.pt: starting from scratch", run_dir)
@@ -311,11 +315,11 @@ def fit_segmentation(
     )
     train_ds = make_dataset(train_paths, train_tf)
     val_ds = make_dataset(val_paths, build_transforms(cfg.augment, cfg.data.grid, cfg.data.thoracic, train=False))
-    budget_s = cfg.train.max_minutes * 60.0
+    last_val_s = 0.0
     epochs = tqdm(range(start_epoch, cfg.train.epochs), desc="seg epochs", disable=None if progress and ctx.is_main else True)
     for epoch in epochs:
         t0 = time.perf_counter()
-        scheduler.step(epoch)
+        scheduler.step(budget.position(epoch))
         lr = optimizer.param_groups[0]["lr"]
         loader = make_loader(
             train_ds, batch_size=cfg.train.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
@@ -327,31 +331,36 @@ def fit_segmentation(
         )
         train_loss = all_reduce_mean(train_loss, ctx)
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
-        # Ranks agree on the clock (their mean) so they stop, validate and save at the same epoch.
+        # Ranks agree on the clock (their mean) so they stop, validate and save at the same epoch. The
+        # run stops before an epoch that would overrun the budget (this epoch's validation included).
         spent = elapsed + all_reduce_mean(time.perf_counter() - t0, ctx)
-        out_of_time = any_rank(budget_s > 0 and spent >= budget_s, ctx)
+        out_of_time = any_rank(not budget.next_epoch_fits(spent + last_val_s), ctx)
         last_epoch = out_of_time or epoch + 1 == cfg.train.epochs
         scored = bool(val_paths) and (last_epoch or (epoch + 1) % max(cfg.train.val_every, 1) == 0)
         if scored:
             # Every rank scores the whole validation set so that best/early-stop decisions agree.
             val_loader = make_loader(val_ds, batch_size=1, shuffle=False, seed=cfg.seed, epoch=epoch,
                                      num_workers=cfg.train.num_workers)
+            t_val = time.perf_counter()
             val_loss, dice = validate(model, val_loader, loss_fn, device, n_classes, amp=cfg.train.amp,
                                       progress=progress and ctx.is_main)
+            last_val_s = all_reduce_mean(time.perf_counter() - t_val, ctx)
             vertebra_dice = dice[: len(VERTEBRAE)]
             score = float(np.nanmean(vertebra_dice)) if np.isfinite(vertebra_dice).any() else 0.0
             row.update({"val_loss": val_loss, "val_dice_mean": score})
             row.update({f"val_dice_{n}": float(d) for n, d in zip(names, dice)})
         # Without validation (fold -1) the latest weights are the ones to keep.
         is_best = stopper.step(score) if scored else not val_paths
-        elapsed += all_reduce_mean(time.perf_counter() - t0, ctx)
+        epoch_s = all_reduce_mean(time.perf_counter() - t0, ctx)
+        elapsed += epoch_s
+        budget.update(epochs_done=epoch + 1, train_s=elapsed, spent_s=elapsed, last_epoch_s=epoch_s)
         row.update({"lr": lr, "time_s": time.perf_counter() - t0})
         if ctx.is_main:
             summary.append(row)
             save_checkpoint(
                 run_dir / "last.pt", model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                 epoch=epoch + 1, best_score=stopper.best, config=to_dict(cfg),
-                extra={"early_stopping": stopper.state_dict(), "elapsed_s": elapsed, "classes": names, **(extra or {})},
+                extra={"early_stopping": stopper.state_dict(), "elapsed_s": elapsed, "time_budget": budget.state_dict(), "classes": names, **(extra or {})},
             )
             if is_best:
                 shutil.copyfile(run_dir / "last.pt", run_dir / "best.pt")
@@ -362,6 +371,7 @@ def fit_segmentation(
             log.info("early stopping after epoch %d (best val Dice %.4f)", epoch + 1, stopper.best)
             break
         if out_of_time:
-            log.info("time budget of %.1f min reached after epoch %d", cfg.train.max_minutes, epoch + 1)
+            log.info("time budget: %.1f of %.1f min used; the next epoch would overrun, stopping after epoch %d",
+                     elapsed / 60, cfg.train.max_minutes, epoch + 1)
             break
     return run_dir

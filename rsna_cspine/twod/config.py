@@ -106,7 +106,8 @@ class TwoDConfig:
             running averages drift away from what clean images produce, and eval-mode predictions collapse
             onto one class although the weights have learnt the task.
         early_stopping_patience: epochs without a better ``monitor`` before stopping (0 = never).
-        max_minutes: stop after the epoch that would overrun this budget (0 = no budget).
+        max_minutes: stop before an epoch that would overrun this budget, with the learning-rate
+            schedule fitted to the epochs that fit (0 = no budget; see ``engine.TimeBudget``).
         threads: CPU threads for torch (0 = torch's default).
         positive_class: the class binary metrics (precision, recall, specificity, F1, AUC) are about;
             None → the class that is not named like a negative (``normal``, ``negative``, ...), else the
