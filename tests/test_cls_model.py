@@ -118,3 +118,50 @@ def test_global_max_pool_takes_the_strongest_location() -> None:
         feature_map = model.backbone.forward_features(x)
     torch.testing.assert_close(pooled, feature_map.amax(dim=(2, 3)))
     assert not torch.allclose(pooled, feature_map.mean(dim=(2, 3)))
+
+
+def test_vertebra_bias_adds_one_learned_offset_per_vertebra() -> None:
+    torch.manual_seed(0)
+    model = FractureClassifier("test_resnet", 3, head="gru", hidden=8, vertebra_bias=True).eval()
+    x = torch.rand(7, 4, 3, 32, 32)
+    which = torch.arange(7)
+    with torch.no_grad():
+        base = model(x)["logit"]
+        torch.testing.assert_close(model(x, which)["logit"], base)  # zero at initialisation
+        model.vertebra_bias.weight.copy_(torch.linspace(-3, 3, 7)[:, None])
+        torch.testing.assert_close(model(x, which)["logit"] - base, torch.linspace(-3, 3, 7))
+        torch.testing.assert_close(model(x)["logit"], base)  # no index given: no offset (Grad-CAM)
+    plain = FractureClassifier("test_resnet", 3, head="gru", hidden=8).eval()
+    assert plain.vertebra_bias is None
+    with torch.no_grad():
+        plain(x, which)  # accepted and ignored
+
+
+def test_ensemble_passes_each_present_vertebra_its_own_offset() -> None:
+    import numpy as np
+
+    from rsna_cspine.cls.predict import FractureEnsemble
+    from rsna_cspine.crops import VertebraCrops
+
+    torch.manual_seed(1)
+    model = FractureClassifier("test_resnet", 3, head="gru", hidden=8, vertebra_bias=True).eval()
+    with torch.no_grad():
+        model.vertebra_bias.weight.copy_(torch.linspace(-2, 2, 7)[:, None])
+    reference = copy_of(model)
+    crop = CropConfig(n_slices=4, channels=3, size=32)
+    images = np.random.default_rng(0).integers(0, 256, (7, 4, 3, 32, 32), dtype=np.uint8)
+    present = np.array([True, False, True, True, False, True, True])
+    crops = VertebraCrops(images=images, present=present, slice_index=np.zeros((7, 4), np.int32),
+                          z_range=np.zeros((7, 2), np.int32), boxes=np.zeros((7, 4), np.int32))
+    probs = FractureEnsemble([model], crop, torch.device("cpu"), batch_size=3).predict(crops)
+    idx = np.flatnonzero(present)
+    with torch.no_grad():
+        logits = reference(torch.from_numpy(images[idx].astype(np.float32) / 255.0), torch.from_numpy(idx))["logit"]
+    np.testing.assert_allclose(probs[idx], torch.sigmoid(logits).numpy(), atol=1e-4)
+    assert np.isnan(probs[~present]).all()
+
+
+def copy_of(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).eval()

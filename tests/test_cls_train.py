@@ -157,6 +157,34 @@ def test_loss_falls_on_a_learnable_toy_task(tmp_path) -> None:
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
 
 
+def test_vertebra_bias_learns_the_base_rates_through_the_training_loop(tmp_path) -> None:
+    # Images carry no signal; C7 breaks in most studies and C1 in few: only the offsets can tell them apart.
+    rng = np.random.default_rng(4)
+    root, cache = tmp_path / "kaggle", tmp_path / "crops"
+    root.mkdir()
+    rates = np.linspace(0.05, 0.9, 7)
+    rows = []
+    for s in range(12):
+        labels = (rng.random(7) < rates).astype(int)
+        crops = VertebraCrops(
+            images=rng.integers(0, 80, size=(7, N_SLICES, CHANNELS, SIZE, SIZE)).astype(np.uint8),
+            present=np.ones(7, dtype=bool),
+            slice_index=np.tile(np.arange(N_SLICES, dtype=np.int32), (7, 1)),
+            z_range=np.tile(np.array([0, N_SLICES - 1], dtype=np.int32), (7, 1)),
+            boxes=np.tile(np.array([0, SIZE, 0, SIZE], dtype=np.int32), (7, 1)),
+            slice_labels=np.full((7, N_SLICES), -1, dtype=np.int8),
+        )
+        save_crops(cache / f"{_uid(s)}.npz", crops, mask_source="gt")
+        rows.append({"StudyInstanceUID": _uid(s), **dict(zip(VERTEBRAE, labels)), "patient_overall": int(labels.max())})
+    pd.DataFrame(rows)[["StudyInstanceUID", *TARGET_COLUMNS]].to_csv(root / "train.csv", index=False)
+    cfg = _config(tmp_path, str(root), str(cache), "bias", epochs=3)
+    cfg.model.vertebra_bias, cfg.optim.lr = True, 1e-2
+    run = train_classifier(cfg)
+    bias = torch.load(run / "last.pt", weights_only=False)["model"]["vertebra_bias.weight"].squeeze(1).numpy()
+    assert bias[6] - bias[0] > 0.05, bias  # C7 (90 %) above C1 (5 %)
+    assert np.corrcoef(bias, rates)[0, 1] > 0.8, bias
+
+
 def _interrupt_before_epoch(monkeypatch, epoch_to_stop: int) -> None:
     original = train_module._train_one_epoch
 

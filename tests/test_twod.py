@@ -77,7 +77,7 @@ def test_generator_is_deterministic_per_seed_and_per_image(tmp_path) -> None:
     more = write_image_folder(tmp_path / "c", Synth2DConfig(**{**cfg.__dict__, "per_class": 5}))
     assert len(more) == 15
     assert (tmp_path / "a/fracture/fracture_0002.png").read_bytes() == (tmp_path / "c/fracture/fracture_0002.png").read_bytes()
-    other = write_image_folder(tmp_path / "d", Synth2DConfig(**{**cfg.__dict__, "seed": 6}))
+    write_image_folder(tmp_path / "d", Synth2DConfig(**{**cfg.__dict__, "seed": 6}))
     assert (tmp_path / "a/fracture/fracture_0002.png").read_bytes() != (tmp_path / "d/fracture/fracture_0002.png").read_bytes()
     assert pd.read_csv(tmp_path / "a" / "labels.csv").equals(first)
 

@@ -49,6 +49,9 @@ class ClsModelConfig:
         pretrained_file: local timm weights file; None = random init (nothing is ever downloaded).
         grad_checkpointing: trade compute for memory in the backbone (large crops on GPU).
         global_pool: the backbone's spatial pooling (timm): ``avg``, ``max`` (suits small focal defects) or ``avgmax``.
+        vertebra_bias: a learned logit offset per vertebra (C1..C7), so the model can carry each
+            vertebra's own base rate (C7 fractures ~5× as often as C3). Off by default only so that
+            checkpoints written before it existed still load; the shipped configs switch it on.
     """
 
     backbone: str = "resnet50"
@@ -60,6 +63,7 @@ class ClsModelConfig:
     pretrained_file: str | None = None
     grad_checkpointing: bool = False
     global_pool: str = "avg"
+    vertebra_bias: bool = False
 
 
 @dataclass

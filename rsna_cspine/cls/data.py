@@ -143,5 +143,6 @@ class VertebraDataset(Dataset):
             "image": image,
             "label": torch.tensor(float(label)),
             "slice_labels": slice_target,
+            "vertebra": torch.tensor(int(self.items.at[index, "vertebra"])),
             "index": torch.tensor(index),
         }

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rsna_cspine.cls.config import HEADS, ClsConfig
+from rsna_cspine.constants import VERTEBRAE
 from rsna_cspine.errors import ConfigError
 
 
@@ -63,6 +64,7 @@ class FractureClassifier(nn.Module):
         pretrained_file: local timm weights (``.pth``/``.safetensors``); None = random init.
         drop_path_rate: stochastic depth in the backbone (0 = off).
         global_pool: the backbone's spatial pooling (timm name: ``avg``, ``max``, ``avgmax``, ...).
+        vertebra_bias: add a learned logit offset per vertebra (zero at initialisation).
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class FractureClassifier(nn.Module):
         pretrained_file: str | None = None,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
+        vertebra_bias: bool = False,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -99,12 +102,17 @@ class FractureClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.vertebra_out = nn.Linear(pooled_dim, 1)
         self.slice_out = nn.Linear(sequence_dim, 1) if slice_logits else None
+        self.vertebra_bias = nn.Embedding(len(VERTEBRAE), 1) if vertebra_bias else None
+        if self.vertebra_bias is not None:
+            nn.init.zeros_(self.vertebra_bias.weight)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, vertebra: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
         """Score a batch of stacks.
 
         Args:
             x: ``(B, N, C, H, W)`` floats in [0, 1].
+            vertebra: ``(B,)`` 0-based vertebra index (0 = C1) of each stack, for the per-vertebra
+                offset; None leaves the offset out (Grad-CAM, where a constant does not matter).
 
         Returns:
             ``logit`` ``(B,)`` and ``slice_logits`` ``(B, N)`` (None without a slice output).
@@ -120,6 +128,8 @@ class FractureClassifier(nn.Module):
             sequence, _ = self.rnn(per_slice)
             pooled = torch.cat([sequence.mean(1), sequence.amax(1)], dim=-1)
         logit = self.vertebra_out(self.dropout(pooled)).squeeze(-1)
+        if self.vertebra_bias is not None and vertebra is not None:
+            logit = logit + self.vertebra_bias(vertebra.long()).squeeze(-1)
         slice_logits = None if self.slice_out is None else self.slice_out(self.dropout(sequence)).squeeze(-1)
         return {"logit": logit, "slice_logits": slice_logits}
 
@@ -142,6 +152,7 @@ def build_classifier(cfg: ClsConfig, load_pretrained: bool = True) -> FractureCl
         pretrained_file=m.pretrained_file if load_pretrained else None,
         drop_path_rate=m.drop_path_rate,
         global_pool=m.global_pool,
+        vertebra_bias=m.vertebra_bias,
     )
     if m.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)

@@ -76,12 +76,14 @@ class FractureEnsemble:
         self._cpu_bf16 = bool(value) and cpu_has_native_bf16()
 
     @torch.inference_mode()
-    def predict_stacks(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+    def predict_stacks(self, images: np.ndarray, tta: bool = False, vertebrae: np.ndarray | None = None) -> np.ndarray:
         """Probabilities of a batch of stacks.
 
         Args:
             images: ``(B, N, C, S, S)`` as cut by ``extract_vertebra_crops`` (uint8 or float16).
             tta: also score the left-right mirrored stacks and average.
+            vertebrae: ``(B,)`` 0-based vertebra of each stack (0 = C1), for models with a per-vertebra
+                offset; None scores without it.
 
         Returns:
             ``(B,)`` float64, the mean over models (and flips).
@@ -93,12 +95,13 @@ class FractureEnsemble:
         out = np.zeros(len(images), dtype=np.float64)
         for start in range(0, len(images), self.batch_size):
             x = torch.from_numpy(to_unit_float(images[start : start + self.batch_size])).to(self.device)
+            which = None if vertebrae is None else torch.as_tensor(vertebrae[start : start + len(x)], device=self.device)
             views = [x, x.flip(-1)] if tta else [x]
             total = torch.zeros(len(x), device=self.device)
             for model in self.models:
                 for view in views:
                     with _precision(self.device, self.amp, self.cpu_bf16):
-                        logit = model(view)["logit"]
+                        logit = model(view, which)["logit"]
                     total += torch.sigmoid(logit.float())
             out[start : start + len(x)] = (total / (len(self.models) * len(views))).cpu().numpy()
         return out
@@ -116,7 +119,7 @@ class FractureEnsemble:
         probs = np.full(len(crops.present), np.nan, dtype=np.float64)
         present = np.flatnonzero(crops.present)
         if len(present):
-            probs[present] = self.predict_stacks(crops.images[present], tta=tta)
+            probs[present] = self.predict_stacks(crops.images[present], tta=tta, vertebrae=present)
         return probs
 
 

@@ -135,6 +135,13 @@ def _train_loader(dataset: Dataset, cfg: LoopConfig, ctx: DistContext, epoch: in
     )
 
 
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A batch's positional model inputs on ``device``: the images, then the vertebra index where the
+    batch carries one (stage 2; the 2D mode's batches have none)."""
+    image = batch["image"].to(device, non_blocking=True)
+    return (image, batch["vertebra"].to(device)) if "vertebra" in batch else (image,)
+
+
 def _train_one_epoch(
     model: torch.nn.Module,
     loader: DataLoader,
@@ -162,9 +169,9 @@ def _train_one_epoch(
     n_batches = len(loader)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if ctx.is_main else True)
     for step, batch in enumerate(bar):
-        image = batch["image"].to(device, non_blocking=True)
+        inputs = model_inputs(batch, device)
         with autocast(device, cfg.amp):
-            out = model(image)
+            out = model(*inputs)
         loss = loss_fn(out, batch)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -176,8 +183,8 @@ def _train_one_epoch(
         at = epoch + (step + 1) / n_batches
         at = schedule_position(at) if schedule_position is not None else at
         scheduler.step_update(num_updates=round(at * n_batches))  # type: ignore[attr-defined]
-        total += float(loss.detach()) * len(image)
-        count += len(image)
+        total += float(loss.detach()) * len(inputs[0])
+        count += len(inputs[0])
         bar.set_postfix(loss=f"{total / count:.4f}")
     return all_reduce_mean(total / max(count, 1), ctx)
 
@@ -384,27 +391,42 @@ def _prepare_items(cfg: ClsConfig, ctx: DistContext) -> _Split:
 
 
 @torch.inference_mode()
-def predict_items(
-    model: torch.nn.Module, dataset: VertebraDataset, batch_size: int, device: torch.device, amp: bool, num_workers: int = 0
+def predict_batches(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    amp: bool,
+    to_probs: Callable[[Any], torch.Tensor],
+    num_workers: int = 0,
 ) -> np.ndarray:
-    """Fracture probability of every item of a dataset, in item order.
+    """Probabilities of every item of a dataset, in item order; the inference loop of both modes.
 
     Args:
         model: the classifier (put in eval mode here).
-        dataset: items to score (no augmentation).
+        dataset: items with an ``image`` (no augmentation).
         batch_size: items per forward pass.
         device: where the model is.
         amp: mixed precision on GPU.
+        to_probs: one batch's model outputs → ``(B,)`` or ``(B, K)`` probabilities.
         num_workers: DataLoader workers.
+
+    Returns:
+        float64, one row per item (empty when the dataset is).
     """
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    probs = np.zeros(len(dataset), dtype=np.float64)
+    probs: list[np.ndarray] = []
     for batch in tqdm(loader, desc="predict", leave=False, disable=None):
         with autocast(device, amp):
-            logit = model(batch["image"].to(device, non_blocking=True))["logit"]
-        probs[batch["index"].numpy()] = torch.sigmoid(logit.float()).cpu().numpy()
-    return probs
+            out = model(*model_inputs(batch, device))
+        probs.append(to_probs(out).float().cpu().numpy().astype(np.float64))
+    return np.concatenate(probs) if probs else np.zeros(0)
+
+
+def vertebra_probs(out: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """A :class:`FractureClassifier` batch output → fracture probabilities."""
+    return torch.sigmoid(out["logit"].float())  # type: ignore[union-attr]
 
 
 def study_predictions(items: pd.DataFrame, probs: np.ndarray, studies: list[str], prior: np.ndarray) -> np.ndarray:
@@ -427,7 +449,7 @@ def _validate(
     model: torch.nn.Module, dataset: VertebraDataset, split: _Split, cfg: ClsConfig, device: torch.device
 ) -> tuple[dict[str, float], np.ndarray]:
     """Validation metrics and the ``(n_val_studies, 8)`` predictions in ``split.val_labels`` order."""
-    probs = predict_items(model, dataset, cfg.val_batch_size, device, cfg.amp, cfg.data.num_workers)
+    probs = predict_batches(model, dataset, cfg.val_batch_size, device, cfg.amp, vertebra_probs, cfg.data.num_workers)
     labels = split.val["label"].to_numpy(np.float64)
     weights = np.where(labels > 0.5, VERTEBRA_WEIGHTS[1], VERTEBRA_WEIGHTS[0])
     studies = split.val_labels["StudyInstanceUID"].tolist()

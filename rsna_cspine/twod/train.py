@@ -18,13 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from rsna_cspine.cls.data import StackAugment
-from rsna_cspine.cls.train import fit
+from rsna_cspine.cls.train import fit, predict_batches
 from rsna_cspine.engine import (
     DistContext,
-    autocast,
     barrier,
     load_checkpoint,
     prepare_run_dir,
@@ -39,31 +37,9 @@ from rsna_cspine.twod.split import SPLITS, split_indices
 log = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
-def predict_probs(
-    model: torch.nn.Module, dataset: ImageDataset, batch_size: int, device: torch.device, amp: bool, num_workers: int = 0
-) -> np.ndarray:
-    """Class probabilities of every image of a dataset, in row order.
-
-    Args:
-        model: the classifier (put in eval mode here).
-        dataset: images to score (no augmentation).
-        batch_size: images per forward pass.
-        device: where the model is.
-        amp: mixed precision on GPU.
-        num_workers: DataLoader workers.
-
-    Returns:
-        ``(n, n_classes)`` float64.
-    """
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    probs: list[np.ndarray] = []
-    for batch in tqdm(loader, desc="predict", leave=False, disable=None):
-        with autocast(device, amp):
-            logits = model(batch["image"].to(device, non_blocking=True))
-        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64))
-    return np.concatenate(probs) if probs else np.zeros((0, 0))
+def class_probs(logits: torch.Tensor) -> torch.Tensor:
+    """An image classifier's batch logits → class probabilities (softmax)."""
+    return torch.softmax(logits.float(), dim=1)
 
 
 class _Images:
@@ -138,7 +114,8 @@ class ImageTask:
 
     def _probs(self, model: torch.nn.Module, split: str) -> np.ndarray:
         cfg = self.cfg
-        return predict_probs(model, self.datasets[split], cfg.val_batch_size, self.device, cfg.amp, cfg.data.num_workers)
+        return predict_batches(model, self.datasets[split], cfg.val_batch_size, self.device, cfg.amp, class_probs,
+                               cfg.data.num_workers)
 
     def _recalibrate_batchnorm(self, model: torch.nn.Module) -> None:
         """Re-estimate BatchNorm running statistics on clean training images (see ``bn_recalibration_images``).
