@@ -106,6 +106,28 @@ def test_mm_margin_needs_spacing_and_widens_the_box() -> None:
     assert by1 - by0 == max(y1 - y0, x1 - x0) + 10
 
 
+def test_max_side_caps_wide_boxes_around_their_centre_and_leaves_small_ones() -> None:
+    hu, mask = _z_ramp_volume()
+    spacing = (1.0, 1.0, 1.0)
+    free = extract_vertebra_crops(hu, mask, CropConfig(n_slices=3, channels=1, size=16, margin=0.2), spacing)
+    capped = extract_vertebra_crops(
+        hu, mask, CropConfig(n_slices=3, channels=1, size=16, margin=0.2, max_side_mm=26.0), spacing
+    )
+    for label, _, _, y0, y1, x0, x1 in BLOCKS:
+        i = label - 1
+        side = free.boxes[i, 1] - free.boxes[i, 0]
+        if side <= 26:
+            np.testing.assert_array_equal(capped.boxes[i], free.boxes[i])
+        else:
+            by0, by1, bx0, bx1 = capped.boxes[i]
+            assert by1 - by0 == bx1 - bx0 == 26
+            # Same centre as the uncapped box (within a pixel of rounding).
+            assert abs((by0 + by1) - (y0 + y1)) <= 1 and abs((bx0 + bx1) - (x0 + x1)) <= 1
+    assert (capped.boxes[:, 1] - capped.boxes[:, 0]).max() == 26 < (free.boxes[:, 1] - free.boxes[:, 0]).max()
+    with pytest.raises(ConfigError):
+        CropConfig(max_side_mm=-1.0).validate()
+
+
 def test_mask_channel_covers_the_vertebra_share_of_the_crop() -> None:
     hu, mask = _z_ramp_volume()
     cfg = CropConfig(n_slices=4, channels=3, size=64, margin=0.25, add_mask_channel=True, dtype="float16")

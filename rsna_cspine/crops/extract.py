@@ -36,6 +36,9 @@ class CropConfig:
         margin: added around the vertebra's in-plane box on each side, as a fraction of the box size
             (``margin_unit="fraction"``) or in mm (``margin_unit="mm"``).
         margin_unit: ``"fraction"`` or ``"mm"``.
+        max_side_mm: cap on the box side in mm, centred on the vertebra (0 = none). C1's transverse
+            processes make its box ~1.5× as wide as C3's, which halves the resolution of its thin ring
+            at a small ``size``; a cap keeps the ring and lateral masses and drops the process tips.
         add_mask_channel: append the vertebra's own mask on the centre slice as a last channel.
         windows: one or more ``(low, high)`` Hounsfield windows mapped to [0, 1]; each adds ``channels`` planes.
         neighbour_step: distance in slices between neighbouring planes (1 = adjacent slices).
@@ -47,6 +50,7 @@ class CropConfig:
     size: int = 224
     margin: float = 0.15
     margin_unit: str = "fraction"
+    max_side_mm: float = 0.0
     add_mask_channel: bool = False
     windows: tuple[tuple[float, float], ...] = ((-400.0, 1500.0),)
     neighbour_step: int = 1
@@ -70,6 +74,8 @@ class CropConfig:
             raise ConfigError(f"crop.channels must be odd (centre ± neighbours), got {self.channels}")
         if self.neighbour_step < 1:
             raise ConfigError(f"crop.neighbour_step must be ≥ 1, got {self.neighbour_step}")
+        if self.max_side_mm < 0:
+            raise ConfigError(f"crop.max_side_mm must be ≥ 0 (0 = no cap), got {self.max_side_mm}")
         if self.margin < 0 or self.margin_unit not in ("fraction", "mm"):
             raise ConfigError(f"crop: margin must be ≥ 0 with unit fraction|mm, got {self.margin} {self.margin_unit}")
         if not self.windows or any(len(w) != 2 or w[1] <= w[0] for w in self.windows):
@@ -133,6 +139,8 @@ def _square_box(
         side_mm = max(h_mm, w_mm) * (1.0 + 2.0 * cfg.margin)
     else:
         side_mm = max(h_mm, w_mm) + 2.0 * cfg.margin
+    if cfg.max_side_mm > 0:
+        side_mm = min(side_mm, cfg.max_side_mm)
     cy, cx = (ys.start + ys.stop) / 2.0, (xs.start + xs.stop) / 2.0
     side_y, side_x = max(1, math.ceil(side_mm / dy)), max(1, math.ceil(side_mm / dx))
     y0, x0 = math.floor(cy - side_y / 2.0), math.floor(cx - side_x / 2.0)
