@@ -203,7 +203,8 @@ def fit(
     Seeded data order, AMP and gradient clipping, a timm optimiser and per-update scheduler, early
     stopping on ``task.monitor``, ``last.pt`` every epoch and ``best.pt`` on improvement (with all RNG
     states, so ``resume`` repeats an uninterrupted run), ``summary.csv`` + ``curves.png`` and a time
-    budget that every DDP rank agrees on (the schedule is fitted to the epochs that fit: ``TimeBudget``). ``run_dir`` must already exist (``engine.prepare_run_dir``).
+    budget that every DDP rank agrees on (the schedule is fitted to the epochs that fit: ``TimeBudget``).
+    ``run_dir`` must already exist (``engine.prepare_run_dir``).
 
     Args:
         task: model, data and scoring of the mode being trained.
