@@ -360,7 +360,8 @@ def fit_segmentation(
             save_checkpoint(
                 run_dir / "last.pt", model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                 epoch=epoch + 1, best_score=stopper.best, config=to_dict(cfg),
-                extra={"early_stopping": stopper.state_dict(), "elapsed_s": elapsed, "time_budget": budget.state_dict(), "classes": names, **(extra or {})},
+                extra={"early_stopping": stopper.state_dict(), "elapsed_s": elapsed, "time_budget": budget.state_dict(),
+                       "classes": names, **(extra or {})},
             )
             if is_best:
                 shutil.copyfile(run_dir / "last.pt", run_dir / "best.pt")
