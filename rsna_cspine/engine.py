@@ -458,6 +458,55 @@ class TimeBudget:
         self.longest_epoch_s = float(state.get("longest_epoch_s", 0.0))
 
 
+def make_model_ema(model: torch.nn.Module, decay: float) -> Any | None:
+    """An exponential moving average of ``model``'s weights (timm ``ModelEmaV3``), or None when ``decay`` ≤ 0.
+
+    The decay warms up (``1 - (1 + step) ** -0.75``, capped at ``decay``), so short CPU runs average
+    over a window that grows with training instead of dragging the random initialisation along.
+
+    Args:
+        model: the bare (not DDP-wrapped) model; the average starts as a copy of its current weights.
+        decay: the largest per-update decay (e.g. 0.998 ≈ the last 500 updates); ≤ 0 turns the average off.
+    """
+    if decay <= 0:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=0.75)
+
+
+class WeightedEpochSampler(torch.utils.data.Sampler[int]):
+    """Draws one epoch of indices with replacement in proportion to ``weights``, the same on every rank.
+
+    torch's ``WeightedRandomSampler`` has no DDP split; here every rank draws the full epoch from the
+    same ``(seed + epoch)`` generator and keeps every ``world_size``-th index, so the ranks share one
+    draw without overlap and a resumed run draws what the uninterrupted one did.
+
+    Args:
+        weights: one non-negative weight per item (not all zero).
+        num_samples: indices per epoch over all ranks.
+        generator: the epoch's generator.
+        rank: this process's rank.
+        world_size: number of processes.
+    """
+
+    def __init__(self, weights: np.ndarray, num_samples: int, generator: torch.Generator,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        if self.weights.ndim != 1 or (self.weights < 0).any() or float(self.weights.sum()) <= 0:
+            raise ValueError("sampling weights must be one non-negative value per item, not all zero")
+        self.world_size = max(world_size, 1)
+        self.num_samples = num_samples - num_samples % self.world_size
+        self.generator, self.rank = generator, rank
+
+    def __iter__(self):
+        drawn = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=self.generator)
+        return iter(drawn[self.rank :: self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size
+
+
 def prepare_run_dir(run_dir: str | Path, config: Any, resume: bool) -> Path:
     """Create the run folder and write ``config.yaml``; refuse to overwrite a finished run unless resuming."""
     from rsna_cspine.config import save_config

@@ -118,6 +118,32 @@ def test_augmentation_moves_every_plane_alike_and_leaves_the_mask_unbrightened()
     torch.testing.assert_close(aug(stack.clone()), out)
 
 
+def test_augmentation_geometry_is_one_exact_affine_map() -> None:
+    stack = torch.rand(N_SLICES, 2, SIZE, SIZE)
+    still = dict(scale_min=1.0, rotate_deg=0.0, translate=0.0, brightness=0.0, contrast=0.0)
+    middle = lambda low, high: (low + high) / 2  # noqa: E731 - every draw at its middle: aspect ratio 1, centred
+    identity = StackAugment(ClsAugConfig(hflip=0.0, **still), SIZE, image_channels=2)
+    identity._uniform = middle  # type: ignore[method-assign]
+    torch.testing.assert_close(identity(stack.clone()), stack)
+    mirrored = StackAugment(ClsAugConfig(hflip=1.0, vflip=1.0, **still), SIZE, image_channels=2)
+    mirrored._uniform = middle  # type: ignore[method-assign]
+    torch.testing.assert_close(mirrored(stack.clone()), stack.flip(-1).flip(-2))
+    # A zoom-in crop keeps the centre object centred and larger: a centred square grows.
+    square = torch.zeros(1, 1, SIZE, SIZE)
+    square[..., 12:20, 12:20] = 1.0
+    zoom = StackAugment(ClsAugConfig(hflip=0.0, **{**still, "scale_min": 0.5}), SIZE, image_channels=0)
+    torch.manual_seed(0)
+    grown = zoom(square.clone())
+    assert float(grown.sum()) > 1.3 * float(square.sum())
+    # A 90° rotation maps rows to columns (within one pixel of interpolation).
+    bar = torch.zeros(1, 1, SIZE, SIZE)
+    bar[..., 15:17, 4:28] = 1.0
+    turn = StackAugment(ClsAugConfig(hflip=0.0, **{**still, "rotate_deg": 90.0}), SIZE, image_channels=0)
+    turn._uniform = lambda low, high: high if high == 90.0 else (low + high) / 2  # type: ignore[method-assign]
+    turned = turn(bar.clone())[0, 0]
+    assert float(turned[4:28, 14:18].sum()) > 0.9 * float(bar.sum())
+
+
 def test_dataset_items_and_known_negative_slices(tmp_path) -> None:
     root, cache = _toy_dataset(tmp_path, n_studies=4)
     labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
@@ -264,3 +290,50 @@ def test_cli_train_cls_with_yaml_and_overrides(tmp_path) -> None:
     assert len(pd.read_csv(run / "summary.csv")) == 1
     with pytest.raises(Exception, match="resume"):
         cli_main(["train-cls", "--config", str(config_path), "--fold", "1"])  # refuses to overwrite a run
+
+
+def test_weight_average_and_vertebra_sampling_resume_equals_uninterrupted(tmp_path, monkeypatch) -> None:
+    root, cache = _toy_dataset(tmp_path)
+    extra = dict(ema_decay=0.9, vertebra_sampling_weights=(4.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0))
+    straight = train_classifier(_config(tmp_path, root, cache, "straight", **extra))
+    cfg = _config(tmp_path, root, cache, "resumed", **extra)
+    with monkeypatch.context() as patch:
+        _interrupt_before_epoch(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            train_classifier(cfg)
+    resumed = train_classifier(cfg, resume=True)
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(resumed / "last.pt")
+    for key in ("model", "train_weights"):
+        weights_a, weights_b = (a[key], b[key]) if key == "model" else (a["extra"][key], b["extra"][key])
+        for name, tensor in weights_a.items():
+            assert torch.equal(tensor, weights_b[name]), (key, name)
+    # The checkpoint predicts with the average, which trails the raw weights it was built from.
+    raw = a["extra"]["train_weights"]
+    assert any(not torch.equal(tensor, raw[name]) for name, tensor in a["model"].items() if tensor.is_floating_point())
+    assert "train_weights" not in load_checkpoint(straight / "best.pt")["extra"]
+    # Validation scored the average: best.pt re-scored gives the summary's numbers for its epoch.
+    summary = pd.read_csv(straight / "summary.csv")
+    best = load_checkpoint(straight / "best.pt")
+    oof = pd.read_csv(tmp_path / "straight" / "oof_fold0.csv", dtype={"StudyInstanceUID": str})
+    labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+    from rsna_cspine.metric import score_arrays
+
+    rescored = score_arrays(labels.loc[oof["StudyInstanceUID"], list(TARGET_COLUMNS)].to_numpy(float),
+                            oof[list(TARGET_COLUMNS)].to_numpy(float))
+    assert rescored == pytest.approx(summary.loc[summary["epoch"] == best["epoch"], "val_score"].item(), abs=1e-5)
+
+
+def test_vertebra_sampling_draws_each_vertebra_in_proportion(tmp_path) -> None:
+    root, cache = _toy_dataset(tmp_path)
+    cfg = _config(tmp_path, root, cache, "draws", vertebra_sampling_weights=(6.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0))
+    split = train_module._prepare_items(cfg, train_module.DistContext())
+    task = train_module.VertebraTask(cfg, split, torch.device("cpu"))
+    drawn: list[int] = []
+    for epoch in range(20):
+        loader = train_module._train_loader(task.train_set, cfg, train_module.DistContext(), epoch)
+        drawn += [int(v) for batch in loader for v in batch["vertebra"]]
+    share = np.bincount(drawn, minlength=7) / len(drawn)
+    assert share[0] == pytest.approx(0.5, abs=0.05)  # C1 weighs 6 of 12 (one item per vertebra and study)
+    assert np.allclose(share[1:], 1 / 12, atol=0.03)
+    with pytest.raises(Exception, match="vertebra_sampling_weights"):
+        _config(tmp_path, root, cache, "bad", vertebra_sampling_weights=(1.0, 1.0)).validate()

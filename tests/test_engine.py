@@ -10,8 +10,10 @@ from rsna_cspine.engine import (
     EarlyStopping,
     SummaryLog,
     TimeBudget,
+    WeightedEpochSampler,
     fold_of,
     load_checkpoint,
+    make_model_ema,
     save_checkpoint,
     seed_everything,
 )
@@ -131,3 +133,34 @@ def test_fold_of_is_a_deterministic_group_split():
     assert counts.tolist() == [10] * 5
     assert fold_of(studies, 5, seed=7) == folds
     assert fold_of(studies, 5, seed=8) != folds
+
+
+def test_weighted_epoch_sampler_follows_the_weights_and_splits_one_draw_over_ranks():
+    weights = np.array([3.0, 1.0, 1.0, 1.0, 0.0])
+    whole = list(WeightedEpochSampler(weights, 6000, torch.Generator().manual_seed(7)))
+    counts = np.bincount(whole, minlength=5)
+    assert len(whole) == 6000 and counts[4] == 0
+    assert counts[0] / counts[1:4].mean() == pytest.approx(3.0, rel=0.1)
+    again = list(WeightedEpochSampler(weights, 6000, torch.Generator().manual_seed(7)))
+    assert again == whole  # the epoch's generator alone fixes the draw (resume repeats it)
+    ranks = [list(WeightedEpochSampler(weights, 6001, torch.Generator().manual_seed(7), rank=r, world_size=2))
+             for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 3000
+    assert ranks[0] + ranks[1] != whole and sorted(ranks[0] + ranks[1]) == sorted(whole)
+    with pytest.raises(ValueError):
+        WeightedEpochSampler(np.zeros(3), 10, torch.Generator())
+
+
+def test_model_ema_averages_the_weights_and_is_off_at_zero_decay():
+    assert make_model_ema(torch.nn.Linear(2, 1), 0.0) is None
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = make_model_ema(model, 0.99)
+    ema.update(model, step=1)  # the first update copies the weights (zeros)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for step in range(2, 7):  # a short run: the warmed-up decay keeps part of the earlier weights
+        ema.update(model, step=step)
+    averaged = float(ema.module.weight[0, 0].detach())
+    assert 0.5 < averaged < 0.99
+    assert float(model.weight[0, 0].detach()) == 1.0

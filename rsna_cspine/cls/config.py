@@ -141,6 +141,14 @@ class ClsConfig:
         max_minutes: stop before an epoch that would overrun this budget, with the learning-rate
             schedule fitted to the epochs that fit (0 = no budget; see ``engine.TimeBudget``).
         threads: CPU threads for torch (0 = torch's default).
+        ema_decay: keep an exponential moving average of the weights (timm ``ModelEmaV3``, decay
+            warming up to this value) and validate/save it instead of the raw weights (0 = off).
+            Small, noisy validation sets pick a lucky epoch less often from a smoothed model.
+        vertebra_sampling_weights: seven relative draw weights, C1..C7, for the training items of each
+            vertebra (empty = every item once per epoch). Items are then drawn with replacement, an
+            epoch as long as the item list. Positives and negatives of a vertebra are drawn alike, so
+            its base rate (and the calibration of its probabilities) is unchanged; only how often the
+            model sees that vertebra's anatomy changes (C1, a ring with no body, is 1 in 7 items).
         data: data settings.
         model: model settings.
         aug: augmentation settings.
@@ -162,6 +170,8 @@ class ClsConfig:
     early_stopping_patience: int = 5
     max_minutes: float = 0.0
     threads: int = 0
+    ema_decay: float = 0.0
+    vertebra_sampling_weights: tuple[float, ...] = ()
     data: ClsDataConfig = field(default_factory=ClsDataConfig)
     model: ClsModelConfig = field(default_factory=ClsModelConfig)
     aug: ClsAugConfig = field(default_factory=ClsAugConfig)
@@ -176,5 +186,10 @@ class ClsConfig:
             raise ConfigError(f"fold must be -1 or in [0, {self.n_folds}), with n_folds ≥ 2; got {self.fold}/{self.n_folds}")
         if self.epochs < 1 or self.batch_size < 1 or self.val_batch_size < 1:
             raise ConfigError("epochs, batch_size and val_batch_size must be ≥ 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        weights = self.vertebra_sampling_weights
+        if weights and (len(weights) != 7 or min(weights) < 0 or sum(weights) <= 0):
+            raise ConfigError(f"vertebra_sampling_weights must be 7 non-negative values (C1..C7), not all zero; got {weights}")
         if not 0.0 < self.aug.scale_min <= 1.0:
             raise ConfigError(f"aug.scale_min must be in (0, 1], got {self.aug.scale_min}")

@@ -36,6 +36,7 @@ from rsna_cspine.engine import (
     EarlyStopping,
     SummaryLog,
     TimeBudget,
+    WeightedEpochSampler,
     all_reduce_mean,
     any_rank,
     autocast,
@@ -43,6 +44,7 @@ from rsna_cspine.engine import (
     fold_of,
     load_checkpoint,
     make_grad_scaler,
+    make_model_ema,
     prepare_run_dir,
     run_seeded_distributed,
     save_checkpoint,
@@ -75,6 +77,7 @@ class LoopConfig(Protocol):
     grad_clip: float
     early_stopping_patience: int
     max_minutes: float
+    ema_decay: float
     optim: ClsOptimConfig
     data: _HasNumWorkers
 
@@ -115,12 +118,20 @@ class TrainingTask(Protocol):
 
 
 def _train_loader(dataset: Dataset, cfg: LoopConfig, ctx: DistContext, epoch: int) -> DataLoader:
-    """This epoch's loader; its order comes from a generator seeded with (seed + epoch)."""
+    """This epoch's loader; its order comes from a generator seeded with (seed + epoch).
+
+    A dataset with a ``sample_weights`` array (one per item, or None) is drawn with replacement in
+    proportion to it, an epoch as long as the dataset; otherwise every item is seen once, shuffled.
+    """
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
-    sampler = None
-    if ctx.enabled:
+    sampler: torch.utils.data.Sampler[int] | None = None
+    weights = getattr(dataset, "sample_weights", None)
+    if weights is not None:
+        sampler = WeightedEpochSampler(weights, len(dataset), generator, ctx.rank if ctx.enabled else 0,  # type: ignore[arg-type]
+                                       ctx.world_size if ctx.enabled else 1)
+    elif ctx.enabled:
         sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
         sampler.set_epoch(epoch)
     return DataLoader(
@@ -154,12 +165,14 @@ def _train_one_epoch(
     ctx: DistContext,
     loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] | None = None,
     schedule_position: Callable[[float], float] | None = None,
+    ema: Any | None = None,
 ) -> float:
     """One pass over ``loader``; returns the mean training loss over ranks.
 
     ``loss_fn`` defaults to the vertebra loss of a ``ClsConfig`` run, so callers that time the stage-2
     step alone (``benchmarks/bench_training.py``) keep working. ``schedule_position`` maps the run's
-    fractional epoch to the scheduler's (``TimeBudget.position``; identity by default).
+    fractional epoch to the scheduler's (``TimeBudget.position``; identity by default). ``ema``
+    (``engine.make_model_ema``) follows the weights after every optimiser step.
     """
     if loss_fn is None:
         slice_weight = float(getattr(cfg, "slice_loss_weight", 0.0))
@@ -180,6 +193,8 @@ def _train_one_epoch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update(unwrap_model(model), step=epoch * n_batches + step + 1)
         at = epoch + (step + 1) / n_batches
         at = schedule_position(at) if schedule_position is not None else at
         scheduler.step_update(num_updates=round(at * n_batches))  # type: ignore[attr-defined]
@@ -204,6 +219,9 @@ def fit(
     stopping on ``task.monitor``, ``last.pt`` every epoch and ``best.pt`` on improvement (with all RNG
     states, so ``resume`` repeats an uninterrupted run), ``summary.csv`` + ``curves.png`` and a time
     budget that every DDP rank agrees on (the schedule is fitted to the epochs that fit: ``TimeBudget``).
+    With ``cfg.ema_decay`` > 0 a moving average of the weights is what is validated and what both
+    checkpoints hold as ``model`` (so every predictor uses it unchanged); ``last.pt`` keeps the raw
+    training weights in ``extra["train_weights"]`` for ``resume``.
     ``run_dir`` must already exist (``engine.prepare_run_dir``).
 
     Args:
@@ -234,6 +252,7 @@ def fit(
     stopper = EarlyStopping(patience=cfg.early_stopping_patience, mode=task.mode)
     budget = TimeBudget(cfg.epochs, cfg.max_minutes * 60.0)
     start_epoch = 0
+    train_weights = None
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if resume and last_path.is_file():
         state = load_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
@@ -241,7 +260,12 @@ def fit(
         start_epoch = int(state["epoch"])
         stopper.load_state_dict(state["extra"].get("early_stopping", {}))
         budget.load_state_dict(state["extra"].get("time_budget", {}))
+        train_weights = state["extra"].get("train_weights")
         log.info("resumed from %s after epoch %d", last_path, start_epoch)
+    # After a resume `model` holds the checkpoint's predicting weights (the average, when there is one).
+    ema = make_model_ema(model, float(getattr(cfg, "ema_decay", 0.0)))
+    if train_weights is not None:
+        model.load_state_dict(train_weights)
     model = wrap_model(model, ctx, device)
     summary = SummaryLog(run_dir, resume_epoch=start_epoch if resume else None) if ctx.is_main else None
     config = to_dict(cfg)
@@ -259,12 +283,12 @@ def fit(
         tick = time.monotonic()
         train_loss = _train_one_epoch(model, _train_loader(task.train_set, cfg, ctx, epoch), optimizer, scheduler,
                                       scaler, cfg, device, epoch, ctx, loss_fn=task.loss,
-                                      schedule_position=budget.position)
+                                      schedule_position=budget.position, ema=ema)
         scheduler.step(epoch + 1)
         row: dict[str, float | int] = {"epoch": epoch + 1, "train_loss": train_loss}
         improved = True
         if task.has_validation:
-            metrics = task.validate(unwrap_model(model))
+            metrics = task.validate(ema.module if ema is not None else unwrap_model(model))
             row.update(metrics)
             improved = stopper.step(metrics[task.monitor])
         row["lr"] = float(optimizer.param_groups[0]["lr"])
@@ -275,10 +299,13 @@ def fit(
                       spent_s=all_reduce_mean(time.monotonic() - started, ctx), last_epoch_s=epoch_s)
         if ctx.is_main:
             extra = {"early_stopping": stopper.state_dict(), "time_budget": budget.state_dict(), **task.checkpoint_extra()}
-            save_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            epoch=epoch + 1, best_score=stopper.best, config=config, extra=extra)
+            predicting = ema.module if ema is not None else model
+            resume_extra = {**extra, "train_weights": unwrap_model(model).state_dict()} if ema is not None else extra
+            save_checkpoint(last_path, model=predicting, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                            epoch=epoch + 1, best_score=stopper.best, config=config, extra=resume_extra)
             if improved:
-                save_checkpoint(best_path, model=model, epoch=epoch + 1, best_score=stopper.best, config=config, extra=extra)
+                save_checkpoint(best_path, model=predicting, epoch=epoch + 1, best_score=stopper.best, config=config,
+                                extra=extra)
                 task.on_best()
             summary.append(row)  # type: ignore[union-attr]
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
@@ -503,7 +530,11 @@ class VertebraTask:
         self.cfg, self.split, self.device = cfg, split, device
         crop = cfg.data.crop
         augment = StackAugment(cfg.aug, crop.size, crop.in_chans - int(crop.add_mask_channel)) if cfg.aug.enabled else None
-        self.train_set = VertebraDataset(split.train, augment, seed=cfg.seed, in_memory=cfg.data.in_memory)
+        weights = None
+        if cfg.vertebra_sampling_weights:
+            weights = np.asarray(cfg.vertebra_sampling_weights, dtype=np.float64)[split.train["vertebra"].to_numpy()]
+        self.train_set = VertebraDataset(split.train, augment, seed=cfg.seed, in_memory=cfg.data.in_memory,
+                                         sample_weights=weights)
         self.val_set = VertebraDataset(split.val, None, in_memory=cfg.data.in_memory)
         self.model = build_classifier(cfg).to(device)
         self.has_validation = cfg.fold >= 0 and len(split.val_labels) > 0

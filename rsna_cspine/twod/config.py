@@ -109,6 +109,8 @@ class TwoDConfig:
         max_minutes: stop before an epoch that would overrun this budget, with the learning-rate
             schedule fitted to the epochs that fit (0 = no budget; see ``engine.TimeBudget``).
         threads: CPU threads for torch (0 = torch's default).
+        ema_decay: validate and save an exponential moving average of the weights (0 = off; see
+            ``ClsConfig.ema_decay``).
         positive_class: the class binary metrics (precision, recall, specificity, F1, AUC) are about;
             None → the class that is not named like a negative (``normal``, ``negative``, ...), else the
             last one in sorted order.
@@ -134,6 +136,7 @@ class TwoDConfig:
     early_stopping_patience: int = 5
     max_minutes: float = 0.0
     threads: int = 0
+    ema_decay: float = 0.0
     positive_class: str | None = None
     data: TwoDDataConfig = field(default_factory=TwoDDataConfig)
     split: TwoDSplitConfig = field(default_factory=TwoDSplitConfig)
@@ -157,6 +160,8 @@ class TwoDConfig:
             raise ConfigError("split.val_fraction + split.test_fraction must leave images to train on")
         if s.mode == "kfold" and (s.n_folds < 2 or not 0 <= s.fold < s.n_folds):
             raise ConfigError(f"split.fold must be in [0, {s.n_folds}) with n_folds ≥ 2; got {s.fold}/{s.n_folds}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.data.in_chans not in (1, 3):
             raise ConfigError(f"data.in_chans must be 1 or 3, got {self.data.in_chans}")
         if self.data.image_size < 8:
