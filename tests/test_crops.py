@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from rsna_cspine.constants import VERTEBRAE
 from rsna_cspine.crops import (
     CropConfig,
     extract_vertebra_crops,
@@ -238,12 +239,21 @@ def test_cache_from_a_synthetic_kaggle_layout_matches_the_phantom(tmp_path) -> N
     for k, uid in enumerate(uids):
         phantom = make_phantom(synth, study_streams(synth, k)[0])
         expected = extract_vertebra_crops(phantom.hu, phantom.labels, cfg, spacing=phantom.spacing)
-        box_z = np.array([b["z"] for b in phantom.fracture_boxes]) if phantom.patient_overall else None
+        boxes = phantom.fracture_boxes if phantom.patient_overall else None
+        box_z = None if boxes is None else np.array([b["z"] for b in boxes])
+        rects = None if boxes is None else np.array([[b["x"], b["y"], b["width"], b["height"]] for b in boxes])
         got = load_crops(cache / f"{uid}.npz")
         np.testing.assert_array_equal(got.present, expected.present)
         np.testing.assert_array_equal(got.slice_index, expected.slice_index)
         np.testing.assert_array_equal(got.images, expected.images)
-        np.testing.assert_array_equal(got.slice_labels, slice_labels_from_boxes(expected, box_z, cfg.half_width))
+        np.testing.assert_array_equal(
+            got.slice_labels, slice_labels_from_boxes(expected, box_z, cfg.half_width, rects, phantom.labels))
+        # Each box marks only slices of the vertebra whose fracture it outlines (the generator knows which).
+        for i, name in enumerate(VERTEBRAE):
+            own = None if boxes is None else np.array([b["z"] for b in boxes if b["vertebra"] == name])
+            if own is not None and got.present[i] and phantom.fractured[name]:
+                near = np.abs(expected.slice_index[i][:, None] - own[None, :]) <= cfg.half_width
+                assert (got.slice_labels[i] <= near.any(axis=1)).all(), name
         assert (got.slice_labels[[i for i, v in enumerate(phantom.fractured.values()) if v]] == 1).any()
 
     # Resumable: existing files are kept, only what is missing is built.
@@ -261,3 +271,22 @@ def test_cache_from_a_synthetic_kaggle_layout_matches_the_phantom(tmp_path) -> N
     # A folder built with other settings is refused rather than silently mixed.
     with pytest.raises(ConfigError, match="other settings"):
         build_crop_cache(layout, uids, "gt", cache, CropConfig(n_slices=7, channels=3, size=32))
+
+
+def test_a_box_counts_only_for_the_vertebra_its_rectangle_touches() -> None:
+    # C1 (a ring-like block) and C2 (the dens inside it) share slices 4..11, side by side in x.
+    hu = np.zeros((24, 40, 40), dtype=np.float32)
+    mask = np.zeros(hu.shape, dtype=np.uint8)
+    mask[2:12, 10:30, 4:16] = 1
+    mask[4:22, 10:30, 22:36] = 2
+    cfg = CropConfig(n_slices=6, channels=3, size=8, windows=((-400.0, 1500.0),))
+    crops = extract_vertebra_crops(hu, mask, cfg)
+    on_c2 = np.array([[24.0, 14.0, 6.0, 6.0]])  # (x, y, width, height) inside C2's columns
+    z = np.array([8])
+    by_slice = slice_labels_from_boxes(crops, z, cfg.half_width)
+    assert by_slice[0].any() and by_slice[1].any()  # the slice rule alone marks both
+    by_rect = slice_labels_from_boxes(crops, z, cfg.half_width, on_c2, mask)
+    assert not by_rect[0].any() and by_rect[1].any()
+    # A rectangle that touches no vertebra (a mask that missed the fracture) keeps the slice rule.
+    nowhere = slice_labels_from_boxes(crops, z, cfg.half_width, np.array([[0.0, 0.0, 3.0, 3.0]]), mask)
+    np.testing.assert_array_equal(nowhere, by_slice)

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 MASK_SOURCES: tuple[str, ...] = ("gt", "pred", "gt_then_pred")
 SETTINGS_FILE = "crop_config.yaml"
+#: How slice labels were drawn from the boxes; recorded so a cache built under another rule is refused.
+SLICE_LABEL_RULE = "box slice in the vertebra's range and box rectangle touching its mask"
 INDEX_FILE = "cache_index.csv"
 INDEX_COLUMNS: tuple[str, ...] = ("StudyInstanceUID", "path", "status", "mask_source", "n_present", "has_boxes", "error")
 
@@ -106,7 +108,7 @@ def load_vertebra_stack(path: str | Path, vertebra: int) -> tuple[np.ndarray, np
 
 def _check_settings(cache_dir: Path, cfg: CropConfig) -> None:
     """Record the crop settings in the cache folder, or refuse a folder built with other settings."""
-    wanted = to_dict(cfg)
+    wanted = {**to_dict(cfg), "slice_label_rule": SLICE_LABEL_RULE}
     settings = cache_dir / SETTINGS_FILE
     if settings.is_file():
         found = yaml.safe_load(settings.read_text()) or {}
@@ -146,15 +148,25 @@ def _load_mask(
     return mask, "pred"
 
 
-def _box_slices(volume: object, slice_numbers: list[int] | None) -> np.ndarray | None:
-    """z indices of the boxes' ``slice_number``s via the volume's file numbers (None: no boxes)."""
-    if slice_numbers is None:
-        return None
+def _box_slices(volume: object, boxes: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """z indices and ``(x, y, width, height)`` of a study's boxes, matched by ``slice_number`` to the
+    volume's file numbers; ``(None, None)`` when the study has no boxes.
+
+    Args:
+        volume: the loaded series.
+        boxes: ``(n, 5)`` rows ``(slice_number, x, y, width, height)``, or None.
+    """
+    if boxes is None:
+        return None, None
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
     z_of_number = {int(n): z for z, n in enumerate(volume.slice_numbers)}  # type: ignore[attr-defined]
-    unmatched = sorted({n for n in slice_numbers if n not in z_of_number})
-    if unmatched:
+    numbers = boxes[:, 0].astype(int)
+    matched = np.array([n in z_of_number for n in numbers], dtype=bool)
+    if not matched.all():
+        unmatched = sorted(set(numbers[~matched].tolist()))
         log.warning("%s: %d box slice_number(s) match no file, e.g. %s", volume.study_uid, len(unmatched), unmatched[:3])  # type: ignore[attr-defined]
-    return np.array([z_of_number[n] for n in slice_numbers if n in z_of_number], dtype=np.int64)
+    z = np.array([z_of_number[n] for n in numbers[matched]], dtype=np.int64)
+    return z, boxes[matched, 1:]
 
 
 def _build_one(
@@ -165,18 +177,19 @@ def _build_one(
     pred_mask_dir: str | None,
     out_path: str,
     cfg: CropConfig,
-    box_slice_numbers: list[int] | None,
+    study_boxes: np.ndarray | None,
 ) -> dict[str, object]:
     """Load, crop and save one study; never raises for a bad study (the row says what went wrong)."""
     from rsna_cspine.io.dicom import load_series
     from rsna_cspine.io.kaggle import KaggleLayout
 
-    row: dict[str, object] = {"StudyInstanceUID": uid, "path": out_path, "has_boxes": box_slice_numbers is not None}
+    row: dict[str, object] = {"StudyInstanceUID": uid, "path": out_path, "has_boxes": study_boxes is not None}
     try:
         volume = load_series(KaggleLayout(Path(layout_root)).study_dir(uid, split))
         mask, used = _load_mask(layout_root, uid, volume, mask_source, pred_mask_dir)
         crops = extract_vertebra_crops(volume.hu, mask, cfg, spacing=volume.spacing)
-        crops.slice_labels = slice_labels_from_boxes(crops, _box_slices(volume, box_slice_numbers), cfg.half_width)
+        box_z, box_rects = _box_slices(volume, study_boxes)
+        crops.slice_labels = slice_labels_from_boxes(crops, box_z, cfg.half_width, box_rects, mask)
         save_crops(out_path, crops, mask_source=used)
         row.update(status="built", mask_source=used, n_present=int(crops.present.sum()), error="")
     except Exception as exc:  # noqa: BLE001 - one broken study must not stop a 2,000-study build
@@ -227,10 +240,11 @@ def build_crop_cache(
     cfg.validate()
     cache_dir = Path(cache_dir)
     _check_settings(cache_dir, cfg)
-    boxes_by_uid: dict[str, list[int]] = {}
+    boxes_by_uid: dict[str, np.ndarray] = {}
     if split == "train" and layout.bounding_boxes_csv.is_file():  # type: ignore[attr-defined]
         boxes = read_bounding_boxes(layout.bounding_boxes_csv)  # type: ignore[attr-defined]
-        boxes_by_uid = {uid: g["slice_number"].astype(int).tolist() for uid, g in boxes.groupby("StudyInstanceUID")}
+        columns = ["slice_number", "x", "y", "width", "height"]
+        boxes_by_uid = {uid: g[columns].to_numpy(np.float64) for uid, g in boxes.groupby("StudyInstanceUID")}
 
     rows: list[dict[str, object]] = []
     todo = []

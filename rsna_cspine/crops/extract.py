@@ -238,17 +238,29 @@ def extract_vertebra_crops(
     return VertebraCrops(images=images, present=present, slice_index=slice_index, z_range=z_range, boxes=boxes)
 
 
-def slice_labels_from_boxes(crops: VertebraCrops, box_z: np.ndarray | None, half_width: int) -> np.ndarray:
-    """Per-centre-slice fracture evidence from the z indices of a study's bounding boxes.
+def slice_labels_from_boxes(
+    crops: VertebraCrops,
+    box_z: np.ndarray | None,
+    half_width: int,
+    box_rects: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-centre-slice fracture evidence from a study's bounding boxes.
 
-    A centre slice is positive when a box lies on a slice within ``half_width`` of it and inside its
-    vertebra's z-range; every other slice of a present vertebra is negative. Without boxes
-    (``box_z`` None) nothing is known: all -1.
+    A box counts for a vertebra when its slice lies inside the vertebra's z-range and, given the boxes'
+    rectangles and the study's mask, when the rectangle touches that vertebra's voxels on its slice.
+    C1 and C2 share slices (the dens rises inside the atlas ring), so by slice alone a dens fracture would
+    also mark C1's slices; a box that touches no cervical vertebra at all (a mask that missed it) falls
+    back to the slice rule. A centre slice is positive when a box that counts lies within ``half_width``
+    of it; every other slice of a present vertebra is negative. Without boxes (``box_z`` None) nothing is
+    known: all -1.
 
     Args:
         crops: the study's stacks (their ``slice_index`` and ``z_range`` are used).
         box_z: z index (volume array order) of every box of the study, or None when it has no boxes.
         half_width: the stack's reach in slices (``CropConfig.half_width``).
+        box_rects: ``(len(box_z), 4)`` pixel rectangles ``(x, y, width, height)`` of the boxes, or None.
+        mask: ``(z, y, x)`` labels the crops were cut from (needed with ``box_rects``).
 
     Returns:
         ``(7, N)`` int8 in {-1, 0, 1}.
@@ -257,9 +269,22 @@ def slice_labels_from_boxes(crops: VertebraCrops, box_z: np.ndarray | None, half
     if box_z is None:
         return labels
     box_z = np.asarray(box_z, dtype=np.int64)
+    touches = None  # (boxes, 7): which vertebrae each box's rectangle touches
+    if box_rects is not None and mask is not None and len(box_z):
+        touches = np.zeros((len(box_z), len(VERTEBRAE)), dtype=bool)
+        for k, (z, (x, y, w, h)) in enumerate(zip(box_z, np.asarray(box_rects, dtype=np.float64))):
+            if not 0 <= z < mask.shape[0]:
+                continue
+            y0, x0 = max(int(np.floor(y)), 0), max(int(np.floor(x)), 0)
+            y1, x1 = int(np.ceil(y + h)), int(np.ceil(x + w))
+            found = np.unique(np.asarray(mask[z, y0:y1, x0:x1]))
+            touches[k] = [label in found for label in CERVICAL_LABELS]
+        touches[~touches.any(axis=1)] = True  # touches no vertebra: keep the slice rule
     for i in np.flatnonzero(crops.present):
         z0, z1 = crops.z_range[i]
-        inside = box_z[(box_z >= z0) & (box_z <= z1)]
-        near = np.abs(crops.slice_index[i][:, None] - inside[None, :]) <= half_width
+        counts = (box_z >= z0) & (box_z <= z1)
+        if touches is not None:
+            counts &= touches[:, i]
+        near = np.abs(crops.slice_index[i][:, None] - box_z[counts][None, :]) <= half_width
         labels[i] = near.any(axis=1).astype(np.int8)
     return labels
