@@ -263,7 +263,7 @@ def fit(
         train_weights = state["extra"].get("train_weights")
         log.info("resumed from %s after epoch %d", last_path, start_epoch)
     # After a resume `model` holds the checkpoint's predicting weights (the average, when there is one).
-    ema = make_model_ema(model, float(getattr(cfg, "ema_decay", 0.0)))
+    ema = make_model_ema(model, cfg.ema_decay)
     if train_weights is not None:
         model.load_state_dict(train_weights)
     model = wrap_model(model, ctx, device)
