@@ -32,7 +32,8 @@ def _torchrun(args: list[str], tmp_path: Path, timeout: int = 400) -> subprocess
 def _assert_same_weights(out_dir: Path) -> dict[str, torch.Tensor]:
     """Parameters must be bit-identical across ranks (gradients were averaged). On CPU, BatchNorm running
     statistics are rank-local (SyncBatchNorm is GPU-only; each rank sees its own batches) and rank 0's are
-    the ones checkpointed, so they only have to agree roughly."""
+    the ones checkpointed, so they only have to agree roughly: layer by layer, on average over channels
+    (a single channel of a 4-stack batch can differ by a third between ranks by chance)."""
     rank0 = torch.load(out_dir / "rank0.pt", weights_only=True)
     rank1 = torch.load(out_dir / "rank1.pt", weights_only=True)
     assert rank0["parameters"].keys() == rank1["parameters"].keys()
@@ -40,7 +41,9 @@ def _assert_same_weights(out_dir: Path) -> dict[str, torch.Tensor]:
         assert torch.equal(tensor, rank1["parameters"][name]), f"{name} differs between ranks"
     for name, tensor in rank0["buffers"].items():
         if tensor.is_floating_point():
-            assert torch.allclose(tensor, rank1["buffers"][name], rtol=0.3, atol=0.1), name
+            other = rank1["buffers"][name]
+            gap = float((tensor - other).abs().mean())
+            assert gap <= 0.2 * float(other.abs().mean()) + 0.02, (name, gap)
     return {**rank0["buffers"], **rank0["parameters"]}
 
 
