@@ -129,8 +129,7 @@ def _train_loader(dataset: Dataset, cfg: LoopConfig, ctx: DistContext, epoch: in
     sampler: torch.utils.data.Sampler[int] | None = None
     weights = getattr(dataset, "sample_weights", None)
     if weights is not None:
-        sampler = WeightedEpochSampler(weights, len(dataset), generator, ctx.rank if ctx.enabled else 0,  # type: ignore[arg-type]
-                                       ctx.world_size if ctx.enabled else 1)
+        sampler = WeightedEpochSampler(weights, len(dataset), generator, ctx.rank, ctx.world_size)  # type: ignore[arg-type]
     elif ctx.enabled:
         sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
         sampler.set_epoch(epoch)
