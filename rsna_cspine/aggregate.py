@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from rsna_cspine.constants import PROB_EPS, TARGET_COLUMNS, VERTEBRAE
+from rsna_cspine.constants import PATIENT_WEIGHTS, PROB_EPS, TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import ConfigError, SubmissionError
 from rsna_cspine.io.kaggle import check_test_frame, test_studies
 from rsna_cspine.metric import prior_predictions
 
 logger = logging.getLogger(__name__)
 
-PATIENT_RULES: tuple[str, ...] = ("noisy_or", "max", "mean_top", "blend")
+#: Rules computed from the seven probabilities alone (what a CV report of OOF files can apply).
+FIXED_PATIENT_RULES: tuple[str, ...] = ("noisy_or", "max", "mean_top", "blend")
+#: ``calibrated`` also needs the classifiers' :class:`PatientCalibration` (fitted on their validation folds).
+PATIENT_RULES: tuple[str, ...] = (*FIXED_PATIENT_RULES, "calibrated")
 SUBMISSION_COLUMNS: tuple[str, ...] = ("row_id", "fractured")
 _COLUMN_INDEX = {name: i for i, name in enumerate(TARGET_COLUMNS)}
 
@@ -39,12 +45,84 @@ def _noisy_or(p: np.ndarray) -> np.ndarray:
         return -np.expm1(np.log1p(-np.clip(p, 0.0, 1.0)).sum(axis=-1))
 
 
+@dataclass(frozen=True)
+class PatientCalibration:
+    """Platt scaling of the noisy-OR patient probability, fitted on one fold's validation studies.
+
+    ``patient_overall = sigmoid(slope · logit(noisy_or) + intercept)``. Noisy-OR treats the seven
+    vertebrae as independent and inherits their bias (the competition's 2:1 positive weight pushes every
+    vertebra probability up), so on its own it is miscalibrated in a way validation can measure.
+
+    Attributes:
+        slope: weight of the noisy-OR logit (0 when the validation studies were all of one class).
+        intercept: logit offset.
+        n_studies: validation studies it was fitted on.
+        n_positive: of which had a fracture.
+    """
+
+    slope: float
+    intercept: float
+    n_studies: int
+    n_positive: int
+
+    def apply(self, noisy_or: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities from noisy-OR probabilities (any shape)."""
+        z = _logit(np.asarray(noisy_or, dtype=np.float64))
+        return 1.0 / (1.0 + np.exp(-(self.slope * z + self.intercept)))
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Plain values, for a checkpoint's ``extra``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, float | int]) -> PatientCalibration:
+        """Inverse of :meth:`to_dict`."""
+        return cls(float(values["slope"]), float(values["intercept"]), int(values["n_studies"]), int(values["n_positive"]))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, PROB_EPS, 1.0 - PROB_EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def fit_patient_calibration(vertebra_probs: np.ndarray, patient_labels: np.ndarray) -> PatientCalibration:
+    """Fit :class:`PatientCalibration` on validation predictions, weighted as the metric weighs patients.
+
+    A logistic regression (scikit-learn, default L2) on the noisy-OR logit, with the competition's
+    patient weights (positives 14, negatives 7), so it minimises the metric's patient_overall term.
+    When every study is of one class there is nothing to regress against: the result is the constant
+    ``(positives + 0.5) / (studies + 1)`` (Jeffreys), near the observed rate but never exactly 0 or 1.
+
+    Args:
+        vertebra_probs: ``(n, 7)`` the model's vertebra probabilities (prior-filled where not found).
+        patient_labels: ``(n,)`` 0/1 patient_overall truth.
+
+    Raises:
+        ValueError: shapes that do not match, or no studies.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    probs = np.asarray(vertebra_probs, dtype=np.float64)
+    labels = np.asarray(patient_labels, dtype=np.float64).ravel()
+    if probs.ndim != 2 or probs.shape[1] != len(VERTEBRAE) or len(probs) != len(labels) or not len(labels):
+        raise ValueError(f"need (n, {len(VERTEBRAE)}) probabilities and n labels, n > 0; got {probs.shape} and {labels.shape}")
+    n, positives = len(labels), int(labels.sum())
+    if positives in (0, n):
+        rate = (positives + 0.5) / (n + 1.0)
+        return PatientCalibration(0.0, math.log(rate / (1.0 - rate)), n, positives)
+    feature = _logit(_noisy_or(probs))[:, None]
+    weights = np.where(labels > 0.5, PATIENT_WEIGHTS[1], PATIENT_WEIGHTS[0])
+    model = LogisticRegression().fit(feature, labels.astype(int), sample_weight=weights)
+    return PatientCalibration(float(model.coef_[0, 0]), float(model.intercept_[0]), n, positives)
+
+
 def patient_overall(
     vertebra_probs: np.ndarray,
     rule: str = "noisy_or",
     blend_weight: float = 0.5,
     patient_head: np.ndarray | None = None,
     top_k: int = 2,
+    calibrations: Sequence[PatientCalibration] = (),
 ) -> np.ndarray:
     """Probability that a study has any fracture, from its seven vertebra probabilities.
 
@@ -52,10 +130,12 @@ def patient_overall(
         vertebra_probs: ``(..., 7)`` probabilities of C1..C7.
         rule: ``"noisy_or"`` (1 − ∏(1 − p), vertebrae independent), ``"max"``, ``"mean_top"`` (mean
             of the ``top_k`` largest) or ``"blend"``: ``blend_weight · noisy_or + (1 − blend_weight) · other``,
-            where ``other`` is ``patient_head`` when given, else ``max``.
+            where ``other`` is ``patient_head`` when given, else ``max``; or ``"calibrated"``: each of
+            ``calibrations`` applied to noisy-OR, averaged (one per fold model).
         blend_weight: weight of noisy-OR in ``"blend"``, in [0, 1].
         patient_head: ``(...)`` probabilities from a study-level head, used by ``"blend"``.
         top_k: how many of the largest vertebra probabilities ``"mean_top"`` averages.
+        calibrations: the fold models' fits for ``"calibrated"`` (:func:`fit_patient_calibration`).
 
     Returns:
         Array of shape ``vertebra_probs.shape[:-1]``.
@@ -65,6 +145,11 @@ def patient_overall(
         raise ValueError(f"vertebra_probs must have last axis {len(VERTEBRAE)} (C1..C7), got shape {p.shape}")
     if rule == "noisy_or":
         return _noisy_or(p)
+    if rule == "calibrated":
+        if not calibrations:
+            raise ConfigError("rule 'calibrated' needs at least one PatientCalibration (stored in stage-2 checkpoints)")
+        noisy_or = _noisy_or(p)
+        return np.mean([c.apply(noisy_or) for c in calibrations], axis=0)
     if rule == "max":
         return p.max(axis=-1)
     if rule == "mean_top":

@@ -67,7 +67,10 @@ class PipelineConfig:
 
     Attributes:
         rule: patient_overall rule over the seven (prior-filled) vertebra probabilities; one of
-            ``aggregate.PATIENT_RULES`` (``noisy_or``, ``max``, ``mean_top``, ``blend``).
+            ``aggregate.PATIENT_RULES``. ``calibrated`` (default): noisy-OR through the Platt fits that
+            the stage-2 checkpoints carry from their validation folds, averaged; checkpoints without
+            one fall back to plain ``noisy_or`` (logged). ``noisy_or``, ``max``, ``mean_top``, ``blend``:
+            fixed rules.
         blend_weight: weight of noisy-OR in the ``blend`` rule (the rest is ``max``).
         device: ``auto``, ``cpu`` or ``cuda[:k]``.
         tta: average the classifier over a horizontal flip on the full path.
@@ -87,7 +90,7 @@ class PipelineConfig:
         split: which image folder of the Kaggle layout holds the studies (``test`` or ``train``).
     """
 
-    rule: str = "noisy_or"
+    rule: str = "calibrated"
     blend_weight: float = 0.5
     device: str = "auto"
     tta: bool = False
@@ -231,6 +234,10 @@ class FracturePipeline:
         self._ensembles: dict[str, Any] = {}
         # The crop geometry must be the one the classifiers were trained on: it travels in their checkpoints.
         self.crop_config = self._ensemble("full").crop_config
+        self.calibrations = self._ensemble("full").calibrations
+        if self.cfg.rule == "calibrated" and not self.calibrations:
+            logger.warning("rule 'calibrated': no stage-2 checkpoint carries a patient_overall calibration "
+                           "(trained before they were stored); using plain noisy_or")
         self._segmenter("full")
 
     @classmethod
@@ -304,7 +311,9 @@ class FracturePipeline:
         """
         filled = np.where(np.isfinite(vertebra_probs), vertebra_probs, self.prior[: len(VERTEBRAE)])
         filled = clip_probabilities(filled)
-        overall = patient_overall(filled[None], rule=self.cfg.rule, blend_weight=self.cfg.blend_weight)[0]
+        rule = "noisy_or" if self.cfg.rule == "calibrated" and not self.calibrations else self.cfg.rule
+        overall = patient_overall(filled[None], rule=rule, blend_weight=self.cfg.blend_weight,
+                                  calibrations=self.calibrations)[0]
         return clip_probabilities(np.append(filled, overall))
 
     def predict_study(self, folder: str | Path, path: str = "full") -> StudyPrediction:

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="submission.csv (or the shard file with --shard)")
     parser.add_argument("--config", type=Path, default=None, help="YAML of PipelineConfig settings")
     parser.add_argument("--shard", default=None, metavar="I/N", help="predict only studies k with k %% N == I")
-    parser.add_argument("--rule", choices=PATIENT_RULES, default=None, help="patient_overall rule (default noisy_or)")
+    parser.add_argument("--rule", choices=PATIENT_RULES, default=None, help="patient_overall rule (default calibrated: noisy-OR through the checkpoints' validation fit)")
     parser.add_argument("--blend-weight", type=float, default=None, help="noisy-OR weight of the blend rule")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="wall-clock limit")
     parser.add_argument("--device", default=None, help="auto, cpu or cuda[:k]")

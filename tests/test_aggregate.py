@@ -6,8 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rsna_cspine.aggregate import build_submission, clip_probabilities, patient_overall, write_submission
-from rsna_cspine.constants import PROB_EPS, REAL_PREVALENCE, TARGET_COLUMNS
+from rsna_cspine.aggregate import (
+    PatientCalibration,
+    build_submission,
+    clip_probabilities,
+    fit_patient_calibration,
+    patient_overall,
+    write_submission,
+)
+from rsna_cspine.constants import PATIENT_WEIGHTS, PROB_EPS, REAL_PREVALENCE, TARGET_COLUMNS
+from rsna_cspine.metric import weighted_log_loss
 from rsna_cspine.errors import ConfigError, LayoutError, SubmissionError
 
 PROBS = np.array([[0.1, 0.2, 0.0, 0.0, 0.0, 0.0, 0.5], [0.0] * 7, [0.3, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
@@ -50,6 +58,52 @@ def test_patient_overall_refusals() -> None:
         patient_overall(PROBS, rule="blend", blend_weight=1.5)
     with pytest.raises(ValueError, match="patient_head shape"):
         patient_overall(PROBS, rule="blend", patient_head=np.zeros(2))
+
+
+def _overconfident_studies(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Vertebra probabilities that overstate the truth 4× in odds (a weighted, overfitted model), and labels."""
+    rng = np.random.default_rng(seed)
+    true_p = rng.beta(0.6, 5.0, size=(n, 7))
+    fractured = rng.random((n, 7)) < true_p
+    odds = 4.0 * true_p / (1.0 - true_p)
+    return odds / (1.0 + odds), fractured.any(axis=1).astype(float)
+
+
+def test_calibration_fitted_on_validation_beats_noisy_or_on_new_studies() -> None:
+    val_probs, val_labels = _overconfident_studies(400, seed=1)
+    test_probs, test_labels = _overconfident_studies(4000, seed=2)
+    calibration = fit_patient_calibration(val_probs, val_labels)
+    assert calibration.n_studies == 400 and calibration.n_positive == int(val_labels.sum())
+    weights = np.where(test_labels > 0.5, PATIENT_WEIGHTS[1], PATIENT_WEIGHTS[0])
+    plain = weighted_log_loss(test_labels, patient_overall(test_probs), weights)
+    calibrated = weighted_log_loss(test_labels, patient_overall(test_probs, "calibrated", calibrations=[calibration]), weights)
+    assert calibrated < plain - 0.1, (calibrated, plain)
+    # Monotone in noisy-OR: the ranking of studies (patient AUC) is untouched.
+    order = np.argsort(patient_overall(test_probs))
+    assert np.all(np.diff(calibration.apply(patient_overall(test_probs))[order]) >= 0)
+
+
+def test_calibration_of_one_class_is_a_smoothed_constant() -> None:
+    probs = np.random.default_rng(0).random((64, 7)) * 0.3
+    every = fit_patient_calibration(probs, np.ones(64))
+    assert every.slope == 0.0
+    np.testing.assert_allclose(every.apply(patient_overall(probs)), 64.5 / 65.0, rtol=1e-12)
+    none = fit_patient_calibration(probs, np.zeros(64))
+    np.testing.assert_allclose(none.apply(np.array([0.01, 0.99])), 0.5 / 65.0, rtol=1e-12)
+    assert PatientCalibration.from_dict(every.to_dict()) == every
+
+
+def test_calibrated_rule_averages_the_fold_fits_and_needs_one() -> None:
+    first, second = PatientCalibration(1.0, 0.5, 10, 5), PatientCalibration(0.5, -1.0, 10, 4)
+    noisy_or = patient_overall(PROBS[:1])
+    expected = (first.apply(noisy_or) + second.apply(noisy_or)) / 2
+    np.testing.assert_allclose(patient_overall(PROBS[:1], "calibrated", calibrations=[first, second]), expected)
+    z = np.log(0.64 / 0.36)
+    np.testing.assert_allclose(first.apply(noisy_or), 1 / (1 + np.exp(-(z + 0.5))), rtol=1e-9)
+    with pytest.raises(ConfigError, match="needs at least one PatientCalibration"):
+        patient_overall(PROBS, rule="calibrated")
+    with pytest.raises(ValueError, match="n labels"):
+        fit_patient_calibration(PROBS, np.ones(2))
 
 
 def test_clip_probabilities() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rsna_cspine.cls.train as train_module
-from rsna_cspine.aggregate import patient_overall
+from rsna_cspine.aggregate import PatientCalibration, fit_patient_calibration, patient_overall
 from rsna_cspine.cli import main as cli_main
 from rsna_cspine.cls.config import ClsAugConfig, ClsConfig
 from rsna_cspine.cls.data import StackAugment, VertebraDataset, vertebra_items
@@ -50,10 +50,12 @@ def _toy_dataset(tmp_path, n_studies: int = 14, seed: int = 0) -> tuple[str, str
         labels = (rng.random(7) < 0.35).astype(int)
         images = rng.integers(0, 80, size=(7, N_SLICES, CHANNELS, SIZE, SIZE)).astype(np.uint8)
         slice_labels = np.zeros((7, N_SLICES), dtype=np.int8)
+        box_maps = np.zeros((7, N_SLICES, SIZE, SIZE), dtype=np.uint8)
         for v in np.flatnonzero(labels):
             y, x = rng.integers(4, SIZE - 14, size=2)
             images[v, 2:5, :, y : y + 10, x : x + 10] = 230
             slice_labels[v, 2:5] = 1
+            box_maps[v, 2:5, y : y + 10, x : x + 10] = 1
         present = np.ones(7, dtype=bool)
         if s == absent_study:
             present[ABSENT_VERTEBRA] = False
@@ -65,6 +67,7 @@ def _toy_dataset(tmp_path, n_studies: int = 14, seed: int = 0) -> tuple[str, str
             z_range=np.tile(np.array([0, 2 * N_SLICES - 2], dtype=np.int32), (7, 1)),
             boxes=np.tile(np.array([0, SIZE, 0, SIZE], dtype=np.int32), (7, 1)),
             slice_labels=np.where(present[:, None], slice_labels, -1).astype(np.int8),
+            box_maps=box_maps,
         )
         save_crops(cache / f"{_uid(s)}.npz", crops, mask_source="gt")
         rows.append({"StudyInstanceUID": _uid(s), **dict(zip(VERTEBRAE, labels)), "patient_overall": int(labels.max())})
@@ -98,6 +101,58 @@ def test_weighted_bce_matches_the_competition_weights() -> None:
     known = (softplus(-slice_logits[0, 0]) + softplus(slice_logits[0, 1]) + softplus(slice_logits[1, 0])) / 3
     total, _ = fracture_loss(logit, label, slice_logits, slice_labels, slice_weight=0.5)
     torch.testing.assert_close(total, expected + 0.5 * known)
+
+
+def test_box_term_scores_the_cells_the_boxes_cover_on_known_slices() -> None:
+    logit, label = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])
+    box_logits = torch.tensor([[[[2.0, -1.0], [0.5, 0.0]]] * 2, [[[1.0, 1.0], [1.0, 1.0]]] * 2])  # (2, 2, 2, 2)
+    maps = torch.zeros(2, 2, 8, 8)
+    maps[0, 0, 1:3, 1:3] = 1.0  # top-left cell of slice 0 of item 0
+    slice_labels = torch.tensor([[1, -1], [0, 0]])  # item 0 slice 1 unknown: not scored
+    targets = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    scored = torch.stack([box_logits[0, 0].flatten(), box_logits[1, 0].flatten(), box_logits[1, 1].flatten()])
+    cells = torch.nn.functional.binary_cross_entropy_with_logits(scored, targets)
+    base, _ = fracture_loss(logit, label)
+    total, _ = fracture_loss(logit, label, None, slice_labels, 0.0, box_logits, maps, box_weight=0.7)
+    torch.testing.assert_close(total, base + 0.7 * cells)
+
+
+def test_box_logits_learn_where_the_fracture_is() -> None:
+    """A bright square in one quadrant of some slices: the per-cell output learns to point at it."""
+    rng = np.random.default_rng(0)
+    size, n = 64, 4
+
+    def batch(count: int) -> dict[str, torch.Tensor]:
+        images = rng.uniform(0.0, 0.3, size=(count, n, CHANNELS, size, size)).astype(np.float32)
+        maps = np.zeros((count, n, size, size), dtype=np.float32)
+        quadrant = rng.integers(0, 4, size=count)
+        for i, q in enumerate(quadrant):
+            y, x = 32 * (q // 2) + rng.integers(4, 18), 32 * (q % 2) + rng.integers(4, 18)
+            images[i, 1:3, :, y : y + 10, x : x + 10] = 0.9
+            maps[i, 1:3, y : y + 10, x : x + 10] = 1.0
+        known = np.zeros((count, n), dtype=np.int64)
+        known[:, 1:3] = 1
+        return {"image": torch.from_numpy(images), "box_map": torch.from_numpy(maps),
+                "slice_labels": torch.from_numpy(known), "label": torch.ones(count), "quadrant": torch.from_numpy(quadrant)}
+
+    torch.manual_seed(0)
+    model = FractureClassifier("test_resnet", CHANNELS, head="gru", hidden=8, box_logits=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train = batch(32)
+    for _ in range(40):
+        out = model(train["image"])
+        assert out["box_logits"].shape == (32, n, 2, 2)
+        loss, _ = fracture_loss(out["logit"], train["label"], None, train["slice_labels"], 0.0,
+                                out["box_logits"], train["box_map"], box_weight=1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    test = batch(24)
+    with torch.no_grad():
+        cells = model(test["image"])["box_logits"][:, 1:3].mean(1).flatten(1)  # (24, 4) on the square's slices
+    hits = (cells.argmax(1) == test["quadrant"]).float().mean()
+    assert hits >= 0.75, float(hits)  # chance is 0.25
 
 
 def test_augmentation_moves_every_plane_alike_and_leaves_the_mask_unbrightened() -> None:
@@ -157,9 +212,20 @@ def test_dataset_items_and_known_negative_slices(tmp_path) -> None:
         assert item["image"].shape == (N_SLICES, CHANNELS, SIZE, SIZE) and item["image"].dtype == torch.float32
         assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
         if item["label"] == 0:
-            assert (item["slice_labels"] == 0).all()
+            assert (item["slice_labels"] == 0).all() and (item["box_map"] == 0).all()
         else:
             assert item["slice_labels"].tolist() == [0, 0, 1, 1, 1, 0]
+            on = item["box_map"] > 0.5
+            assert on[2:5].sum() == 3 * 100 and not on[[0, 1, 5]].any()
+            assert (item["image"][:, 0][on] > 0.85).all()  # the map outlines the bright square
+    # Augmented, the map is moved exactly as the image: it still outlines the (moved) square.
+    still = ClsAugConfig(rotate_deg=25.0, brightness=0.0, contrast=0.0, scale_min=0.7, translate=0.1)
+    augmented = VertebraDataset(items[items["present"] & (items["label"] == 1)], StackAugment(still, SIZE, CHANNELS), seed=3)
+    for i in range(len(augmented)):
+        item = augmented[i]
+        inside = item["box_map"] >= 0.99
+        assert inside.any() and (item["image"][:, 0][inside] > 0.85).all()
+        assert not torch.equal(item["box_map"], VertebraDataset(augmented.items)[i]["box_map"])
 
 
 def test_loss_falls_on_a_learnable_toy_task(tmp_path) -> None:
@@ -262,8 +328,17 @@ def test_resume_equals_uninterrupted_and_oof_is_written(tmp_path, monkeypatch) -
     value = oof.loc[oof["StudyInstanceUID"] == absent_uid, VERTEBRAE[ABSENT_VERTEBRA]].item()
     assert value == pytest.approx(train_labels[VERTEBRAE[ABSENT_VERTEBRA]].mean())
 
+    # best.pt carries the patient_overall calibration fitted on exactly these validation predictions.
+    val_truth = labels.set_index("StudyInstanceUID").loc[oof["StudyInstanceUID"], "patient_overall"].to_numpy()
+    expected = fit_patient_calibration(probs, val_truth)
+    stored = PatientCalibration.from_dict(load_checkpoint(straight / "best.pt")["extra"]["patient_calibration"])
+    assert (stored.n_studies, stored.n_positive) == (expected.n_studies, expected.n_positive) == (len(oof), int(val_truth.sum()))
+    assert stored.slope == pytest.approx(expected.slope, rel=1e-4, abs=1e-6)
+    assert stored.intercept == pytest.approx(expected.intercept, rel=1e-4, abs=1e-6)
+
     # The checkpoint alone rebuilds the model for inference; absent vertebrae come back as NaN.
     ensemble = load_classifiers([straight / "best.pt", resumed / "best.pt"], torch.device("cpu"))
+    assert len(ensemble.calibrations) == 2
     crops = load_crops(f"{cache}/{absent_uid}.npz")
     single = load_classifiers([straight / "best.pt"], torch.device("cpu")).predict(crops)
     both = ensemble.predict(crops, tta=True)

@@ -8,6 +8,7 @@ import pytest
 from rsna_cspine.constants import VERTEBRAE
 from rsna_cspine.crops import (
     CropConfig,
+    box_maps_from_boxes,
     extract_vertebra_crops,
     load_crops,
     load_vertebra_stack,
@@ -207,13 +208,16 @@ def test_save_and_load_round_trip(tmp_path) -> None:
     cfg = CropConfig(n_slices=4, channels=3, size=16, windows=IDENTITY_WINDOW)
     crops = extract_vertebra_crops(hu, mask, cfg)
     crops.slice_labels = slice_labels_from_boxes(crops, np.array([12]), cfg.half_width)
+    assert crops.box_maps.shape == (7, 4, 16, 16) and not crops.box_maps.any()  # none drawn: empty maps
+    crops.box_maps[1, 0, 2:5, 3:9] = 1
     path = save_crops(tmp_path / "study.npz", crops, mask_source="gt")
     back = load_crops(path)
-    for name in ("images", "present", "slice_index", "z_range", "boxes", "slice_labels"):
+    for name in ("images", "present", "slice_index", "z_range", "boxes", "slice_labels", "box_maps"):
         np.testing.assert_array_equal(getattr(back, name), getattr(crops, name))
-    images, slice_labels = load_vertebra_stack(path, 1)
+    images, slice_labels, box_maps = load_vertebra_stack(path, 1)
     np.testing.assert_array_equal(images, crops.images[1])
     np.testing.assert_array_equal(slice_labels, crops.slice_labels[1])
+    np.testing.assert_array_equal(box_maps, crops.box_maps[1])
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -248,6 +252,10 @@ def test_cache_from_a_synthetic_kaggle_layout_matches_the_phantom(tmp_path) -> N
         np.testing.assert_array_equal(got.images, expected.images)
         np.testing.assert_array_equal(
             got.slice_labels, slice_labels_from_boxes(expected, box_z, cfg.half_width, rects, phantom.labels))
+        np.testing.assert_array_equal(
+            got.box_maps, box_maps_from_boxes(expected, box_z, cfg.half_width, rects, phantom.labels))
+        # A map is drawn exactly where the slice label says there is a fracture.
+        np.testing.assert_array_equal(got.box_maps.any(axis=(2, 3)), got.slice_labels == 1)
         # Each box marks only slices of the vertebra whose fracture it outlines (the generator knows which).
         for i, name in enumerate(VERTEBRAE):
             own = None if boxes is None else np.array([b["z"] for b in boxes if b["vertebra"] == name])
@@ -290,3 +298,25 @@ def test_a_box_counts_only_for_the_vertebra_its_rectangle_touches() -> None:
     # A rectangle that touches no vertebra (a mask that missed the fracture) keeps the slice rule.
     nowhere = slice_labels_from_boxes(crops, z, cfg.half_width, np.array([[0.0, 0.0, 3.0, 3.0]]), mask)
     np.testing.assert_array_equal(nowhere, by_slice)
+
+
+def test_box_maps_draw_the_counting_boxes_into_the_crop() -> None:
+    hu = np.zeros((24, 40, 40), dtype=np.float32)
+    mask = np.zeros(hu.shape, dtype=np.uint8)
+    mask[2:12, 10:30, 4:16] = 1
+    mask[4:22, 10:30, 20:40] = 2  # C2's crop square: 20 px (rows 10..30) → 10 crop pixels, 2 px each
+    cfg = CropConfig(n_slices=6, channels=3, size=10, margin=0.0, windows=((-400.0, 1500.0),))
+    crops = extract_vertebra_crops(hu, mask, cfg)
+    y0, y1, x0, x1 = crops.boxes[1]
+    assert (y1 - y0, x1 - x0) == (20, 20)
+    rect = np.array([[x0 + 4.0, y0 + 6.0, 6.0, 4.0]])  # (x, y, width, height): crop columns 2..5, rows 3..5
+    z = np.array([8])
+    maps = box_maps_from_boxes(crops, z, cfg.half_width, rect, mask)
+    labels = slice_labels_from_boxes(crops, z, cfg.half_width, rect, mask)
+    expected = np.zeros((10, 10), dtype=np.uint8)
+    expected[3:5, 2:5] = 1
+    for slot in range(cfg.n_slices):
+        np.testing.assert_array_equal(maps[1, slot], expected if labels[1, slot] == 1 else 0 * expected)
+    assert labels[1].sum() >= 1
+    assert not maps[0].any() and not maps[2:].any()  # the box touches only C2: C1's maps stay empty
+    assert not box_maps_from_boxes(crops, None, cfg.half_width, None, mask).any()

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dicom_factory import axial_positions, write_series
-from rsna_cspine.aggregate import PATIENT_RULES
+from rsna_cspine.aggregate import PATIENT_RULES, PatientCalibration
 from rsna_cspine.cls.config import ClsConfig
 from rsna_cspine.cls.model import build_classifier
 from rsna_cspine.config import to_dict
@@ -65,8 +65,13 @@ TRAIN_LABELS = pd.DataFrame(
 EXPECTED_PRIOR = np.clip(TRAIN_LABELS[list(TARGET_COLUMNS)].mean().to_numpy(), PROB_EPS, 1 - PROB_EPS)
 
 
-def make_tiny_models(root: Path, n_folds: int = 1, seed: int = 0) -> Path:
-    """A models folder (``seg/fold0/best.pt``, ``cls/fold{k}/best.pt``) of tiny untrained real networks."""
+def make_tiny_models(
+    root: Path, n_folds: int = 1, seed: int = 0, calibrations: list[PatientCalibration] | None = None
+) -> Path:
+    """A models folder (``seg/fold0/best.pt``, ``cls/fold{k}/best.pt``) of tiny untrained real networks.
+
+    ``calibrations`` (one per fold) go into the checkpoints as training stores them; default none.
+    """
     seed_everything(seed)
     seg = SegConfig()
     seg.data.grid = (16, 32, 32)
@@ -77,7 +82,9 @@ def make_tiny_models(root: Path, n_folds: int = 1, seed: int = 0) -> Path:
         cls = ClsConfig(fold=fold)
         cls.model.backbone, cls.model.hidden = "test_resnet", 8
         cls.data.crop.n_slices, cls.data.crop.channels, cls.data.crop.size = 4, 3, 32
-        save_checkpoint(root / "cls" / f"fold{fold}" / "best.pt", model=build_classifier(cls), epoch=1, config=to_dict(cls))
+        extra = {"patient_calibration": calibrations[fold].to_dict()} if calibrations else None
+        save_checkpoint(root / "cls" / f"fold{fold}" / "best.pt", model=build_classifier(cls), epoch=1, config=to_dict(cls),
+                        extra=extra)
     return root
 
 
@@ -204,6 +211,26 @@ def test_patient_overall_follows_the_rule_and_absent_vertebrae_take_the_prior(mo
     assert blended[7] == pytest.approx(0.25 * (1 - np.prod(1 - filled)) + 0.75 * 0.9)
     certain = FracturePipeline.from_models_dir(models, CPU, prior).aggregate(np.array([1.0, 0, 0, 0, 0, 0, 0]))
     assert certain.max() == 1 - PROB_EPS and certain.min() == PROB_EPS
+
+
+def test_default_rule_uses_the_checkpoints_calibrations_or_falls_back_to_noisy_or(
+    models: Path, tmp_path: Path, caplog
+) -> None:
+    prior = np.array([0.1, 0.2, 0.05, 0.06, 0.07, 0.15, 0.2, 0.5])
+    raw = np.array([0.3, 0.1, 0.01, 0.2, 0.05, 0.2, 0.4])
+    noisy_or = 1 - np.prod(1 - raw)
+    fits = [PatientCalibration(0.5, -1.0, 40, 20), PatientCalibration(2.0, 0.3, 40, 25)]
+    calibrated = make_tiny_models(tmp_path / "calibrated", n_folds=2, calibrations=fits)
+    pipeline = FracturePipeline.from_models_dir(calibrated, PipelineConfig(device="cpu"), prior)
+    assert pipeline.calibrations == fits
+    overall = pipeline.aggregate(raw)[7]
+    assert overall == pytest.approx((fits[0].apply(noisy_or) + fits[1].apply(noisy_or)) / 2, rel=1e-9)
+    assert abs(overall - noisy_or) > 0.05
+    # Checkpoints without a calibration: plain noisy-OR, and the log says so.
+    with caplog.at_level(logging.WARNING, logger="rsna_cspine.pipeline"):
+        plain = FracturePipeline.from_models_dir(models, PipelineConfig(device="cpu"), prior)
+    assert plain.aggregate(raw)[7] == pytest.approx(noisy_or, rel=1e-12)
+    assert "no stage-2 checkpoint carries a patient_overall calibration" in caplog.text
 
 
 def test_fold_ensemble_averages_and_cheap_path_uses_the_first_fold(models: Path, data: Path, tmp_path: Path) -> None:

@@ -52,6 +52,9 @@ class ClsModelConfig:
         vertebra_bias: a learned logit offset per vertebra (C1..C7), so the model can carry each
             vertebra's own base rate (C7 fractures ~5× as often as C3). Off by default only so that
             checkpoints written before it existed still load; the shipped configs switch it on.
+        box_logits: also predict, on the backbone's last feature map, which cells of each slice hold
+            the fracture (supervised by the bounding boxes drawn into the crop, ``box_loss_weight``):
+            the boxes then teach where to look, not only which slices.
     """
 
     backbone: str = "resnet50"
@@ -64,6 +67,7 @@ class ClsModelConfig:
     grad_checkpointing: bool = False
     global_pool: str = "avg"
     vertebra_bias: bool = False
+    box_logits: bool = False
 
 
 @dataclass
@@ -137,6 +141,8 @@ class ClsConfig:
         amp: mixed precision on GPU.
         grad_clip: max gradient norm (0 = off).
         slice_loss_weight: weight of the per-slice BCE on known slice labels (0 = off).
+        box_loss_weight: weight of the per-cell BCE of ``model.box_logits`` against the box maps, on
+            slices with known labels (0 = off).
         early_stopping_patience: epochs without a better validation score before stopping (0 = never).
         max_minutes: stop before an epoch that would overrun this budget, with the learning-rate
             schedule fitted to the epochs that fit (0 = no budget; see ``engine.TimeBudget``).
@@ -167,6 +173,7 @@ class ClsConfig:
     amp: bool = True
     grad_clip: float = 5.0
     slice_loss_weight: float = 0.2
+    box_loss_weight: float = 0.0
     early_stopping_patience: int = 5
     max_minutes: float = 0.0
     threads: int = 0
@@ -186,6 +193,10 @@ class ClsConfig:
             raise ConfigError(f"fold must be -1 or in [0, {self.n_folds}), with n_folds ≥ 2; got {self.fold}/{self.n_folds}")
         if self.epochs < 1 or self.batch_size < 1 or self.val_batch_size < 1:
             raise ConfigError("epochs, batch_size and val_batch_size must be ≥ 1")
+        if self.box_loss_weight < 0 or (self.box_loss_weight > 0) != self.model.box_logits:
+            # An output without its loss would be an unused parameter (DDP refuses those) and vice versa.
+            raise ConfigError("model.box_logits=true and box_loss_weight > 0 go together; got "
+                              f"box_logits={self.model.box_logits}, box_loss_weight={self.box_loss_weight}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         weights = self.vertebra_sampling_weights

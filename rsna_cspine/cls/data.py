@@ -119,7 +119,9 @@ class VertebraDataset(Dataset):
     """Items of :func:`vertebra_items` (present vertebrae only) → model inputs.
 
     Each item gives ``image (N, C, S, S)`` float32 in [0, 1], ``label`` float, ``slice_labels (N,)`` int64
-    (-1 unknown) and its row ``index``. A negative vertebra's slices are all known negatives.
+    (-1 unknown), ``box_map (N, S, S)`` float32 (where the boxes are, moved with the image; meaningful
+    where the slice label is known) and its row ``index``. A negative vertebra's slices are all known
+    negatives with empty maps.
 
     Args:
         items: rows of :func:`vertebra_items`.
@@ -138,7 +140,7 @@ class VertebraDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.in_memory = in_memory
-        self._memory: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._memory: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose augmentation draws are used (call before building the loader's iterator)."""
@@ -147,7 +149,7 @@ class VertebraDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _stack(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _stack(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if index in self._memory:
             return self._memory[index]
         row = self.items.iloc[index]
@@ -157,20 +159,28 @@ class VertebraDataset(Dataset):
         return stack
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        images, slice_labels = self._stack(index)
+        images, slice_labels, box_maps = self._stack(index)
         label = int(self.items.at[index, "label"])
         image = torch.from_numpy(to_unit_float(images))
         slice_target = torch.from_numpy(np.asarray(slice_labels, dtype=np.int64))
+        box_map = torch.from_numpy(np.asarray(box_maps, dtype=np.float32))
         if label == 0:
             slice_target = torch.zeros_like(slice_target)
+            box_map = torch.zeros_like(box_map)
         if self.augment is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(item_seed(self.seed, self.epoch, index))
-                image = self.augment(image)
+                if box_map.any():
+                    # The map rides as a trailing plane: the same geometry, and (past the image channels) no jitter.
+                    moved = self.augment(torch.cat([image, box_map[:, None]], dim=1))
+                    image, box_map = moved[:, :-1], moved[:, -1]
+                else:  # same draws, so the same geometry; an empty map stays empty
+                    image = self.augment(image)
         return {
             "image": image,
             "label": torch.tensor(float(label)),
             "slice_labels": slice_target,
+            "box_map": box_map,
             "vertebra": torch.tensor(int(self.items.at[index, "vertebra"])),
             "index": torch.tensor(index),
         }

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rsna_cspine.aggregate import PatientCalibration
 from rsna_cspine.cls.config import ClsConfig
 from rsna_cspine.cls.model import FractureClassifier, build_classifier
 from rsna_cspine.config import from_dict
@@ -43,6 +45,8 @@ class FractureEnsemble:
         cpu_bf16: bfloat16 autocast on CPU; honoured only where the CPU has native bf16
             (:func:`cpu_has_native_bf16`), about 2× faster there; probabilities then differ from fp32
             by ~1e-3, so it is off by default.
+        calibrations: the patient_overall fits stored with the models (one per model that has one),
+            for ``aggregate.patient_overall(rule="calibrated")``.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class FractureEnsemble:
         batch_size: int = 7,
         amp: bool = True,
         cpu_bf16: bool = False,
+        calibrations: Sequence[PatientCalibration] = (),
     ) -> None:
         if not models:
             raise ConfigError("an ensemble needs at least one model")
@@ -63,6 +68,7 @@ class FractureEnsemble:
         self.batch_size = batch_size
         self.amp = amp
         self.cpu_bf16 = cpu_bf16
+        self.calibrations = list(calibrations)
 
     @property
     def cpu_bf16(self) -> bool:
@@ -140,6 +146,7 @@ def load_classifiers(
     if not checkpoints:
         raise ConfigError("no stage-2 checkpoint given")
     models: list[FractureClassifier] = []
+    calibrations: list[PatientCalibration] = []
     crop_config: CropConfig | None = None
     amp = True
     for path in checkpoints:
@@ -155,6 +162,11 @@ def load_classifiers(
         model = build_classifier(cfg, load_pretrained=False)
         model.load_state_dict(state["model"])
         models.append(model)
+        if state.get("extra", {}).get("patient_calibration"):
+            calibrations.append(PatientCalibration.from_dict(state["extra"]["patient_calibration"]))
         log.info("loaded %s (%s, epoch %s, best score %s)", path, cfg.model.backbone, state.get("epoch"), state.get("best_score"))
     assert crop_config is not None
-    return FractureEnsemble(models, crop_config, device, batch_size=batch_size, amp=amp, cpu_bf16=cpu_bf16)
+    if calibrations and len(calibrations) < len(models):
+        log.warning("only %d of %d checkpoints carry a patient_overall calibration; using those", len(calibrations), len(models))
+    return FractureEnsemble(models, crop_config, device, batch_size=batch_size, amp=amp, cpu_bf16=cpu_bf16,
+                            calibrations=calibrations)

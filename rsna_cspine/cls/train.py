@@ -24,7 +24,7 @@ from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from rsna_cspine.aggregate import patient_overall
+from rsna_cspine.aggregate import PatientCalibration, fit_patient_calibration, patient_overall
 from rsna_cspine.cls.config import ClsConfig, ClsOptimConfig
 from rsna_cspine.cls.data import StackAugment, VertebraDataset, vertebra_items
 from rsna_cspine.cls.model import build_classifier
@@ -327,8 +327,11 @@ def fracture_loss(
     slice_logits: torch.Tensor | None = None,
     slice_labels: torch.Tensor | None = None,
     slice_weight: float = 0.0,
+    box_logits: torch.Tensor | None = None,
+    box_maps: torch.Tensor | None = None,
+    box_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Competition-weighted vertebra BCE plus optional per-slice BCE on known slice labels.
+    """Competition-weighted vertebra BCE plus optional per-slice and per-cell BCE on known slices.
 
     Positives weigh ``VERTEBRA_WEIGHTS[1]`` (2) and negatives ``VERTEBRA_WEIGHTS[0]`` (1), normalised by the
     weight sum as the metric does.
@@ -339,6 +342,10 @@ def fracture_loss(
         slice_logits: ``(B, N)`` or None.
         slice_labels: ``(B, N)`` in {-1, 0, 1}; -1 entries are ignored.
         slice_weight: multiplier of the slice term.
+        box_logits: ``(B, N, h, w)`` per-cell logits on the feature grid, or None.
+        box_maps: ``(B, N, S, S)`` where the boxes are in the crops (in [0, 1]); a cell's target is 1
+            when any of its pixels is at least half covered (max-pooled to the ``h×w`` grid).
+        box_weight: multiplier of the cell term (only slices whose label is known count).
 
     Returns:
         ``(total, vertebra_term)``.
@@ -354,23 +361,36 @@ def fracture_loss(
         if known.any():
             slice_term = F.binary_cross_entropy_with_logits(slice_logits.float()[known], slice_labels[known].float())
             total = total + slice_weight * slice_term
+    if box_weight > 0 and box_logits is not None and box_maps is not None and slice_labels is not None:
+        known = slice_labels >= 0
+        if known.any():
+            b, n, h, w = box_logits.shape
+            cells = F.adaptive_max_pool2d(box_maps.float().flatten(0, 1)[:, None], (h, w)).view(b, n, h, w)
+            box_term = F.binary_cross_entropy_with_logits(box_logits.float()[known], (cells[known] >= 0.5).float())
+            total = total + box_weight * box_term
     return total, vertebra
 
 
 def vertebra_batch_loss(
-    outputs: dict[str, torch.Tensor | None], batch: dict[str, torch.Tensor], slice_weight: float, device: torch.device
+    outputs: dict[str, torch.Tensor | None],
+    batch: dict[str, torch.Tensor],
+    slice_weight: float,
+    device: torch.device,
+    box_weight: float = 0.0,
 ) -> torch.Tensor:
     """:func:`fracture_loss` of one :class:`VertebraDataset` batch (its targets moved to ``device``).
 
     Args:
-        outputs: the classifier's ``logit`` and ``slice_logits``.
-        batch: ``label`` and ``slice_labels`` of the batch.
+        outputs: the classifier's ``logit``, ``slice_logits`` and ``box_logits``.
+        batch: ``label``, ``slice_labels`` and ``box_map`` of the batch.
         slice_weight: weight of the per-slice term.
         device: where the outputs are.
+        box_weight: weight of the per-cell term.
     """
+    box_logits = outputs.get("box_logits")
     loss, _ = fracture_loss(
         outputs["logit"], batch["label"].to(device), outputs["slice_logits"], batch["slice_labels"].to(device),
-        slice_weight,
+        slice_weight, box_logits, batch["box_map"].to(device) if box_logits is not None else None, box_weight,
     )
     return loss
 
@@ -539,12 +559,17 @@ class VertebraTask:
         self.has_validation = cfg.fold >= 0 and len(split.val_labels) > 0
         self.oof_path = Path(cfg.run_dir) / f"oof_fold{cfg.fold}.csv"
         self._last_pred: np.ndarray | None = None
+        self._calibration: PatientCalibration | None = None
 
     def loss(self, outputs: dict[str, torch.Tensor | None], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return vertebra_batch_loss(outputs, batch, self.cfg.slice_loss_weight, self.device)
+        return vertebra_batch_loss(outputs, batch, self.cfg.slice_loss_weight, self.device, self.cfg.box_loss_weight)
 
     def validate(self, model: torch.nn.Module) -> dict[str, float]:
         metrics, self._last_pred = _validate(model, self.val_set, self.split, self.cfg, self.device)
+        # Fitted on the very predictions of the weights being saved, so best.pt carries its own fit.
+        self._calibration = fit_patient_calibration(
+            self._last_pred[:, : len(VERTEBRAE)], self.split.val_labels["patient_overall"].to_numpy()
+        )
         return metrics
 
     def _write_oof(self, y_pred: np.ndarray) -> None:
@@ -565,7 +590,10 @@ class VertebraTask:
         log.info("best model: %s; out-of-fold predictions in %s", {k: round(v, 4) for k, v in metrics.items()}, self.oof_path)
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {"fold": self.cfg.fold}
+        extra: dict[str, Any] = {"fold": self.cfg.fold}
+        if self._calibration is not None:
+            extra["patient_calibration"] = self._calibration.to_dict()
+        return extra
 
 
 def fold_run_dir(cfg: ClsConfig) -> Path:

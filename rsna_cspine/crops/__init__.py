@@ -8,6 +8,7 @@ from rsna_cspine.crops.extract import (
     VertebraCrops,
     extract_vertebra_crops,
     slice_labels_from_boxes,
+    box_maps_from_boxes,
     to_unit_float,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "load_vertebra_stack",
     "save_crops",
     "slice_labels_from_boxes",
+    "box_maps_from_boxes",
     "to_unit_float",
 ]

@@ -21,7 +21,13 @@ from tqdm.auto import tqdm
 
 from rsna_cspine.config import to_dict
 from rsna_cspine.constants import VERTEBRAE
-from rsna_cspine.crops.extract import CropConfig, VertebraCrops, extract_vertebra_crops, slice_labels_from_boxes
+from rsna_cspine.crops.extract import (
+    CropConfig,
+    VertebraCrops,
+    box_maps_from_boxes,
+    extract_vertebra_crops,
+    slice_labels_from_boxes,
+)
 from rsna_cspine.errors import ConfigError, CSpineError, LayoutError
 
 log = logging.getLogger(__name__)
@@ -29,7 +35,7 @@ log = logging.getLogger(__name__)
 MASK_SOURCES: tuple[str, ...] = ("gt", "pred", "gt_then_pred")
 SETTINGS_FILE = "crop_config.yaml"
 #: How slice labels were drawn from the boxes; recorded so a cache built under another rule is refused.
-SLICE_LABEL_RULE = "box slice in the vertebra's range and box rectangle touching its mask"
+SLICE_LABEL_RULE = "box slice in the vertebra's range and box rectangle touching its mask; box maps in crop pixels"
 INDEX_FILE = "cache_index.csv"
 INDEX_COLUMNS: tuple[str, ...] = ("StudyInstanceUID", "path", "status", "mask_source", "n_present", "has_boxes", "error")
 
@@ -60,6 +66,7 @@ def save_crops(path: str | Path, crops: VertebraCrops, mask_source: str = "") ->
             z_range=crops.z_range,
             boxes=crops.boxes,
             slice_labels=crops.slice_labels,
+            box_maps=crops.box_maps,
             mask_source=np.array(mask_source),
             **arrays,
         )
@@ -84,24 +91,25 @@ def load_crops(path: str | Path) -> VertebraCrops:
                 z_range=data["z_range"],
                 boxes=data["boxes"],
                 slice_labels=data["slice_labels"],
+                box_maps=data["box_maps"],
             )
     except (OSError, KeyError, ValueError) as exc:
         raise CSpineError(f"unreadable crop file ({exc})", path) from exc
 
 
-def load_vertebra_stack(path: str | Path, vertebra: int) -> tuple[np.ndarray, np.ndarray]:
-    """One vertebra's stack and its slice labels, without decompressing the other six.
+def load_vertebra_stack(path: str | Path, vertebra: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One vertebra's stack, slice labels and box maps, without decompressing the other six stacks.
 
     Args:
         path: the study's ``.npz`` file.
         vertebra: 0-based index (0 = C1).
 
     Returns:
-        ``images (N, C, S, S)`` as stored and ``slice_labels (N,)`` int8.
+        ``images (N, C, S, S)`` as stored, ``slice_labels (N,)`` int8 and ``box_maps (N, S, S)`` uint8.
     """
     try:
         with np.load(path) as data:
-            return data[f"images_{VERTEBRAE[vertebra]}"], data["slice_labels"][vertebra]
+            return data[f"images_{VERTEBRAE[vertebra]}"], data["slice_labels"][vertebra], data["box_maps"][vertebra]
     except (OSError, KeyError, ValueError) as exc:
         raise CSpineError(f"unreadable crop file ({exc})", path) from exc
 
@@ -190,6 +198,7 @@ def _build_one(
         crops = extract_vertebra_crops(volume.hu, mask, cfg, spacing=volume.spacing)
         box_z, box_rects = _box_slices(volume, study_boxes)
         crops.slice_labels = slice_labels_from_boxes(crops, box_z, cfg.half_width, box_rects, mask)
+        crops.box_maps = box_maps_from_boxes(crops, box_z, cfg.half_width, box_rects, mask)
         save_crops(out_path, crops, mask_source=used)
         row.update(status="built", mask_source=used, n_present=int(crops.present.sum()), error="")
     except Exception as exc:  # noqa: BLE001 - one broken study must not stop a 2,000-study build

@@ -102,6 +102,9 @@ class VertebraCrops:
         boxes: ``(7, 4)`` crop square ``(y0, y1, x0, x1)`` in volume pixels (end exclusive; may reach past
             the image, where air was padded); -1 when absent.
         slice_labels: ``(7, N)`` per-centre-slice fracture evidence (1/0, -1 unknown); filled by the cache.
+        box_maps: ``(7, N, S, S)`` uint8, 1 where a box that counts for the vertebra (see
+            :func:`box_maps_from_boxes`) covers the crop; meaningful where ``slice_labels`` is known.
+            Empty ``(0, ...)`` when not computed.
     """
 
     images: np.ndarray
@@ -110,10 +113,13 @@ class VertebraCrops:
     z_range: np.ndarray
     boxes: np.ndarray
     slice_labels: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int8))
+    box_maps: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0, 0), np.uint8))
 
     def __post_init__(self) -> None:
         if self.slice_labels.size == 0:
             self.slice_labels = np.full(self.slice_index.shape, -1, dtype=np.int8)
+        if self.box_maps.size == 0:
+            self.box_maps = np.zeros((*self.slice_index.shape, *self.images.shape[-2:]), dtype=np.uint8)
 
     @property
     def n_slices(self) -> int:
@@ -268,6 +274,59 @@ def slice_labels_from_boxes(
     labels = np.full(crops.slice_index.shape, -1, dtype=np.int8)
     if box_z is None:
         return labels
+    for i, near in _boxes_near_centres(crops, box_z, half_width, box_rects, mask):
+        labels[i] = near.any(axis=1).astype(np.int8)
+    return labels
+
+
+def box_maps_from_boxes(
+    crops: VertebraCrops,
+    box_z: np.ndarray | None,
+    half_width: int,
+    box_rects: np.ndarray | None,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Where on each centre slice's crop the fracture is: the boxes' rectangles drawn into the crop.
+
+    The boxes that count are those of :func:`slice_labels_from_boxes` (a box within ``half_width``
+    slices of the centre, in the vertebra's z-range, touching its mask); each is mapped through the
+    vertebra's crop square into ``S×S`` crop pixels. A slice whose label is 0 gets an empty map.
+
+    Args:
+        crops: the study's stacks (``slice_index``, ``z_range``, ``boxes``, image size are used).
+        box_z: z index of every box, or None when the study has no boxes (all maps empty).
+        half_width: the stack's reach in slices.
+        box_rects: ``(len(box_z), 4)`` pixel rectangles ``(x, y, width, height)``, or None (all empty).
+        mask: ``(z, y, x)`` labels the crops were cut from (for the touching rule; None = slice rule).
+
+    Returns:
+        ``(7, N, S, S)`` uint8 in {0, 1}.
+    """
+    size = crops.images.shape[-1]
+    maps = np.zeros((*crops.slice_index.shape, size, size), dtype=np.uint8)
+    if box_z is None or box_rects is None:
+        return maps
+    rects = np.asarray(box_rects, dtype=np.float64).reshape(-1, 4)
+    for i, near in _boxes_near_centres(crops, box_z, half_width, rects, mask):
+        y0, y1, x0, x1 = (float(v) for v in crops.boxes[i])
+        scale_y, scale_x = size / (y1 - y0), size / (x1 - x0)
+        for slot, box_rows in enumerate(near):
+            for x, y, w, h in rects[np.flatnonzero(box_rows)]:
+                r0, r1 = max(int(np.floor((y - y0) * scale_y)), 0), min(int(np.ceil((y + h - y0) * scale_y)), size)
+                c0, c1 = max(int(np.floor((x - x0) * scale_x)), 0), min(int(np.ceil((x + w - x0) * scale_x)), size)
+                maps[i, slot, r0:r1, c0:c1] = 1
+    return maps
+
+
+def _boxes_near_centres(
+    crops: VertebraCrops,
+    box_z: np.ndarray,
+    half_width: int,
+    box_rects: np.ndarray | None,
+    mask: np.ndarray | None,
+) -> list[tuple[int, np.ndarray]]:
+    """For each present vertebra ``i``: ``(i, near)``, ``near[slot, k]`` True when box ``k`` counts for
+    the vertebra and lies within ``half_width`` slices of centre slice ``slot``."""
     box_z = np.asarray(box_z, dtype=np.int64)
     touches = None  # (boxes, 7): which vertebrae each box's rectangle touches
     if box_rects is not None and mask is not None and len(box_z):
@@ -280,11 +339,11 @@ def slice_labels_from_boxes(
             found = np.unique(np.asarray(mask[z, y0:y1, x0:x1]))
             touches[k] = [label in found for label in CERVICAL_LABELS]
         touches[~touches.any(axis=1)] = True  # touches no vertebra: keep the slice rule
+    out = []
     for i in np.flatnonzero(crops.present):
         z0, z1 = crops.z_range[i]
         counts = (box_z >= z0) & (box_z <= z1)
         if touches is not None:
             counts &= touches[:, i]
-        near = np.abs(crops.slice_index[i][:, None] - box_z[counts][None, :]) <= half_width
-        labels[i] = near.any(axis=1).astype(np.int8)
-    return labels
+        out.append((int(i), (np.abs(crops.slice_index[i][:, None] - box_z[None, :]) <= half_width) & counts[None, :]))
+    return out

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from rsna_cspine.aggregate import PATIENT_RULES
+from rsna_cspine.aggregate import FIXED_PATIENT_RULES
 from rsna_cspine.errors import CSpineError
 from rsna_cspine.report.cv import run_cv
 
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability counted as positive (default 0.5)")
     parser.add_argument(
-        "--rule", choices=PATIENT_RULES, default="noisy_or", help="patient_overall rule where the OOF files lack it"
+        "--rule", choices=FIXED_PATIENT_RULES, default="noisy_or", help="patient_overall rule where the OOF files lack it"
     )
     parser.add_argument("--bins", type=int, default=10, help="reliability-table bins (default 10)")
 

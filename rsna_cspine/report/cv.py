@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-from rsna_cspine.aggregate import PATIENT_RULES, patient_overall
+from rsna_cspine.aggregate import FIXED_PATIENT_RULES, patient_overall
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import ConfigError, LayoutError
 from rsna_cspine.io.kaggle import check_train_labels, read_train_labels
@@ -276,8 +276,8 @@ def cv_report(
     """
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"threshold must be in (0, 1), got {threshold}")
-    if rule not in PATIENT_RULES:
-        raise ConfigError(f"unknown patient_overall rule {rule!r}; expected one of {PATIENT_RULES}")
+    if rule not in FIXED_PATIENT_RULES:
+        raise ConfigError(f"unknown patient_overall rule {rule!r}; expected one of {FIXED_PATIENT_RULES}")
     if n_bins < 1:
         raise ConfigError(f"n_bins must be >= 1, got {n_bins}")
     labels = check_train_labels(labels, source="labels")
