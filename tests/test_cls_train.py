@@ -8,12 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import ndimage
 
 import rsna_cspine.cls.train as train_module
 from rsna_cspine.aggregate import PatientCalibration, fit_patient_calibration, patient_overall
 from rsna_cspine.cli import main as cli_main
 from rsna_cspine.cls.config import ClsAugConfig, ClsConfig
-from rsna_cspine.cls.data import StackAugment, VertebraDataset, vertebra_items
+from rsna_cspine.cls.data import StackAugment, VertebraDataset, intensity_levels, match_levels, vertebra_items
 from rsna_cspine.cls.model import FractureClassifier
 from rsna_cspine.cls.predict import load_classifiers
 from rsna_cspine.cls.train import fracture_loss, train_classifier
@@ -228,6 +229,62 @@ def test_dataset_items_and_known_negative_slices(tmp_path) -> None:
         assert not torch.equal(item["box_map"], VertebraDataset(augmented.items)[i]["box_map"])
 
 
+def test_fracture_paste_copies_a_same_vertebra_donor_box_with_its_labels(tmp_path) -> None:
+    root, cache = _toy_dataset(tmp_path, n_studies=8)
+    labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
+    items = vertebra_items(labels, {u: f"{cache}/{u}.npz" for u in labels["StudyInstanceUID"]})
+    items = items[items["present"]].reset_index(drop=True)
+    plain = VertebraDataset(items)
+    keep = lambda stack: stack  # noqa: E731  (no geometry: pasted pixels stay where the donor had them)
+    pasting = VertebraDataset(items, keep, seed=5, paste_prob=1.0, paste_feather=1.0)
+    donors = {v: [plain[i] for i in np.flatnonzero((items["label"] == 1) & (items["vertebra"] == v))] for v in range(7)}
+    pasted = 0
+    for i in np.flatnonzero(items["label"] == 0):
+        item, before = pasting[i], plain[i]
+        same_vertebra = donors[int(items.at[i, "vertebra"])]
+        if not same_vertebra:
+            assert item["label"] == 0 and torch.equal(item["image"], before["image"])  # nothing to paste
+            continue
+        pasted += 1
+        assert item["label"] == 1 and item["slice_labels"].tolist() == [0, 0, 1, 1, 1, 0]
+        # The map is one of this vertebra's donors' maps; inside it are that donor's pixels on this stack's levels.
+        donor = next(d for d in same_vertebra if torch.equal(d["box_map"], item["box_map"]))
+        inside = (item["box_map"] > 0.5)[:, None].expand_as(item["image"])
+        expected = match_levels(donor["image"], intensity_levels(donor["image"]), intensity_levels(before["image"]))
+        torch.testing.assert_close(item["image"][inside], expected[inside], atol=1e-6, rtol=0)
+        assert not torch.equal(item["image"][inside], before["image"][inside])
+        # Beyond the blur kernel (4 sigma each way, so up to 4√2 px on a diagonal) the stack is untouched.
+        far = torch.from_numpy(ndimage.distance_transform_edt(item["box_map"].numpy() < 0.5, sampling=(100.0, 1.0, 1.0)) > 6)
+        assert torch.equal(item["image"].permute(1, 0, 2, 3)[:, far], before["image"].permute(1, 0, 2, 3)[:, far])
+        again = pasting[i]
+        assert torch.equal(again["image"], item["image"])  # fixed by (seed, epoch, item)
+    assert pasted >= 10
+    # Fractured items are never changed, nothing is pasted without augmentation or with paste_prob 0.
+    first_positive = int(np.flatnonzero(items["label"] == 1)[0])
+    assert torch.equal(pasting[first_positive]["image"], plain[first_positive]["image"])
+    for dataset in (VertebraDataset(items, None, paste_prob=1.0), VertebraDataset(items, keep, paste_prob=0.0)):
+        assert all(dataset[i]["label"] == items.at[i, "label"] for i in range(len(items)))
+    # About paste_prob of the negatives get one, drawn afresh each epoch.
+    some = VertebraDataset(items, keep, seed=1, paste_prob=0.5)
+    negatives = np.flatnonzero(items["label"] == 0)
+    draws = []
+    for epoch in range(4):
+        some.set_epoch(epoch)
+        draws.append([int(some[i]["label"]) for i in negatives])
+    share = np.mean(draws)
+    assert 0.3 < share < 0.6 and draws[0] != draws[1]
+
+
+def test_level_matching_maps_a_rescaled_stack_back_and_keeps_flat_channels() -> None:
+    reference = torch.rand(4, 3, 16, 16) * 0.6 + 0.1
+    reference[:, 2] = 0.0  # a flat plane (an empty mask)
+    source = (reference * 0.5 + 0.2).clamp(0, 1)
+    source[:, 2] = 1.0
+    matched = match_levels(source, intensity_levels(source), intensity_levels(reference))
+    torch.testing.assert_close(matched[:, :2], reference[:, :2], atol=2e-3, rtol=0)
+    assert torch.equal(matched[:, 2], source[:, 2])
+
+
 def test_loss_falls_on_a_learnable_toy_task(tmp_path) -> None:
     torch.manual_seed(0)
     root, cache = _toy_dataset(tmp_path, n_studies=4)
@@ -393,9 +450,15 @@ def test_weight_average_and_vertebra_sampling_resume_equals_uninterrupted(tmp_pa
     labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
     from rsna_cspine.metric import score_arrays
 
-    rescored = score_arrays(labels.loc[oof["StudyInstanceUID"], list(TARGET_COLUMNS)].to_numpy(float),
-                            oof[list(TARGET_COLUMNS)].to_numpy(float))
-    assert rescored == pytest.approx(summary.loc[summary["epoch"] == best["epoch"], "val_score"].item(), abs=1e-5)
+    truth = labels.loc[oof["StudyInstanceUID"], list(TARGET_COLUMNS)].to_numpy(float)
+    plain = oof[list(TARGET_COLUMNS)].to_numpy(float)
+    at_best = summary.loc[summary["epoch"] == best["epoch"]]
+    assert score_arrays(truth, plain) == pytest.approx(at_best["val_score_noisy_or"].item(), abs=1e-5)
+    # val_score (what picks best.pt) scores patient_overall through best.pt's own calibration.
+    calibrated = plain.copy()
+    calibrated[:, -1] = patient_overall(plain[:, :-1], rule="calibrated",
+                                        calibrations=[PatientCalibration.from_dict(best["extra"]["patient_calibration"])])
+    assert score_arrays(truth, calibrated) == pytest.approx(at_best["val_score"].item(), abs=1e-5)
 
 
 def test_vertebra_sampling_draws_each_vertebra_in_proportion(tmp_path) -> None:

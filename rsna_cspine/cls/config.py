@@ -83,6 +83,12 @@ class ClsAugConfig:
         translate: largest shift as a fraction of the size.
         brightness: largest additive intensity shift (images are 0..1).
         contrast: largest relative contrast change.
+        paste_prob: probability that a fracture-free training stack gets a fracture pasted in (copy-paste
+            augmentation, 0 = off): the box regions of a fractured stack of the same vertebra from the same
+            split (its per-slice box maps, see ``crops.box_maps_from_boxes``), blended in with a soft edge on
+            the same centre slices, with that stack's slice labels; the item then counts as fractured.
+            Raises the fractured share the model sees by about ``paste_prob`` × the negative share.
+        paste_feather: width in pixels of the soft edge around a pasted box (Gaussian sigma).
     """
 
     enabled: bool = True
@@ -93,6 +99,8 @@ class ClsAugConfig:
     translate: float = 0.05
     brightness: float = 0.1
     contrast: float = 0.15
+    paste_prob: float = 0.0
+    paste_feather: float = 1.5
 
 
 @dataclass
@@ -204,3 +212,6 @@ class ClsConfig:
             raise ConfigError(f"vertebra_sampling_weights must be 7 non-negative values (C1..C7), not all zero; got {weights}")
         if not 0.0 < self.aug.scale_min <= 1.0:
             raise ConfigError(f"aug.scale_min must be in (0, 1], got {self.aug.scale_min}")
+        if not 0.0 <= self.aug.paste_prob <= 1.0 or self.aug.paste_feather < 0:
+            raise ConfigError("aug.paste_prob must be in [0, 1] and aug.paste_feather ≥ 0; got "
+                              f"{self.aug.paste_prob}, {self.aug.paste_feather}")

@@ -494,21 +494,33 @@ def study_predictions(items: pd.DataFrame, probs: np.ndarray, studies: list[str]
 
 def _validate(
     model: torch.nn.Module, dataset: VertebraDataset, split: _Split, cfg: ClsConfig, device: torch.device
-) -> tuple[dict[str, float], np.ndarray]:
-    """Validation metrics and the ``(n_val_studies, 8)`` predictions in ``split.val_labels`` order."""
+) -> tuple[dict[str, float], np.ndarray, PatientCalibration]:
+    """Validation metrics, the ``(n_val_studies, 8)`` predictions in ``split.val_labels`` order (noisy-OR
+    patient_overall, what the OOF file and the CV report take) and the patient calibration fitted on them.
+
+    ``val_score`` scores patient_overall as the pipeline will: through that calibration. It is fitted on
+    these same studies (two parameters), but the fit is the checkpoint's own, and with plain noisy-OR the
+    14-weight patient column's miscalibration moved the score more than the vertebra predictions did
+    (cls_ev12 kept epoch 3 of 15). ``val_score_noisy_or`` is the plain-noisy-OR view.
+    """
     probs = predict_batches(model, dataset, cfg.val_batch_size, device, cfg.amp, vertebra_probs, cfg.data.num_workers)
     labels = split.val["label"].to_numpy(np.float64)
     weights = np.where(labels > 0.5, VERTEBRA_WEIGHTS[1], VERTEBRA_WEIGHTS[0])
     studies = split.val_labels["StudyInstanceUID"].tolist()
     y_true = split.val_labels[list(TARGET_COLUMNS)].to_numpy(np.float64)
     y_pred = study_predictions(split.val, probs, studies, split.prior)
+    calibration = fit_patient_calibration(y_pred[:, : len(VERTEBRAE)], y_true[:, len(VERTEBRAE)])
+    calibrated = y_pred.copy()
+    calibrated[:, len(VERTEBRAE)] = patient_overall(y_pred[:, : len(VERTEBRAE)], rule="calibrated",
+                                                    calibrations=[calibration])
     metrics = {
         "val_loss": weighted_log_loss(labels, probs, weights) if len(labels) else float("nan"),
         "val_auc": _auc(labels, probs),
-        "val_score": score_arrays(y_true, y_pred),
+        "val_score": score_arrays(y_true, calibrated),
+        "val_score_noisy_or": score_arrays(y_true, y_pred),
         "prior_score": score_arrays(y_true, np.tile(split.prior, (len(studies), 1))),
     }
-    return metrics, y_pred
+    return metrics, y_pred, calibration
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -553,7 +565,8 @@ class VertebraTask:
         if cfg.vertebra_sampling_weights:
             weights = np.asarray(cfg.vertebra_sampling_weights, dtype=np.float64)[split.train["vertebra"].to_numpy()]
         self.train_set = VertebraDataset(split.train, augment, seed=cfg.seed, in_memory=cfg.data.in_memory,
-                                         sample_weights=weights)
+                                         sample_weights=weights, paste_prob=cfg.aug.paste_prob,
+                                         paste_feather=cfg.aug.paste_feather)
         self.val_set = VertebraDataset(split.val, None, in_memory=cfg.data.in_memory)
         self.model = build_classifier(cfg).to(device)
         self.has_validation = cfg.fold >= 0 and len(split.val_labels) > 0
@@ -565,11 +578,8 @@ class VertebraTask:
         return vertebra_batch_loss(outputs, batch, self.cfg.slice_loss_weight, self.device, self.cfg.box_loss_weight)
 
     def validate(self, model: torch.nn.Module) -> dict[str, float]:
-        metrics, self._last_pred = _validate(model, self.val_set, self.split, self.cfg, self.device)
         # Fitted on the very predictions of the weights being saved, so best.pt carries its own fit.
-        self._calibration = fit_patient_calibration(
-            self._last_pred[:, : len(VERTEBRAE)], self.split.val_labels["patient_overall"].to_numpy()
-        )
+        metrics, self._last_pred, self._calibration = _validate(model, self.val_set, self.split, self.cfg, self.device)
         return metrics
 
     def _write_oof(self, y_pred: np.ndarray) -> None:
@@ -585,7 +595,7 @@ class VertebraTask:
         # Re-score with best.pt so the OOF file always matches the checkpoint the CV and ensemble use.
         best_model = build_classifier(self.cfg, load_pretrained=False).to(self.device)
         load_checkpoint(best_path, model=best_model, map_location=self.device)
-        metrics, y_pred = _validate(best_model, self.val_set, self.split, self.cfg, self.device)
+        metrics, y_pred, _ = _validate(best_model, self.val_set, self.split, self.cfg, self.device)
         self._write_oof(y_pred)
         log.info("best model: %s; out-of-fold predictions in %s", {k: round(v, 4) for k, v in metrics.items()}, self.oof_path)
 

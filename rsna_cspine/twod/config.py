@@ -173,6 +173,9 @@ class TwoDConfig:
             raise ConfigError("epochs, batch_size and val_batch_size must be ≥ 1")
         if not 0.0 < self.aug.scale_min <= 1.0:
             raise ConfigError(f"aug.scale_min must be in (0, 1], got {self.aug.scale_min}")
+        if self.aug.paste_prob > 0:
+            raise ConfigError("aug.paste_prob (fracture copy-paste) needs per-slice box maps of vertebra stacks; "
+                              "the 2D mode has none: set it to 0")
         if self.bn_recalibration_images < 0:
             raise ConfigError(f"bn_recalibration_images must be ≥ 0, got {self.bn_recalibration_images}")
         if self.monitor not in MONITORS:
