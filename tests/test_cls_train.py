@@ -22,6 +22,7 @@ from rsna_cspine.config import load_config, save_config
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.crops import CropConfig, VertebraCrops, load_crops, save_crops
 from rsna_cspine.engine import fold_of, load_checkpoint
+from rsna_cspine.errors import ConfigError
 
 torch.set_num_threads(1)
 
@@ -273,6 +274,9 @@ def test_fracture_paste_copies_a_same_vertebra_donor_box_with_its_labels(tmp_pat
         draws.append([int(some[i]["label"]) for i in negatives])
     share = np.mean(draws)
     assert 0.3 < share < 0.6 and draws[0] != draws[1]
+    for key, value in (("aug.paste_prob", 1.5), ("aug.paste_feather", -1.0)):
+        with pytest.raises(ConfigError, match="paste"):
+            load_config(ClsConfig, None, [f"{key}={value}"]).validate()
 
 
 def test_level_matching_maps_a_rescaled_stack_back_and_keeps_flat_channels() -> None:

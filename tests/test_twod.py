@@ -311,7 +311,7 @@ def test_time_budget_stops_after_the_first_epoch(tmp_path, image_folder) -> None
 
 def test_config_refuses_bad_values() -> None:
     for key, value in (("split.mode", "random"), ("data.in_chans", 2), ("monitor", "train_loss"),
-                       ("split.val_fraction", 0.9)):
+                       ("split.val_fraction", 0.9), ("aug.paste_prob", 0.5)):
         cfg = load_config(TwoDConfig, None, [f"{key}={value}"])
         with pytest.raises(ConfigError):
             cfg.validate()
