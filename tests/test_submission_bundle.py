@@ -118,11 +118,11 @@ def test_wheel_installs_offline_into_a_fresh_venv(built: tuple[Path, Path, dict]
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-index", "--no-deps",
          "--find-links", str(bundle / "wheels"), "rsna_cspine"],
-        check=True, capture_output=True,
+        check=True, capture_output=True, env=_offline_env(),
     )  # fmt: skip
     result = subprocess.run(
         [str(python), "-c", "import rsna_cspine; print(rsna_cspine.__version__, rsna_cspine.__file__)"],
-        capture_output=True, text=True, cwd=tmp_path, check=True,
+        capture_output=True, text=True, cwd=tmp_path, check=True, env=_offline_env(),  # no PYTHONPATH to the repo
     )  # fmt: skip
     version, location = result.stdout.split()
     assert version == built[2]["rsna_cspine_version"] and location.startswith(str(venv))
