@@ -59,7 +59,8 @@ def check_pretrained_file(name: str, path: str | Path | None) -> None:
         ConfigError: the file does not exist (the message says how to get it).
     """
     if path and not Path(path).is_file():
-        raise ConfigError(f"pretrained weights file not found (model.pretrained_file); {pretrained_hint(name, path)}", path)
+        raise ConfigError(f"pretrained weights file not found (model.pretrained_file); {pretrained_hint(name, path)}",
+                          path)
 
 
 def pretrained_normalisation(pretrained_cfg: dict[str, Any], in_chans: int) -> tuple[list[float], list[float]]:
@@ -119,7 +120,8 @@ def backbone_normalisation(backbone: nn.Module, in_chans: int, pretrained: bool)
         pretrained: use the pretrained statistics (the weights came, or will come, from a pretrained file).
     """
     if pretrained:
-        return InputNormalisation(*pretrained_normalisation(dict(getattr(backbone, "pretrained_cfg", {}) or {}), in_chans))
+        cfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
+        return InputNormalisation(*pretrained_normalisation(cfg, in_chans))
     return InputNormalisation([SCRATCH_MEAN] * in_chans, [SCRATCH_STD] * in_chans)
 
 
