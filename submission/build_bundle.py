@@ -340,7 +340,9 @@ def build_bundle(
         "dependencies_expected_on_kaggle": list(exclude),
         "wheel_versions": _wheel_versions(wheels),
         "models": models,
-        "install": "pip install --no-index --find-links <bundle>/wheels rsna_cspine",
+        "install": "the notebook: pip install --no-index --no-deps --find-links <bundle>/wheels <missing or too-old "
+                   "requirements>, then pip install --no-index --find-links <bundle>/wheels rsna_cspine (--no-deps "
+                   "when a minimum cannot be met)",
     }
     manifest = write_manifest(out_dir, info)
     logger.info("bundle %s: %d files, %.1f MB", out_dir, len(manifest["files"]), sum(f["size"] for f in manifest["files"]) / 1e6)

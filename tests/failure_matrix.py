@@ -277,6 +277,24 @@ CASES: tuple[Case, ...] = (
          (_RI + "test_degenerate_studies_are_predicted_with_the_prior_for_absent_vertebrae",)),
     Case(RUN, "No usable models", "Every study gets the prior; the submission is complete; the cause is logged.",
          (_PI + "test_missing_models_still_write_a_complete_prior_submission",)),
+    Case(RUN, "Kaggle notebook: a bundle file truncated, changed or missing (fails `SHA256SUMS`)",
+         "The pipeline is not run; every test.csv row gets the training prior, in test.csv order; a banner names "
+         "the files.",
+         ("tests/test_notebook.py::test_a_corrupted_bundle_gives_the_prior_and_says_why",)),
+    Case(RUN, "Kaggle notebook: the image lacks dependencies or has them too old; minimums nobody can meet offline",
+         "Only the missing/too-old requirements with a wheel in the bundle are installed (`--no-index --no-deps`), "
+         "satisfied ones are left alone, the project wheel falls back to `--no-deps`; if the project still cannot "
+         "be imported, the prior is written for every row and the reason printed.",
+         ("tests/test_submission_bundle.py::"
+          "test_notebook_install_cell_in_a_fresh_venv_installs_only_what_is_missing_then_falls_back_to_the_prior",)),
+    Case(RUN, "Kaggle notebook: the prediction run as a whole raises (bad setting)",
+         "The prior for every row, the reason printed.",
+         ("tests/test_notebook.py::test_a_failing_prediction_gives_the_prior_and_says_why",)),
+    Case(RUN, "Training config names a pretrained weights file that is absent, or of another architecture",
+         "Training stops before any data work with a `ConfigError` naming the file and how to get it; weights "
+         "that do not fit the backbone are a `ConfigError` naming the file and the model.",
+         ("tests/test_cls_model.py::test_gpu_configs_need_their_weights_file_and_say_how_to_get_it",
+          "tests/test_cls_model.py::test_weights_of_another_architecture_are_a_config_error")),
     Case(RUN, "Interrupted prediction run",
          "A rerun resumes from the finished studies' parts and writes the same submission; changed settings "
          "recompute everything.",

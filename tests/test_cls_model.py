@@ -165,3 +165,131 @@ def copy_of(model: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     return copy.deepcopy(model).eval()
+
+
+# ------------------------------------------------------------------ pretrained files and input normalisation
+
+
+def _save_timm_weights(path, name: str = "test_resnet", seed: int = 3, wrap: str | None = None):
+    """A timm model's ImageNet-shaped state dict (3 channels, 1000 classes) written as timm caches it."""
+    torch.manual_seed(seed)
+    source = timm.create_model(name, pretrained=False)
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), str(path))
+    else:
+        torch.save({wrap: source.state_dict()} if wrap else source.state_dict(), path)
+    return source.eval()
+
+
+def _cls_config(tmp_path, pretrained_file, channels: int = 3, mask: bool = False) -> ClsConfig:
+    cfg = ClsConfig()
+    cfg.model.backbone, cfg.model.hidden, cfg.model.head = "test_resnet", 8, "gru"
+    cfg.model.pretrained_file = None if pretrained_file is None else str(pretrained_file)
+    cfg.data.crop = CropConfig(n_slices=3, channels=channels, size=32, add_mask_channel=mask)
+    cfg.run_dir = str(tmp_path / "run")
+    return cfg
+
+
+@pytest.mark.parametrize("file_name, wrap", [("w.safetensors", None), ("w.pth", None), ("w.pth", "state_dict")])
+def test_model_pretrained_file_loads_adapts_the_stem_and_normalises_like_the_backbone(tmp_path, file_name, wrap) -> None:
+    source = _save_timm_weights(tmp_path / file_name, wrap=wrap)
+    cfg = _cls_config(tmp_path, tmp_path / file_name, channels=5, mask=True)  # 6 channels per slice
+    model = build_classifier(cfg).eval()
+    loaded, original = model.backbone.state_dict(), source.state_dict()
+    torch.testing.assert_close(loaded["layer1.0.conv1.weight"], original["layer1.0.conv1.weight"])
+    assert loaded["conv1.0.weight"].shape[1] == 6 and "fc.weight" not in loaded
+    # test_resnet's pretrained_cfg says mean 0.5, std 0.5; the scratch centring (std 0.25) must be gone.
+    assert source.pretrained_cfg["std"] == (0.5, 0.5, 0.5)
+    torch.testing.assert_close(model.input_norm.mean.flatten(), torch.full((6,), 0.5))
+    torch.testing.assert_close(model.input_norm.std.flatten(), torch.full((6,), 0.5))
+    scratch = build_classifier(_cls_config(tmp_path, None, channels=5, mask=True))
+    torch.testing.assert_close(scratch.input_norm.std.flatten(), torch.full((6,), 0.25))
+    # The forward pass feeds the backbone exactly (x - mean) / std.
+    x = torch.rand(2, 3, 6, 32, 32)
+    with torch.no_grad():
+        features = model.backbone(((x.flatten(0, 1) - 0.5) / 0.5))
+        sequence, _ = model.rnn(features.view(2, 3, -1))
+        expected = model.vertebra_out(torch.cat([sequence.mean(1), sequence.amax(1)], -1)).squeeze(-1)
+        torch.testing.assert_close(model(x)["logit"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tiled_mean_std_match_timms_stem_adaptation(tmp_path) -> None:
+    """A 6-channel stack made of an RGB image twice gives the adapted backbone exactly the pretrained
+    3-channel backbone's features: the channel statistics follow timm's filter repetition."""
+    from rsna_cspine.cls.model import InputNormalisation, create_backbone, pretrained_normalisation
+
+    source = _save_timm_weights(tmp_path / "w.safetensors")
+    adapted = create_backbone("test_resnet", 6, num_classes=0, pretrained_file=str(tmp_path / "w.safetensors")).eval()
+    source.reset_classifier(0)
+    cfg = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}  # ImageNet's: unequal per colour
+    mean6, std6 = pretrained_normalisation(cfg, 6)
+    assert mean6 == [0.485, 0.456, 0.406] * 2 and std6 == [0.229, 0.224, 0.225] * 2
+    rgb = torch.rand(2, 3, 48, 48)
+    mean3, std3 = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = source((rgb - mean3) / std3)
+        got = adapted(InputNormalisation(mean6, std6)(torch.cat([rgb, rgb], 1)))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # One channel: timm sums the filters, so the grey channel gets the colours' average statistics.
+    assert pretrained_normalisation(cfg, 1) == ([sum(cfg["mean"]) / 3], [sum(cfg["std"]) / 3])
+
+
+def test_normalisation_travels_with_the_checkpoint_not_the_weights_file(tmp_path) -> None:
+    from rsna_cspine.cls.predict import load_classifiers
+    from rsna_cspine.config import to_dict
+    from rsna_cspine.engine import save_checkpoint
+
+    weights = tmp_path / "w.safetensors"
+    _save_timm_weights(weights)
+    cfg = _cls_config(tmp_path, weights)
+    trained = build_classifier(cfg).eval()
+    with torch.no_grad():
+        trained.input_norm.mean.fill_(0.3)  # a value no config could rebuild: only the checkpoint knows it
+    checkpoint = save_checkpoint(tmp_path / "best.pt", model=trained, epoch=1, config=to_dict(cfg))
+    weights.unlink()  # prediction machines need not have the pretrained file
+    (model,) = load_classifiers([checkpoint], torch.device("cpu")).models
+    torch.testing.assert_close(model.input_norm.mean, trained.input_norm.mean)
+    x = torch.rand(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x)["logit"], trained(x)["logit"])
+    # The config alone (no file, no checkpoint) still asks for the backbone's statistics.
+    torch.testing.assert_close(build_classifier(cfg, load_pretrained=False).input_norm.std.flatten(), torch.full((3,), 0.5))
+
+
+def test_checkpoints_without_a_stored_normalisation_keep_the_scratch_centring(tmp_path) -> None:
+    weights = tmp_path / "w.pth"
+    _save_timm_weights(weights)
+    model = build_classifier(_cls_config(tmp_path, weights)).eval()  # pretrained statistics (std 0.5)
+    legacy = {k: v for k, v in build_classifier(_cls_config(tmp_path, None)).state_dict().items() if not k.startswith("input_norm.")}
+    model.load_state_dict(legacy)  # strict: the missing buffers are filled, not reported
+    torch.testing.assert_close(model.input_norm.mean.flatten(), torch.full((3,), 0.5))
+    torch.testing.assert_close(model.input_norm.std.flatten(), torch.full((3,), 0.25))
+
+
+def test_weights_of_another_architecture_are_a_config_error(tmp_path) -> None:
+    _save_timm_weights(tmp_path / "resnet.pth")
+    with pytest.raises(ConfigError, match="do not fit timm model 'test_convnext'"):
+        FractureClassifier("test_convnext", 3, hidden=8, pretrained_file=str(tmp_path / "resnet.pth"))
+
+
+@pytest.mark.parametrize("config", ["cls_resnet50.yaml", "cls_convnext_tiny.yaml"])
+def test_gpu_configs_need_their_weights_file_and_say_how_to_get_it(tmp_path, monkeypatch, config) -> None:
+    from pathlib import Path
+
+    from rsna_cspine.cls.train import train_classifier
+    from rsna_cspine.config import load_config
+
+    monkeypatch.chdir(tmp_path)  # the configs' relative weights/ path resolves to an empty folder
+    repo = Path(__file__).resolve().parent.parent
+    cfg = load_config(ClsConfig, repo / "configs" / config, [f"data.root={tmp_path / 'absent'}", "device=cpu"])
+    name, expected = cfg.model.backbone, Path(cfg.model.pretrained_file)
+    assert "." in name and expected.name.startswith(name) and expected.suffix == ".safetensors"
+    # The data root does not exist either: failing on the weights proves the check comes before any data work.
+    with pytest.raises(ConfigError, match="pretrained weights file not found") as info:
+        train_classifier(cfg)
+    message = str(info.value)
+    assert str(expected) in message and f"timm.create_model('{name}', pretrained=True)" in message
+    assert f"/kaggle/input/<dataset>/{expected.name}" in message and "models--timm--" in message
+    assert not (tmp_path / "runs").exists()

@@ -1,4 +1,7 @@
-"""The Kaggle submission notebook, executed end to end with nbclient on a tiny synthetic Kaggle layout."""
+"""The Kaggle submission notebook, executed end to end with nbclient on a tiny synthetic Kaggle layout.
+
+Its install cell in a fresh virtual environment against a built bundle is tested in test_submission_bundle.py.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
 
+from rsna_cspine.constants import PROB_EPS, REAL_PREVALENCE, TARGET_COLUMNS
+from rsna_cspine.io.kaggle import read_test_csv, read_train_labels
+from rsna_cspine.metric import prior_predictions
 from rsna_cspine.pipeline import PipelineConfig, predict_dataset
 from test_pipeline import GARBAGE, MISSING, make_tiny_dataset, make_tiny_models
 
@@ -43,9 +48,33 @@ def test_notebook_is_configured_for_kaggle() -> None:
     source = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
     assert '"/kaggle/input/rsna-2022-cervical-spine-fracture-detection"' in source
     assert '"/kaggle/working/submission.csv"' in source
-    # The install is a real offline pip install from the bundled wheels.
-    assert '"pip", "install", "--no-index", "--find-links", str(WHEELS_DIR), "rsna_cspine"' in source
+    # The install is a real offline pip install from the bundled wheels, the project wheel without deps as fallback.
+    assert '"pip", "install", "--no-index", "--find-links", str(WHEELS_DIR), *args]' in source
+    assert '_pip_install(["--no-deps", "rsna_cspine"])' in source
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "commit it without outputs"
+    # The fallback prior needs nothing but the standard library, and is the project's own prior.
+    namespace: dict = {}
+    exec(notebook.cells[1].source + "\n" + notebook.cells[2].source, namespace)  # parameters, prior
+    assert namespace["TARGETS"] == TARGET_COLUMNS
+    assert namespace["REAL_PREVALENCE"] == pytest.approx(REAL_PREVALENCE, abs=0, rel=0)
+    assert namespace["PROB_EPS"] == PROB_EPS
+
+
+def expected_prior_submission(data: Path) -> pd.DataFrame:
+    """The pipeline's prior (train.csv prevalence, clipped as every submission is) for every test.csv row, in order."""
+    test = read_test_csv(data / "test.csv")
+    prior = prior_predictions(read_train_labels(data / "train.csv")).clip(PROB_EPS, 1 - PROB_EPS)
+    prior = dict(zip(TARGET_COLUMNS, prior))
+    return pd.DataFrame({"row_id": test["row_id"], "fractured": test["prediction_type"].map(prior)})
+
+
+def assert_prior_submission(out: Path, data: Path) -> None:
+    """``out`` holds the training prior for every test.csv row, in test.csv order."""
+    written = pd.read_csv(out, dtype={"row_id": str})
+    expected = expected_prior_submission(data)
+    assert written["row_id"].tolist() == expected["row_id"].tolist()
+    np.testing.assert_allclose(written["fractured"].to_numpy(), expected["fractured"].to_numpy(), rtol=1e-12)
+    assert written["fractured"].nunique() > 1  # per-target prevalence, not one constant
 
 
 def test_notebook_runs_end_to_end_on_a_synthetic_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,19 +96,38 @@ def test_notebook_runs_end_to_end_on_a_synthetic_layout(tmp_path: Path, monkeypa
     # The notebook's numbers are exactly those of the library call it wraps.
     direct = predict_dataset(data, bundle / "models", tmp_path / "direct.csv", cfg=PipelineConfig(device="cpu"), progress=False)
     np.testing.assert_array_equal(submission["fractured"].to_numpy(), direct["fractured"].to_numpy())
-    printed = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    printed = _printed(notebook)
     assert "bundle OK" in printed and "install skipped" in printed
     assert "failed" in printed  # the per-study summary shows the two broken studies' status
     timings = pd.read_csv(out.with_name("submission.timings.csv"), dtype={"StudyInstanceUID": str})
     assert set(timings.loc[timings["status"] == "failed", "StudyInstanceUID"]) == {GARBAGE, MISSING}
 
 
-def test_notebook_stops_on_a_corrupted_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _printed(notebook: nbformat.NotebookNode) -> str:
+    return "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+
+
+def test_a_corrupted_bundle_gives_the_prior_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_tiny_dataset(tmp_path / "data")
     bundle = _bundle(tmp_path)
     checkpoint = bundle / "models" / "cls" / "fold0" / "best.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:-10])
-    env = {"RSNA_DATA_DIR": tmp_path, "RSNA_BUNDLE_DIR": bundle, "RSNA_OUT_CSV": tmp_path / "s.csv",
-           "RSNA_CSPINE_SKIP_INSTALL": "1"}  # fmt: skip
-    with pytest.raises(CellExecutionError, match="differ from SHA256SUMS"):
-        _execute(monkeypatch, env)
-    assert not (tmp_path / "s.csv").exists()
+    (bundle / "models" / "seg" / "fold0" / "best.pt").unlink()
+    out = tmp_path / "working" / "s.csv"
+    env = {"RSNA_DATA_DIR": data, "RSNA_BUNDLE_DIR": bundle, "RSNA_OUT_CSV": out, "RSNA_CSPINE_SKIP_INSTALL": "1"}
+    printed = _printed(_execute(monkeypatch, env))
+    assert_prior_submission(out, data)
+    assert "SUBMISSION = TRAINING PRIOR" in printed and "differ from SHA256SUMS" in printed
+    assert "models/cls/fold0/best.pt" in printed and "models/seg/fold0/best.pt (unreadable)" in printed
+    assert not out.with_name("s.timings.csv").exists()  # the pipeline never ran
+
+
+def test_a_failing_prediction_gives_the_prior_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A study that fails gets the prior inside the pipeline; this is the whole run refusing to start.
+    data = make_tiny_dataset(tmp_path / "data", broken=False)
+    out = tmp_path / "s.csv"
+    env = {"RSNA_DATA_DIR": data, "RSNA_BUNDLE_DIR": _bundle(tmp_path), "RSNA_OUT_CSV": out,
+           "RSNA_CSPINE_SKIP_INSTALL": "1", "RSNA_DEVICE": "cpu", "RSNA_RULE": "median"}  # fmt: skip
+    printed = _printed(_execute(monkeypatch, env))
+    assert_prior_submission(out, data)
+    assert "prediction failed: ConfigError" in printed and "median" in printed

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -115,12 +118,132 @@ def test_wheel_installs_offline_into_a_fresh_venv(built: tuple[Path, Path, dict]
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-index", "--no-deps",
          "--find-links", str(bundle / "wheels"), "rsna_cspine"],
-        check=True, capture_output=True,
+        check=True, capture_output=True, env=_offline_env(),
     )  # fmt: skip
     result = subprocess.run(
         [str(python), "-c", "import rsna_cspine; print(rsna_cspine.__version__, rsna_cspine.__file__)"],
-        capture_output=True, text=True, cwd=tmp_path, check=True,
+        capture_output=True, text=True, cwd=tmp_path, check=True, env=_offline_env(),  # no PYTHONPATH to the repo
     )  # fmt: skip
     version, location = result.stdout.split()
     assert version == built[2]["rsna_cspine_version"] and location.startswith(str(venv))
     assert (venv / "bin" / "rsna-cspine").is_file()
+
+
+# ------------------------------------------------------------------- the notebook's install cell, fresh venv
+
+
+def _wheel_from_installed(name: str, out_dir: Path, version: str | None = None) -> Path:
+    """Pack a pure-Python distribution installed here back into a wheel, so the test needs no download.
+
+    Written by hand because no installed tool repacks an installed distribution (``wheel pack`` wants an
+    unpacked wheel and is not a dependency). ``version`` relabels it: how the test gets an "old" release.
+    """
+    import base64
+    import importlib.metadata
+
+    dist = importlib.metadata.distribution(name)
+    assert "Root-Is-Purelib: true" in dist.read_text("WHEEL") and "py3-none-any" in dist.read_text("WHEEL"), name
+    version = version or dist.version
+    stem = f"{dist.metadata['Name'].replace('-', '_')}-{version}"
+    old_info = next(str(f).split("/")[0] for f in dist.files if str(f).endswith(".dist-info/METADATA"))
+    records = []
+    wheel = out_dir / f"{stem}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+        for entry in dist.files:
+            parts = entry.parts
+            if parts[0] == ".." or "__pycache__" in parts or parts[-1] in ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json"):
+                continue
+            data = Path(entry.locate()).read_bytes()
+            arcname = str(entry)
+            if parts[0] == old_info:
+                arcname = f"{stem}.dist-info/" + "/".join(parts[1:])
+                if parts[-1] == "METADATA":
+                    data = re.sub(rb"(?m)^Version: .*$", f"Version: {version}".encode(), data, count=1)
+            zf.writestr(arcname, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            records.append(f"{arcname},sha256={digest},{len(data)}")
+        records.append(f"{stem}.dist-info/RECORD,,")
+        zf.writestr(f"{stem}.dist-info/RECORD", "\n".join(records) + "\n")
+    return wheel
+
+
+def _offline_env() -> dict[str, str]:
+    """This machine's environment without any pip configuration, project path or reachable proxy."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    dead = "http://127.0.0.1:9"  # any download attempt fails at once instead of reaching an index
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1", PYTHONNOUSERSITE="1",
+               HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead)  # fmt: skip
+    return env
+
+
+def _installed(python: Path, names: list[str]) -> dict[str, str | None]:
+    code = (
+        "import importlib.metadata as m, json, sys\n"
+        "def v(n):\n    try:\n        return m.version(n)\n    except m.PackageNotFoundError:\n        return None\n"
+        "print(json.dumps({n: v(n) for n in sys.argv[1:]}))"
+    )
+    result = subprocess.run([str(python), "-c", code, *names], capture_output=True, text=True, check=True, env=_offline_env())
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_notebook_install_cell_in_a_fresh_venv_installs_only_what_is_missing_then_falls_back_to_the_prior(
+    built: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    """The Kaggle situation: an image with some dependencies (one too old), a bundle with a few wheels,
+    minimums nobody can meet offline (torch, numpy, ... are absent here). The notebook's cells, run as they
+    are by the venv's Python with ``--no-index``, must upgrade the old one, add the missing one, leave the
+    satisfied one alone, install the project wheel without dependencies, and — the project still not
+    importable without torch — write the training prior for every row, saying why."""
+    from test_notebook import NOTEBOOK, assert_prior_submission
+    from test_pipeline import make_tiny_dataset
+
+    import nbformat
+
+    _, bundle_src, manifest = built
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_src, bundle)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for name in ("tabulate", "tqdm", "pylibjpeg"):  # newer than the venv's / same as the venv's / absent there
+        shutil.copy2(_wheel_from_installed(name, extra), bundle / "wheels")
+    _load_script().write_manifest(bundle, {k: v for k, v in manifest.items() if k != "files"})
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=_offline_env(), capture_output=True)
+    python = venv / "bin" / "python"
+    old_tabulate = _wheel_from_installed("tabulate", tmp_path, version="0.8.10")  # below the project's >=0.9
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(old_tabulate),
+                    str(extra / next(p.name for p in extra.glob("tqdm-*.whl")))],
+                   check=True, env=_offline_env(), capture_output=True)  # fmt: skip
+    before = _installed(python, ["tabulate", "tqdm", "pylibjpeg", "rsna_cspine", "numpy", "torch"])
+    assert before["tabulate"] == "0.8.10" and before["tqdm"] and before["pylibjpeg"] is None and before["numpy"] is None
+    (tqdm_record,) = (venv / "lib").glob("python*/site-packages/tqdm-*.dist-info/RECORD")
+    tqdm_stamp = tqdm_record.stat().st_mtime_ns
+
+    data = make_tiny_dataset(tmp_path / "data", broken=False)
+    out = tmp_path / "working" / "submission.csv"
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    script = tmp_path / "notebook_cells.py"
+    script.write_text("\n\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code"))
+    env = dict(_offline_env(), RSNA_DATA_DIR=str(data), RSNA_BUNDLE_DIR=str(bundle), RSNA_OUT_CSV=str(out))
+    result = subprocess.run([str(python), str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0, printed[-4000:]
+
+    assert "bundle OK" in printed
+    assert re.search(r"tabulate>=0\.9 +have 0\.8\.10 +too old +install from bundle", printed), printed[-4000:]
+    assert re.search(r"pylibjpeg>=2\.0 +have None +missing +install from bundle", printed)
+    assert re.search(r"tqdm>=4\.66 +have \S+ +ok", printed)
+    assert re.search(r"torch>=2\.1 +have None +missing +NO WHEEL IN BUNDLE", printed)
+    assert "installing rsna_cspine without dependency checks" in printed and "--no-deps rsna_cspine" in printed
+    after = _installed(python, ["tabulate", "tqdm", "pylibjpeg", "rsna_cspine", "numpy", "torch"])
+    assert after == {**before, "tabulate": "0.10.0", "pylibjpeg": "2.1.0", "rsna_cspine": manifest["rsna_cspine_version"]}
+    assert tqdm_record.stat().st_mtime_ns == tqdm_stamp  # satisfied: not reinstalled
+    check = subprocess.run([str(python), "-c", "import tabulate, rsna_cspine; print(tabulate.tabulate([[1, 2]]))"],
+                           capture_output=True, text=True, env=_offline_env(), cwd=tmp_path)  # fmt: skip
+    assert check.returncode == 0 and "1  2" in check.stdout, check.stderr
+
+    assert "rsna_cspine cannot be imported" in printed and "No module named" in printed
+    assert "SUBMISSION = TRAINING PRIOR" in printed
+    assert_prior_submission(out, data)

@@ -331,6 +331,12 @@ def test_local_pretrained_file_loads_the_body_and_resizes_stem_and_head(tmp_path
     weights = model.backbone.state_dict()
     assert torch.equal(weights["layer1.0.conv1.weight"], source.state_dict()["layer1.0.conv1.weight"])
     assert weights["conv1.0.weight"].shape[1] == 1 and model.backbone.get_classifier().out_features == 2
+    # The backbone's pretrained_cfg statistics (test_resnet: 0.5 / 0.5) replace the scratch centring (0.25).
+    assert model.input_norm.std.flatten().tolist() == [0.5]
+    assert ImageClassifier("test_resnet", 1, 2).input_norm.std.flatten().tolist() == [0.25]
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), model.backbone((x - 0.5) / 0.5))
     with pytest.raises(ConfigError, match="not found"):
         ImageClassifier("test_resnet", 1, 2, pretrained_file=str(tmp_path / "missing.pth"))
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from rsna_cspine.aggregate import PatientCalibration, fit_patient_calibration, patient_overall
 from rsna_cspine.cls.config import ClsConfig, ClsOptimConfig
 from rsna_cspine.cls.data import StackAugment, VertebraDataset, vertebra_items
-from rsna_cspine.cls.model import build_classifier
+from rsna_cspine.cls.model import build_classifier, check_pretrained_file
 from rsna_cspine.config import to_dict
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRA_WEIGHTS, VERTEBRAE
 from rsna_cspine.crops.cache import build_crop_cache
@@ -622,6 +622,7 @@ def train_classifier(cfg: ClsConfig, resume: bool = False) -> Path:
         The fold's run folder; ``run_dir/oof_fold{K}.csv`` holds the best model's validation predictions.
     """
     cfg.validate()
+    check_pretrained_file(cfg.model.backbone, cfg.model.pretrained_file)  # before any data work
     return run_seeded_distributed(lambda device, ctx: _train(cfg, resume, device, ctx),
                                   device=cfg.device, seed=cfg.seed, threads=cfg.threads)
 

@@ -1,11 +1,15 @@
-"""2D classifier: stage 2's timm backbone factory with a class head, on ``(B, C, H, W)`` images in [0, 1]."""
+"""2D classifier: stage 2's timm backbone factory with a class head, on ``(B, C, H, W)`` images in [0, 1].
+
+The input normalisation is stage 2's: the backbone's ``pretrained_cfg`` mean/std with a pretrained file, the
+scratch centring without, kept as a buffer of the model so that checkpoints carry it.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from rsna_cspine.cls.model import create_backbone
+from rsna_cspine.cls.model import backbone_normalisation, create_backbone
 from rsna_cspine.twod.config import TwoDConfig
 
 
@@ -22,6 +26,8 @@ class ImageClassifier(nn.Module):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth.
         global_pool: timm pooling name.
+        pretrained_norm: normalise with the backbone's ``pretrained_cfg`` mean/std; None = whenever
+            ``pretrained_file`` is given (a checkpoint's stored normalisation replaces it).
     """
 
     def __init__(
@@ -33,17 +39,19 @@ class ImageClassifier(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
+        pretrained_norm: bool | None = None,
     ) -> None:
         super().__init__()
         self.backbone = create_backbone(
             backbone, in_chans, num_classes=n_classes, pretrained_file=pretrained_file, drop_path_rate=drop_path_rate,
             global_pool=global_pool, drop_rate=drop_rate,
         )
+        use_pretrained_norm = bool(pretrained_file) if pretrained_norm is None else pretrained_norm
+        self.input_norm = backbone_normalisation(self.backbone, in_chans, use_pretrained_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of ``(B, C, H, W)`` images in [0, 1]."""
-        # Same centring as stage 2: a randomly initialised stem starts near its intended input range.
-        return self.backbone((x - 0.5) / 0.25)
+        return self.backbone(self.input_norm(x))
 
 
 def build_image_classifier(cfg: TwoDConfig, n_classes: int, load_pretrained: bool = True) -> ImageClassifier:
@@ -58,4 +66,5 @@ def build_image_classifier(cfg: TwoDConfig, n_classes: int, load_pretrained: boo
     return ImageClassifier(
         m.backbone, cfg.data.in_chans, n_classes, pretrained_file=m.pretrained_file if load_pretrained else None,
         drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, global_pool=m.global_pool,
+        pretrained_norm=m.pretrained_file is not None,
     )

@@ -20,6 +20,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Subset
 
 from rsna_cspine.cls.data import StackAugment
+from rsna_cspine.cls.model import check_pretrained_file
 from rsna_cspine.cls.train import fit, predict_batches
 from rsna_cspine.engine import (
     DistContext,
@@ -192,6 +193,7 @@ def train_2d(cfg: TwoDConfig, resume: bool = False) -> Path:
         ``config.yaml`` and ``report/``.
     """
     cfg.validate()
+    check_pretrained_file(cfg.model.backbone, cfg.model.pretrained_file)  # before any data work
     return run_seeded_distributed(lambda device, ctx: _train(cfg, resume, device, ctx),
                                   device=cfg.device, seed=cfg.seed, threads=cfg.threads)
 
