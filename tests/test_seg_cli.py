@@ -18,8 +18,8 @@ from rsna_cspine.seg.predict import VERTEBRA_COLUMNS  # noqa: E402
 
 TINY = [
     "data.grid=[16,32,32]", "model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0",
-    "train.epochs=1", "train.batch_size=2", "train.n_folds=2", "train.warmup_epochs=0", "device=cpu",
-    "augment.enabled=false",
+    "train.epochs=1", "train.batch_size=2", "train.n_folds=2", "optim.warmup_epochs=0", "device=cpu",
+    "aug.enabled=false",
 ]
 
 
@@ -35,9 +35,9 @@ def tiny_layout(tmp_path_factory) -> Path:
 
 
 def test_train_then_predict_from_the_command_line(tiny_layout, tmp_path) -> None:
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "run" / "fold0"  # run_dir/fold{K}
     args = ["train-seg", "--fold", "0", "--no-progress", f"data.root={tiny_layout}",
-            f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={run_dir}", *TINY]
+            f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={run_dir.parent}", *TINY]
     assert main(args) == 0
     assert (run_dir / "best.pt").is_file() and (run_dir / "config.yaml").is_file()
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # the four segmented train studies
