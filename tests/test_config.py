@@ -90,7 +90,7 @@ def test_typed_values_win_over_file_and_overrides_and_are_not_reparsed(tmp_path)
     assert load_config(RunCfg, yml, section="run").epochs == 9  # a section of a larger file
 
 
-LEGACY = Path(__file__).parent / "data" / "legacy_configs"
+LEGACY = Path(__file__).parent / "fixtures" / "legacy_configs"
 REPO = Path(__file__).resolve().parent.parent
 
 
