@@ -78,3 +78,24 @@ def test_predict_seg_lists_a_broken_study_and_goes_on(tiny_layout, tmp_path) -> 
     failures = pd.read_csv(out / "predict_failures.csv", dtype=str)
     assert failures["StudyInstanceUID"].tolist() == ["1.2.3.missing"]
     assert (out / f"{uid}_mask.npz").is_file()
+
+
+def test_torchrun_refuses_a_missing_stage1_cache_and_prepare_only_builds_it(tiny_layout, tmp_path, monkeypatch) -> None:
+    from rsna_cspine.config import load_config
+    from rsna_cspine.errors import LayoutError
+    from rsna_cspine.seg.config import SegConfig
+    from rsna_cspine.seg.train import PREPARE_COMMAND, labelled_studies, train_segmentation
+    from rsna_cspine.training.caches import require_seg_cache
+
+    overrides = [f"data.root={tiny_layout}", f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", *TINY]
+    cfg = load_config(SegConfig, None, overrides)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: the cache must exist before the group is joined
+    with pytest.raises(LayoutError, match=r"4 of 4 studies not built.*train-seg --config CONFIG --prepare-only"):
+        train_segmentation(cfg, progress=False)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["train-seg", "--prepare-only", "--no-progress", *overrides]) == 0
+    assert not (tmp_path / "run").exists()  # nothing trained
+    d = cfg.data
+    ready = require_seg_cache(d.cache_dir, labelled_studies(d.root), d.grid, d.hu_window, d.antialias, PREPARE_COMMAND)
+    assert sorted(ready) == labelled_studies(d.root) and all(p.is_file() for p in ready.values())
