@@ -62,13 +62,14 @@ def fold_split(cfg: ClsConfig, index: pd.DataFrame) -> FoldSplit:
     """
     _, labels = _labels(cfg)
     # Folds come from every study of train.csv, so a study whose crops fail never reshuffles the others.
-    folds = fold_of(labels["StudyInstanceUID"].tolist(), cfg.train.n_folds, cfg.train.fold_seed)
+    # Fold -1 validates on nothing, so it needs no fold assignment (and works with fewer studies than folds).
+    folds = fold_of(labels["StudyInstanceUID"].tolist(), cfg.train.n_folds, cfg.train.fold_seed) if cfg.fold >= 0 else {}
     ok = index[index["status"] != "failed"]
     if ok.empty:
         raise LayoutError("no study has crops; see the crop cache errors above", cfg.data.cache_dir)
     labels = labels[labels["StudyInstanceUID"].isin(ok["StudyInstanceUID"])].reset_index(drop=True)
     items = vertebra_items(labels, dict(zip(ok["StudyInstanceUID"], ok["path"])))
-    val_uids = {u for u in labels["StudyInstanceUID"] if folds[u] == cfg.fold}
+    val_uids = {u for u in labels["StudyInstanceUID"] if folds.get(u) == cfg.fold}
     train_uids = set(labels["StudyInstanceUID"]) - val_uids
     in_train = items["StudyInstanceUID"].isin(train_uids)
     # Vertebrae the mask missed have no image: never trained on; in validation they take the prior.
