@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rsna_cspine.engine.devices import resolve_device, seed_everything
-from rsna_cspine.engine.distributed import DistContext, barrier, cleanup_distributed, init_distributed, under_torchrun
+from rsna_cspine.engine.distributed import DistContext, barrier, run_seeded_distributed, under_torchrun
 from rsna_cspine.engine.folds import fold_of
 from rsna_cspine.engine.runlog import prepare_run_dir
 from rsna_cspine.errors import ConfigError, LayoutError
@@ -119,14 +119,13 @@ def train_segmentation(cfg: SegConfig, resume: bool = False, progress: bool = Tr
     if not train_uids:
         raise LayoutError(f"fold {cfg.fold} leaves no training study", d.root)
     log.info("seg fold %d: %d train / %d val studies", cfg.fold, len(train_uids), len(val_uids))
-    device = resolve_device(cfg.device)
-    ctx = init_distributed(device)
-    try:
-        return fit_segmentation(cfg, [cached[u] for u in train_uids], [cached[u] for u in val_uids], resume=resume,
-                                progress=progress, ctx=ctx, device=device, started=started,
-                                extra={"train_uids": train_uids, "val_uids": val_uids})
-    finally:
-        cleanup_distributed(ctx)
+    return run_seeded_distributed(
+        lambda device, ctx: fit_segmentation(
+            cfg, [cached[u] for u in train_uids], [cached[u] for u in val_uids], resume=resume, progress=progress,
+            ctx=ctx, device=device, started=started, extra={"train_uids": train_uids, "val_uids": val_uids},
+        ),
+        device=cfg.device, seed=cfg.seed, threads=cfg.train.threads,
+    )
 
 
 def fit_segmentation(
