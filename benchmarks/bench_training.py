@@ -2,8 +2,9 @@
 
 Each (stage, config) pair runs in a fresh process on a small synthetic Kaggle-layout dataset (written
 once, cached under ``work/bench``): the stage's own cache is built first (grid-resolution volumes for
-stage 1, vertebra crops for stage 2, untimed), then the trainer's own epoch function
-(``seg.train.train_one_epoch`` / ``cls.train._train_one_epoch``) runs over the trainer's own loader,
+stage 1, vertebra crops for stage 2, untimed), then the one training loop's epoch function
+(``training.loop.train_one_epoch``) runs the stage's own task (``seg.task.SegmentationTask`` /
+``cls.task.VertebraTask``: model, loss, loader) over that task's loader,
 wrapped so that the time spent inside ``next(loader)`` (waiting for data) and the time between two
 batches (forward, loss, backward, optimiser step) are recorded for every step. The first
 ``--warmup-steps`` steps (allocator growth, oneDNN kernel choice, loader workers starting) are left
@@ -135,47 +136,54 @@ def synthetic_dataset(work: Path, n_studies: int, image_size: int, seed: int) ->
 # ----------------------------------------------------------------------------------------------
 
 
+def _time_steps(task: Any, cfg: Any, steps: int, warmup: int) -> tuple[Any, Any]:
+    """Run ``steps + warmup`` training steps of ``task`` through the loop's epoch function, timing each."""
+    import torch
+
+    from rsna_cspine.engine import DistContext, make_grad_scaler
+    from rsna_cspine.training.loop import make_optimizer, make_scheduler, train_one_epoch
+
+    device, ctx = torch.device("cpu"), DistContext()
+    epoch_counter = iter(range(10**6))
+
+    def new_loader() -> Any:
+        # A fresh loader per epoch, as the loop builds one.
+        return task.train_loader(next(epoch_counter), ctx)
+
+    optimizer = make_optimizer(task.model, cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.epochs, len(new_loader()))
+    count = lambda batch: batch["image"].shape[0]  # noqa: E731
+    timed = TimedLoader(_Epochs(new_loader, steps + warmup), steps + warmup, count)
+    train_one_epoch(task.model, timed, task, optimizer, scheduler, make_grad_scaler(device, cfg.train.amp), device,
+                    cfg.train, epoch=0, ctx=ctx, progress=False)
+    alone = loader_alone(lambda: _Epochs(new_loader, steps + warmup), steps + warmup, count, warmup)
+    return timed, alone
+
+
 def measure_seg(config: str, overrides: list[str], data: Path, work: Path, steps: int, warmup: int,
                 num_workers: int | None) -> dict[str, Any]:
-    """Stage-1 training steps on CPU with the trainer's epoch function, loader and model."""
+    """Stage-1 training steps on CPU with the trainer's task (model, loss, loader) and epoch function."""
     import torch
 
     from rsna_cspine.config import load_config
-    from rsna_cspine.engine import make_grad_scaler, seed_everything
+    from rsna_cspine.engine import seed_everything
     from rsna_cspine.io.kaggle import KaggleLayout
     from rsna_cspine.seg.config import SegConfig
-    from rsna_cspine.seg.data import build_transforms, make_dataset, make_loader
-    from rsna_cspine.seg.model import build_model
-    from rsna_cspine.seg.preprocess import build_cache, num_classes
-    from rsna_cspine.seg.train import labelled_studies, make_loss, resolve_config, train_one_epoch
+    from rsna_cspine.seg.preprocess import build_cache
+    from rsna_cspine.seg.task import SegmentationTask
+    from rsna_cspine.seg.train import labelled_studies, resolve_config
 
     cfg = resolve_config(load_config(SegConfig, common.REPO_ROOT / config, overrides))
-    workers = cfg.train.num_workers if num_workers is None else num_workers
-    device = torch.device("cpu")
+    if num_workers is not None:
+        cfg.train.num_workers = num_workers
     uids = labelled_studies(data)
     grid_name = "x".join(str(int(g)) for g in cfg.data.grid)
     cache = build_cache(KaggleLayout(data), uids, work / "seg_cache" / f"{data.name}_{grid_name}", cfg.data.grid,
                         cfg.data.hu_window, antialias=cfg.data.antialias, progress=False)
     paths = [cache[u] for u in uids if u in cache]
     seed_everything(cfg.seed)
-    transform = build_transforms(cfg.augment, cfg.data.grid, cfg.data.thoracic, train=True,
-                                 patch_size=cfg.train.patch_size, patch_foreground=cfg.train.patch_foreground)
-    dataset = make_dataset(paths, transform)
-    epoch_counter = iter(range(10**6))
-
-    def new_loader() -> Any:
-        # A fresh loader per epoch, as the trainer builds one.
-        return make_loader(dataset, batch_size=cfg.train.batch_size, shuffle=True, seed=cfg.seed,
-                           epoch=next(epoch_counter), num_workers=workers)
-
-    model = build_model(cfg.model, num_classes(cfg.data.thoracic)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scaler = make_grad_scaler(device, cfg.train.amp)
-    loss_fn = make_loss(cfg)
-    count = lambda batch: batch["image"].shape[0]  # noqa: E731
-    timed = TimedLoader(_Epochs(new_loader, steps + warmup), steps + warmup, count)
-    train_one_epoch(model, timed, loss_fn, optimizer, scaler, device, amp=cfg.train.amp,
-                    grad_clip=cfg.train.grad_clip, progress=False)
+    task = SegmentationTask(cfg, paths, [], torch.device("cpu"), progress=False)
+    timed, alone = _time_steps(task, cfg, steps, warmup)
     patch = tuple(int(p) if p else int(g) for p, g in zip(cfg.train.patch_size, cfg.data.grid))
     return {
         "stage": "seg",
@@ -183,10 +191,10 @@ def measure_seg(config: str, overrides: list[str], data: Path, work: Path, steps
         "overrides": overrides,
         "item": f"volume {'×'.join(map(str, patch))}",
         "batch_size": cfg.train.batch_size,
-        "num_workers": workers,
+        "num_workers": cfg.train.num_workers,
         "n_studies": len(paths),
         "train": summarise_steps(timed, warmup),
-        "loader_alone": loader_alone(lambda: _Epochs(new_loader, steps + warmup), steps + warmup, count, warmup),
+        "loader_alone": alone,
         "peak_rss_mib": common.peak_rss_mib(),
     }
 
@@ -218,67 +226,45 @@ class _Epochs:
 
 def measure_cls(config: str, overrides: list[str], data: Path, work: Path, steps: int, warmup: int,
                 num_workers: int | None) -> dict[str, Any]:
-    """Stage-2 training steps on CPU with the trainer's epoch function, loader, dataset and model."""
+    """Stage-2 training steps on CPU with the trainer's task (model, loss, dataset, loader) and epoch function."""
     import torch
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
 
     from rsna_cspine.cls.config import ClsConfig
-    from rsna_cspine.cls.data import StackAugment, VertebraDataset, vertebra_items
-    from rsna_cspine.cls.model import build_classifier
-    from rsna_cspine.cls.train import _train_loader, _train_one_epoch
+    from rsna_cspine.cls.task import VertebraTask
+    from rsna_cspine.cls.train import fold_split
     from rsna_cspine.config import load_config
     from rsna_cspine.crops.cache import build_crop_cache
-    from rsna_cspine.engine import DistContext, make_grad_scaler, seed_everything
+    from rsna_cspine.engine import seed_everything
     from rsna_cspine.io.kaggle import KaggleLayout, read_train_labels
 
     cfg = load_config(ClsConfig, common.REPO_ROOT / config, overrides)
-    cfg.device = "cpu"
+    cfg.device, cfg.fold, cfg.model.pretrained_file = "cpu", -1, None  # every study trains; random init
     if num_workers is not None:
-        cfg.data.num_workers = num_workers
+        cfg.train.num_workers = num_workers
     cfg.validate()
-    device = torch.device("cpu")
     layout = KaggleLayout(data)
     labels = read_train_labels(layout.train_csv)
     crop = cfg.data.crop
     crop_name = f"{crop.n_slices}x{crop.in_chans}x{crop.size}"
     index = build_crop_cache(layout, labels["StudyInstanceUID"].tolist(), "gt",
                              work / "crop_cache" / f"{data.name}_{crop_name}", crop)
-    ok = index[index["status"] != "failed"]
-    items = vertebra_items(labels, dict(zip(ok["StudyInstanceUID"], ok["path"])))
-    items = items[items["present"]].reset_index(drop=True)
+    cfg.data.root = str(data)
+    split = fold_split(cfg, index)
     seed_everything(cfg.seed)
-    augment = StackAugment(cfg.aug, crop.size, crop.in_chans - int(crop.add_mask_channel)) if cfg.aug.enabled else None
-    dataset = VertebraDataset(items, augment, seed=cfg.seed, in_memory=cfg.data.in_memory)
-    ctx = DistContext()
-    epoch_counter = iter(range(10**6))
-
-    def new_loader() -> Any:
-        return _train_loader(dataset, cfg, ctx, next(epoch_counter))
-
-    model = build_classifier(cfg, load_pretrained=False).to(device)
-    optimizer = create_optimizer_v2(model, opt=cfg.optim.opt, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                    momentum=cfg.optim.momentum)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.optim.sched, num_epochs=cfg.epochs,
-                                       warmup_epochs=cfg.optim.warmup_epochs, warmup_lr=cfg.optim.warmup_lr,
-                                       min_lr=cfg.optim.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=max(len(new_loader()), 1))
-    scaler = make_grad_scaler(device, cfg.amp)
-    count = lambda batch: batch["image"].shape[0]  # noqa: E731
-    timed = TimedLoader(_Epochs(new_loader, steps + warmup), steps + warmup, count)
-    _train_one_epoch(model, timed, optimizer, scheduler, scaler, cfg, device, 0, ctx)
+    task = VertebraTask(cfg, split, torch.device("cpu"))
+    timed, alone = _time_steps(task, cfg, steps, warmup)
     in_memory_note = " (in memory after first read)" if cfg.data.in_memory else ""
     return {
         "stage": "cls",
         "config": config,
         "overrides": overrides,
         "item": f"vertebra crop {crop.n_slices}×{crop.in_chans}×{crop.size}²{in_memory_note}",
-        "batch_size": cfg.batch_size,
-        "num_workers": cfg.data.num_workers,
-        "n_studies": len(ok),
-        "n_items": len(items),
+        "batch_size": cfg.train.batch_size,
+        "num_workers": cfg.train.num_workers,
+        "n_studies": int((index["status"] != "failed").sum()),
+        "n_items": len(split.train),
         "train": summarise_steps(timed, warmup),
-        "loader_alone": loader_alone(lambda: _Epochs(new_loader, steps + warmup), steps + warmup, count, warmup),
+        "loader_alone": alone,
         "peak_rss_mib": common.peak_rss_mib(),
     }
 
@@ -332,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     parser.add_argument("--work", type=Path, default=common.DEFAULT_WORK, help="cache of data and preprocessed files")
     parser.add_argument("--set", nargs="*", default=[], metavar="STAGE:KEY=VALUE",
-                        help="config overrides, e.g. seg:train.batch_size=1 cls:batch_size=4")
+                        help="config overrides, e.g. seg:train.batch_size=1 cls:train.batch_size=4")
     parser.add_argument("--quick", action="store_true", help="smoke run: cpu configs, 4 studies, 3 steps")
     parser.add_argument("--child", choices=["seg", "cls"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)

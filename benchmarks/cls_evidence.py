@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=20.0, help="budget of the training run, crops included")
     parser.add_argument("--tta", action="store_true", help="add left-right flipped views at evaluation")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="classifier config overrides, e.g. epochs=8")
+                        help="classifier config overrides, e.g. train.epochs=8")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -141,11 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     fractured_share = float(train_labels[list(VERTEBRAE)].to_numpy().mean())
     log.info("training set: %d studies, %.1f%% fractured vertebrae", len(train_labels), 100 * fractured_share)
 
-    overrides = [
-        f"data.root={train_root}", f"data.cache_dir={work / 'crops_train'}", "data.mask_source=gt",
-        f"run_dir={work / 'run'}", "fold=0", "device=cpu", f"max_minutes={args.max_minutes}", *args.overrides,
-    ]
-    cfg = load_config(ClsConfig, args.config, overrides)
+    cfg = load_config(ClsConfig, args.config, args.overrides, values={
+        "data": {"root": train_root, "cache_dir": work / "crops_train", "mask_source": "gt"},
+        "run_dir": work / "run", "fold": 0, "device": "cpu", "train": {"max_minutes": args.max_minutes},
+    })
     tick = time.monotonic()
     run_dir = train_classifier(cfg, resume=(work / "run" / "fold0" / "last.pt").is_file())
     train_minutes = (time.monotonic() - tick) / 60

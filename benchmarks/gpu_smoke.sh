@@ -46,10 +46,10 @@ if [[ "$MODE" == gpu ]]; then
   SEG_CONFIG=configs/seg.yaml
   CLS_CONFIG=configs/cls_resnet50.yaml
   BACKBONE=resnet50.a1_in1k
-  TRAIN_SYNTH=(--studies 8 --test-fraction 0 --image-size 192)
-  PREDICT_SYNTH=(--studies 4 --test-fraction 0.75 --image-size 512 --slices 300 300)
+  TRAIN_SYNTH=(--studies 8 test_fraction=0 image_size=192)
+  PREDICT_SYNTH=(--studies 4 test_fraction=0.75 image_size=512 "n_slices=[300,300]")
   SEG_SIZE=(train.num_workers=2)
-  CLS_SIZE=(batch_size=4 val_batch_size=8 data.num_workers=4 data.cache_workers=4)
+  CLS_SIZE=(train.batch_size=4 train.val_batch_size=8 train.num_workers=4 data.cache_workers=4)
   if [[ "$DRY" == 0 ]]; then
     GPUS="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
     if [[ "$GPUS" -lt 1 ]]; then echo "no CUDA device visible to torch; use --cpu" >&2; exit 1; fi
@@ -64,10 +64,10 @@ else
   SEG_CONFIG=configs/seg_cpu.yaml
   CLS_CONFIG=configs/cls_cpu.yaml
   BACKBONE=test_resnet
-  TRAIN_SYNTH=(--studies 8 --test-fraction 0 --image-size 96)
-  PREDICT_SYNTH=(--studies 4 --test-fraction 0.75 --image-size 128)
+  TRAIN_SYNTH=(--studies 8 test_fraction=0 image_size=96)
+  PREDICT_SYNTH=(--studies 4 test_fraction=0.75 image_size=128)
   SEG_SIZE=(train.num_workers=0 data.grid=[32,64,64] train.patch_size=[0,32,32])
-  CLS_SIZE=(batch_size=4 val_batch_size=8 data.num_workers=0 data.cache_workers=1 data.crop.size=48)
+  CLS_SIZE=(train.batch_size=4 train.val_batch_size=8 train.num_workers=0 data.cache_workers=1 data.crop.size=48)
 fi
 
 DATA="$OUT/data_train"
@@ -110,15 +110,20 @@ run "$PY" -m rsna_cspine.cli synth "$TEST_DATA" --seed 1 --no-progress "${PREDIC
 run "$PY" -c "import sys, timm; from safetensors.torch import save_file; \
 save_file(timm.create_model(sys.argv[1], pretrained=False).state_dict(), sys.argv[2])" "$BACKBONE" "$WEIGHTS"
 
-echo "== 2/5 stage 1 under torchrun"
-timed seg "${TORCHRUN[@]}" -m rsna_cspine.cli train-seg --config "$SEG_CONFIG" --fold 0 --no-progress \
-  "data.root=$DATA" "data.cache_dir=$OUT/work/seg_cache" "run_dir=$OUT/runs/seg/fold{fold}" "device=$DEVICE" \
-  train.epochs=2 train.val_every=1 "train.amp=$AMP" train.max_minutes=0 ${SEG_SIZE[@]+"${SEG_SIZE[@]}"}
+echo "== 2/5 stage 1: its cache in one process, then training under torchrun"
+SEG_ARGS=(--config "$SEG_CONFIG" --fold 0 --no-progress
+  "data.root=$DATA" "data.cache_dir=$OUT/work/seg_cache" "run_dir=$OUT/runs/seg" "device=$DEVICE"
+  train.epochs=2 train.val_every=1 "train.amp=$AMP" train.max_minutes=0 ${SEG_SIZE[@]+"${SEG_SIZE[@]}"})
+run "$PY" -m rsna_cspine.cli train-seg --prepare-only "${SEG_ARGS[@]}"
+timed seg "${TORCHRUN[@]}" -m rsna_cspine.cli train-seg "${SEG_ARGS[@]}"
 
-echo "== 3/5 stage 2 under torchrun (model.pretrained_file = the local stand-in weights)"
-timed cls "${TORCHRUN[@]}" -m rsna_cspine.cli train-cls --config "$CLS_CONFIG" --fold 0 \
-  "data.root=$DATA" "data.cache_dir=$OUT/work/crops" data.mask_source=gt "run_dir=$OUT/runs/cls" "device=$DEVICE" \
-  "model.backbone=$BACKBONE" "model.pretrained_file=$WEIGHTS" epochs=2 max_minutes=0 "amp=$AMP" ${CLS_SIZE[@]+"${CLS_SIZE[@]}"}
+echo "== 3/5 stage 2: its crop cache in one process, then training under torchrun (model.pretrained_file = the local stand-in weights)"
+CLS_ARGS=(--config "$CLS_CONFIG" --fold 0
+  "data.root=$DATA" "data.cache_dir=$OUT/work/crops" data.mask_source=gt "run_dir=$OUT/runs/cls" "device=$DEVICE"
+  "model.backbone=$BACKBONE" "model.pretrained_file=$WEIGHTS" train.epochs=2 train.max_minutes=0 "train.amp=$AMP"
+  ${CLS_SIZE[@]+"${CLS_SIZE[@]}"})
+run "$PY" -m rsna_cspine.cli train-cls --prepare-only "${CLS_ARGS[@]}"
+timed cls "${TORCHRUN[@]}" -m rsna_cspine.cli train-cls "${CLS_ARGS[@]}"
 
 echo "== 4/5 predict the 3 test studies"
 run mkdir -p "$MODELS/seg/fold0" "$MODELS/cls/fold0"
@@ -151,7 +156,7 @@ for stage in ("seg/fold0", "cls/fold0"):
     summary = pd.read_csv(out / "runs" / stage / "summary.csv")
     state = torch.load(out / "runs" / stage / "best.pt", map_location="cpu", weights_only=False)
     cfg = state["config"]
-    amp = cfg.get("amp", cfg.get("train", {}).get("amp"))
+    amp = cfg["train"]["amp"]
     print(f"{stage}: {len(summary)} epochs, last train_loss {summary['train_loss'].iloc[-1]:.4f}, amp={amp}")
     if not np.isfinite(summary["train_loss"]).all():
         problems.append(f"{stage}: non-finite training loss")

@@ -91,11 +91,11 @@ def accuracy(args: argparse.Namespace) -> int:
     work = Path(args.work)
     train_dir = write_synthetic(work / "train_data", args.train_studies, args.train_seed, args.image_size)
     heldout_dir = write_synthetic(work / "heldout_data", args.heldout_studies, args.heldout_seed, args.image_size)
-    run_dir = work / "run"
-    overrides = [f"data.root={train_dir}", f"data.cache_dir={work / 'cache'}", f"run_dir={run_dir}",
-                 f"train.max_minutes={args.max_minutes}", f"train.cpu_threads={args.threads}", "device=cpu",
-                 "fold=0", *args.overrides]
-    cfg = load_config(SegConfig, args.config, overrides)
+    run_dir = work / "run" / "fold0"
+    cfg = load_config(SegConfig, args.config, args.overrides,
+                      values={"data": {"root": train_dir, "cache_dir": work / "cache"}, "run_dir": run_dir.parent,
+                              "train": {"max_minutes": args.max_minutes, "threads": args.threads}, "device": "cpu",
+                              "fold": 0})
     if (run_dir / "last.pt").exists() and not args.resume:
         raise SystemExit(f"{run_dir} already holds a run; delete it or pass --resume")
     t0 = time.perf_counter()

@@ -25,6 +25,10 @@ FIXED_PATIENT_RULES: tuple[str, ...] = ("noisy_or", "max", "mean_top", "blend")
 #: ``calibrated`` also needs the classifiers' :class:`PatientCalibration` (fitted on their validation folds).
 PATIENT_RULES: tuple[str, ...] = (*FIXED_PATIENT_RULES, "calibrated")
 SUBMISSION_COLUMNS: tuple[str, ...] = ("row_id", "fractured")
+#: How many of the largest vertebra probabilities the ``mean_top`` rule averages.
+MEAN_TOP_K = 2
+#: Splits of :func:`cross_fit_patient_overall` (at most one per study).
+CROSS_FIT_SPLITS = 10
 _COLUMN_INDEX = {name: i for i, name in enumerate(TARGET_COLUMNS)}
 
 
@@ -116,12 +120,48 @@ def fit_patient_calibration(vertebra_probs: np.ndarray, patient_labels: np.ndarr
     return PatientCalibration(float(model.coef_[0, 0]), float(model.intercept_[0]), n, positives)
 
 
+def cross_fit_patient_overall(
+    vertebra_probs: np.ndarray, patient_labels: np.ndarray, studies: Sequence[str], n_splits: int = CROSS_FIT_SPLITS
+) -> np.ndarray:
+    """The ``calibrated`` patient_overall of scored studies, each from a fit that never saw its own label.
+
+    The studies are split ``n_splits`` ways (at most one split per study; the split depends on the study
+    UIDs only, not on their order); each split's studies get :func:`fit_patient_calibration` fitted on the
+    other splits, applied to their noisy-OR. Scoring a fold's validation studies with a calibration fitted
+    on those very studies would flatter it; this is the out-of-fold view of what ``predict`` does.
+
+    Args:
+        vertebra_probs: ``(n, 7)`` vertebra probabilities.
+        patient_labels: ``(n,)`` 0/1 patient_overall truth.
+        studies: ``n`` StudyInstanceUIDs (fix the split).
+        n_splits: number of splits (fewer when there are fewer studies).
+
+    Returns:
+        ``(n,)`` probabilities; plain noisy-OR when there are fewer than two studies (nothing to fit on).
+    """
+    from sklearn.model_selection import KFold
+
+    probs = np.asarray(vertebra_probs, dtype=np.float64)
+    labels = np.asarray(patient_labels, dtype=np.float64).ravel()
+    if len(studies) != len(labels) or probs.shape != (len(labels), len(VERTEBRAE)):
+        raise ValueError(f"need (n, {len(VERTEBRAE)}) probabilities, n labels and n studies; got {probs.shape}, "
+                         f"{labels.shape}, {len(studies)}")
+    noisy_or = _noisy_or(probs)
+    if len(labels) < 2:
+        return noisy_or
+    order = np.argsort(np.asarray(studies, dtype=str), kind="stable")
+    out = np.empty(len(labels))
+    splitter = KFold(n_splits=min(n_splits, len(labels)), shuffle=True, random_state=0)
+    for fit_rows, held_rows in splitter.split(order):
+        fit_idx, held_idx = order[fit_rows], order[held_rows]
+        out[held_idx] = fit_patient_calibration(probs[fit_idx], labels[fit_idx]).apply(noisy_or[held_idx])
+    return out
+
+
 def patient_overall(
     vertebra_probs: np.ndarray,
     rule: str = "noisy_or",
     blend_weight: float = 0.5,
-    patient_head: np.ndarray | None = None,
-    top_k: int = 2,
     calibrations: Sequence[PatientCalibration] = (),
 ) -> np.ndarray:
     """Probability that a study has any fracture, from its seven vertebra probabilities.
@@ -129,12 +169,9 @@ def patient_overall(
     Args:
         vertebra_probs: ``(..., 7)`` probabilities of C1..C7.
         rule: ``"noisy_or"`` (1 − ∏(1 − p), vertebrae independent), ``"max"``, ``"mean_top"`` (mean
-            of the ``top_k`` largest) or ``"blend"``: ``blend_weight · noisy_or + (1 − blend_weight) · other``,
-            where ``other`` is ``patient_head`` when given, else ``max``; or ``"calibrated"``: each of
-            ``calibrations`` applied to noisy-OR, averaged (one per fold model).
+            of the :data:`MEAN_TOP_K` largest) or ``"blend"``: ``blend_weight · noisy_or + (1 − blend_weight) · max``;
+            or ``"calibrated"``: each of ``calibrations`` applied to noisy-OR, averaged (one per fold model).
         blend_weight: weight of noisy-OR in ``"blend"``, in [0, 1].
-        patient_head: ``(...)`` probabilities from a study-level head, used by ``"blend"``.
-        top_k: how many of the largest vertebra probabilities ``"mean_top"`` averages.
         calibrations: the fold models' fits for ``"calibrated"`` (:func:`fit_patient_calibration`).
 
     Returns:
@@ -153,19 +190,11 @@ def patient_overall(
     if rule == "max":
         return p.max(axis=-1)
     if rule == "mean_top":
-        if not 1 <= top_k <= len(VERTEBRAE):
-            raise ConfigError(f"top_k must be in 1..{len(VERTEBRAE)}, got {top_k}")
-        return np.sort(p, axis=-1)[..., -top_k:].mean(axis=-1)
+        return np.sort(p, axis=-1)[..., -MEAN_TOP_K:].mean(axis=-1)
     if rule == "blend":
         if not 0.0 <= blend_weight <= 1.0:
             raise ConfigError(f"blend_weight must be in [0, 1], got {blend_weight}")
-        if patient_head is None:
-            other = p.max(axis=-1)
-        else:
-            other = np.asarray(patient_head, dtype=np.float64)
-            if other.shape != p.shape[:-1]:
-                raise ValueError(f"patient_head shape {other.shape} does not match {p.shape[:-1]}")
-        return blend_weight * _noisy_or(p) + (1.0 - blend_weight) * other
+        return blend_weight * _noisy_or(p) + (1.0 - blend_weight) * p.max(axis=-1)
     raise ConfigError(f"unknown patient_overall rule {rule!r}; expected one of {PATIENT_RULES}")
 
 

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     sub_parser = argparse.ArgumentParser(prog=f"rsna-cspine {name}", description=COMMANDS[name][1])
     module.add_arguments(sub_parser)
-    return int(module.run(sub_parser.parse_args(argv)) or 0)
+    # Intermixed: ``key=value`` overrides may stand before, between or after the flags and a positional path.
+    return int(module.run(sub_parser.parse_intermixed_args(argv)) or 0)
 
 
 def main_entry() -> None:

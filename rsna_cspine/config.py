@@ -1,10 +1,17 @@
-"""Typed run configs: dataclass defaults, overridden by a YAML file, then by ``key=value`` arguments.
+"""Typed run configs: dataclass defaults, overridden by a YAML file, then by ``key=value`` arguments,
+then by typed values a program sets (the one loader of every stage, the demo and the phantom generator).
 
-The resolved config is written into every run folder so that a run can be repeated exactly.
+The resolved config is written into every run folder and every checkpoint so that a run can be
+repeated exactly. A config class may list renamed keys (``LEGACY_KEYS``: old dotted key → new one) and
+retired ones (``RETIRED_KEYS``: dotted key → the value under which dropping it changes nothing, or
+:data:`ANY_VALUE` for settings that only mattered while training). A YAML file or override that uses an
+old key is refused with the new name; a checkpoint's stored config is translated
+(:func:`config_from_checkpoint`), so checkpoints written before a rename still load.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -16,6 +23,9 @@ import yaml
 from rsna_cspine.errors import ConfigError
 
 T = TypeVar("T")
+
+#: ``RETIRED_KEYS`` value: the setting is dropped whatever it was (it only shaped training).
+ANY_VALUE = object()
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -84,19 +94,22 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     return cls(**values)
 
 
+def _plain(v: Any) -> Any:
+    """YAML-safe python values: dataclasses become mappings, tuples lists, paths strings."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return _plain(dataclasses.asdict(v))
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain, YAML-safe mapping of a config dataclass (tuples become lists)."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, (tuple, list)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, Path):
-            return str(v)
-        return v
-
-    return plain(dataclasses.asdict(cfg))
+    return _plain(cfg)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -109,15 +122,27 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Typed defaults ← YAML file ← ``key=value`` overrides (dotted keys for nested sections).
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+    section: str | None = None,
+) -> T:
+    """Typed defaults ← YAML file ← ``key=value`` overrides ← typed ``values``.
 
     Args:
         cls: the config dataclass whose defaults are the base.
         path: optional YAML file; its keys must exist in ``cls``.
-        overrides: optional ``["epochs=3", "model.name=resnet50"]``; values are parsed as YAML scalars.
+        overrides: optional ``["train.epochs=3", "model.backbone=resnet50"]`` (dotted keys for nested
+            sections); values are parsed as YAML scalars.
+        values: a nested mapping of values set by a program (``{"data": {"root": "/x"}}``); they win
+            over the file and the overrides and are never re-parsed (a path stays a path).
+        section: when the YAML's top level has a mapping under this key, read that mapping instead
+            (a generator's knobs inside a larger file).
     """
     data: dict[str, Any] = to_dict(cls())
+    given: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -126,15 +151,105 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"invalid YAML: {exc}", path) from exc
+        if section is not None and isinstance(loaded, dict) and isinstance(loaded.get(section), dict):
+            loaded = loaded[section]
         if not isinstance(loaded, dict):
             raise ConfigError("top level must be a mapping", path)
-        _merge(data, loaded)
+        _merge(given, loaded)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
-    return from_dict(cls, data)
+        _set_dotted(given, key.strip(), yaml.safe_load(raw))
+    _refuse_legacy_keys(cls, given, path)
+    _merge(data, given)
+    _merge(data, _plain(dict(values or {})))
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, path) if path is not None and exc.path is None else exc
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        out[f"{prefix}{key}"] = value
+    return out
+
+
+def _refuse_legacy_keys(cls: type, given: dict[str, Any], path: Path | None) -> None:
+    """Name the new key of every renamed one a file or override still uses, and every retired one."""
+    renamed: dict[str, str | None] = getattr(cls, "LEGACY_KEYS", {})
+    retired: dict[str, Any] = getattr(cls, "RETIRED_KEYS", {})
+    used = _flatten(given)
+    moves = [f"{old!r} is now {new!r}" for old, new in renamed.items() if old in used]
+    gone = [f"{key!r} is no longer a setting" for key in retired if key in used]
+    if moves or gone:
+        raise ConfigError("outdated config key(s): " + "; ".join(moves + gone)
+                          + " (removed experiment settings are listed in benchmarks/results/evidence.md)", path)
+
+
+def upgrade_config_dict(cls: type, stored: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping written by an older version (a checkpoint's), moved to ``cls``'s current keys.
+
+    Renamed keys (``cls.LEGACY_KEYS``) move to their new place, a key already present in the new place
+    wins; retired keys (``cls.RETIRED_KEYS``) are dropped when they hold the value under which dropping
+    them changes nothing, and refused otherwise (such a model cannot be rebuilt as it was trained).
+
+    Args:
+        cls: the current config dataclass.
+        stored: the old mapping (not modified).
+
+    Raises:
+        ConfigError: a retired setting with a value the current code cannot reproduce.
+    """
+    data = copy.deepcopy(stored)
+    for old, new in getattr(cls, "LEGACY_KEYS", {}).items():
+        found, value = _pop_dotted(data, old)
+        if found and new is not None and not _has_dotted(data, new):
+            _set_dotted(data, new, value)
+    for key, harmless in getattr(cls, "RETIRED_KEYS", {}).items():
+        found, value = _pop_dotted(data, key)
+        if found and harmless is not ANY_VALUE and value != harmless:
+            raise ConfigError(f"{key}={value!r} is no longer supported (retired; see benchmarks/results/evidence.md); "
+                              "retrain with the current version")
+    hook = getattr(cls, "upgrade_legacy", None)
+    return hook(data) if hook is not None else data
+
+
+def config_from_checkpoint(cls: type[T], stored: dict[str, Any], source: str | Path | None = None) -> T:
+    """The typed config a checkpoint carries, written by this version or an older one.
+
+    Args:
+        cls: the stage's config dataclass.
+        stored: ``checkpoint["config"]``.
+        source: the checkpoint file, named in errors.
+    """
+    try:
+        return from_dict(cls, upgrade_config_dict(cls, stored))
+    except ConfigError as exc:
+        raise ConfigError(f"stored config: {exc.reason}", source) from exc
+
+
+def _pop_dotted(data: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    *parents, last = dotted.split(".")
+    node: Any = data
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict) and last in node:
+        return True, node.pop(last)
+    return False, None
+
+
+def _has_dotted(data: dict[str, Any], dotted: str) -> bool:
+    node: Any = data
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:

@@ -53,13 +53,14 @@ class DemoConfig:
         device: ``auto``, ``cpu`` or ``cuda[:k]``.
         synth: ``SynthConfig`` fields for the synthetic dataset (``n_studies``, ``image_size``, ...).
         seg_config: stage-1 YAML (relative paths are looked up in the working folder, then the repository).
-        seg_overrides: ``key=value`` overrides of the stage-1 config.
+        seg_overrides: ``key=value`` overrides of the stage-1 config (the demo then sets its data and run
+            folders, seed, device and time budget).
         cls_config: stage-2 YAML.
         cls_overrides: ``key=value`` overrides of the stage-2 config.
         seg_share: stage 1's share of the training time (stage 2 gets the rest).
         reserve_s: seconds kept for prediction, scoring and the report.
-        rule: patient_overall rule of the submission (``aggregate.PATIENT_RULES``). The CV report scores
-            the OOF files' own patient_overall (noisy-OR: the calibration is fitted on those very studies).
+        rule: patient_overall rule of the submission (``aggregate.PATIENT_RULES``); the CV report shows it
+            (``calibrated`` cross-fitted inside the validation fold) beside plain noisy-OR.
     """
 
     minutes: float = 10.0
@@ -160,17 +161,15 @@ def run_demo(
         Paths of the artefacts and the scores.
     """
     started = time.monotonic()  # before the heavy imports below: they are part of the demo's ten minutes
-    from rsna_cspine.aggregate import FIXED_PATIENT_RULES, build_submission
+    from rsna_cspine.aggregate import build_submission
     from rsna_cspine.cls.config import ClsConfig
-    from rsna_cspine.cls.train import fold_run_dir, train_classifier
-    from rsna_cspine.crops.cache import build_crop_cache
+    from rsna_cspine.cls.train import prepare_classifier_data, train_classifier
     from rsna_cspine.io.kaggle import KaggleLayout, read_test_csv, read_train_labels
     from rsna_cspine.metric import competition_score, labels_to_solution, prior_predictions
     from rsna_cspine.pipeline import PipelineConfig, predict_dataset, timing_log_path
     from rsna_cspine.report.cv import cv_report, load_oof
     from rsna_cspine.seg.config import SegConfig
-    from rsna_cspine.seg.preprocess import build_cache
-    from rsna_cspine.seg.train import labelled_studies, train_segmentation
+    from rsna_cspine.seg.train import prepare_segmentation_data, train_segmentation
     from rsna_cspine.synth import SynthConfig, write_dataset
 
     if config is None:
@@ -188,7 +187,7 @@ def run_demo(
 
     # 1. Data.
     tick = time.monotonic()
-    synth_cfg = SynthConfig(**{**config.synth, "seed": seed})
+    synth_cfg = load_config(SynthConfig, values={**config.synth, "seed": seed})
     if (data_dir / _DATA_DONE).is_file() and json.loads((data_dir / _DATA_DONE).read_text()) == repr(synth_cfg):
         _banner("1/7 data", f"reusing the synthetic dataset in {data_dir}")
     else:
@@ -201,31 +200,15 @@ def run_demo(
     train_labels = read_train_labels(layout.train_csv)
 
     seg_cfg = load_config(
-        SegConfig,
-        _config_path(config.seg_config),
-        [
-            *config.seg_overrides,
-            f"data.root={data_dir}",
-            f"data.cache_dir={work_dir / 'seg_cache'}",
-            f"run_dir={runs_dir / 'seg'}",
-            f"seed={seed}",
-            f"device={config.device}",
-        ],
+        SegConfig, _config_path(config.seg_config), config.seg_overrides,
+        values={"data": {"root": data_dir, "cache_dir": work_dir / "seg_cache"}, "run_dir": runs_dir / "seg",
+                "seed": seed, "device": config.device},
     )
     cls_cfg = load_config(
-        ClsConfig,
-        _config_path(config.cls_config),
-        [
-            *config.cls_overrides,
-            f"data.root={data_dir}",
-            "data.mask_source=gt",
-            f"run_dir={runs_dir / 'cls'}",
-            f"seed={seed}",
-            "fold=0",
-            f"device={config.device}",
-        ],
+        ClsConfig, _config_path(config.cls_config), config.cls_overrides,
+        values={"data": {"root": data_dir, "mask_source": "gt"}, "run_dir": runs_dir / "cls", "seed": seed, "fold": 0,
+                "device": config.device},
     )
-
     # A crop cache refuses other crop settings: one folder per setting lets a rerun change them.
     crop_key = hashlib.sha1(repr(cls_cfg.data.crop).encode()).hexdigest()[:8]
     cls_cfg.data.cache_dir = str(work_dir / f"crops_{crop_key}")
@@ -233,10 +216,8 @@ def run_demo(
     # 2. Caches first, so that the training budgets below are spent on training alone.
     tick = time.monotonic()
     _banner("2/7 caches", "stage-1 grids and stage-2 crops of the training studies (from the ground-truth masks)")
-    seg_data = seg_cfg.data
-    build_cache(layout, labelled_studies(data_dir), seg_data.cache_dir, seg_data.grid, seg_data.hu_window,
-                antialias=seg_data.antialias)  # fmt: skip
-    build_crop_cache(layout, train_labels["StudyInstanceUID"].tolist(), "gt", cls_cfg.data.cache_dir, cls_cfg.data.crop)
+    prepare_segmentation_data(seg_cfg)
+    prepare_classifier_data(cls_cfg)
     seconds["caches"] = time.monotonic() - tick
 
     def training_minutes(share: float) -> float:
@@ -252,14 +233,14 @@ def run_demo(
 
     # 4. Stage 2, on what is left.
     tick = time.monotonic()
-    cls_cfg.max_minutes = training_minutes(1.0)
-    _banner("4/7 stage 2", f"training the 2.5D classifier for ≤ {cls_cfg.max_minutes:.1f} min ({config.cls_config})")
-    train_classifier(cls_cfg)
+    cls_cfg.train.max_minutes = training_minutes(1.0)
+    _banner("4/7 stage 2", f"training the 2.5D classifier for ≤ {cls_cfg.train.max_minutes:.1f} min ({config.cls_config})")
+    cls_run = train_classifier(cls_cfg)
     seconds["stage2"] = time.monotonic() - tick
 
     # 5. Predict the held-out studies exactly as a submission would.
     tick = time.monotonic()
-    for stage, run, fold in (("seg", seg_run, seg_cfg.fold), ("cls", fold_run_dir(cls_cfg), cls_cfg.fold)):
+    for stage, run, fold in (("seg", seg_run, seg_cfg.fold), ("cls", cls_run, cls_cfg.fold)):
         target = models_dir / stage / f"fold{fold}"
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy2(run / "best.pt", target / "best.pt")
@@ -287,13 +268,12 @@ def run_demo(
     # 7. CV report of stage 2's out-of-fold predictions.
     tick = time.monotonic()
     _banner("7/7 report", "CV report of the stage-2 out-of-fold predictions")
-    report = cv_report(load_oof(Path(cls_cfg.run_dir)), train_labels, out_dir / "cv_report",
-                       rule=config.rule if config.rule in FIXED_PATIENT_RULES else "noisy_or")
+    report = cv_report(load_oof(Path(cls_cfg.run_dir)), train_labels, out_dir / "cv_report", rule=config.rule)
     seconds["report"] = time.monotonic() - tick
     seconds["total"] = time.monotonic() - started
 
     pictures = sorted(p for p in report["files"].values() if str(p).endswith(".png"))
-    pictures += [p for p in (seg_run / "curves.png", fold_run_dir(cls_cfg) / "curves.png") if p.is_file()]
+    pictures += [p for p in (seg_run / "curves.png", cls_run / "curves.png") if p.is_file()]
     result = DemoResult(
         out_dir=out_dir,
         submission=submission_path,

@@ -1,8 +1,8 @@
 """Launched by tests/test_ddp.py under torchrun: trains one stage, then each rank saves its final weights.
 
-The trainers are used unchanged; the only addition is a wrapper around their ``wrap_model`` call that
-keeps a reference to the DDP model, so that every rank (not only rank 0, which writes checkpoints) can
-dump the weights it ended with for the test to compare.
+The trainers are used unchanged; the only addition is a wrapper around the training loop's ``wrap_model``
+call that keeps a reference to the DDP model, so that every rank (not only rank 0, which writes
+checkpoints) can dump the weights it ended with for the test to compare.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ def main() -> int:
     stage, out_dir, *rest = sys.argv[1:]
     torch.set_num_threads(1)
     train_module = importlib.import_module(f"rsna_cspine.{stage}.train")
+    loop_module = importlib.import_module("rsna_cspine.training.loop")
     captured: list = []
-    original = train_module.wrap_model
+    original = loop_module.wrap_model
 
     def keep_reference(model, ctx, device):
         wrapped = original(model, ctx, device)
         captured.append((wrapped, ctx.rank, ctx.world_size))
         return wrapped
 
-    train_module.wrap_model = keep_reference
+    loop_module.wrap_model = keep_reference
     if stage == "seg":
         sys.path.insert(0, str(Path(__file__).parent))
         from test_seg_train import tiny_config

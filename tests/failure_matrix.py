@@ -306,6 +306,18 @@ CASES: tuple[Case, ...] = (
          ("tests/test_seg_train.py::test_resume_gives_the_same_weights_as_an_uninterrupted_run",
           "tests/test_cls_train.py::test_resume_equals_uninterrupted_and_oof_is_written",
           "tests/test_engine.py::test_checkpoint_resume_continues_identically")),
+    Case(RUN, "Config file or override with a renamed or removed key (e.g. `epochs`, `augment`, `model.box_logits`)",
+         "`ConfigError` naming each old key and its new name (or that it is no longer a setting), before anything runs.",
+         ("tests/test_config.py::test_configs_stored_by_the_old_schema_translate_to_todays",
+          "tests/test_twod.py::test_config_refuses_bad_values")),
+    Case(RUN, "Checkpoint written before the common config schema",
+         "Its stored config is translated to today's keys and the model predicts as trained; one trained with a "
+         "removed setting switched on is refused with a `ConfigError` naming the file and the setting.",
+         ("tests/test_config.py::test_an_old_stage2_checkpoint_still_predicts_and_a_retired_model_is_refused",)),
+    Case(RUN, "Missing or incomplete training cache under torchrun",
+         "Every rank stops before joining the process group with a `LayoutError` naming the cache folder, how many "
+         "studies are missing and the `--prepare-only` command that builds it; nothing is written.",
+         ("tests/test_cls_train.py::test_torchrun_refuses_an_incomplete_crop_cache_before_joining_a_group",)),
     Case(RUN, "Killed while writing a checkpoint",
          "The previous checkpoint stays intact and loadable; the next save succeeds.",
          (_RI + "test_checkpoint_write_killed_midway_keeps_the_previous_checkpoint",)),

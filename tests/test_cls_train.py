@@ -10,19 +10,22 @@ import pytest
 import torch
 from scipy import ndimage
 
-import rsna_cspine.cls.train as train_module
-from rsna_cspine.aggregate import PatientCalibration, fit_patient_calibration, patient_overall
+import rsna_cspine.training.loop as loop_module
+from rsna_cspine.aggregate import PatientCalibration, cross_fit_patient_overall, fit_patient_calibration, patient_overall
 from rsna_cspine.cli import main as cli_main
-from rsna_cspine.cls.config import ClsAugConfig, ClsConfig
-from rsna_cspine.cls.data import StackAugment, VertebraDataset, intensity_levels, match_levels, vertebra_items
+from rsna_cspine.cls.config import ClsAugConfig, ClsConfig, ClsTrainConfig
+from rsna_cspine.cls.data import VertebraDataset, intensity_levels, match_levels, vertebra_items
+from rsna_cspine.cls.loss import fracture_loss
 from rsna_cspine.cls.model import FractureClassifier
 from rsna_cspine.cls.predict import load_classifiers
-from rsna_cspine.cls.train import fracture_loss, train_classifier
+from rsna_cspine.cls.task import OOF_COLUMNS
+from rsna_cspine.cls.train import train_classifier
 from rsna_cspine.config import load_config, save_config
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.crops import CropConfig, VertebraCrops, load_crops, save_crops
 from rsna_cspine.engine import fold_of, load_checkpoint
-from rsna_cspine.errors import ConfigError
+from rsna_cspine.errors import ConfigError, LayoutError
+from rsna_cspine.training.augment import StackAugment
 
 torch.set_num_threads(1)
 
@@ -77,15 +80,17 @@ def _toy_dataset(tmp_path, n_studies: int = 14, seed: int = 0) -> tuple[str, str
     return str(root), str(cache)
 
 
-def _config(tmp_path, root: str, cache: str, run: str, **overrides) -> ClsConfig:
-    cfg = ClsConfig(run_dir=str(tmp_path / run), fold=0, n_folds=3, epochs=2, batch_size=8, val_batch_size=16,
-                    device="cpu", amp=False, threads=1, early_stopping_patience=0, slice_loss_weight=0.3)
-    cfg.data.root, cfg.data.cache_dir, cfg.data.mask_source, cfg.data.num_workers = root, cache, "gt", 0
+def _config(tmp_path, root: str, cache: str, run: str, **train) -> ClsConfig:
+    """A tiny CPU run of fold 0 of 3; ``train`` sets fields of the ``train:`` section."""
+    cfg = ClsConfig(run_dir=str(tmp_path / run), fold=0, device="cpu",
+                    train=ClsTrainConfig(n_folds=3, epochs=2, batch_size=8, val_batch_size=16, amp=False, threads=1,
+                                         patience=0, slice_loss_weight=0.3, num_workers=0))
+    cfg.data.root, cfg.data.cache_dir, cfg.data.mask_source = root, cache, "gt"
     cfg.data.crop = CROP
     cfg.model.backbone, cfg.model.hidden, cfg.model.head = "test_resnet", 16, "gru"
     cfg.optim.lr, cfg.optim.warmup_epochs = 2e-3, 0
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
     return cfg
 
 
@@ -103,58 +108,6 @@ def test_weighted_bce_matches_the_competition_weights() -> None:
     known = (softplus(-slice_logits[0, 0]) + softplus(slice_logits[0, 1]) + softplus(slice_logits[1, 0])) / 3
     total, _ = fracture_loss(logit, label, slice_logits, slice_labels, slice_weight=0.5)
     torch.testing.assert_close(total, expected + 0.5 * known)
-
-
-def test_box_term_scores_the_cells_the_boxes_cover_on_known_slices() -> None:
-    logit, label = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])
-    box_logits = torch.tensor([[[[2.0, -1.0], [0.5, 0.0]]] * 2, [[[1.0, 1.0], [1.0, 1.0]]] * 2])  # (2, 2, 2, 2)
-    maps = torch.zeros(2, 2, 8, 8)
-    maps[0, 0, 1:3, 1:3] = 1.0  # top-left cell of slice 0 of item 0
-    slice_labels = torch.tensor([[1, -1], [0, 0]])  # item 0 slice 1 unknown: not scored
-    targets = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
-    scored = torch.stack([box_logits[0, 0].flatten(), box_logits[1, 0].flatten(), box_logits[1, 1].flatten()])
-    cells = torch.nn.functional.binary_cross_entropy_with_logits(scored, targets)
-    base, _ = fracture_loss(logit, label)
-    total, _ = fracture_loss(logit, label, None, slice_labels, 0.0, box_logits, maps, box_weight=0.7)
-    torch.testing.assert_close(total, base + 0.7 * cells)
-
-
-def test_box_logits_learn_where_the_fracture_is() -> None:
-    """A bright square in one quadrant of some slices: the per-cell output learns to point at it."""
-    rng = np.random.default_rng(0)
-    size, n = 64, 4
-
-    def batch(count: int) -> dict[str, torch.Tensor]:
-        images = rng.uniform(0.0, 0.3, size=(count, n, CHANNELS, size, size)).astype(np.float32)
-        maps = np.zeros((count, n, size, size), dtype=np.float32)
-        quadrant = rng.integers(0, 4, size=count)
-        for i, q in enumerate(quadrant):
-            y, x = 32 * (q // 2) + rng.integers(4, 18), 32 * (q % 2) + rng.integers(4, 18)
-            images[i, 1:3, :, y : y + 10, x : x + 10] = 0.9
-            maps[i, 1:3, y : y + 10, x : x + 10] = 1.0
-        known = np.zeros((count, n), dtype=np.int64)
-        known[:, 1:3] = 1
-        return {"image": torch.from_numpy(images), "box_map": torch.from_numpy(maps),
-                "slice_labels": torch.from_numpy(known), "label": torch.ones(count), "quadrant": torch.from_numpy(quadrant)}
-
-    torch.manual_seed(0)
-    model = FractureClassifier("test_resnet", CHANNELS, head="gru", hidden=8, box_logits=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    train = batch(32)
-    for _ in range(40):
-        out = model(train["image"])
-        assert out["box_logits"].shape == (32, n, 2, 2)
-        loss, _ = fracture_loss(out["logit"], train["label"], None, train["slice_labels"], 0.0,
-                                out["box_logits"], train["box_map"], box_weight=1.0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    test = batch(24)
-    with torch.no_grad():
-        cells = model(test["image"])["box_logits"][:, 1:3].mean(1).flatten(1)  # (24, 4) on the square's slices
-    hits = (cells.argmax(1) == test["quadrant"]).float().mean()
-    assert hits >= 0.75, float(hits)  # chance is 0.25
 
 
 def test_augmentation_moves_every_plane_alike_and_leaves_the_mask_unbrightened() -> None:
@@ -213,21 +166,20 @@ def test_dataset_items_and_known_negative_slices(tmp_path) -> None:
         item = dataset[i]
         assert item["image"].shape == (N_SLICES, CHANNELS, SIZE, SIZE) and item["image"].dtype == torch.float32
         assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+        assert int(item["vertebra"]) == int(dataset.items.at[i, "vertebra"])
         if item["label"] == 0:
-            assert (item["slice_labels"] == 0).all() and (item["box_map"] == 0).all()
+            assert (item["slice_labels"] == 0).all()
         else:
             assert item["slice_labels"].tolist() == [0, 0, 1, 1, 1, 0]
-            on = item["box_map"] > 0.5
-            assert on[2:5].sum() == 3 * 100 and not on[[0, 1, 5]].any()
-            assert (item["image"][:, 0][on] > 0.85).all()  # the map outlines the bright square
-    # Augmented, the map is moved exactly as the image: it still outlines the (moved) square.
+            assert float(item["image"][2:5, 0].amax(dim=(1, 2)).min()) > 0.85  # the bright square
+    # Augmented items move (same draws for every plane) and stay images in [0, 1].
     still = ClsAugConfig(rotate_deg=25.0, brightness=0.0, contrast=0.0, scale_min=0.7, translate=0.1)
     augmented = VertebraDataset(items[items["present"] & (items["label"] == 1)], StackAugment(still, SIZE, CHANNELS), seed=3)
     for i in range(len(augmented)):
-        item = augmented[i]
-        inside = item["box_map"] >= 0.99
-        assert inside.any() and (item["image"][:, 0][inside] > 0.85).all()
-        assert not torch.equal(item["box_map"], VertebraDataset(augmented.items)[i]["box_map"])
+        item, plain = augmented[i], VertebraDataset(augmented.items)[i]
+        assert not torch.equal(item["image"], plain["image"])
+        assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+        assert item["slice_labels"].tolist() == plain["slice_labels"].tolist()
 
 
 def test_fracture_paste_copies_a_same_vertebra_donor_box_with_its_labels(tmp_path) -> None:
@@ -238,24 +190,35 @@ def test_fracture_paste_copies_a_same_vertebra_donor_box_with_its_labels(tmp_pat
     plain = VertebraDataset(items)
     keep = lambda stack: stack  # noqa: E731  (no geometry: pasted pixels stay where the donor had them)
     pasting = VertebraDataset(items, keep, seed=5, paste_prob=1.0, paste_feather=1.0)
-    donors = {v: [plain[i] for i in np.flatnonzero((items["label"] == 1) & (items["vertebra"] == v))] for v in range(7)}
+    def region(j: int) -> torch.Tensor:
+        """Donor ``j``'s boxed fracture region (box maps on its fractured slices), as the cache stores it."""
+        _, slices, maps = plain._stack(j)
+        return torch.from_numpy(np.asarray(maps, dtype=np.float32) * (np.asarray(slices) > 0)[:, None, None])
+
+    donors = {v: np.flatnonzero((items["label"] == 1) & (items["vertebra"] == v)) for v in range(7)}
     pasted = 0
     for i in np.flatnonzero(items["label"] == 0):
         item, before = pasting[i], plain[i]
         same_vertebra = donors[int(items.at[i, "vertebra"])]
-        if not same_vertebra:
+        if not len(same_vertebra):
             assert item["label"] == 0 and torch.equal(item["image"], before["image"])  # nothing to paste
             continue
         pasted += 1
         assert item["label"] == 1 and item["slice_labels"].tolist() == [0, 0, 1, 1, 1, 0]
-        # The map is one of this vertebra's donors' maps; inside it are that donor's pixels on this stack's levels.
-        donor = next(d for d in same_vertebra if torch.equal(d["box_map"], item["box_map"]))
-        inside = (item["box_map"] > 0.5)[:, None].expand_as(item["image"])
-        expected = match_levels(donor["image"], intensity_levels(donor["image"]), intensity_levels(before["image"]))
-        torch.testing.assert_close(item["image"][inside], expected[inside], atol=1e-6, rtol=0)
+        # Inside one of this vertebra's donors' regions are that donor's pixels on this stack's levels.
+        matches = []
+        for j in same_vertebra:
+            donor = plain[j]["image"]
+            inside = (region(j) > 0.5)[:, None].expand_as(item["image"])
+            expected = match_levels(donor, intensity_levels(donor), intensity_levels(before["image"]))
+            if torch.allclose(item["image"][inside], expected[inside], atol=1e-6, rtol=0):
+                matches.append(j)
+        assert matches, i
+        box = region(matches[0])
+        inside = (box > 0.5)[:, None].expand_as(item["image"])
         assert not torch.equal(item["image"][inside], before["image"][inside])
         # Beyond the blur kernel (4 sigma each way, so up to 4√2 px on a diagonal) the stack is untouched.
-        far = torch.from_numpy(ndimage.distance_transform_edt(item["box_map"].numpy() < 0.5, sampling=(100.0, 1.0, 1.0)) > 6)
+        far = torch.from_numpy(ndimage.distance_transform_edt(box.numpy() < 0.5, sampling=(100.0, 1.0, 1.0)) > 6)
         assert torch.equal(item["image"].permute(1, 0, 2, 3)[:, far], before["image"].permute(1, 0, 2, 3)[:, far])
         again = pasting[i]
         assert torch.equal(again["image"], item["image"])  # fixed by (seed, epoch, item)
@@ -339,14 +302,14 @@ def test_vertebra_bias_learns_the_base_rates_through_the_training_loop(tmp_path)
 
 
 def _interrupt_before_epoch(monkeypatch, epoch_to_stop: int) -> None:
-    original = train_module._train_one_epoch
+    original = loop_module.train_one_epoch
 
     def interrupted(*args, **kwargs):
-        if args[7] == epoch_to_stop:  # the `epoch` argument
+        if kwargs["epoch"] == epoch_to_stop:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_one_epoch", interrupted)
+    monkeypatch.setattr(loop_module, "train_one_epoch", interrupted)
 
 
 def test_resume_equals_uninterrupted_and_oof_is_written(tmp_path, monkeypatch) -> None:
@@ -370,27 +333,31 @@ def test_resume_equals_uninterrupted_and_oof_is_written(tmp_path, monkeypatch) -
     summary_b = pd.read_csv(resumed / "summary.csv")
     assert summary_a["epoch"].tolist() == summary_b["epoch"].tolist() == [1, 2]
     np.testing.assert_allclose(summary_a["train_loss"], summary_b["train_loss"], rtol=1e-5)
-    for column in ("val_loss", "val_auc", "val_score", "prior_score", "lr", "time_s"):
+    for column in ("val_loss", "val_auc", "val_score", "val_score_noisy_or", "prior_score", "lr", "time_s"):
         assert column in summary_a.columns
     assert (straight / "config.yaml").is_file() and (straight / "best.pt").is_file()
 
-    # Out-of-fold file: the validation fold's studies, right columns, noisy-OR overall, prior where absent.
+    # Out-of-fold file: the validation fold's studies, the prior where a vertebra is absent, and patient_overall
+    # by the rule predict uses (calibrated, each study from a fit on the other validation studies) beside
+    # plain noisy-OR.
     oof = pd.read_csv(tmp_path / "straight" / "oof_fold0.csv", dtype={"StudyInstanceUID": str})
-    assert list(oof.columns) == ["StudyInstanceUID", *TARGET_COLUMNS, "fold"]
+    assert list(oof.columns) == list(OOF_COLUMNS)
     labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
     folds = fold_of(labels["StudyInstanceUID"].tolist(), 3, 42)
     assert sorted(oof["StudyInstanceUID"]) == sorted(u for u, k in folds.items() if k == 0)
     assert (oof["fold"] == 0).all()
     probs = oof[list(VERTEBRAE)].to_numpy()
     assert ((probs > 0) & (probs < 1)).all()
-    np.testing.assert_allclose(oof["patient_overall"], patient_overall(probs), rtol=1e-9)
+    np.testing.assert_allclose(oof["patient_overall_noisy_or"], patient_overall(probs), rtol=1e-9)
+    val_truth = labels.set_index("StudyInstanceUID").loc[oof["StudyInstanceUID"], "patient_overall"].to_numpy()
+    np.testing.assert_allclose(oof["patient_overall"],
+                               cross_fit_patient_overall(probs, val_truth, oof["StudyInstanceUID"].tolist()), rtol=1e-9)
     absent_uid = _uid(_absent_study(len(labels)))
     train_labels = labels[labels["StudyInstanceUID"].map(folds) != 0]
     value = oof.loc[oof["StudyInstanceUID"] == absent_uid, VERTEBRAE[ABSENT_VERTEBRA]].item()
     assert value == pytest.approx(train_labels[VERTEBRAE[ABSENT_VERTEBRA]].mean())
 
-    # best.pt carries the patient_overall calibration fitted on exactly these validation predictions.
-    val_truth = labels.set_index("StudyInstanceUID").loc[oof["StudyInstanceUID"], "patient_overall"].to_numpy()
+    # best.pt carries the patient_overall calibration fitted on all of these validation predictions (for predict).
     expected = fit_patient_calibration(probs, val_truth)
     stored = PatientCalibration.from_dict(load_checkpoint(straight / "best.pt")["extra"]["patient_calibration"])
     assert (stored.n_studies, stored.n_positive) == (expected.n_studies, expected.n_positive) == (len(oof), int(val_truth.sum()))
@@ -417,22 +384,22 @@ def test_cli_train_cls_with_yaml_and_overrides(tmp_path) -> None:
     cfg = _config(tmp_path, root, cache, "cli", epochs=1)
     config_path = save_config(cfg, tmp_path / "cls.yaml")
     assert load_config(ClsConfig, config_path) == cfg
-    code = cli_main(["train-cls", "--config", str(config_path), "--fold", "1", "model.head=attention", "batch_size=4"])
+    code = cli_main(["train-cls", "--config", str(config_path), "--fold", "1", "model.head=attention",
+                     "train.batch_size=4", "--no-progress"])
     assert code == 0
     run = tmp_path / "cli" / "fold1"
     saved = load_config(ClsConfig, run / "config.yaml")
-    assert saved.fold == 1 and saved.model.head == "attention" and saved.batch_size == 4
+    assert saved.fold == 1 and saved.model.head == "attention" and saved.train.batch_size == 4
     assert (tmp_path / "cli" / "oof_fold1.csv").is_file()
     assert len(pd.read_csv(run / "summary.csv")) == 1
     with pytest.raises(Exception, match="resume"):
         cli_main(["train-cls", "--config", str(config_path), "--fold", "1"])  # refuses to overwrite a run
 
 
-def test_weight_average_and_vertebra_sampling_resume_equals_uninterrupted(tmp_path, monkeypatch) -> None:
+def test_weight_average_resume_equals_uninterrupted(tmp_path, monkeypatch) -> None:
     root, cache = _toy_dataset(tmp_path)
-    extra = dict(ema_decay=0.9, vertebra_sampling_weights=(4.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0))
-    straight = train_classifier(_config(tmp_path, root, cache, "straight", **extra))
-    cfg = _config(tmp_path, root, cache, "resumed", **extra)
+    straight = train_classifier(_config(tmp_path, root, cache, "straight", ema_decay=0.9))
+    cfg = _config(tmp_path, root, cache, "resumed", ema_decay=0.9)
     with monkeypatch.context() as patch:
         _interrupt_before_epoch(patch, 1)
         with pytest.raises(KeyboardInterrupt):
@@ -455,27 +422,24 @@ def test_weight_average_and_vertebra_sampling_resume_equals_uninterrupted(tmp_pa
     from rsna_cspine.metric import score_arrays
 
     truth = labels.loc[oof["StudyInstanceUID"], list(TARGET_COLUMNS)].to_numpy(float)
-    plain = oof[list(TARGET_COLUMNS)].to_numpy(float)
     at_best = summary.loc[summary["epoch"] == best["epoch"]]
+    # val_score (what picks best.pt) is the OOF file's calibrated patient_overall: no study scored by a fit on its label.
+    assert score_arrays(truth, oof[list(TARGET_COLUMNS)].to_numpy(float)) == pytest.approx(at_best["val_score"].item(), abs=1e-5)
+    plain = np.column_stack([oof[list(VERTEBRAE)].to_numpy(float), oof["patient_overall_noisy_or"].to_numpy(float)])
     assert score_arrays(truth, plain) == pytest.approx(at_best["val_score_noisy_or"].item(), abs=1e-5)
-    # val_score (what picks best.pt) scores patient_overall through best.pt's own calibration.
-    calibrated = plain.copy()
-    calibrated[:, -1] = patient_overall(plain[:, :-1], rule="calibrated",
-                                        calibrations=[PatientCalibration.from_dict(best["extra"]["patient_calibration"])])
-    assert score_arrays(truth, calibrated) == pytest.approx(at_best["val_score"].item(), abs=1e-5)
 
 
-def test_vertebra_sampling_draws_each_vertebra_in_proportion(tmp_path) -> None:
-    root, cache = _toy_dataset(tmp_path)
-    cfg = _config(tmp_path, root, cache, "draws", vertebra_sampling_weights=(6.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0))
-    split = train_module._prepare_items(cfg, train_module.DistContext())
-    task = train_module.VertebraTask(cfg, split, torch.device("cpu"))
-    drawn: list[int] = []
-    for epoch in range(20):
-        loader = train_module._train_loader(task.train_set, cfg, train_module.DistContext(), epoch)
-        drawn += [int(v) for batch in loader for v in batch["vertebra"]]
-    share = np.bincount(drawn, minlength=7) / len(drawn)
-    assert share[0] == pytest.approx(0.5, abs=0.05)  # C1 weighs 6 of 12 (one item per vertebra and study)
-    assert np.allclose(share[1:], 1 / 12, atol=0.03)
-    with pytest.raises(Exception, match="vertebra_sampling_weights"):
-        _config(tmp_path, root, cache, "bad", vertebra_sampling_weights=(1.0, 1.0)).validate()
+def test_torchrun_refuses_an_incomplete_crop_cache_before_joining_a_group(tmp_path, monkeypatch) -> None:
+    root, cache = _toy_dataset(tmp_path, n_studies=6)
+    cfg = _config(tmp_path, root, cache, "ddp", epochs=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; no process group may be joined before the check
+    with pytest.raises(LayoutError, match="--prepare-only") as info:
+        train_classifier(cfg)  # the toy cache was written by hand: no crop_config.yaml yet
+    assert "6 of 6 studies" in str(info.value)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cli_main(["train-cls", "--config", str(save_config(cfg, tmp_path / "c.yaml")), "--prepare-only"]) == 0
+    (tmp_path / "crops" / f"{_uid(2)}.npz").unlink()  # one study lost since
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LayoutError, match=rf"1 of 6 studies not built.*{_uid(2)}.*train-cls --config CONFIG --prepare-only"):
+        train_classifier(cfg)
+    assert not (tmp_path / "ddp").exists()

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rsna_cspine.config import load_config, save_config
@@ -74,3 +76,68 @@ def test_float_fields_accept_yaml_exponents_and_refuse_words(tmp_path):
     yml.write_text("optim:\n  lr: fast\n")
     with pytest.raises(ConfigError, match="expected a number"):
         load_config(RunCfg, yml)
+
+
+def test_typed_values_win_over_file_and_overrides_and_are_not_reparsed(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("name: from_file\nepochs: 5\n")
+    odd = tmp_path / "a: b [c]"  # YAML would read this path as a mapping or a list
+    cfg = load_config(RunCfg, yml, ["name=from_override", "epochs=6"], values={"name": odd, "optim": {"lr": 0.5}})
+    assert cfg.name == str(odd) and cfg.epochs == 6 and cfg.optim.lr == 0.5
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(RunCfg, None, values={"nope": 1})
+    yml.write_text("other: {x: 1}\nrun:\n  epochs: 9\n")
+    assert load_config(RunCfg, yml, section="run").epochs == 9  # a section of a larger file
+
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy_configs"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "cls_path, stored, current, values",
+    [
+        ("rsna_cspine.seg.config:SegConfig", "seg_cpu.yaml", "seg_cpu.yaml", {}),
+        ("rsna_cspine.cls.config:ClsConfig", "cls_cpu.yaml", "cls_cpu.yaml", {}),
+        ("rsna_cspine.twod.config:TwoDConfig", "twod_convnext_tiny.yaml", "twod_convnext_tiny.yaml", {"fold": 2}),
+    ],
+)
+def test_configs_stored_by_the_old_schema_translate_to_todays(cls_path, stored, current, values):
+    import importlib
+
+    import yaml
+
+    from rsna_cspine.config import config_from_checkpoint
+
+    module, name = cls_path.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    old = yaml.safe_load((LEGACY / stored).read_text())
+    assert config_from_checkpoint(cls, old) == load_config(cls, REPO / "configs" / current, values=values)
+    with pytest.raises(ConfigError, match="is now 'train"):  # the old keys in a YAML file or override: refused
+        load_config(cls, LEGACY / stored)
+
+
+def test_an_old_stage2_checkpoint_still_predicts_and_a_retired_model_is_refused(tmp_path):
+    import torch
+    import yaml
+
+    from rsna_cspine.cls.config import ClsConfig
+    from rsna_cspine.cls.model import build_classifier
+    from rsna_cspine.cls.predict import load_classifiers
+    from rsna_cspine.config import config_from_checkpoint
+    from rsna_cspine.engine import save_checkpoint
+
+    old = yaml.safe_load((LEGACY / "cls_cpu.yaml").read_text())
+    model = build_classifier(config_from_checkpoint(ClsConfig, old), load_pretrained=False)
+    ensemble = load_classifiers([save_checkpoint(tmp_path / "old.pt", model=model, epoch=3, config=old)],
+                                torch.device("cpu"))
+    crop = ensemble.crop_config
+    assert (crop.n_slices, crop.size, crop.in_chans) == (8, 80, 11)
+    stacks = torch.randint(0, 256, (2, 8, 11, 80, 80), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = torch.sigmoid(model.eval()(stacks.float() / 255)["logit"]).numpy()
+    np.testing.assert_allclose(ensemble.predict_stacks(stacks.numpy()), expected, rtol=1e-5)  # the stored weights
+    boxed = {**old, "model": {**old["model"], "box_logits": True}}
+    save_checkpoint(tmp_path / "boxed.pt", model=model, epoch=3, config=boxed)
+    with pytest.raises(ConfigError, match=r"boxed\.pt.*model\.box_logits=True is no longer supported"):
+        load_classifiers([tmp_path / "boxed.pt"], torch.device("cpu"))

@@ -130,25 +130,20 @@ def test_max_side_caps_wide_boxes_around_their_centre_and_leaves_small_ones() ->
         CropConfig(max_side_mm=-1.0).validate()
 
 
-def test_isolate_turns_other_labels_into_soft_tissue_and_keeps_the_own_vertebra() -> None:
-    from rsna_cspine.crops.extract import ISOLATE_HU
+def test_a_cache_recorded_with_a_removed_setting_at_its_neutral_value_is_still_used(tmp_path) -> None:
+    import yaml
 
-    hu, mask = _z_ramp_volume()
-    mask[5:8, 30:36, 30:36] = 2  # a "dens": C2 voxels inside C1's box, on C1's slices
-    window = ((0.0, 255.0),)
-    plain = extract_vertebra_crops(hu, mask, CropConfig(n_slices=3, channels=1, size=40, margin=0.0, windows=window))
-    alone = extract_vertebra_crops(
-        hu, mask, CropConfig(n_slices=3, channels=1, size=40, margin=0.0, windows=window, isolate=True)
-    )
-    y0, y1, x0, x1 = alone.boxes[0]
-    assert (y1 - y0, x1 - x0) == (20, 20)  # C1's 20×20 block: 2 output pixels per voxel
-    for k, z in enumerate(alone.slice_index[0]):
-        if 5 <= z <= 7:
-            dens = alone.images[0, k, 0, 2 * (30 - y0) : 2 * (36 - y0), 2 * (30 - x0) : 2 * (36 - x0)]
-            assert np.all(np.abs(dens[1:-1, 1:-1].astype(int) - int(ISOLATE_HU)) <= 1)
-            assert plain.images[0, k, 0, 2 * (32 - y0), 2 * (32 - x0)] == z  # not isolated: the slice value
-        # C1's own voxels (away from the dens) keep their slice value.
-        assert alone.images[0, k, 0, 2, 2] == plain.images[0, k, 0, 2, 2]
+    from rsna_cspine.config import to_dict
+    from rsna_cspine.crops.cache import SETTINGS_FILE, SLICE_LABEL_RULE, _check_settings
+    from rsna_cspine.errors import ConfigError
+
+    cfg = CropConfig(n_slices=3, channels=1, size=40)
+    recorded = {**to_dict(cfg), "isolate": False, "slice_label_rule": SLICE_LABEL_RULE}  # as caches wrote it
+    (tmp_path / SETTINGS_FILE).write_text(yaml.safe_dump(recorded))
+    _check_settings(tmp_path, cfg)  # the same crops: accepted
+    (tmp_path / SETTINGS_FILE).write_text(yaml.safe_dump({**recorded, "isolate": True}))
+    with pytest.raises(ConfigError, match="isolate"):
+        _check_settings(tmp_path, cfg)  # crops cut differently: refused
 
 
 def test_mask_channel_covers_the_vertebra_share_of_the_crop() -> None:

@@ -11,6 +11,7 @@ from matplotlib.image import imread
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import confusion_matrix, log_loss, precision_score, recall_score, roc_auc_score
 
+from rsna_cspine.aggregate import cross_fit_patient_overall
 from rsna_cspine.cli import main
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import LayoutError
@@ -50,11 +51,17 @@ def report(data, tmp_path_factory) -> tuple[Path, int]:
     return root / "out", code
 
 
-def _arrays(data) -> tuple[np.ndarray, np.ndarray]:
+def _arrays(data, rule: str = "calibrated") -> tuple[np.ndarray, np.ndarray]:
+    """Truth and predictions as the report must score them: patient_overall by the default rule, ``calibrated``
+    (cross-fitted inside each of the two fold files), or plain noisy-OR recomputed here."""
     labels, oof = data
     y = labels.set_index("StudyInstanceUID").loc[oof.StudyInstanceUID, list(TARGET_COLUMNS)].to_numpy()
     p = oof[list(VERTEBRAE)].to_numpy()
-    overall = 1 - np.prod(1 - p, axis=1)  # the default noisy-OR rule, recomputed here
+    if rule == "noisy_or":
+        return y, np.column_stack([p, 1 - np.prod(1 - p, axis=1)])
+    half, uids = len(oof) // 2, oof.StudyInstanceUID.tolist()
+    overall = np.concatenate([cross_fit_patient_overall(p[:half], y[:half, 7], uids[:half]),
+                              cross_fit_patient_overall(p[half:], y[half:, 7], uids[half:])])
     return y, np.column_stack([p, overall])
 
 
@@ -88,7 +95,7 @@ def test_scores_agree_with_sklearn_and_beat_prior(report, data) -> None:
 
     model, baseline = by_form(p), by_form(prior)
     for form in ("study", "global", "column"):
-        assert scores.loc[form, "model"] == pytest.approx(model[form], rel=1e-9)
+        assert scores.loc[form, "model"] == pytest.approx(model[form], rel=1e-8)
         assert scores.loc[form, "prior"] == pytest.approx(baseline[form], rel=1e-9)
         assert scores.loc[form, "model"] < 0.8 * scores.loc[form, "prior"]
         assert scores.loc[form, "relative_improvement"] == pytest.approx(1 - model[form] / baseline[form])
@@ -118,6 +125,25 @@ def test_per_column_and_confusion_agree_with_sklearn(report, data) -> None:
         tn, fp, fn, tp = confusion_matrix(truth, predicted).ravel()
         assert confusion.loc[name, ["tn", "fp", "fn", "tp"]].tolist() == [tn, fp, fn, tp]
     assert per_column.loc["patient_overall", "roc_auc"] > 0.8
+
+
+def test_the_calibrated_and_noisy_or_rules_are_scored_side_by_side(report, data, tmp_path: Path) -> None:
+    out, _ = report
+    rules = pd.read_csv(out / "rules.csv").set_index("patient_overall")
+    assert list(rules.index) == ["calibrated", "noisy_or"]  # the files have no patient_overall of their own
+    scores = pd.read_csv(out / "scores.csv").set_index("form")
+    assert rules.loc["calibrated", "score_study"] == pytest.approx(scores.loc["study", "model"], rel=1e-12)
+    y, p = _arrays(data, "noisy_or")
+    w = np.where(y == 1, [2] * 7 + [14], [1] * 7 + [7])
+    plain = np.mean([log_loss(y[i], p[i], sample_weight=w[i], labels=[0, 1]) for i in range(len(y))])
+    assert rules.loc["noisy_or", "score_study"] == pytest.approx(plain, rel=1e-9)
+    assert rules.loc["noisy_or", "patient_roc_auc"] == pytest.approx(roc_auc_score(y[:, 7], p[:, 7]))
+    assert "## patient_overall rules side by side" in (out / "report.md").read_text()
+    labels, oof = data
+    by_noisy_or = cv_report(oof, labels, tmp_path, rule="noisy_or")
+    assert by_noisy_or["scores"]["study"]["model"] == pytest.approx(plain, rel=1e-9)
+    given = cv_report(oof.assign(patient_overall=0.3), labels, tmp_path / "given")
+    assert list(given["rules"]) == ["as in the OOF files", "calibrated", "noisy_or"]
 
 
 def test_calibration_matches_sklearn(report, data) -> None:

@@ -57,10 +57,10 @@ def test_segmentation_ddp_ranks_agree_and_track_single_process(tmp_path) -> None
     _torchrun(["seg", str(tmp_path / "weights"), str(cache), str(tmp_path / "ddp"), "4", "1"], tmp_path)
     ddp_weights = _assert_same_weights(tmp_path / "weights")
 
-    checkpoint = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "ddp" / "fold0" / "last.pt", weights_only=False)
     for name, tensor in checkpoint["model"].items():  # rank 0 checkpointed exactly the shared weights
         assert torch.equal(tensor, ddp_weights[name])
-    ddp = pd.read_csv(tmp_path / "ddp" / "summary.csv")
+    ddp = pd.read_csv(tmp_path / "ddp" / "fold0" / "summary.csv")
     assert ddp["epoch"].tolist() == [1, 2, 3, 4]  # one writer: no duplicated rows from rank 1
 
     torch.set_num_threads(1)
@@ -74,10 +74,13 @@ def test_segmentation_ddp_ranks_agree_and_track_single_process(tmp_path) -> None
 def test_classifier_cli_runs_unchanged_under_torchrun_and_resumes(tmp_path) -> None:
     from test_cls_train import _config, _toy_dataset
 
+    from rsna_cspine.cli import main
+
     root, cache = _toy_dataset(tmp_path)
     cfg = _config(tmp_path, root, cache, "ddp_run", epochs=2)
-    cfg.batch_size = 4  # per process
+    cfg.train.batch_size = 4  # per process
     config_path = save_config(cfg, tmp_path / "cls.yaml")
+    assert main(["train-cls", "--config", str(config_path), "--prepare-only"]) == 0  # the cache, before torchrun
     _torchrun(["cls", str(tmp_path / "weights"), "train-cls", "--config", str(config_path)], tmp_path)
     _assert_same_weights(tmp_path / "weights")
     fold_dir = Path(cfg.run_dir) / "fold0"
@@ -85,14 +88,14 @@ def test_classifier_cli_runs_unchanged_under_torchrun_and_resumes(tmp_path) -> N
     assert summary["epoch"].tolist() == [1, 2]  # one writer: no duplicated rows from rank 1
     assert (Path(cfg.run_dir) / "oof_fold0.csv").is_file()
 
-    _torchrun(["cls", str(tmp_path / "weights2"), "train-cls", "--config", str(config_path), "--resume", "epochs=3"],
+    _torchrun(["cls", str(tmp_path / "weights2"), "train-cls", "--config", str(config_path), "--resume", "train.epochs=3"],
               tmp_path)
     resumed = _assert_same_weights(tmp_path / "weights2")
     summary = pd.read_csv(fold_dir / "summary.csv")
     assert summary["epoch"].tolist() == [1, 2, 3]
     last = torch.load(fold_dir / "last.pt", weights_only=False)
     assert last["epoch"] == 3
-    assert yaml.safe_load((fold_dir / "config.yaml").read_text())["epochs"] == 3
+    assert yaml.safe_load((fold_dir / "config.yaml").read_text())["train"]["epochs"] == 3
     for name, tensor in last["model"].items():
         assert torch.equal(tensor, resumed[name])
 

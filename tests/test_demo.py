@@ -26,7 +26,8 @@ TINY = {
     "synth": {"n_studies": 10, "image_size": 64, "test_fraction": 0.3, "n_slices": [40, 56], "prevalence_scale": 2.0},
     "seg_overrides": ["data.grid=[32,32,32]", "model.channels=[4,8,16]", "model.strides=[2,2]", "train.patch_size=[0,0,0]",
                       "train.epochs=1", "train.n_folds=3"],
-    "cls_overrides": ["epochs=1", "n_folds=3", "data.crop.n_slices=4", "data.crop.size=32", "model.backbone=test_resnet", "model.hidden=8"],
+    "cls_overrides": ["train.epochs=1", "train.n_folds=3", "data.crop.n_slices=4", "data.crop.size=32",
+                      "model.backbone=test_resnet", "model.hidden=8", "data.cache_workers=0"],
     "reserve_s": 10.0,
 }
 

@@ -10,9 +10,16 @@ from rsna_cspine.engine import (
     EarlyStopping,
     SummaryLog,
     TimeBudget,
-    WeightedEpochSampler,
+    all_reduce_mean,
+    amp_dtype,
+    any_rank,
+    autocast,
+    barrier,
     fold_of,
+    fold_run_dir,
+    init_distributed,
     load_checkpoint,
+    make_grad_scaler,
     make_model_ema,
     save_checkpoint,
     seed_everything,
@@ -135,22 +142,6 @@ def test_fold_of_is_a_deterministic_group_split():
     assert fold_of(studies, 5, seed=8) != folds
 
 
-def test_weighted_epoch_sampler_follows_the_weights_and_splits_one_draw_over_ranks():
-    weights = np.array([3.0, 1.0, 1.0, 1.0, 0.0])
-    whole = list(WeightedEpochSampler(weights, 6000, torch.Generator().manual_seed(7)))
-    counts = np.bincount(whole, minlength=5)
-    assert len(whole) == 6000 and counts[4] == 0
-    assert counts[0] / counts[1:4].mean() == pytest.approx(3.0, rel=0.1)
-    again = list(WeightedEpochSampler(weights, 6000, torch.Generator().manual_seed(7)))
-    assert again == whole  # the epoch's generator alone fixes the draw (resume repeats it)
-    ranks = [list(WeightedEpochSampler(weights, 6001, torch.Generator().manual_seed(7), rank=r, world_size=2))
-             for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == 3000
-    assert ranks[0] + ranks[1] != whole and sorted(ranks[0] + ranks[1]) == sorted(whole)
-    with pytest.raises(ValueError):
-        WeightedEpochSampler(np.zeros(3), 10, torch.Generator())
-
-
 def test_model_ema_averages_the_weights_and_is_off_at_zero_decay():
     assert make_model_ema(torch.nn.Linear(2, 1), 0.0) is None
     model = torch.nn.Linear(2, 1, bias=False)
@@ -164,3 +155,73 @@ def test_model_ema_averages_the_weights_and_is_off_at_zero_decay():
     averaged = float(ema.module.weight[0, 0].detach())
     assert 0.5 < averaged < 0.99
     assert float(model.weight[0, 0].detach()) == 1.0
+
+
+@pytest.mark.parametrize(
+    "capability, expected",
+    [((6, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+)
+def test_amp_dtype_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch, capability, expected):
+    # P100 (6.0) and T4 (7.5) report bf16 as "supported" (emulated): the capability must decide, not that answer.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
+    cuda = torch.device("cuda", 0)
+    assert amp_dtype(cuda) == expected
+    # float16 trains with an active GradScaler; bfloat16 needs none; amp off needs none either.
+    assert make_grad_scaler(cuda, enabled=True).is_enabled() == (expected == torch.float16)
+    assert not make_grad_scaler(cuda, enabled=False).is_enabled()
+
+
+def test_amp_dtype_on_cpu_is_full_precision_unless_bf16_is_asked_for():
+    cpu = torch.device("cpu")
+    assert amp_dtype(cpu) is None and amp_dtype(cpu, cpu_bf16=True) == torch.bfloat16
+    assert not make_grad_scaler(cpu, enabled=True).is_enabled()
+    a, b = torch.rand(4, 8), torch.rand(8, 3)
+    with autocast(cpu, enabled=True):
+        assert torch.mm(a, b).dtype == torch.float32
+    with autocast(cpu, enabled=True, cpu_bf16=True):
+        assert torch.mm(a, b).dtype == torch.bfloat16
+
+
+def test_a_gpu_job_reduces_its_own_numbers_through_gloo(monkeypatch):
+    """A CUDA training device without a GPU: record the backend the group is created with and the device of
+    every tensor the project's collectives reduce; each must be served by the backend named for its device."""
+    import torch.distributed as dist
+
+    created: dict[str, object] = {}
+    reduced: list[torch.Tensor] = []
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM):
+        reduced.append(tensor)
+        if op == dist.ReduceOp.SUM:  # the other rank holds the same numbers
+            tensor.mul_(2)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: created.setdefault("cuda_device", index))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: created.setdefault("backend", backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+
+    ctx = init_distributed(torch.device("cuda", 1))
+    assert created == {"cuda_device": 1, "backend": "cpu:gloo,cuda:nccl"} and ctx.backend == created["backend"]
+    assert (ctx.rank, ctx.world_size, ctx.local_rank) == (1, 2, 1)
+    assert all_reduce_mean(3.5, ctx) == 3.5
+    assert any_rank(True, ctx) and not any_rank(False, ctx)
+    barrier(ctx)
+    backend_of = dict(part.split(":") for part in str(created["backend"]).split(","))
+    assert len(reduced) == 4
+    assert all(backend_of[t.device.type] == "gloo" for t in reduced), [t.device for t in reduced]
+
+    created.clear()
+    init_distributed(torch.device("cpu"))
+    assert created == {"backend": "gloo"}  # a CPU job: gloo alone
+
+
+def test_fold_run_dir_is_the_one_rule_for_every_stage(tmp_path):
+    assert fold_run_dir(tmp_path, 3) == tmp_path / "fold3"
+    assert fold_run_dir(tmp_path, -1) == tmp_path / "all"
+    assert fold_run_dir(tmp_path, None) == tmp_path

@@ -6,6 +6,8 @@ Its install cell in a fresh virtual environment against a built bundle is tested
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 from pathlib import Path
 
 import nbformat
@@ -36,6 +38,11 @@ def _bundle(root: Path) -> Path:
 def _execute(monkeypatch: pytest.MonkeyPatch, env: dict[str, Path | str]) -> nbformat.NotebookNode:
     for key, value in env.items():
         monkeypatch.setenv(key, str(value))
+    # The kernel spec runs "python" from PATH and imports rsna_cspine from wherever that install points:
+    # make it this interpreter and this checkout, so the notebook runs the code under test.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                                  os.environ.get("PYTHONPATH")])))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     # The kernel inherits this process's environment, so the parameters cell sees the variables above.
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()

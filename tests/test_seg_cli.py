@@ -18,8 +18,8 @@ from rsna_cspine.seg.predict import VERTEBRA_COLUMNS  # noqa: E402
 
 TINY = [
     "data.grid=[16,32,32]", "model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0",
-    "train.epochs=1", "train.batch_size=2", "train.n_folds=2", "train.warmup_epochs=0", "device=cpu",
-    "augment.enabled=false",
+    "train.epochs=1", "train.batch_size=2", "train.n_folds=2", "optim.warmup_epochs=0", "device=cpu",
+    "aug.enabled=false",
 ]
 
 
@@ -35,9 +35,9 @@ def tiny_layout(tmp_path_factory) -> Path:
 
 
 def test_train_then_predict_from_the_command_line(tiny_layout, tmp_path) -> None:
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "run" / "fold0"  # run_dir/fold{K}
     args = ["train-seg", "--fold", "0", "--no-progress", f"data.root={tiny_layout}",
-            f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={run_dir}", *TINY]
+            f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={run_dir.parent}", *TINY]
     assert main(args) == 0
     assert (run_dir / "best.pt").is_file() and (run_dir / "config.yaml").is_file()
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # the four segmented train studies
@@ -78,3 +78,24 @@ def test_predict_seg_lists_a_broken_study_and_goes_on(tiny_layout, tmp_path) -> 
     failures = pd.read_csv(out / "predict_failures.csv", dtype=str)
     assert failures["StudyInstanceUID"].tolist() == ["1.2.3.missing"]
     assert (out / f"{uid}_mask.npz").is_file()
+
+
+def test_torchrun_refuses_a_missing_stage1_cache_and_prepare_only_builds_it(tiny_layout, tmp_path, monkeypatch) -> None:
+    from rsna_cspine.config import load_config
+    from rsna_cspine.errors import LayoutError
+    from rsna_cspine.seg.config import SegConfig
+    from rsna_cspine.seg.train import PREPARE_COMMAND, labelled_studies, train_segmentation
+    from rsna_cspine.training.caches import require_seg_cache
+
+    overrides = [f"data.root={tiny_layout}", f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", *TINY]
+    cfg = load_config(SegConfig, None, overrides)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: the cache must exist before the group is joined
+    with pytest.raises(LayoutError, match=r"4 of 4 studies not built.*train-seg --config CONFIG --prepare-only"):
+        train_segmentation(cfg, progress=False)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["train-seg", "--prepare-only", "--no-progress", *overrides]) == 0
+    assert not (tmp_path / "run").exists()  # nothing trained
+    d = cfg.data
+    ready = require_seg_cache(d.cache_dir, labelled_studies(d.root), d.grid, d.hu_window, d.antialias, PREPARE_COMMAND)
+    assert sorted(ready) == labelled_studies(d.root) and all(p.is_file() for p in ready.values())

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from rsna_cspine.seg.config import SegAugmentConfig, SegConfig, SegDataConfig, SegModelConfig, SegTrainConfig
+from rsna_cspine.training.config import OptimConfig
 from rsna_cspine.seg.data import build_transforms, make_dataset, make_loader
 from rsna_cspine.seg.preprocess import write_cache_file
 from rsna_cspine.seg.train import fit_segmentation, split_studies
@@ -49,8 +50,9 @@ def tiny_config(run_dir: Path, epochs: int, **train: float) -> SegConfig:
         seed=7,
         data=SegDataConfig(grid=GRID),
         model=SegModelConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1),
-        augment=SegAugmentConfig(affine_prob=0.5, noise_prob=0.5),
-        train=SegTrainConfig(epochs=epochs, batch_size=2, lr=5e-3, warmup_epochs=0, patience=0, **train),
+        aug=SegAugmentConfig(affine_prob=0.5, noise_prob=0.5),
+        train=SegTrainConfig(epochs=epochs, batch_size=2, patience=0, **train),
+        optim=OptimConfig(lr=5e-3, weight_decay=1e-5, warmup_epochs=0),
     )
 
 

@@ -382,16 +382,15 @@ def _synth_cli(argv: list[str]) -> int:
     assert COMMANDS["synth"][0] == commands.__name__
     parser = argparse.ArgumentParser(prog="rsna-cspine synth")
     commands.add_arguments(parser)
-    return commands.run(parser.parse_args(argv))
+    return commands.run(parser.parse_intermixed_args(argv))
 
 
 def test_cli_writes_dataset_with_yaml_and_flag_precedence(tmp_path: Path) -> None:
     config = tmp_path / "synth.yaml"
     config.write_text(yaml.safe_dump({"n_studies": 5, "image_size": 48, "noise_hu": [3, 4], "seed": 2}))
     out = tmp_path / "out"
-    code = _synth_cli([str(out), "--config", str(config), "--studies", "2", "--slices", "12", "13",
-                       "--noise", "1", "2", "--fracture-size", "4", "6", "--test-fraction", "0.5",
-                       "--scale-spacing-with-size", "true", "--no-progress"])
+    code = _synth_cli([str(out), "--config", str(config), "--studies", "2", "n_slices=[12,13]", "noise_hu=[1,2]",
+                       "fracture_size_mm=[4,6]", "test_fraction=0.5", "scale_spacing_with_size=true", "--no-progress"])
     assert code == 0
     written = yaml.safe_load((out / "synth_config.yaml").read_text())
     assert written["n_studies"] == 2 and written["image_size"] == 48 and written["seed"] == 2
@@ -399,7 +398,7 @@ def test_cli_writes_dataset_with_yaml_and_flag_precedence(tmp_path: Path) -> Non
     assert written["fracture_size_mm"] == [4.0, 6.0] and written["compressed_fraction"] == 0.3
     assert len(pd.read_csv(out / "train.csv")) == 1 and len(pd.read_csv(out / "test.csv")) == 8
     with pytest.raises(ConfigError, match="compressed_fraction"):
-        _synth_cli([str(tmp_path / "bad"), "--compressed-fraction", "2", "--no-progress"])
+        _synth_cli([str(tmp_path / "bad"), "compressed_fraction=2", "--no-progress"])
 
 
 # ----------------------------------------------------------------------------- project loaders

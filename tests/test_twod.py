@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-import rsna_cspine.cls.train as loop_module
+import rsna_cspine.training.loop as loop_module
 from rsna_cspine.cli import main as cli_main
 from rsna_cspine.config import load_config
 from rsna_cspine.engine import load_checkpoint
@@ -42,11 +42,12 @@ def image_folder(tmp_path_factory) -> Path:
     return out
 
 
-def _tiny_config(run_dir: Path, data: Path, **overrides: object) -> TwoDConfig:
-    cfg = load_config(TwoDConfig, REPO / "configs" / "twod_cpu.yaml",
-                      [f"run_dir={run_dir}", f"data.root={data}", f"data.image_size={SIZE}", "threads=1"])
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
+def _tiny_config(run_dir: Path, data: Path, **train: object) -> TwoDConfig:
+    """The shipped CPU config on the test images; ``train`` sets fields of the ``train:`` section."""
+    cfg = load_config(TwoDConfig, REPO / "configs" / "twod_cpu.yaml", [f"data.image_size={SIZE}", "train.threads=1"],
+                      values={"run_dir": run_dir, "data": {"root": data}})
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
     return cfg
 
 
@@ -55,8 +56,8 @@ def trained_run(image_folder, tmp_path_factory) -> Path:
     """One CPU training run through the CLI, shared by the learning, report, predict and Grad-CAM tests."""
     run_dir = tmp_path_factory.mktemp("runs") / "learn"
     code = cli_main(["train-2d", "--config", str(REPO / "configs" / "twod_cpu.yaml"), "--data", str(image_folder),
-                     f"run_dir={run_dir}", f"data.image_size={SIZE}", "threads=1", "epochs=18",
-                     "early_stopping_patience=0", "max_minutes=0"])
+                     f"run_dir={run_dir}", f"data.image_size={SIZE}", "train.threads=1", "train.epochs=18",
+                     "train.patience=0", "train.max_minutes=0"])
     assert code == 0
     return run_dir
 
@@ -161,22 +162,23 @@ def test_png_and_dicom_read_back_the_written_pixels(tmp_path) -> None:
 
 def test_splits_are_stratified_disjoint_and_seeded() -> None:
     targets = np.repeat([0, 1, 2], [60, 30, 30])
-    holdout = split_indices(targets, TwoDSplitConfig(mode="holdout", val_fraction=0.2, test_fraction=0.2, seed=1))
+    holdout = split_indices(targets, TwoDSplitConfig(mode="holdout", val_fraction=0.2, test_fraction=0.2), seed=1)
     assert sum(len(v) for v in holdout.values()) == 120
     assert len(np.intersect1d(holdout["train"], holdout["val"])) == len(np.intersect1d(holdout["val"], holdout["test"])) == 0
     for name in ("val", "test"):
         assert len(holdout[name]) == 24
         assert np.bincount(targets[holdout[name]]).tolist() == [12, 6, 6]
-    again = split_indices(targets, TwoDSplitConfig(mode="holdout", val_fraction=0.2, test_fraction=0.2, seed=1))
+    again = split_indices(targets, TwoDSplitConfig(mode="holdout", val_fraction=0.2, test_fraction=0.2), seed=1)
     assert all(np.array_equal(holdout[k], again[k]) for k in holdout)
 
-    folds = [split_indices(targets, TwoDSplitConfig(mode="kfold", n_folds=4, fold=k, test_fraction=0.2, seed=1)) for k in range(4)]
+    kfold = TwoDSplitConfig(mode="kfold", test_fraction=0.2)
+    folds = [split_indices(targets, kfold, fold=k, n_folds=4, seed=1) for k in range(4)]
     assert all(np.array_equal(f["test"], folds[0]["test"]) for f in folds)  # one test split for every fold
     vals = np.concatenate([f["val"] for f in folds])
     assert len(vals) == len(np.unique(vals)) == 96 and len(np.intersect1d(vals, folds[0]["test"])) == 0
     assert all(np.bincount(targets[f["val"]]).tolist() == [12, 6, 6] for f in folds)
     with pytest.raises(ConfigError, match="class counts"):
-        split_indices(np.array([0, 0, 0, 0, 1]), TwoDSplitConfig(mode="kfold", n_folds=3, test_fraction=0.0))
+        split_indices(np.array([0, 0, 0, 0, 1]), TwoDSplitConfig(mode="kfold", test_fraction=0.0), n_folds=3)
 
 
 def test_binary_metrics_by_hand_and_the_positive_class_rule() -> None:
@@ -275,15 +277,15 @@ def test_resume_equals_uninterrupted(tmp_path, image_folder, monkeypatch) -> Non
     straight = train_2d(_tiny_config(tmp_path / "straight", tmp_path / "subset.csv", epochs=3))
 
     cfg = _tiny_config(tmp_path / "resumed", tmp_path / "subset.csv", epochs=3)
-    original = loop_module._train_one_epoch
+    original = loop_module.train_one_epoch
 
     def interrupted(*args, **kwargs):
-        if args[7] == 2:  # the `epoch` argument
+        if kwargs["epoch"] == 2:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(loop_module, "_train_one_epoch", interrupted)
+        patch.setattr(loop_module, "train_one_epoch", interrupted)
         with pytest.raises(KeyboardInterrupt):
             train_2d(cfg)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 2
@@ -310,12 +312,14 @@ def test_time_budget_stops_after_the_first_epoch(tmp_path, image_folder) -> None
 
 
 def test_config_refuses_bad_values() -> None:
-    for key, value in (("split.mode", "random"), ("data.in_chans", 2), ("monitor", "train_loss"),
-                       ("split.val_fraction", 0.9), ("aug.paste_prob", 0.5)):
-        cfg = load_config(TwoDConfig, None, [f"{key}={value}"])
+    for key, value in (("split.mode", "random"), ("data.in_chans", 2), ("train.monitor", "train_loss"),
+                       ("split.val_fraction", 0.9), ("fold", 7)):
+        cfg = load_config(TwoDConfig, None, [f"{key}={value}", "split.mode=kfold" if key == "fold" else "fold=0"])
         with pytest.raises(ConfigError):
             cfg.validate()
-    assert load_config(TwoDConfig, None, ["monitor=val_roc_auc"]).monitor_mode == "max"
+    with pytest.raises(ConfigError, match="'aug.paste_prob' is no longer a setting"):  # stage 2's copy-paste
+        load_config(TwoDConfig, None, ["aug.paste_prob=0.5"])
+    assert load_config(TwoDConfig, None, ["train.monitor=val_roc_auc"]).monitor_mode == "max"
     assert load_config(TwoDConfig, REPO / "configs" / "twod_convnext_tiny.yaml").model.backbone == "convnext_tiny"
 
 

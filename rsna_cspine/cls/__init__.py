@@ -3,7 +3,7 @@ training and fold-ensemble inference."""
 
 from __future__ import annotations
 
-from rsna_cspine.cls.config import ClsAugConfig, ClsConfig, ClsDataConfig, ClsModelConfig, ClsOptimConfig
+from rsna_cspine.cls.config import ClsAugConfig, ClsConfig, ClsDataConfig, ClsModelConfig, ClsTrainConfig
 from rsna_cspine.cls.model import FractureClassifier, build_classifier
 
 __all__ = [
@@ -11,7 +11,7 @@ __all__ = [
     "ClsConfig",
     "ClsDataConfig",
     "ClsModelConfig",
-    "ClsOptimConfig",
+    "ClsTrainConfig",
     "FractureClassifier",
     "build_classifier",
 ]

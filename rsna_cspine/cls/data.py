@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from rsna_cspine.cls.config import ClsAugConfig
 from rsna_cspine.constants import VERTEBRAE
 from rsna_cspine.crops.cache import load_vertebra_stack
 from rsna_cspine.crops.extract import to_unit_float
 from rsna_cspine.errors import CSpineError
+from rsna_cspine.training.augment import StackAugment, item_seed
 
 ITEM_COLUMNS: tuple[str, ...] = ("StudyInstanceUID", "vertebra", "label", "path", "present")
 
@@ -47,75 +45,6 @@ def vertebra_items(labels: pd.DataFrame, crop_paths: dict[str, str | Path]) -> p
     return pd.DataFrame(rows, columns=list(ITEM_COLUMNS))
 
 
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """Seed of one item's augmentation: depends only on (run seed, epoch, item), never on worker or order."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
-
-
-class StackAugment:
-    """The same random geometry for every plane of a stack, and intensity jitter on the image planes.
-
-    The geometry (random resized crop, flips, rotation, translation: the torchvision set) is composed
-    into one affine map and applied with a single ``grid_sample`` over all ``N*C`` planes: one
-    interpolation instead of torchvision's two, and less time per item (on the 2-core CPU an 8×11×80²
-    stack took 12 ms through the torchvision chain; the augmentation ran in series with every step).
-
-    Args:
-        cfg: augmentation settings.
-        size: output height and width.
-        image_channels: leading channels per slice that are CT intensities (a trailing mask plane is
-            moved geometrically but never brightened).
-    """
-
-    def __init__(self, cfg: ClsAugConfig, size: int, image_channels: int) -> None:
-        self.cfg = cfg
-        self.size = size
-        self.image_channels = image_channels
-
-    def _uniform(self, low: float, high: float) -> float:
-        return float(low + (high - low) * torch.rand(()))
-
-    def affine(self) -> torch.Tensor:
-        """One random ``(2, 3)`` map from output to input coordinates, both normalised to [-1, 1].
-
-        Crop: a box of ``scale_min``..1 of the area with aspect ratio 0.85..1/0.85, placed anywhere inside
-        the image; then flips; then a rotation about the centre and a shift of up to ``translate`` of the size.
-        """
-        cfg = self.cfg
-        area = self._uniform(cfg.scale_min, 1.0)
-        log_ratio = self._uniform(math.log(0.85), -math.log(0.85))
-        width = min(math.sqrt(area * math.exp(log_ratio)), 1.0)
-        height = min(math.sqrt(area / math.exp(log_ratio)), 1.0)
-        centre = torch.tensor([self._uniform(width - 1.0, 1.0 - width), self._uniform(height - 1.0, 1.0 - height)])
-        flip = torch.tensor([
-            -1.0 if torch.rand(()) < cfg.hflip else 1.0,
-            -1.0 if torch.rand(()) < cfg.vflip else 1.0,
-        ])
-        angle = math.radians(self._uniform(-cfg.rotate_deg, cfg.rotate_deg))
-        shift = torch.tensor([self._uniform(-cfg.translate, cfg.translate), self._uniform(-cfg.translate, cfg.translate)]) * 2
-        # output p → un-rotate and un-shift → flip → into the crop box: input = c + D·F·R⁻¹·(p − t).
-        cos, sin = math.cos(angle), math.sin(angle)
-        inverse_rotation = torch.tensor([[cos, sin], [-sin, cos]])
-        linear = torch.diag(torch.tensor([width, height]) * flip) @ inverse_rotation
-        offset = centre - linear @ shift
-        return torch.cat([linear, offset[:, None]], dim=1)
-
-    def __call__(self, stack: torch.Tensor) -> torch.Tensor:
-        """Augment one ``(N, C, H, W)`` stack in [0, 1] using torch's global RNG (seed it per item)."""
-        n, c, h, w = stack.shape
-        theta = self.affine()[None]
-        grid = F.affine_grid(theta, [1, n * c, self.size, self.size], align_corners=False)
-        out = F.grid_sample(stack.reshape(1, n * c, h, w), grid, mode="bilinear", padding_mode="zeros",
-                            align_corners=False).reshape(n, c, self.size, self.size)
-        # A per-stack affine intensity change works for any channel count (torchvision's jitter wants 1 or 3).
-        contrast = 1.0 + (torch.rand(()) * 2 - 1) * self.cfg.contrast
-        brightness = (torch.rand(()) * 2 - 1) * self.cfg.brightness
-        images = out[:, : self.image_channels]  # a view: changed in place, no copies of the stack
-        mean = images.mean()
-        images.sub_(mean).mul_(contrast).add_(mean + brightness).clamp_(0.0, 1.0)
-        return out
-
-
 def intensity_levels(stack: torch.Tensor) -> torch.Tensor:
     """``(2, C)``: each channel's median (soft tissue fills most of a crop) and 99th percentile (dense
     bone) over a ``(N, C, H, W)`` stack."""
@@ -141,26 +70,22 @@ class VertebraDataset(Dataset):
     """Items of :func:`vertebra_items` (present vertebrae only) → model inputs.
 
     Each item gives ``image (N, C, S, S)`` float32 in [0, 1], ``label`` float, ``slice_labels (N,)`` int64
-    (-1 unknown), ``box_map (N, S, S)`` float32 (where the boxes are, moved with the image; meaningful
-    where the slice label is known) and its row ``index``. A negative vertebra's slices are all known
-    negatives with empty maps.
+    (-1 unknown), its ``vertebra`` (0 = C1) and its row ``index``. A negative vertebra's slices are all
+    known negatives.
 
     Args:
         items: rows of :func:`vertebra_items`.
         augment: stack augmentation, or None (validation).
         seed: run seed (with the epoch and the item index it fixes each item's augmentation).
         in_memory: keep decoded stacks after their first read.
-        sample_weights: one relative draw weight per item for the training loader (None = each item
-            once per epoch; see ``cls.train._train_loader``).
         paste_prob: chance that a fracture-free item, when augmented, gets the boxed fracture regions of a
             fractured item of the same vertebra pasted in (see :meth:`_paste`); 0 = never.
         paste_feather: Gaussian sigma in pixels of the pasted regions' soft edge.
     """
 
     def __init__(self, items: pd.DataFrame, augment: StackAugment | None = None, seed: int = 0, in_memory: bool = False,
-                 sample_weights: np.ndarray | None = None, paste_prob: float = 0.0, paste_feather: float = 1.5) -> None:
+                 paste_prob: float = 0.0, paste_feather: float = 1.5) -> None:
         self.items = items.reset_index(drop=True)
-        self.sample_weights = sample_weights
         self.augment = augment
         self.seed = seed
         self.epoch = 0
@@ -227,32 +152,24 @@ class VertebraDataset(Dataset):
         return pasted, slice_target, torch.from_numpy(region)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        images, slice_labels, box_maps = self._stack(index)
+        images, slice_labels, _ = self._stack(index)
         label = int(self.items.at[index, "label"])
         image = torch.from_numpy(to_unit_float(images))
         slice_target = torch.from_numpy(np.asarray(slice_labels, dtype=np.int64))
-        box_map = torch.from_numpy(np.asarray(box_maps, dtype=np.float32))
         if label == 0:
             slice_target = torch.zeros_like(slice_target)
-            box_map = torch.zeros_like(box_map)
             pasted = self._paste(index, image) if self.augment is not None and self.paste_prob > 0 else None
             if pasted is not None:
-                image, slice_target, box_map = pasted
+                image, slice_target, _ = pasted
                 label = 1
         if self.augment is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(item_seed(self.seed, self.epoch, index))
-                if box_map.any():
-                    # The map rides as a trailing plane: the same geometry, and (past the image channels) no jitter.
-                    moved = self.augment(torch.cat([image, box_map[:, None]], dim=1))
-                    image, box_map = moved[:, :-1], moved[:, -1]
-                else:  # same draws, so the same geometry; an empty map stays empty
-                    image = self.augment(image)
+                image = self.augment(image)
         return {
             "image": image,
             "label": torch.tensor(float(label)),
             "slice_labels": slice_target,
-            "box_map": box_map,
             "vertebra": torch.tensor(int(self.items.at[index, "vertebra"])),
             "index": torch.tensor(index),
         }

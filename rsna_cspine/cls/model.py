@@ -181,7 +181,6 @@ class FractureClassifier(nn.Module):
         drop_path_rate: stochastic depth in the backbone (0 = off).
         global_pool: the backbone's spatial pooling (timm name: ``avg``, ``max``, ``avgmax``, ...).
         vertebra_bias: add a learned logit offset per vertebra (zero at initialisation).
-        box_logits: add a 1×1-conv output on the backbone's last feature map: a logit per cell and slice.
         pretrained_norm: normalise the input with the backbone's ``pretrained_cfg`` mean/std (tiled over
             the channels) instead of the scratch centring; None = whenever ``pretrained_file`` is given.
             Stored in the weights, so a checkpoint overrides it.
@@ -199,7 +198,6 @@ class FractureClassifier(nn.Module):
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
         vertebra_bias: bool = False,
-        box_logits: bool = False,
         pretrained_norm: bool | None = None,
     ) -> None:
         super().__init__()
@@ -228,7 +226,6 @@ class FractureClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.vertebra_out = nn.Linear(pooled_dim, 1)
         self.slice_out = nn.Linear(sequence_dim, 1) if slice_logits else None
-        self.box_out = nn.Conv2d(int(self.backbone.num_features), 1, kernel_size=1) if box_logits else None
         self.vertebra_bias = nn.Embedding(len(VERTEBRAE), 1) if vertebra_bias else None
         if self.vertebra_bias is not None:
             nn.init.zeros_(self.vertebra_bias.weight)
@@ -242,18 +239,11 @@ class FractureClassifier(nn.Module):
                 offset; None leaves the offset out (Grad-CAM, where a constant does not matter).
 
         Returns:
-            ``logit`` ``(B,)``, ``slice_logits`` ``(B, N)`` (None without a slice output) and
-            ``box_logits`` ``(B, N, h, w)`` on the last feature map's grid (None without it).
+            ``logit`` ``(B,)`` and ``slice_logits`` ``(B, N)`` (None without a slice output).
         """
         b, n = x.shape[:2]
         images = self.input_norm(x.flatten(0, 1)).contiguous(memory_format=torch.channels_last)
-        box_logits = None
-        if self.box_out is None:
-            per_slice = self.backbone(images).view(b, n, -1)
-        else:
-            feature_map = self.backbone.forward_features(images)
-            box_logits = self.box_out(feature_map).view(b, n, *feature_map.shape[-2:])
-            per_slice = self.backbone.forward_head(feature_map, pre_logits=True).view(b, n, -1)
+        per_slice = self.backbone(images).view(b, n, -1)
         if self.head_type == "attention":
             sequence = self.project(per_slice)
             weights = torch.softmax(self.attention(sequence).squeeze(-1), dim=1)
@@ -265,7 +255,7 @@ class FractureClassifier(nn.Module):
         if self.vertebra_bias is not None and vertebra is not None:
             logit = logit + self.vertebra_bias(vertebra.long()).squeeze(-1)
         slice_logits = None if self.slice_out is None else self.slice_out(self.dropout(sequence)).squeeze(-1)
-        return {"logit": logit, "slice_logits": slice_logits, "box_logits": box_logits}
+        return {"logit": logit, "slice_logits": slice_logits}
 
 
 def build_classifier(cfg: ClsConfig, load_pretrained: bool = True) -> FractureClassifier:
@@ -288,7 +278,6 @@ def build_classifier(cfg: ClsConfig, load_pretrained: bool = True) -> FractureCl
         drop_path_rate=m.drop_path_rate,
         global_pool=m.global_pool,
         vertebra_bias=m.vertebra_bias,
-        box_logits=m.box_logits,
         pretrained_norm=m.pretrained_file is not None,
     )
     if m.grad_checkpointing:

@@ -13,7 +13,7 @@ import torch
 from rsna_cspine.aggregate import PatientCalibration
 from rsna_cspine.cls.config import ClsConfig
 from rsna_cspine.cls.model import FractureClassifier, build_classifier
-from rsna_cspine.config import from_dict
+from rsna_cspine.config import config_from_checkpoint
 from rsna_cspine.crops.extract import CropConfig, VertebraCrops, to_unit_float
 from rsna_cspine.engine import autocast, load_checkpoint
 from rsna_cspine.errors import ConfigError, CSpineError
@@ -153,9 +153,9 @@ def load_classifiers(
         state = load_checkpoint(path)
         if not state.get("config") or "data" not in state["config"]:
             raise CSpineError("not a stage-2 checkpoint (no stored classifier config)", path)
-        cfg = from_dict(ClsConfig, state["config"])
+        cfg = config_from_checkpoint(ClsConfig, state["config"], path)
         if crop_config is None:
-            crop_config, amp = cfg.data.crop, cfg.amp
+            crop_config, amp = cfg.data.crop, cfg.train.amp
         elif cfg.data.crop != crop_config:
             raise ConfigError(f"crop settings differ from the first checkpoint's ({crop_config})", path)
         # The checkpoint overwrites every weight: no need for (or dependency on) the pretrained file.

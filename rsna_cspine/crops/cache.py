@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from rsna_cspine.config import to_dict
 from rsna_cspine.constants import VERTEBRAE
 from rsna_cspine.crops.extract import (
+    RETIRED_CROP_SETTINGS,
     CropConfig,
     VertebraCrops,
     box_maps_from_boxes,
@@ -120,6 +121,8 @@ def _check_settings(cache_dir: Path, cfg: CropConfig) -> None:
     settings = cache_dir / SETTINGS_FILE
     if settings.is_file():
         found = yaml.safe_load(settings.read_text()) or {}
+        # A cache that recorded a removed setting at its neutral value holds the same crops.
+        found = {k: v for k, v in found.items() if not (k in RETIRED_CROP_SETTINGS and RETIRED_CROP_SETTINGS[k] == v)}
         if found != wanted:
             changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
             raise ConfigError(f"crop cache was built with other settings (differs in {changed}); use another folder", settings)

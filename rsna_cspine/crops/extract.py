@@ -23,8 +23,9 @@ from rsna_cspine.errors import ConfigError
 
 #: Value used outside the image when a crop box reaches past the volume edge (air).
 _PAD_HU = -1024.0
-#: What another vertebra's voxels become in an isolated stack (soft tissue).
-ISOLATE_HU = 40.0
+#: Crop settings that were removed, with the value a cache built before their removal recorded; such a
+#: cache holds the same crops (benchmarks/results/evidence.md lists why each was removed).
+RETIRED_CROP_SETTINGS: dict[str, object] = {"isolate": False}
 
 
 @dataclass
@@ -42,9 +43,6 @@ class CropConfig:
             processes make its box ~1.5× as wide as C3's, which halves the resolution of its thin ring
             at a small ``size``; a cap keeps the ring and lateral masses and drops the process tips.
         add_mask_channel: append the vertebra's own mask on the centre slice as a last channel.
-        isolate: show only this vertebra's bone: voxels the mask gives to another label become soft
-            tissue (``ISOLATE_HU``). C2's dens rises inside the C1 ring, so without it C1's stack also
-            shows dens fractures.
         windows: one or more ``(low, high)`` Hounsfield windows mapped to [0, 1]; each adds ``channels`` planes.
         neighbour_step: distance in slices between neighbouring planes (1 = adjacent slices).
         dtype: ``"uint8"`` (0..255, compact cache) or ``"float16"`` (0..1).
@@ -57,7 +55,6 @@ class CropConfig:
     margin_unit: str = "fraction"
     max_side_mm: float = 0.0
     add_mask_channel: bool = False
-    isolate: bool = False
     windows: tuple[tuple[float, float], ...] = ((-400.0, 1500.0),)
     neighbour_step: int = 1
     dtype: str = "uint8"
@@ -223,9 +220,6 @@ def extract_vertebra_crops(
         unique_z, inverse = np.unique(planes_z, return_inverse=True)
         box = _square_box(bbox[1:], cfg, dy, dx)
         block = _cut(hu, unique_z, box, _PAD_HU)
-        if cfg.isolate:
-            labels_here = _cut(mask, unique_z, box, 0)
-            block[(labels_here > 0) & (labels_here != label)] = ISOLATE_HU
         per_window = []
         for low, high in cfg.windows:
             windowed = np.clip((block - low) / (high - low), 0.0, 1.0)

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from rsna_cspine.aggregate import FIXED_PATIENT_RULES
+from rsna_cspine.aggregate import PATIENT_RULES
 from rsna_cspine.errors import CSpineError
 from rsna_cspine.report.cv import run_cv
 
@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability counted as positive (default 0.5)")
     parser.add_argument(
-        "--rule", choices=FIXED_PATIENT_RULES, default="noisy_or", help="patient_overall rule where the OOF files lack it"
+        "--rule", choices=PATIENT_RULES, default="calibrated",
+        help="patient_overall rule where the OOF files lack it (calibrated: cross-fitted inside each fold)",
     )
     parser.add_argument("--bins", type=int, default=10, help="reliability-table bins (default 10)")
 
@@ -50,5 +51,7 @@ def run(args: argparse.Namespace) -> int:
             f"{form:>6}: model {score['model']:.4f}  prior {score['prior']:.4f}  "
             f"improvement {score['relative_improvement']:+.1%}"
         )
+    for name, row in summary["rules"].items():
+        print(f"patient_overall {name}: study score {row['score_study']:.4f}")
     print(f"report: {summary['files']['report']}", file=sys.stdout)
     return 0

@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-from rsna_cspine.aggregate import FIXED_PATIENT_RULES, patient_overall
+from rsna_cspine.aggregate import PATIENT_RULES, cross_fit_patient_overall, patient_overall
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import ConfigError, LayoutError
 from rsna_cspine.io.kaggle import check_train_labels, read_train_labels
@@ -27,6 +27,9 @@ from rsna_cspine.metric import (
 logger = logging.getLogger(__name__)
 
 POOLED = "vertebrae_pooled"
+#: The patient_overall rules the report always scores side by side: what ``predict`` does by default
+#: (``calibrated``, each study from a fit on the other studies of its fold) and plain noisy-OR.
+COMPARED_RULES: tuple[str, ...] = ("calibrated", "noisy_or")
 _FOLD_IN_NAME = re.compile(r"fold[_-]?(\d+)", re.IGNORECASE)
 
 
@@ -62,8 +65,8 @@ def load_oof(path: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _check_oof(oof: pd.DataFrame, labels: pd.DataFrame, rule: str) -> pd.DataFrame:
-    """Validate OOF rows against the labels; fill patient_overall from the vertebrae where absent."""
+def _check_oof(oof: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """Validate OOF rows against the labels (patient_overall may be absent: it is filled later)."""
     missing = [c for c in ("StudyInstanceUID", *VERTEBRAE) if c not in oof.columns]
     if missing:
         raise LayoutError(f"OOF predictions lack columns {missing}; have {list(oof.columns)}")
@@ -87,14 +90,44 @@ def _check_oof(oof: pd.DataFrame, labels: pd.DataFrame, rule: str) -> pd.DataFra
     if bad.any():
         bad_uids = list(uids[bad.any(axis=1)][:5])
         raise LayoutError(f"OOF C1..C7 must be finite probabilities in [0, 1]; bad studies e.g. {bad_uids}")
-    absent = oof["patient_overall"].isna().to_numpy()
-    if absent.any():
-        logger.info("patient_overall from the %r rule for %d studies", rule, absent.sum())
-        oof.loc[absent, "patient_overall"] = patient_overall(vertebra[absent], rule=rule)
-    overall = oof["patient_overall"].to_numpy(np.float64)
-    if ((overall < 0) | (overall > 1) | ~np.isfinite(overall)).any():
+    given = oof["patient_overall"].dropna().to_numpy(np.float64)
+    if ((given < 0) | (given > 1) | ~np.isfinite(given)).any():
         raise LayoutError("OOF patient_overall must be probabilities in [0, 1]")
     return oof
+
+
+def rule_overall(
+    vertebrae: np.ndarray, patient_labels: np.ndarray, studies: list[str], folds: np.ndarray | None, rule: str
+) -> np.ndarray:
+    """patient_overall of OOF studies by ``rule``; ``calibrated`` is cross-fitted inside each fold.
+
+    Args:
+        vertebrae: ``(n, 7)`` out-of-fold vertebra probabilities.
+        patient_labels: ``(n,)`` truth (only ``calibrated`` reads it, never for a study's own value).
+        studies: the n study UIDs.
+        folds: each study's fold, or None (then all studies form one group).
+        rule: one of ``aggregate.PATIENT_RULES``.
+    """
+    if rule != "calibrated":
+        return patient_overall(vertebrae, rule=rule)
+    groups = np.zeros(len(studies), dtype=np.int64) if folds is None else np.asarray(folds)
+    out = np.empty(len(studies))
+    for group in np.unique(groups):
+        rows = np.flatnonzero(groups == group)
+        out[rows] = cross_fit_patient_overall(vertebrae[rows], patient_labels[rows], [studies[i] for i in rows])
+    return out
+
+
+def _rules_table(y: np.ndarray, p: np.ndarray, overall: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Scores with each patient_overall of ``overall`` (name → ``(n,)``), the vertebra columns unchanged."""
+    rows = []
+    for name, values in overall.items():
+        with_rule = np.column_stack([p[:, : len(VERTEBRAE)], values])
+        losses = column_log_losses(y, with_rule)
+        stats = _column_stats(y[:, -1], values, float(losses[-1]), 0.5)
+        rows.append({"patient_overall": name, **{f"score_{form}": score_arrays(y, with_rule, form) for form in FORMS},
+                     "patient_weighted_log_loss": float(losses[-1]), "patient_roc_auc": stats["roc_auc"]})
+    return pd.DataFrame(rows)
 
 
 def _rate(numerator: int, denominator: int) -> float:
@@ -247,13 +280,14 @@ def cv_report(
     labels: pd.DataFrame,
     out_dir: Path,
     threshold: float = 0.5,
-    rule: str = "noisy_or",
+    rule: str = "calibrated",
     n_bins: int = 10,
 ) -> dict:
     """Score out-of-fold predictions and write the CV report folder.
 
-    Writes ``scores.csv`` (all metric forms, model vs prior, relative improvement), ``folds.csv``
-    (per fold, when folds are known), ``per_column.csv``, ``confusion_matrices.csv``,
+    Writes ``scores.csv`` (all metric forms, model vs prior, relative improvement), ``rules.csv`` (the
+    scores with the ``calibrated`` and ``noisy_or`` patient_overall side by side, and with the files' own
+    column when they have one), ``folds.csv`` (per fold, when folds are known), ``per_column.csv``, ``confusion_matrices.csv``,
     ``calibration.csv``, ``roc.png``, ``reliability.png``, ``confusion.png`` and ``report.md``.
     The prior is each column's prevalence among the scored studies. Studies of ``labels`` without a
     prediction are left out of every number.
@@ -264,7 +298,8 @@ def cv_report(
         labels: train.csv-like labels.
         out_dir: folder to write into (created).
         threshold: probability at which a prediction counts as positive.
-        rule: patient_overall rule for studies without one (see ``aggregate.patient_overall``).
+        rule: patient_overall rule for studies without one (``aggregate.PATIENT_RULES``; ``calibrated``, the
+            default and what ``predict`` does, is cross-fitted inside each fold: :func:`rule_overall`).
         n_bins: number of equal-width bins of the reliability table.
 
     Returns:
@@ -276,12 +311,12 @@ def cv_report(
     """
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"threshold must be in (0, 1), got {threshold}")
-    if rule not in FIXED_PATIENT_RULES:
-        raise ConfigError(f"unknown patient_overall rule {rule!r}; expected one of {FIXED_PATIENT_RULES}")
+    if rule not in PATIENT_RULES:
+        raise ConfigError(f"unknown patient_overall rule {rule!r}; expected one of {PATIENT_RULES}")
     if n_bins < 1:
         raise ConfigError(f"n_bins must be >= 1, got {n_bins}")
     labels = check_train_labels(labels, source="labels")
-    oof = _check_oof(oof, labels, rule)
+    oof = _check_oof(oof, labels)
     if oof.empty:
         raise LayoutError("OOF predictions have no rows")
     out_dir = Path(out_dir)
@@ -289,10 +324,22 @@ def cv_report(
 
     truth = labels.set_index("StudyInstanceUID").loc[oof["StudyInstanceUID"]]
     y = truth[list(TARGET_COLUMNS)].to_numpy(np.int64)
+    has_folds = "fold" in oof.columns and oof["fold"].notna().all()
+    vertebrae = oof[list(VERTEBRAE)].to_numpy(np.float64)
+    studies = oof["StudyInstanceUID"].tolist()
+    folds = oof["fold"].to_numpy() if has_folds else None
+    overall = {r: rule_overall(vertebrae, y[:, -1], studies, folds, r) for r in dict.fromkeys((rule, *COMPARED_RULES))}
+    absent = oof["patient_overall"].isna().to_numpy()
+    compared = {"as in the OOF files": oof["patient_overall"].to_numpy(np.float64)} if not absent.any() else {}
+    compared.update({r: overall[r] for r in COMPARED_RULES})
+    if absent.any():
+        logger.info("patient_overall from the %r rule for %d studies", rule, absent.sum())
+        oof.loc[absent, "patient_overall"] = overall[rule][absent]
     p = oof[list(TARGET_COLUMNS)].to_numpy(np.float64)
     prior = np.tile(prior_predictions(truth), (len(y), 1))
 
     scores = _score_table(y, p, prior)
+    rules = _rules_table(y, p, compared)
     per_column = _per_column_table(y, p, threshold)
     confusion = per_column[["tn", "fp", "fn", "tp"]].assign(threshold=threshold)
     calibration = pd.concat(
@@ -300,10 +347,11 @@ def cv_report(
         + [_reliability(POOLED, y[:, :7].ravel(), p[:, :7].ravel(), n_bins)],
         ignore_index=True,
     )
-    folds = _fold_table(oof, y, p, prior) if "fold" in oof.columns and oof["fold"].notna().all() else None
+    folds = _fold_table(oof, y, p, prior) if has_folds else None
 
     files = {
         "scores": out_dir / "scores.csv",
+        "rules": out_dir / "rules.csv",
         "per_column": out_dir / "per_column.csv",
         "confusion_matrices": out_dir / "confusion_matrices.csv",
         "calibration": out_dir / "calibration.csv",
@@ -313,6 +361,7 @@ def cv_report(
         "report": out_dir / "report.md",
     }
     scores.to_csv(files["scores"], index=False)
+    rules.to_csv(files["rules"], index=False)
     per_column.drop(columns=["tn", "fp", "fn", "tp"]).to_csv(files["per_column"])
     confusion.to_csv(files["confusion_matrices"])
     calibration.to_csv(files["calibration"], index=False)
@@ -329,6 +378,9 @@ def cv_report(
         f"patient_overall rule where absent: `{rule}`; threshold {threshold:g}. "
         "Prior = each column's prevalence among these studies. Lower scores are better.",
         "## Competition score\n\n" + _markdown(scores),
+        "## patient_overall rules side by side\n\n`calibrated` is what `predict` does by default: noisy-OR "
+        "through a Platt scaling; here each study's value comes from a fit on the other studies of its fold "
+        "(cross-fit), so no study is scored by a fit that saw its label.\n\n" + _markdown(rules),
     ]
     if folds is not None:
         sections.append("## Per fold (study form)\n\n" + _markdown(folds))
@@ -346,6 +398,7 @@ def cv_report(
         "n_studies": int(len(y)),
         "n_labelled": int(len(labels)),
         "scores": scores.set_index("form").astype(float).to_dict(orient="index"),
+        "rules": rules.set_index("patient_overall").astype(float).to_dict(orient="index"),
         "per_column": per_column.to_dict(orient="index"),
         "files": files,
     }
@@ -356,7 +409,7 @@ def run_cv(
     labels_path: str | Path,
     out_dir: str | Path,
     threshold: float = 0.5,
-    rule: str = "noisy_or",
+    rule: str = "calibrated",
     n_bins: int = 10,
 ) -> dict:
     """Read OOF files and train.csv, then write the CV report (the ``rsna-cspine cv`` command).

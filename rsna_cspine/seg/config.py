@@ -1,8 +1,11 @@
-"""Typed configuration of stage 1 (vertebra segmentation): data, model, augmentation, training."""
+"""Typed configuration of stage 1 (vertebra segmentation): data, model, augmentation, training, prediction."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from rsna_cspine.training.config import OptimConfig, RunConfig, TrainConfig
 
 
 @dataclass
@@ -62,42 +65,27 @@ class SegAugmentConfig:
 
 
 @dataclass
-class SegTrainConfig:
-    """Optimisation, validation split, budget and DataLoader settings.
+class SegTrainConfig(TrainConfig):
+    """The shared loop settings (:class:`~rsna_cspine.training.config.TrainConfig`) plus stage 1's own.
 
     Attributes:
         patch_size: train on random sub-volumes of this size (0 on an axis = whole axis; all 0 = whole
             grid); validation and prediction always see the whole grid.
         patch_foreground: share of patches centred on a vertebra voxel.
-        n_folds: GroupKFold folds by study.
-        fold_seed: shuffles studies before the fold split (keep it fixed across folds).
-        val_every: validate every this many epochs (and always after the last one); early-stopping
-            patience counts validations.
-        max_minutes: stop before an epoch that would overrun this budget, with the learning-rate
-            schedule fitted to the epochs that fit (0 = no budget; see ``engine.TimeBudget``).
-        cpu_threads: torch intra-op threads (0 = torch's default). On a CPU shared with other jobs one
-            thread can be several times faster than two (no spinning threads waiting for each other).
+        lambda_dice: weight of the Dice term of the loss.
+        lambda_ce: weight of the cross-entropy term.
     """
 
     epochs: int = 100
     batch_size: int = 2
+    val_batch_size: int = 1
+    grad_clip: float = 1.0
+    patience: int = 20
+    num_workers: int = 0
     patch_size: tuple[int, int, int] = (0, 0, 0)
     patch_foreground: float = 0.75
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 1e-5
-    warmup_epochs: int = 2
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0
-    n_folds: int = 5
-    fold_seed: int = 42
-    patience: int = 20
-    val_every: int = 1
-    max_minutes: float = 0.0
-    num_workers: int = 0
-    cpu_threads: int = 0
-    amp: bool = True
-    grad_clip: float = 1.0
 
 
 @dataclass
@@ -121,22 +109,43 @@ class SegPredictConfig:
 
 
 @dataclass
-class SegConfig:
-    """Everything one stage-1 training run needs; resolved and saved as ``run_dir/config.yaml``.
+class SegConfig(RunConfig):
+    """Everything one stage-1 training run needs; resolved and saved as ``config.yaml`` in the fold's folder.
 
     Attributes:
-        run_dir: output folder; ``{fold}`` is replaced by the fold number.
+        run_dir: experiment folder; fold ``K`` trains in ``run_dir/fold{K}`` (``run_dir/all`` for -1).
         fold: validation fold (0..n_folds-1); ``-1`` trains on every study without validation.
         seed: seeds weights, fold split, data order and augmentation.
         device: ``auto``, ``cpu`` or ``cuda[:k]``.
     """
 
-    run_dir: str = "runs/seg/fold{fold}"
-    fold: int = 0
-    seed: int = 42
-    device: str = "auto"
+    #: Keys of configs written before the common schema (old → new); checkpoints carrying them still load.
+    LEGACY_KEYS: ClassVar[dict[str, str]] = {
+        "augment": "aug",
+        "train.cpu_threads": "train.threads",
+        "train.lr": "optim.lr",
+        "train.min_lr": "optim.min_lr",
+        "train.weight_decay": "optim.weight_decay",
+        "train.warmup_epochs": "optim.warmup_epochs",
+    }
+
+    run_dir: str = "runs/seg"
     data: SegDataConfig = field(default_factory=SegDataConfig)
     model: SegModelConfig = field(default_factory=SegModelConfig)
-    augment: SegAugmentConfig = field(default_factory=SegAugmentConfig)
+    aug: SegAugmentConfig = field(default_factory=SegAugmentConfig)
     train: SegTrainConfig = field(default_factory=SegTrainConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=1e-5, warmup_epochs=2,
+                                                                   warmup_lr=1e-4, min_lr=1e-5))
     predict: SegPredictConfig = field(default_factory=SegPredictConfig)
+
+    @staticmethod
+    def upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:
+        """What renaming alone cannot say: old stage-1 configs named the fold folder in ``run_dir``
+        (``runs/seg/fold{fold}``) and warmed up from a tenth of the peak learning rate."""
+        run_dir = data.get("run_dir")
+        if isinstance(run_dir, str) and "{fold}" in run_dir:
+            data["run_dir"] = run_dir.replace("/fold{fold}", "").replace("{fold}", str(data.get("fold", 0)))
+        optim = data.get("optim")
+        if isinstance(optim, dict) and "lr" in optim and "warmup_lr" not in optim:
+            optim["warmup_lr"] = round(float(optim["lr"]) / 10, 12)
+        return data

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.transforms import KeepLargestConnectedComponent
 
-from rsna_cspine.config import from_dict
+from rsna_cspine.config import config_from_checkpoint
 from rsna_cspine.constants import CERVICAL_LABELS, VERTEBRAE
 from rsna_cspine.engine import autocast, load_checkpoint, resolve_device
 from rsna_cspine.errors import ConfigError, CSpineError
@@ -440,7 +440,7 @@ def load_segmenter(
         state = load_checkpoint(path, map_location="cpu")
         if not state.get("config"):
             raise CSpineError("not a stage-1 checkpoint (it carries no config)", path)
-        this = from_dict(SegConfig, state["config"])
+        this = config_from_checkpoint(SegConfig, state["config"], path)
         if cfg is not None and (tuple(this.data.grid), tuple(this.data.hu_window), this.data.antialias) != (
             tuple(cfg.data.grid), tuple(cfg.data.hu_window), cfg.data.antialias
         ):

@@ -1,14 +1,12 @@
-"""Every knob of the synthetic phantom generator, with typed defaults, validation and YAML loading."""
+"""Every knob of the synthetic phantom generator, with typed defaults and validation."""
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from rsna_cspine.errors import ConfigError
 
@@ -188,42 +186,20 @@ def _as_range(name: str, value: Any, kind: type) -> tuple:
     return (low, high)
 
 
-def config_field_types() -> dict[str, Any]:
-    """Resolved type annotation of every ``SynthConfig`` field (used to build CLI flags)."""
-    hints = typing.get_type_hints(SynthConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(SynthConfig)}
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **values: Any) -> SynthConfig:
+    """Build a ``SynthConfig`` with the project's one loader (``rsna_cspine.config.load_config``).
 
-
-def load_config(path: str | Path | None = None, **overrides: Any) -> SynthConfig:
-    """Build a ``SynthConfig`` from a YAML file (optional) and keyword overrides (win over the file).
+    Defaults ← YAML file ← ``key=value`` overrides ← keyword values (``None`` values are ignored).
 
     Args:
-        path: YAML mapping of field names to values; a top-level ``synth:`` section is accepted too.
-        **overrides: field values that replace the file's; ``None`` values are ignored.
+        path: YAML mapping of knob names to values; a top-level ``synth:`` section is read instead when present.
+        overrides: ``["noise_hu=[10, 40]", "n_studies=5"]``.
+        **values: knob values set by a program (win over the file and the overrides).
 
     Returns:
         The validated config.
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read synth config: {exc}", path) from exc
-        if isinstance(loaded, dict) and isinstance(loaded.get("synth"), dict):
-            loaded = loaded["synth"]
-        if not isinstance(loaded, dict):
-            raise ConfigError("synth config must be a mapping of knob names to values", path)
-        values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(SynthConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown synth knob(s) {unknown}; known: {sorted(known)}", path)
-    try:
-        return SynthConfig(**values)
-    except ConfigError as exc:
-        raise ConfigError(exc.reason, path) from exc
-    except TypeError as exc:
-        raise ConfigError(f"bad synth config value: {exc}", path) from exc
+    from rsna_cspine.config import load_config as load_project_config
+
+    typed = {k: v for k, v in values.items() if v is not None}
+    return load_project_config(SynthConfig, path, overrides, values=typed, section="synth")

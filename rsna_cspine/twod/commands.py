@@ -13,18 +13,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold", type=int, default=None, help="k-fold mode: the validation fold (sets split.mode=kfold)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last.pt")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. epochs=3 model.backbone=convnext_tiny data.image_size=224")
+                        help="config overrides, e.g. train.epochs=3 model.backbone=convnext_tiny data.image_size=224")
 
 
 def run(args: argparse.Namespace) -> int:
     from rsna_cspine.twod.config import TwoDConfig
     from rsna_cspine.twod.train import train_2d
 
-    overrides = list(args.overrides)
+    values: dict = {}
     if args.data is not None:
-        overrides.append(f"data.root={args.data}")
+        values["data"] = {"root": args.data}
     if args.fold is not None:
-        overrides += ["split.mode=kfold", f"split.fold={args.fold}"]
-    cfg = load_config(TwoDConfig, args.config, overrides)
+        values.update(fold=args.fold, split={"mode": "kfold"})
+    cfg = load_config(TwoDConfig, args.config, args.overrides, values=values)
     print(train_2d(cfg, resume=args.resume))
     return 0

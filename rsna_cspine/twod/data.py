@@ -21,9 +21,9 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from rsna_cspine.cls.data import StackAugment, item_seed
 from rsna_cspine.errors import CSpineError, LayoutError
 from rsna_cspine.io.dicom import read_slice_hu
+from rsna_cspine.training.augment import StackAugment, item_seed
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def check_images(
 class ImageDataset(Dataset):
     """Rows of an :class:`ImageIndex` frame → ``{"image" (C, S, S) float32 in [0, 1], "target", "index"}``.
 
-    Augmentation reuses stage 2's :class:`~rsna_cspine.cls.data.StackAugment` (random resized crop,
+    Augmentation is the shared :class:`~rsna_cspine.training.augment.StackAugment` (random resized crop,
     flips, rotation, intensity) on a one-slice stack, seeded per (seed, epoch, item).
 
     Args:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rsna_cspine.config import from_dict
+from rsna_cspine.config import config_from_checkpoint
 from rsna_cspine.engine import load_checkpoint, resolve_device
 from rsna_cspine.errors import CSpineError
 from rsna_cspine.twod.config import TwoDConfig
@@ -61,7 +61,7 @@ def load_image_classifier(checkpoint: str | Path, device: str | torch.device = "
     classes = (state.get("extra") or {}).get("classes")
     if not classes or not isinstance(state.get("config"), dict):
         raise CSpineError("not a train-2d checkpoint (no class names or config in it)", checkpoint)
-    cfg = from_dict(TwoDConfig, state["config"])
+    cfg = config_from_checkpoint(TwoDConfig, state["config"], checkpoint)
     model = build_image_classifier(cfg, len(classes), load_pretrained=False)
     try:
         model.load_state_dict(state["model"])

@@ -11,16 +11,20 @@ from rsna_cspine.twod.config import TwoDSplitConfig
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
-def split_indices(targets: np.ndarray, cfg: TwoDSplitConfig) -> dict[str, np.ndarray]:
+def split_indices(targets: np.ndarray, cfg: TwoDSplitConfig, fold: int = 0, n_folds: int = 5,
+                  seed: int = 42) -> dict[str, np.ndarray]:
     """Row numbers of each split, every class in proportion in every split.
 
     The test split (``cfg.test_fraction``) is carved first and is the same for every fold; ``holdout``
-    then takes ``cfg.val_fraction`` of all rows for validation, ``kfold`` makes fold ``cfg.fold`` of a
-    StratifiedKFold over the rest the validation split.
+    then takes ``cfg.val_fraction`` of all rows for validation, ``kfold`` makes fold ``fold`` of an
+    ``n_folds``-way StratifiedKFold over the rest the validation split.
 
     Args:
         targets: class number of each row.
         cfg: split settings.
+        fold: ``kfold``: the validation fold.
+        n_folds: ``kfold``: number of folds of the non-test images.
+        seed: shuffles the images before splitting (keep it fixed across folds).
 
     Returns:
         ``{"train", "val", "test"}`` → sorted row numbers (``test`` may be empty).
@@ -33,19 +37,19 @@ def split_indices(targets: np.ndarray, cfg: TwoDSplitConfig) -> dict[str, np.nda
     counts = np.bincount(targets)
     try:
         if cfg.test_fraction > 0:
-            rest, test = train_test_split(rows, test_size=cfg.test_fraction, stratify=targets, random_state=cfg.seed)
+            rest, test = train_test_split(rows, test_size=cfg.test_fraction, stratify=targets, random_state=seed)
         else:
             rest, test = rows, rows[:0]
         if cfg.mode == "holdout":
             val_share = cfg.val_fraction / (1.0 - cfg.test_fraction)
-            train, val = train_test_split(rest, test_size=val_share, stratify=targets[rest], random_state=cfg.seed)
+            train, val = train_test_split(rest, test_size=val_share, stratify=targets[rest], random_state=seed)
         else:
             smallest = int(np.bincount(targets[rest]).min())
-            if smallest < cfg.n_folds:
+            if smallest < n_folds:
                 # sklearn only warns here and leaves a class out of some validation folds.
-                raise ValueError(f"the least populated class has {smallest} images for {cfg.n_folds} folds")
-            folds = StratifiedKFold(n_splits=cfg.n_folds, shuffle=True, random_state=cfg.seed)
-            train_pos, val_pos = list(folds.split(rest, targets[rest]))[cfg.fold]
+                raise ValueError(f"the least populated class has {smallest} images for {n_folds} folds")
+            folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+            train_pos, val_pos = list(folds.split(rest, targets[rest]))[fold]
             train, val = rest[train_pos], rest[val_pos]
     except ValueError as exc:
         raise ConfigError(f"cannot split {len(rows)} images with class counts {counts.tolist()} this way ({exc})") from exc

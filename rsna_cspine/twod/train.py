@@ -1,176 +1,27 @@
-"""Train a 2D image classifier with the stage-2 training loop (:func:`rsna_cspine.cls.train.fit`).
-
-This module only supplies what differs from stage 2: the image index and its split, the model, a
-cross-entropy loss, validation metrics, and the val/test reports written from ``best.pt`` at the end.
-"""
+"""Train a 2D image classifier (:class:`~rsna_cspine.twod.task.ImageTask` through the one training loop),
+then write the val/test reports from ``best.pt``."""
 
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.optim.swa_utils import update_bn
-from torch.utils.data import DataLoader, Subset
 
-from rsna_cspine.cls.data import StackAugment
 from rsna_cspine.cls.model import check_pretrained_file
-from rsna_cspine.cls.train import fit, predict_batches
-from rsna_cspine.engine import (
-    DistContext,
-    barrier,
-    load_checkpoint,
-    prepare_run_dir,
-    run_seeded_distributed,
-)
-from rsna_cspine.twod.config import MONITORS, TwoDConfig
-from rsna_cspine.twod.data import ImageDataset, ImageIndex, check_images, index_images
-from rsna_cspine.twod.model import build_image_classifier
-from rsna_cspine.twod.report import classification_metrics, positive_index, write_split_report
+from rsna_cspine.engine.distributed import DistContext, barrier, run_seeded_distributed
+from rsna_cspine.engine.runlog import prepare_run_dir
+from rsna_cspine.training.loop import fit
+from rsna_cspine.twod.config import TwoDConfig
+from rsna_cspine.twod.data import check_images, index_images
+from rsna_cspine.twod.report import positive_index
 from rsna_cspine.twod.split import SPLITS, split_indices
+from rsna_cspine.twod.task import ImageTask
 
 log = logging.getLogger(__name__)
-
-
-def class_probs(logits: torch.Tensor) -> torch.Tensor:
-    """An image classifier's batch logits → class probabilities (softmax)."""
-    return torch.softmax(logits.float(), dim=1)
-
-
-class _Images:
-    """The ``image`` tensors of a loader, on the device: what ``torch.optim.swa_utils.update_bn`` iterates."""
-
-    def __init__(self, loader: DataLoader, device: torch.device) -> None:
-        self.loader, self.device = loader, device
-
-    def __iter__(self):  # noqa: ANN204 - a plain generator of tensors
-        for batch in self.loader:
-            yield batch["image"].to(self.device, non_blocking=True)
-
-
-def twod_run_dir(cfg: TwoDConfig) -> Path:
-    """``run_dir/fold{K}`` in k-fold mode, ``run_dir`` for a holdout split."""
-    return Path(cfg.run_dir) / f"fold{cfg.split.fold}" if cfg.split.mode == "kfold" else Path(cfg.run_dir)
-
-
-class ImageTask:
-    """The 2D mode as a :class:`~rsna_cspine.cls.train.TrainingTask`.
-
-    Args:
-        cfg: the run config.
-        index: the readable images and the class names.
-        splits: row numbers of ``index.frame`` per split.
-        images: decoded images in ``index.frame`` order, or None (decoded on the fly).
-        device: the training device.
-        run_dir: the run folder (reports go to ``run_dir/report``).
-    """
-
-    def __init__(
-        self,
-        cfg: TwoDConfig,
-        index: ImageIndex,
-        splits: dict[str, np.ndarray],
-        images: list[np.ndarray] | None,
-        device: torch.device,
-        run_dir: Path,
-    ) -> None:
-        self.cfg, self.index, self.device, self.run_dir = cfg, index, device, run_dir
-        self.classes = index.classes
-        self.monitor, self.mode = cfg.monitor, cfg.monitor_mode
-        d = cfg.data
-        self.frames = {name: index.frame.iloc[rows].reset_index(drop=True) for name, rows in splits.items()}
-        augment = StackAugment(cfg.aug, d.image_size, d.in_chans) if cfg.aug.enabled else None
-        self.datasets = {
-            name: ImageDataset(
-                self.frames[name], d.in_chans, d.image_size, d.dicom_window,
-                augment=augment if name == "train" else None, seed=cfg.seed,
-                images=None if images is None else [images[i] for i in rows],
-            )
-            for name, rows in splits.items()
-        }
-        self.datasets["train_clean"] = ImageDataset(
-            self.frames["train"], d.in_chans, d.image_size, d.dicom_window, seed=cfg.seed,
-            images=self.datasets["train"].images,
-        )
-        self.train_set = self.datasets["train"]
-        self.has_validation = len(self.frames["val"]) > 0
-        self.model = build_image_classifier(cfg, len(self.classes)).to(device)
-        weights = None
-        if cfg.class_weighted:
-            counts = np.bincount(self.frames["train"]["target"], minlength=len(self.classes)).astype(np.float64)
-            weights = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-        self.class_weights = weights
-
-    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(
-            outputs.float(), batch["target"].to(self.device), weight=self.class_weights,
-            label_smoothing=self.cfg.label_smoothing,
-        )
-
-    def _probs(self, model: torch.nn.Module, split: str) -> np.ndarray:
-        cfg = self.cfg
-        return predict_batches(model, self.datasets[split], cfg.val_batch_size, self.device, cfg.amp, class_probs,
-                               cfg.data.num_workers)
-
-    def _recalibrate_batchnorm(self, model: torch.nn.Module) -> None:
-        """Re-estimate BatchNorm running statistics on clean training images (see ``bn_recalibration_images``).
-
-        The images are evenly spaced over the training split and the pass uses no randomness, so every rank
-        gets the same statistics and a resumed run the same as an uninterrupted one.
-        """
-        limit = self.cfg.bn_recalibration_images
-        if limit <= 0 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            return
-        clean = self.datasets["train_clean"]
-        picked = np.unique(np.linspace(0, len(clean) - 1, min(limit, len(clean))).round().astype(int))
-        loader = DataLoader(Subset(clean, picked.tolist()), batch_size=self.cfg.val_batch_size, shuffle=False,
-                            num_workers=self.cfg.data.num_workers)
-        with torch.no_grad():
-            update_bn(_Images(loader, self.device), model)  # a cumulative average over the picked images
-
-    def validate(self, model: torch.nn.Module) -> dict[str, float]:
-        self._recalibrate_batchnorm(model)
-        probs = self._probs(model, "val")
-        metrics = classification_metrics(self.frames["val"]["target"].to_numpy(), probs, self.classes, self.cfg.positive_class)
-        return {f"val_{k}": float(v) for k, v in metrics.items() if f"val_{k}" in MONITORS}
-
-    def on_best(self) -> None:
-        """Nothing to keep per epoch: the reports are written from ``best.pt`` in :meth:`finish`."""
-
-    def finish(self, best_path: Path) -> None:
-        model = self.model
-        if best_path.is_file():
-            model = build_image_classifier(self.cfg, len(self.classes), load_pretrained=False).to(self.device)
-            load_checkpoint(best_path, model=model, map_location=self.device)
-        report_dir = self.run_dir / "report"
-        results = {}
-        for split in ("val", "test"):
-            if len(self.frames[split]):
-                results[split] = write_split_report(
-                    report_dir, split, self.frames[split], self._probs(model, split), self.classes, self.cfg.positive_class
-                )
-        sections = [f"# 2D classifier report\n\nRun `{self.run_dir}`; model from `{best_path.name}`; backbone "
-                    f"`{self.cfg.model.backbone}`; classes {', '.join(f'`{c}`' for c in self.classes)}."]
-        sections += [(report_dir / f"{split}_report.md").read_text(encoding="utf-8") for split in results]
-        sections.append("## Training curves\n\n![curves](../curves.png)")
-        (report_dir / "report.md").write_text("\n\n".join(sections) + "\n", encoding="utf-8")
-        for split, result in results.items():
-            log.info("%s: %s", split, {k: round(v, 4) for k, v in result["metrics"].items()})
-        log.info("reports in %s", report_dir)
-
-    def checkpoint_extra(self) -> dict[str, Any]:
-        return {
-            "classes": list(self.classes),
-            "positive_class": self.classes[positive_index(self.classes, self.cfg.positive_class)],
-            "split": self.cfg.split.mode,
-            "fold": self.cfg.split.fold if self.cfg.split.mode == "kfold" else None,
-        }
 
 
 def _write_splits(path: Path, frames: dict[str, pd.DataFrame], skipped: list[tuple[str, str]]) -> None:
@@ -195,7 +46,7 @@ def train_2d(cfg: TwoDConfig, resume: bool = False) -> Path:
     cfg.validate()
     check_pretrained_file(cfg.model.backbone, cfg.model.pretrained_file)  # before any data work
     return run_seeded_distributed(lambda device, ctx: _train(cfg, resume, device, ctx),
-                                  device=cfg.device, seed=cfg.seed, threads=cfg.threads)
+                                  device=cfg.device, seed=cfg.seed, threads=cfg.train.threads)
 
 
 def _train(cfg: TwoDConfig, resume: bool, device: torch.device, ctx: DistContext) -> Path:
@@ -203,14 +54,13 @@ def _train(cfg: TwoDConfig, resume: bool, device: torch.device, ctx: DistContext
     d = cfg.data
     index, images = check_images(index_images(d.root), d.in_chans, d.image_size, d.dicom_window,
                                  skip_unreadable=d.skip_unreadable, keep=d.in_memory)
-    splits = split_indices(index.frame["target"].to_numpy(), cfg.split)
-    positive_index(index.classes, cfg.positive_class)  # refuse an unknown positive class before training
-    run_dir = twod_run_dir(cfg)
+    splits = split_indices(index.frame["target"].to_numpy(), cfg.split, cfg.fold, cfg.train.n_folds, cfg.train.fold_seed)
+    positive_index(index.classes, cfg.data.positive_class)  # refuse an unknown positive class before training
+    run_dir = prepare_run_dir(cfg.fold_dir(), cfg, resume, write=ctx.is_main)
     task = ImageTask(cfg, index, splits, images, device, run_dir)
     if ctx.is_main:
-        prepare_run_dir(run_dir, cfg, resume)
         _write_splits(run_dir / "splits.csv", task.frames, index.skipped)
     barrier(ctx)
     counts = {s: np.bincount(task.frames[s]["target"], minlength=len(index.classes)).tolist() for s in SPLITS}
     log.info("classes %s; images per class and split %s", index.classes, counts)
-    return fit(task, cfg, run_dir, resume, device, ctx, started=started)
+    return fit(task, cfg, run_dir, device=device, ctx=ctx, resume=resume, started=started)

@@ -1,0 +1,88 @@
+"""Seeds, the training device and its mixed precision.
+
+``amp_dtype`` is the one place that decides which reduced precision a device runs: bfloat16 only where
+the hardware has it natively, float16 (with an active ``GradScaler``) on older GPUs, nothing on CPU unless
+bfloat16 is asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import AbstractContextManager, nullcontext
+
+import numpy as np
+import torch
+
+#: CUDA compute capability from which bfloat16 runs natively (Ampere, sm_80).
+NATIVE_BF16_CAPABILITY: tuple[int, int] = (8, 0)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch (all devices); optionally ask cuDNN for deterministic kernels.
+
+    Args:
+        seed: the run's seed.
+        deterministic: trade some GPU speed for run-to-run identical results.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → the local CUDA device when present, else CPU; anything else is passed to torch."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def amp_dtype(device: torch.device, cpu_bf16: bool = False) -> torch.dtype | None:
+    """The autocast dtype for ``device``, or None for full precision.
+
+    ``torch.cuda.is_bf16_supported()`` also answers yes where bfloat16 is only emulated (P100, T4), which
+    is slower than float16 and, without a ``GradScaler``, loses small gradients; so the compute
+    capability decides here.
+
+    Args:
+        device: the device the model runs on.
+        cpu_bf16: on CPU, use bfloat16 (only worth it where the CPU computes it natively).
+
+    Returns:
+        ``torch.bfloat16`` on GPUs of compute capability ≥ 8.0, ``torch.float16`` on older GPUs (pair it
+        with :func:`make_grad_scaler`), ``torch.bfloat16`` on CPU when ``cpu_bf16``, else None.
+    """
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if tuple(capability) >= NATIVE_BF16_CAPABILITY else torch.float16
+    if device.type == "cpu" and cpu_bf16:
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, enabled: bool, cpu_bf16: bool = False) -> AbstractContextManager:
+    """Mixed precision in :func:`amp_dtype`'s dtype when ``enabled``; a no-op where it gives None.
+
+    Args:
+        device: where the forward pass runs.
+        enabled: the run's ``amp`` setting.
+        cpu_bf16: see :func:`amp_dtype`.
+    """
+    dtype = amp_dtype(device, cpu_bf16) if enabled else None
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def make_grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """A GradScaler that is active exactly when :func:`autocast` runs float16 (bfloat16 and fp32 need none).
+
+    Args:
+        device: the training device.
+        enabled: the run's ``amp`` setting.
+    """
+    use = enabled and amp_dtype(device) == torch.float16
+    return torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu", enabled=use)

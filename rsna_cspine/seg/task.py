@@ -1,0 +1,123 @@
+"""Stage 1 as a :class:`~rsna_cspine.training.loop.TrainingTask`: cached studies → MONAI network → Dice + CE,
+validated by the mean Dice of C1–C7 at grid resolution."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from tqdm.auto import tqdm
+
+from rsna_cspine.constants import VERTEBRAE
+from rsna_cspine.engine.devices import autocast
+from rsna_cspine.engine.distributed import DistContext
+from rsna_cspine.seg.config import SegConfig
+from rsna_cspine.seg.data import build_transforms, make_dataset, make_loader
+from rsna_cspine.seg.model import build_model
+from rsna_cspine.seg.preprocess import num_classes
+from rsna_cspine.training.loop import TrainingTask
+
+
+def class_names(thoracic: str) -> list[str]:
+    """Names of the foreground classes in channel order (C1..C7 [+ thoracic])."""
+    return list(VERTEBRAE) + (["thoracic"] if thoracic == "class" else [])
+
+
+def make_loss(cfg: SegConfig) -> DiceCELoss:
+    """Dice + cross-entropy over softmax outputs, labels given as class indices."""
+    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.train.lambda_dice, lambda_ce=cfg.train.lambda_ce)
+
+
+@torch.inference_mode()
+def validate(
+    model: torch.nn.Module,
+    loader: Any,
+    loss_fn: torch.nn.Module,
+    device: torch.device,
+    n_classes: int,
+    *,
+    amp: bool,
+    progress: bool = True,
+) -> tuple[float, np.ndarray]:
+    """Validation loss and Dice per foreground class at grid resolution (NaN where a class is absent).
+
+    Args:
+        model: network (set to eval here).
+        loader: validation batches.
+        loss_fn: Dice+CE loss.
+        device: where to compute.
+        n_classes: network output channels.
+        amp: mixed precision on GPU.
+        progress: tqdm bar.
+    """
+    model.eval()
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    losses: list[float] = []
+    for batch in tqdm(loader, desc="val", leave=False, disable=None if progress else True):
+        image = batch["image"].to(device)
+        label = batch["label"].to(device)
+        with autocast(device, amp):
+            logits = model(image)
+        losses.append(float(loss_fn(logits.float(), label)))
+        pred = one_hot(logits.argmax(1, keepdim=True), n_classes)
+        metric(y_pred=pred, y=one_hot(label.long(), n_classes))
+    dice = metric.aggregate().cpu().numpy().astype(np.float64)
+    return float(np.mean(losses)) if losses else float("nan"), dice
+
+
+class SegmentationTask(TrainingTask):
+    """One fold of stage 1 over cached studies.
+
+    Args:
+        cfg: the resolved run config.
+        train_paths: cache files to train on.
+        val_paths: cache files to validate on (empty: every epoch's weights are kept as best).
+        device: the training device.
+        extra: facts stored in every checkpoint (e.g. the study split).
+        progress: tqdm bar of the validation pass.
+    """
+
+    monitor = "val_dice_mean"
+    mode = "max"
+
+    def __init__(self, cfg: SegConfig, train_paths: Sequence[Path], val_paths: Sequence[Path], device: torch.device,
+                 extra: dict[str, Any] | None = None, progress: bool = True) -> None:
+        self.cfg, self.device, self.extra, self.progress = cfg, device, dict(extra or {}), progress
+        self.n_classes = num_classes(cfg.data.thoracic)
+        self.names = class_names(cfg.data.thoracic)
+        d, t = cfg.data, cfg.train
+        self.model = build_model(cfg.model, self.n_classes).to(device)
+        self.loss_fn = make_loss(cfg)
+        train_tf = build_transforms(cfg.aug, d.grid, d.thoracic, train=True, patch_size=t.patch_size,
+                                    patch_foreground=t.patch_foreground)
+        self.train_set = make_dataset(train_paths, train_tf)
+        self.val_set = make_dataset(val_paths, build_transforms(cfg.aug, d.grid, d.thoracic, train=False))
+        self.has_validation = bool(val_paths)
+
+    def train_loader(self, epoch: int, ctx: DistContext) -> torch.utils.data.DataLoader:
+        t = self.cfg.train
+        return make_loader(self.train_set, batch_size=t.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch,
+                           num_workers=t.num_workers, rank=ctx.rank, world_size=ctx.world_size)
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_fn(outputs.float(), batch["label"].to(self.device, non_blocking=True))
+
+    def validate(self, model: torch.nn.Module) -> dict[str, float]:
+        # Every rank scores the whole validation set so that best/early-stop decisions agree.
+        t = self.cfg.train
+        loader = make_loader(self.val_set, batch_size=t.val_batch_size, shuffle=False, seed=self.cfg.seed, epoch=0,
+                             num_workers=t.num_workers)
+        val_loss, dice = validate(model, loader, self.loss_fn, self.device, self.n_classes, amp=t.amp,
+                                  progress=self.progress)
+        vertebra_dice = dice[: len(VERTEBRAE)]
+        score = float(np.nanmean(vertebra_dice)) if np.isfinite(vertebra_dice).any() else 0.0
+        return {"val_loss": val_loss, "val_dice_mean": score, **{f"val_dice_{n}": float(v) for n, v in zip(self.names, dice)}}
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"classes": self.names, **self.extra}
