@@ -428,7 +428,7 @@ def test_isolation_tells_crash_hang_exception_and_error_apart(tmp_path, monkeypa
     assert good.kind == "volume" and good.detail == "shape (4, 128, 128)"
     assert load_isolated(tmp_path / "absent").kind == "error"
 
-    import rsna_cspine.io.dicom as dicom_module
+    import rsna_cspine.io.dicom.series as series_module
 
     def abort(*args, **kwargs):
         os.abort()
@@ -442,7 +442,7 @@ def test_isolation_tells_crash_hang_exception_and_error_apart(tmp_path, monkeypa
 
     outcomes = {}
     for patched in (abort, spin, type_error):
-        monkeypatch.setattr(dicom_module, "_assemble", patched)  # the child is forked: it sees the patch
+        monkeypatch.setattr(series_module, "build_volume", patched)  # the child is forked: it sees the patch
         outcomes[patched.__name__] = load_isolated(tmp_path / "good", timeout_s=2.0)
     assert outcomes["abort"].kind == "crash"
     assert outcomes["spin"].kind == "hang" and "in spin" in outcomes["spin"].stderr, outcomes["spin"]  # where it hung
