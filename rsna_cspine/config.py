@@ -109,13 +109,20 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Typed defaults ← YAML file ← ``key=value`` overrides (dotted keys for nested sections).
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> T:
+    """Typed defaults ← YAML file ← ``key=value`` overrides ← typed ``values`` (dotted keys for nested sections).
 
     Args:
         cls: the config dataclass whose defaults are the base.
         path: optional YAML file; its keys must exist in ``cls``.
         overrides: optional ``["epochs=3", "model.name=resnet50"]``; values are parsed as YAML scalars.
+        values: optional typed settings, e.g. from command-line flags (``{"rule": "max", "tta": True}``);
+            a None value is a flag not given and is left out.
     """
     data: dict[str, Any] = to_dict(cls())
     if path is not None:
@@ -134,6 +141,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    for key, value in (values or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
     return from_dict(cls, data)
 
 
