@@ -14,7 +14,7 @@ import torch
 
 from rsna_cspine.cli import main
 from rsna_cspine.constants import TARGET_COLUMNS
-from rsna_cspine.pipeline import timing_log_path
+from rsna_cspine.inference import timing_log_path
 from test_pipeline import GOOD, make_tiny_dataset, make_tiny_models
 
 torch.set_num_threads(1)
