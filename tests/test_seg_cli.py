@@ -14,7 +14,7 @@ pytest.importorskip("rsna_cspine.io.dicom")
 pytest.importorskip("rsna_cspine.io.nifti")
 
 from rsna_cspine.cli import main  # noqa: E402
-from rsna_cspine.seg.predict import VERTEBRA_COLUMNS  # noqa: E402
+from rsna_cspine.seg.masks import VERTEBRA_COLUMNS  # noqa: E402
 
 TINY = [
     "data.grid=[16,32,32]", "model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0",
