@@ -201,8 +201,13 @@ def test_explain_writes_every_picture_with_the_pipeline_probabilities(tmp_path: 
     models = make_tiny_models(tmp_path / "models")
     study = make_tiny_dataset(tmp_path / "data", uids=GOOD[:1], broken=False) / "test_images" / GOOD[0]
     pipeline = FracturePipeline.from_models_dir(models, PipelineConfig(device="cpu"))
+    loads: list[Path] = []
+    real_load = pipeline.load
+    pipeline.load = lambda folder: loads.append(Path(folder)) or real_load(folder)  # counts, still loads
     seen: list[float] = []
     result = StudyExplainer(pipeline).explain(study, tmp_path / "out", progress=lambda m, f: seen.append(f))
+    assert loads == [study]  # one pass: the pictures come from the prediction's own volume and mask
+    assert result.prediction.intermediates is None  # the kept result does not hold the volume
 
     expected = pipeline.predict_study(study).probs
     assert [result.probabilities[c] for c in TARGET_COLUMNS] == pytest.approx(expected.tolist(), abs=1e-12)

@@ -28,6 +28,7 @@ from rsna_cspine.constants import PROB_EPS, TARGET_COLUMNS
 from rsna_cspine.engine import save_checkpoint, seed_everything
 from rsna_cspine.errors import ConfigError, LayoutError, SubmissionError
 from rsna_cspine.inference import (
+    STAGES,
     FracturePipeline,
     PipelineConfig,
     PredictionBudget,
@@ -248,6 +249,26 @@ def test_fold_ensemble_averages_and_cheap_path_uses_the_first_fold(models: Path,
     cheap = both.predict_study(folder, path="cheap")
     assert cheap.path == "cheap"
     np.testing.assert_allclose(cheap.vertebra_probs, single[0], rtol=1e-6)
+
+
+def test_public_steps_compose_to_predict_study_and_intermediates_are_kept_on_request(models: Path, data: Path) -> None:
+    pipeline = FracturePipeline.from_models_dir(models, CPU)
+    folder = data / "test_images" / GOOD[0]
+    stages: list[str] = []
+    kept = pipeline.predict_study(folder, keep_intermediates=True, on_stage=stages.append)
+    assert stages == list(STAGES)
+    volume = pipeline.load(folder)
+    segmentation = pipeline.segment(volume)
+    crops = pipeline.crop(volume, segmentation)
+    raw = pipeline.classify(crops)
+    np.testing.assert_array_equal(raw, kept.vertebra_probs)
+    np.testing.assert_array_equal(pipeline.aggregate(raw), kept.probs)
+    parts = kept.intermediates
+    np.testing.assert_array_equal(parts.volume.hu, volume.hu)
+    np.testing.assert_array_equal(parts.segmentation.mask, segmentation.mask)
+    pd.testing.assert_frame_equal(parts.segmentation.vertebrae, segmentation.vertebrae)
+    np.testing.assert_array_equal(parts.crops.images, crops.images)
+    assert pipeline.predict_study(folder).intermediates is None  # by default the big arrays are let go
 
 
 def test_shards_merge_into_the_unsharded_submission(full_run: Path, data: Path, models: Path, tmp_path: Path) -> None:
