@@ -9,6 +9,7 @@ import pydicom
 import pytest
 from pydicom.pixels import get_decoder
 
+from dicom_factory import REAL_DATA
 from rsna_cspine.io.dicom import (
     DEFAULT_DECODING_PLUGINS,
     load_series,
@@ -16,7 +17,7 @@ from rsna_cspine.io.dicom import (
     read_slice_hu,
 )
 
-REAL = Path("/work/shared/data/real")
+REAL = REAL_DATA
 PYDICOM_DIR = REAL / "pydicom"
 SERIES_DIR = REAL / "totalsegmentator" / "example_ct_dicom"
 

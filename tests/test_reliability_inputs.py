@@ -21,7 +21,7 @@ import pytest
 import torch
 from pydicom.encaps import encapsulate, generate_frames
 
-from dicom_factory import axial_positions, write_series
+from dicom_factory import REAL_DATA, axial_positions, write_series
 from failure_matrix import CASES, DOC_PATH, ROOT, defined_tests, referenced_files, render
 from rsna_cspine.constants import PROB_EPS, TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.engine import load_checkpoint, save_checkpoint, seed_everything
@@ -33,7 +33,7 @@ from rsna_cspine.inference import FracturePipeline, PipelineConfig, predict_data
 from test_pipeline import EXPECTED_PRIOR, GOOD, make_tiny_dataset, make_tiny_models
 
 torch.set_num_threads(1)
-REAL_RLE = Path("/work/shared/data/real/pydicom/MR_small_RLE.dcm")
+REAL_RLE = REAL_DATA / "pydicom" / "MR_small_RLE.dcm"
 
 # --------------------------------------------------------------------------- NIfTI
 

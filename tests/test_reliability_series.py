@@ -23,12 +23,12 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
 
 import rsna_cspine.io.dicom.series as series_module
-from dicom_factory import axial_positions, make_ct_slice, random_stored, save_slice, write_series
+from dicom_factory import REAL_DATA, axial_positions, make_ct_slice, random_stored, save_slice, write_series
 from rsna_cspine.errors import DicomSeriesError
 from rsna_cspine.io.dicom import load_series
 
 ROWS, COLS = 12, 10
-REAL = Path("/work/shared/data/real/pydicom")
+REAL = REAL_DATA / "pydicom"
 
 
 def hu_of(stored: np.ndarray, slope: float = 1.0, intercept: float = -1024.0) -> np.ndarray:
