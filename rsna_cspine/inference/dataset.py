@@ -84,12 +84,12 @@ def _predict_studies(
     out_csv: Path,
     budget: PredictionBudget,
     progress: bool,
+    resume: bool,
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """The per-study part of :func:`predict_dataset`: resume, choose a path, predict, never raise for a study."""
-    cfg = pipeline.cfg
-    fingerprint = {**pipeline.fingerprint(), "data": str(layout.root.resolve()), "split": cfg.split}
-    runner = StudyRunner(StudyLedger(parts_dir(out_csv), fingerprint, resume=cfg.resume), desc="predict",
-                         progress=progress)
+    split = pipeline.cfg.split
+    fingerprint = {**pipeline.fingerprint(), "data": str(layout.root.resolve()), "split": split}
+    runner = StudyRunner(StudyLedger(parts_dir(out_csv), fingerprint, resume=resume), desc="predict", progress=progress)
     plan = runner.plan(uids)
     started = itertools.count()
     chosen: dict[str, str] = {}
@@ -99,7 +99,7 @@ def _predict_studies(
         chosen[uid] = path = budget.choose(len(plan.todo) - next(started))
         if path == "prior":
             raise StudySkipped("time budget: not enough time left")
-        prediction = pipeline.predict_study(layout.study_dir(uid, cfg.split), path=path)
+        prediction = pipeline.predict_study(layout.study_dir(uid, split), path=path)
         for note in prediction.warnings:
             logger.info("study %s: %s", uid, note)
         budget.record(path, prediction.timings["total"])
@@ -185,7 +185,7 @@ def predict_dataset(
             logger.error("could not load the models from %s (%s): every study gets the prior", models_dir, exc)
             records = [_record(uid, "prior", "failed", f"models: {exc}") for uid in uids]
     if pipeline is not None:
-        records, predictions = _predict_studies(pipeline, layout, uids, out_csv, budget, progress)
+        records, predictions = _predict_studies(pipeline, layout, uids, out_csv, budget, progress, cfg.resume)
     elif not records:
         records = [_record(uid, "prior", "budget", "time budget is 0") for uid in uids]
 
