@@ -116,19 +116,23 @@ class StudyLedger:
         on_change: what to do when the folder holds records made with another fingerprint:
             ``restart`` forgets them (logged), ``refuse`` raises :class:`ConfigError` (for caches
             that must never mix settings).
+        adopt: for a study without a record, the record of outputs made outside the ledger (written by
+            hand, or by a version before it) when they are fit to keep, else None; adopted records are saved.
     """
 
     def __init__(self, folder: str | Path, fingerprint: dict[str, Any], *, resume: bool = True,
-                 on_change: str = "restart") -> None:
+                 on_change: str = "restart", adopt: Callable[[str], Record | None] | None = None) -> None:
         if on_change not in ("restart", "refuse"):
             raise ValueError(f"on_change must be 'restart' or 'refuse', got {on_change!r}")
         self.folder = Path(folder)
+        self.adopt = adopt if resume else None
         self.fingerprint = json.loads(json.dumps(fingerprint))  # tuples → lists, as stored
         stamp = self.folder / FINGERPRINT_FILE
         stored = self._read(stamp) if stamp.is_file() else None
         if stored is not None and stored != self.fingerprint:
             if on_change == "refuse":
-                changed = sorted(k for k in set(stored) | set(self.fingerprint) if stored.get(k) != self.fingerprint.get(k))
+                keys = set(stored) | set(self.fingerprint)
+                changed = sorted(k for k in keys if stored.get(k) != self.fingerprint.get(k))
                 raise ConfigError(f"was built with other settings (differs in {changed}); use another folder", self.folder)
             logger.warning("%s holds results of other inputs or settings: starting afresh", self.folder)
         if stored != self.fingerprint or not resume:
@@ -159,6 +163,8 @@ class StudyLedger:
             uid: the study.
         """
         record = self._read(self._path(uid))
+        if not isinstance(record, dict) and self.adopt is not None and isinstance(record := self.adopt(uid), dict):
+            self.save(uid, record)
         if not isinstance(record, dict):
             return None
         if not all(Path(p).is_file() for p in record.get("outputs", [])):

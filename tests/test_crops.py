@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -268,6 +270,15 @@ def test_cache_from_a_synthetic_kaggle_layout_matches_the_phantom(tmp_path) -> N
     (cache / f"{uids[1]}.npz").unlink()
     again = build_crop_cache(layout, uids, "gt", cache, cfg)
     assert again["status"].tolist() == ["cached", "built", "cached"]
+    # Crop files made without the ledger are kept when their stacks fit these settings; a broken one is rebuilt.
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for uid in uids:
+        shutil.copy(cache / f"{uid}.npz", copied / f"{uid}.npz")
+    (copied / f"{uids[2]}.npz").write_bytes(b"not a crop file")
+    adopted = build_crop_cache(layout, uids, "gt", copied, cfg)
+    assert adopted["status"].tolist() == ["cached", "cached", "built"] and adopted["mask_source"].eq("gt").all()
+    np.testing.assert_array_equal(load_crops(copied / f"{uids[2]}.npz").images, load_crops(cache / f"{uids[2]}.npz").images)
     # Stage-1 masks: <uid>_mask.npz with key "mask"; a study without one fails alone.
     masks = tmp_path / "pred"
     masks.mkdir()

@@ -4,7 +4,9 @@ Building crops means decoding a whole DICOM series, so it is done once per study
 epoch and fold. The studies go through the project's :class:`~rsna_cspine.runner.StudyRunner`: the
 cache is resumable (``<cache>/finished/`` records each built study), a study that fails is logged and
 listed but does not stop the others, and the crop settings are the ledger's fingerprint, so that a
-cache built with other settings is refused rather than silently reused.
+cache built with other settings is refused rather than silently reused. Crop files written without the
+ledger (by hand, or before it) are kept when their stacks have the cache's shape and no older settings
+file (``crop_config.yaml``) says otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from rsna_cspine.config import to_dict
 from rsna_cspine.constants import VERTEBRAE
@@ -162,6 +165,19 @@ def _box_slices(volume: object, boxes: np.ndarray | None) -> tuple[np.ndarray | 
     return z, boxes[matched, 1:]
 
 
+def _adopt_crop_file(cache_dir: Path, cfg: CropConfig, uid: str) -> dict[str, object] | None:
+    """A crop file written outside the ledger (by hand, or before it): kept when its stacks have this shape."""
+    path = crop_path(cache_dir, uid)
+    try:
+        with np.load(path) as data:
+            shape = data[f"images_{VERTEBRAE[0]}"].shape
+            record = {"path": str(path), "mask_source": str(data["mask_source"]), "n_present": int(data["present"].sum()),
+                      "outputs": [str(path)]}
+    except Exception:  # noqa: BLE001 - missing, partial or unreadable: build it again
+        return None
+    return record if shape == (cfg.n_slices, cfg.in_chans, cfg.size, cfg.size) else None
+
+
 def _crop_study(
     uid: str,
     layout_root: str,
@@ -224,16 +240,20 @@ def build_crop_cache(
         raise ConfigError(f"mask_source must be one of {MASK_SOURCES}, got {mask_source!r}")
     cfg.validate()
     cache_dir = Path(cache_dir)
-    ledger = StudyLedger(cache_dir / LEDGER_FOLDER, {**to_dict(cfg), "slice_label_rule": SLICE_LABEL_RULE},
-                         on_change="refuse")
+    settings = {**to_dict(cfg), "slice_label_rule": SLICE_LABEL_RULE}
+    legacy = cache_dir / "crop_config.yaml"  # where caches built before the ledger kept their settings
+    trusted = not legacy.is_file() or (yaml.safe_load(legacy.read_text()) or {}) == settings
+    ledger = StudyLedger(cache_dir / LEDGER_FOLDER, settings, on_change="refuse",
+                         adopt=partial(_adopt_crop_file, cache_dir, cfg) if trusted else None)
     boxes_by_uid: dict[str, np.ndarray] = {}
     if split == "train" and layout.bounding_boxes_csv.is_file():  # type: ignore[attr-defined]
         boxes = read_bounding_boxes(layout.bounding_boxes_csv)  # type: ignore[attr-defined]
         columns = ["slice_number", "x", "y", "width", "height"]
         boxes_by_uid = {uid: g[columns].to_numpy(np.float64) for uid, g in boxes.groupby("StudyInstanceUID")}
-    work = partial(_crop_study, layout_root=str(layout.root), split=split, mask_source=mask_source,  # type: ignore[attr-defined]
-                   pred_mask_dir=None if pred_mask_dir is None else str(pred_mask_dir), cache_dir=str(cache_dir),
-                   cfg=cfg, boxes_by_uid=boxes_by_uid)
+    root = str(layout.root)  # type: ignore[attr-defined]
+    work = partial(_crop_study, layout_root=root, split=split, mask_source=mask_source, cache_dir=str(cache_dir),
+                   pred_mask_dir=None if pred_mask_dir is None else str(pred_mask_dir), cfg=cfg,
+                   boxes_by_uid=boxes_by_uid)
     report = StudyRunner(ledger, workers=num_workers, desc="crops").run(uids, work)
 
     status = {"done": "built", "resumed": "cached", "failed": "failed"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -114,6 +115,18 @@ def preprocess_volume(
     return out.unsqueeze(0).contiguous().numpy().astype(np.float32, copy=False)
 
 
+def _adopt_cache_file(cache_dir: Path, settings: dict[str, object], uid: str) -> dict[str, list[str]] | None:
+    """A cache file written outside the ledger (an earlier version): kept when it records these settings."""
+    path = cache_dir / f"{uid}.npz"
+    try:
+        with np.load(path) as npz:
+            stored = {"version": int(npz["version"]), "grid": [int(v) for v in npz["grid"]],
+                      "hu_window": [float(v) for v in npz["hu_window"]], "antialias": bool(npz["antialias"])}
+    except Exception:  # noqa: BLE001 - missing, partial or unreadable: build it again
+        return None
+    return {"outputs": [str(path)]} if stored == settings else None
+
+
 def cache_training_study(
     layout: KaggleLayout,
     uid: str,
@@ -207,8 +220,9 @@ def build_cache(
     """Cache every study through the project's :class:`~rsna_cspine.runner.StudyRunner`.
 
     Resumable: ``<cache_dir>/finished/`` records each cached study under the preprocessing settings;
-    a study cached with the same settings whose file exists is skipped, other settings rebuild
-    everything. A study that fails is logged, listed in ``cache_failures.csv`` and skipped.
+    a study cached with the same settings whose file exists is skipped (a file written before the
+    ledger is kept when it records the same settings), other settings rebuild everything. A study that
+    fails is logged, listed in ``cache_failures.csv`` and skipped.
 
     Args:
         layout: the Kaggle-layout dataset.
@@ -227,8 +241,8 @@ def build_cache(
     cache_dir = Path(cache_dir)
     settings = {"version": CACHE_VERSION, "grid": [int(g) for g in grid], "hu_window": [float(h) for h in hu_window],
                 "antialias": bool(antialias)}
-    runner = StudyRunner(StudyLedger(cache_dir / LEDGER_FOLDER, settings), desc="seg cache", progress=progress,
-                         failures_csv=cache_dir / "cache_failures.csv")
+    ledger = StudyLedger(cache_dir / LEDGER_FOLDER, settings, adopt=partial(_adopt_cache_file, cache_dir, settings))
+    runner = StudyRunner(ledger, desc="seg cache", progress=progress, failures_csv=cache_dir / "cache_failures.csv")
 
     def cache_one(uid: str) -> dict[str, list[str]]:
         return {"outputs": [str(cache_training_study(layout, uid, cache_dir, grid, hu_window, antialias=antialias))]}

@@ -17,7 +17,9 @@ _GAP_FACTOR = 1.5
 _TILT_TOLERANCE_DEG = 0.1
 
 
-def build_volume(hu: np.ndarray, headers: list[SliceHeader], normal: np.ndarray, folder: Path, report: LoadReport) -> Volume:
+def build_volume(
+    hu: np.ndarray, headers: list[SliceHeader], normal: np.ndarray, folder: Path, report: LoadReport
+) -> Volume:
     """The volume of decoded slices: spacing from the positions, orientation, file numbers, warnings.
 
     Args:
