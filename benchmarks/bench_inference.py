@@ -1,11 +1,11 @@
 """Per-study inference time and peak memory of the full pipeline, split by stage.
 
 One synthetic study (default 500 slices of 512², uncompressed; ``--codecs`` adds compressed copies of
-the same pixels) goes through ``FracturePipeline.predict_study``: load the DICOM series → stage-1 UNet
-→ per-vertebra crops → stage-2 classifier → patient_overall. The models are the default stage configs
-(``configs/seg.yaml``: 128³ MONAI UNet; ``configs/cls_resnet50.yaml``: resnet50 + GRU, 15 slices × 5
-channels × 224 px), one fold each, randomly initialised and saved as checkpoints: untrained weights
-cost the same arithmetic as trained ones.
+the same pixels) goes through ``rsna_cspine.inference.FracturePipeline.predict_study``: load the DICOM
+series → stage-1 UNet → per-vertebra crops → stage-2 classifier → patient_overall. The models are the
+default stage configs (``configs/seg.yaml``: 128³ MONAI UNet; ``configs/cls_resnet50.yaml``: resnet50 +
+GRU, 15 slices × 5 channels × 224 px), one fold each, randomly initialised and saved as checkpoints:
+untrained weights cost the same arithmetic as trained ones.
 
 Each measurement runs in a fresh process: it loads the models, predicts the study ``--warmup`` times
 (the first call pays one-off costs: allocator growth, oneDNN/cuDNN kernel selection), then
@@ -63,15 +63,15 @@ def measure_in_process(
     import torch
 
     torch.set_num_threads(threads)
-    from rsna_cspine.pipeline import FracturePipeline, PipelineConfig
+    from rsna_cspine.inference import FracturePipeline, PipelineConfig
 
     cuda = device.startswith("cuda")
     tick = time.perf_counter()
     pipeline = FracturePipeline.from_models_dir(models, PipelineConfig(device=device, cpu_bf16=cpu_bf16))
     # FracturePipeline has no AMP switch of its own: the segmenter takes load_segmenter's default and the
     # classifiers their checkpoint's ``amp``; set both to what this run asks for.
-    pipeline._segmenter("full").amp = amp
-    pipeline._ensemble("full").amp = amp
+    pipeline.segmenter("full").amp = amp
+    pipeline.classifiers("full").amp = amp
     if cuda:
         torch.cuda.synchronize()
     model_load_s = time.perf_counter() - tick
@@ -116,7 +116,7 @@ def measure_in_process(
         "device": device,
         "threads": threads,
         "amp": amp,
-        "cpu_bf16": pipeline._ensemble("full").cpu_bf16,
+        "cpu_bf16": pipeline.classifiers("full").cpu_bf16,
         "model_load_s": model_load_s,
         "rss_after_models_mib": rss_after_models,
         "peak_rss_warmup_mib": peak_before_timed,
@@ -131,29 +131,29 @@ def reference_crops(pipeline: Any, study: Path, repeats: int) -> dict[str, Any] 
     An untrained UNet labels voxels all over the volume, so its "vertebrae" span whole slices and the
     crop stage cuts and resizes full 512² planes; a trained one gives boxes of a few centimetres. The
     true mask shows what the crop stage costs with realistic boxes (the other stages do not depend on
-    the mask's shape: the classifier always sees 7 stacks resized to the crop size).
+    the mask's shape: the classifier always sees 7 stacks resized to the crop size). Runs after the
+    timed predictions, through the pipeline's public steps (load, segment, crop), so that keeping the
+    volume for it never weighs on their memory figures.
 
     Args:
-        pipeline: the loaded pipeline (its segmenter and crop settings are used).
+        pipeline: the loaded pipeline (its steps and crop settings are used).
         study: DICOM folder with ``segmentation.nii`` beside it (None is returned without one).
         repeats: timed crop extractions (median reported).
     """
     from rsna_cspine.crops.extract import extract_vertebra_crops
-    from rsna_cspine.io.dicom import load_series
     from rsna_cspine.io.nifti import load_segmentation
 
     segmentation = common.study_segmentation(study)
     if segmentation is None:
         return None
-    volume = load_series(study)
+    volume = pipeline.load(study)
     truth = load_segmentation(segmentation, volume)
     seconds = []
     for _ in range(repeats):
         tick = time.perf_counter()
         crops = extract_vertebra_crops(volume.hu, truth, pipeline.crop_config, spacing=volume.spacing)
         seconds.append(time.perf_counter() - tick)
-    predicted = pipeline._segmenter("full").predict(volume).mask
-    random_crops = extract_vertebra_crops(volume.hu, predicted, pipeline.crop_config, spacing=volume.spacing)
+    random_crops = pipeline.crop(volume, pipeline.segment(volume))
 
     def sides(boxes: Any, present: Any) -> list[int]:
         return [int(b[1] - b[0]) for b, p in zip(boxes, present) if p]

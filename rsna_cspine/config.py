@@ -136,8 +136,9 @@ def load_config(
         path: optional YAML file; its keys must exist in ``cls``.
         overrides: optional ``["train.epochs=3", "model.backbone=resnet50"]`` (dotted keys for nested
             sections); values are parsed as YAML scalars.
-        values: a nested mapping of values set by a program (``{"data": {"root": "/x"}}``); they win
-            over the file and the overrides and are never re-parsed (a path stays a path).
+        values: values set by a program, nested (``{"data": {"root": "/x"}}``) or dotted
+            (``{"data.root": "/x"}``); they win over the file and the overrides and are never re-parsed (a
+            path stays a path). A top-level None is a command-line flag not given and is left out.
         section: when the YAML's top level has a mapping under this key, read that mapping instead
             (a generator's knobs inside a larger file).
     """
@@ -163,7 +164,11 @@ def load_config(
         _set_dotted(given, key.strip(), yaml.safe_load(raw))
     _refuse_legacy_keys(cls, given, path)
     _merge(data, given)
-    _merge(data, _plain(dict(values or {})))
+    typed: dict[str, Any] = {}
+    for key, value in (values or {}).items():
+        if value is not None:  # a flag the user did not give
+            _set_dotted(typed, key, value)
+    _merge(data, _plain(typed))
     try:
         return from_dict(cls, data)
     except ConfigError as exc:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from rsna_cspine.errors import CSpineError
-from rsna_cspine.pipeline import merge_shards
+from rsna_cspine.inference import merge_shards
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from rsna_cspine.aggregate import PATIENT_RULES
 from rsna_cspine.config import load_config
 from rsna_cspine.errors import CSpineError
-from rsna_cspine.pipeline import PipelineConfig, parse_shard, predict_dataset, timing_log_path
+from rsna_cspine.inference import PipelineConfig, predict_dataset, timing_log_path
+from rsna_cspine.runner import parse_shard
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="more PipelineConfig settings")
 
 
-def _flag_overrides(args: argparse.Namespace) -> list[str]:
-    pairs = {
+def flag_values(args: argparse.Namespace) -> dict[str, object]:
+    """The typed ``PipelineConfig`` settings given as flags (None: not given, the YAML or default stands).
+
+    Args:
+        args: parsed options of ``add_arguments``.
+    """
+    return {
         "rule": args.rule,
         "blend_weight": args.blend_weight,
         "time_budget_s": args.time_budget,
@@ -47,7 +53,6 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         "cpu_bf16": args.cpu_bf16,
         "resume": False if args.no_resume else None,
     }
-    return [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in pairs.items() if value is not None]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         0 on success, 1 when an input is invalid (the reason is logged).
     """
     try:
-        cfg = load_config(PipelineConfig, args.config, list(args.overrides) + _flag_overrides(args))
+        cfg = load_config(PipelineConfig, args.config, list(args.overrides), flag_values(args))
         shard = parse_shard(args.shard) if args.shard else None
         rows = predict_dataset(args.data, args.models, args.out, shard=shard, cfg=cfg, progress=not args.no_progress)
     except CSpineError as exc:

@@ -299,6 +299,16 @@ CASES: tuple[Case, ...] = (
          "A rerun resumes from the finished studies' parts and writes the same submission; changed settings "
          "recompute everything.",
          (_PI + "test_rerun_resumes_from_parts_and_recomputes_after_a_settings_change",)),
+    Case(RUN, "Interrupted or partly failed batch (predict-seg, stage-1 cache, crop cache)",
+         "A rerun skips the studies finished under the same inputs and settings whose files exist, retries the "
+         "failed ones and lists what still fails (`predict_failures.csv`, `cache_failures.csv`, "
+         "`cache_index.csv`); other models or settings recompute everything, a crop cache of other settings is "
+         "refused naming them; a dead worker process ends the batch with its unfinished studies listed as failed.",
+         ("tests/test_runner.py::test_resume_skips_finished_studies_and_retries_failures",
+          "tests/test_runner.py::test_a_ledger_that_refuses_other_settings_names_them",
+          "tests/test_runner.py::test_workers_run_studies_in_other_processes_and_a_dead_worker_fails_its_studies",
+          "tests/test_seg_cli.py::test_predict_seg_shards_fill_one_folder_and_other_weights_redo_it",
+          "tests/test_crops.py::test_cache_from_a_synthetic_kaggle_layout_matches_the_phantom")),
     Case(RUN, "Interrupted submission write (disk full, killed)", "The previous submission.csv stays intact.",
          (_AG + "test_interrupted_write_keeps_previous_file",)),
     Case(RUN, "Interrupted training run (stage 1 and stage 2)",

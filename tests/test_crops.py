@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -133,17 +135,17 @@ def test_max_side_caps_wide_boxes_around_their_centre_and_leaves_small_ones() ->
 def test_a_cache_recorded_with_a_removed_setting_at_its_neutral_value_is_still_used(tmp_path) -> None:
     import yaml
 
-    from rsna_cspine.config import to_dict
-    from rsna_cspine.crops.cache import SETTINGS_FILE, SLICE_LABEL_RULE, _check_settings
-    from rsna_cspine.errors import ConfigError
+    from rsna_cspine.crops.cache import LEGACY_SETTINGS_FILE, crop_cache_fingerprint, legacy_settings_match
 
     cfg = CropConfig(n_slices=3, channels=1, size=40)
-    recorded = {**to_dict(cfg), "isolate": False, "slice_label_rule": SLICE_LABEL_RULE}  # as caches wrote it
-    (tmp_path / SETTINGS_FILE).write_text(yaml.safe_dump(recorded))
-    _check_settings(tmp_path, cfg)  # the same crops: accepted
-    (tmp_path / SETTINGS_FILE).write_text(yaml.safe_dump({**recorded, "isolate": True}))
-    with pytest.raises(ConfigError, match="isolate"):
-        _check_settings(tmp_path, cfg)  # crops cut differently: refused
+    settings = crop_cache_fingerprint(cfg)
+    assert legacy_settings_match(tmp_path, settings)  # no settings file of an older version: files are judged alone
+    (tmp_path / LEGACY_SETTINGS_FILE).write_text(yaml.safe_dump({**settings, "isolate": False}))  # as caches wrote it
+    assert legacy_settings_match(tmp_path, settings)  # the same crops: kept
+    (tmp_path / LEGACY_SETTINGS_FILE).write_text(yaml.safe_dump({**settings, "isolate": True}))
+    assert not legacy_settings_match(tmp_path, settings)  # crops cut differently: rebuilt
+    (tmp_path / LEGACY_SETTINGS_FILE).write_text(yaml.safe_dump({**settings, "size": 48}))
+    assert not legacy_settings_match(tmp_path, settings)
 
 
 def test_mask_channel_covers_the_vertebra_share_of_the_crop() -> None:
@@ -263,6 +265,15 @@ def test_cache_from_a_synthetic_kaggle_layout_matches_the_phantom(tmp_path) -> N
     (cache / f"{uids[1]}.npz").unlink()
     again = build_crop_cache(layout, uids, "gt", cache, cfg)
     assert again["status"].tolist() == ["cached", "built", "cached"]
+    # Crop files made without the ledger are kept when their stacks fit these settings; a broken one is rebuilt.
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for uid in uids:
+        shutil.copy(cache / f"{uid}.npz", copied / f"{uid}.npz")
+    (copied / f"{uids[2]}.npz").write_bytes(b"not a crop file")
+    adopted = build_crop_cache(layout, uids, "gt", copied, cfg)
+    assert adopted["status"].tolist() == ["cached", "cached", "built"] and adopted["mask_source"].eq("gt").all()
+    np.testing.assert_array_equal(load_crops(copied / f"{uids[2]}.npz").images, load_crops(cache / f"{uids[2]}.npz").images)
     # Stage-1 masks: <uid>_mask.npz with key "mask"; a study without one fails alone.
     masks = tmp_path / "pred"
     masks.mkdir()

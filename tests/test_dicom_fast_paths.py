@@ -20,14 +20,15 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000
 sys.path.insert(0, str(Path(__file__).parent))
 from dicom_factory import axial_positions, make_ct_slice, random_stored, save_slice, write_series  # noqa: E402
 
-import rsna_cspine.io.dicom as dicom_module  # noqa: E402
+import rsna_cspine.io.dicom.series as series_module  # noqa: E402
 from rsna_cspine.io.dicom import load_series, read_slice_header  # noqa: E402
+from rsna_cspine.io.dicom.pool import MIN_FILES_FOR_POOL_COMPRESSED, MIN_FILES_FOR_POOL_UNCOMPRESSED  # noqa: E402
 
 ROWS, COLS = 16, 12
 #: Enough uncompressed files for the header pass to run in worker processes.
-POOLED_UNCOMPRESSED = dicom_module._MIN_FILES_FOR_POOL_UNCOMPRESSED
+POOLED_UNCOMPRESSED = MIN_FILES_FOR_POOL_UNCOMPRESSED
 #: Enough compressed files for both passes to run in worker processes.
-POOLED_COMPRESSED = dicom_module._MIN_FILES_FOR_POOL_COMPRESSED + 1
+POOLED_COMPRESSED = MIN_FILES_FOR_POOL_COMPRESSED + 1
 
 
 def pydicom_reference(folder: Path) -> np.ndarray:
@@ -134,14 +135,14 @@ _SPY_FILE = "pids.txt"
 
 def _spy_on(function_name: str, log: Path, monkeypatch) -> None:
     """Record the process id of each call of a worker entry point (the real function still runs)."""
-    original = getattr(dicom_module, function_name)
+    original = getattr(series_module, function_name)
 
     def recorded(payload):
         with open(log, "a") as out:
             out.write(f"{function_name} {os.getpid()}\n")
         return original(payload)
 
-    monkeypatch.setattr(dicom_module, function_name, recorded)  # the workers are forked: they see it
+    monkeypatch.setattr(series_module, function_name, recorded)  # the workers are forked: they see it
 
 
 def test_both_passes_really_run_in_worker_processes(tmp_path, monkeypatch):
@@ -149,11 +150,11 @@ def test_both_passes_really_run_in_worker_processes(tmp_path, monkeypatch):
     write_series(tmp_path / "series", random_stored(POOLED_COMPRESSED, 32, 32, seed=42),
                  axial_positions(POOLED_COMPRESSED), transfer_syntax=RLELossless)
     log = tmp_path / _SPY_FILE
-    _spy_on("_read_header_chunk", log, monkeypatch)
-    _spy_on("_decode_file", log, monkeypatch)
+    _spy_on("read_header_chunk", log, monkeypatch)
+    _spy_on("decode_chunk", log, monkeypatch)
     load_series(tmp_path / "series", workers=2)
     calls = [line.split() for line in log.read_text().splitlines()]
-    assert {name for name, _ in calls} == {"_read_header_chunk", "_decode_file"}
+    assert {name for name, _ in calls} == {"read_header_chunk", "decode_chunk"}
     assert str(os.getpid()) not in {pid for _, pid in calls}
     assert len({pid for _, pid in calls}) == 2  # both workers got tasks
 
@@ -188,7 +189,7 @@ def _die_in_worker(payload) -> None:
 def test_a_dead_header_worker_is_recovered_in_process(tmp_path, monkeypatch):
     stored = random_stored(POOLED_UNCOMPRESSED, ROWS, COLS, seed=45)
     write_series(tmp_path, stored, axial_positions(POOLED_UNCOMPRESSED))
-    monkeypatch.setattr(dicom_module, "_read_header_chunk", _die_in_worker)
+    monkeypatch.setattr(series_module, "read_header_chunk", _die_in_worker)
     volume = load_series(tmp_path, workers=2)
     np.testing.assert_array_equal(volume.hu, (stored.astype(np.float64) - 1024.0).astype(np.float32))
     assert any("header pool failed" in w and "in-process" in w for w in volume.warnings), volume.warnings

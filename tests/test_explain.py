@@ -21,14 +21,8 @@ from rsna_cspine.cls.model import FractureClassifier
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import ConfigError
 from rsna_cspine.io.volume import Volume
-from rsna_cspine.report.explain import (
-    LABEL_COLOURS,
-    StudyExplainer,
-    axial_view,
-    display_flips,
-    overlay_labels,
-    sagittal_view,
-)
+from rsna_cspine.report.explain import StudyExplainer
+from rsna_cspine.report.pictures import LABEL_COLOURS, axial_view, display_flips, overlay_labels, sagittal_view
 from rsna_cspine.report.gradcam import StackGradCAM, last_stage_name
 
 torch.set_num_threads(1)
@@ -202,13 +196,18 @@ def test_overlay_colours_only_the_labelled_pixels() -> None:
 def test_explain_writes_every_picture_with_the_pipeline_probabilities(tmp_path: Path) -> None:
     from test_pipeline import GOOD, make_tiny_dataset, make_tiny_models
 
-    from rsna_cspine.pipeline import FracturePipeline, PipelineConfig
+    from rsna_cspine.inference import FracturePipeline, PipelineConfig
 
     models = make_tiny_models(tmp_path / "models")
     study = make_tiny_dataset(tmp_path / "data", uids=GOOD[:1], broken=False) / "test_images" / GOOD[0]
     pipeline = FracturePipeline.from_models_dir(models, PipelineConfig(device="cpu"))
+    loads: list[Path] = []
+    real_load = pipeline.load
+    pipeline.load = lambda folder: loads.append(Path(folder)) or real_load(folder)  # counts, still loads
     seen: list[float] = []
     result = StudyExplainer(pipeline).explain(study, tmp_path / "out", progress=lambda m, f: seen.append(f))
+    assert loads == [study]  # one pass: the pictures come from the prediction's own volume and mask
+    assert result.prediction.intermediates is None  # the kept result does not hold the volume
 
     expected = pipeline.predict_study(study).probs
     assert [result.probabilities[c] for c in TARGET_COLUMNS] == pytest.approx(expected.tolist(), abs=1e-12)

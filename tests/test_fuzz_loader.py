@@ -1,7 +1,7 @@
 """Fuzzing the DICOM loader with mutated real files: a valid Volume or a DicomSeriesError, nothing else.
 
 Hypothesis mutates the bytes (header and pixel data) and the header fields of the real files in
-``/work/shared/data/real`` (single files and small series made from them), bounded in examples and
+``../shared/data/real`` (single files and small series made from them), bounded in examples and
 derandomized so that every run tries the same inputs. Each load runs in a forked child process:
 some failures are not Python exceptions at all (a native decoder that aborts the process or loops
 forever), and one of them must not take pytest down. The child reports what happened; the parent
@@ -38,11 +38,12 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from pydicom.encaps import encapsulate, generate_frames
 
+from dicom_factory import REAL_DATA
 from rsna_cspine.errors import CSpineError
 from rsna_cspine.io.dicom import load_series
 from rsna_cspine.io.volume import Volume
 
-REAL = Path("/work/shared/data/real")
+REAL = REAL_DATA
 PYDICOM_DIR = REAL / "pydicom"
 SERIES_DIR = REAL / "totalsegmentator" / "example_ct_dicom"
 
@@ -428,7 +429,7 @@ def test_isolation_tells_crash_hang_exception_and_error_apart(tmp_path, monkeypa
     assert good.kind == "volume" and good.detail == "shape (4, 128, 128)"
     assert load_isolated(tmp_path / "absent").kind == "error"
 
-    import rsna_cspine.io.dicom as dicom_module
+    import rsna_cspine.io.dicom.series as series_module
 
     def abort(*args, **kwargs):
         os.abort()
@@ -442,7 +443,7 @@ def test_isolation_tells_crash_hang_exception_and_error_apart(tmp_path, monkeypa
 
     outcomes = {}
     for patched in (abort, spin, type_error):
-        monkeypatch.setattr(dicom_module, "_assemble", patched)  # the child is forked: it sees the patch
+        monkeypatch.setattr(series_module, "build_volume", patched)  # the child is forked: it sees the patch
         outcomes[patched.__name__] = load_isolated(tmp_path / "good", timeout_s=2.0)
     assert outcomes["abort"].kind == "crash"
     assert outcomes["spin"].kind == "hang" and "in spin" in outcomes["spin"].stderr, outcomes["spin"]  # where it hung

@@ -11,7 +11,7 @@ from scipy import ndimage
 from rsna_cspine.cls.model import FractureClassifier
 from rsna_cspine.cls.predict import FractureEnsemble, cpu_has_native_bf16
 from rsna_cspine.crops.extract import CropConfig
-from rsna_cspine.seg.predict import axis_histograms, mask_table, mixed_cells, table_from_histograms, upsample_linear
+from rsna_cspine.seg.masks import axis_histograms, mask_table, mixed_cells, table_from_histograms, upsample_linear
 
 
 def reference_mask(probs: torch.Tensor, shape: tuple[int, int, int]) -> np.ndarray:

@@ -27,18 +27,18 @@ from rsna_cspine.config import to_dict
 from rsna_cspine.constants import PROB_EPS, TARGET_COLUMNS
 from rsna_cspine.engine import save_checkpoint, seed_everything
 from rsna_cspine.errors import ConfigError, LayoutError, SubmissionError
-from rsna_cspine.pipeline import (
+from rsna_cspine.inference import (
+    STAGES,
     FracturePipeline,
     PipelineConfig,
-    TimeBudget,
+    PredictionBudget,
     merge_shards,
-    parse_shard,
     parts_dir,
     predict_dataset,
     read_shard,
-    shard_studies,
     timing_log_path,
 )
+from rsna_cspine.runner import parse_shard, shard_studies
 from rsna_cspine.seg.config import SegConfig
 from rsna_cspine.seg.model import build_model
 from rsna_cspine.seg.preprocess import num_classes
@@ -176,7 +176,7 @@ def test_broken_studies_get_the_prior_and_the_file_is_complete(full_run: Path, d
 
 
 def test_failure_is_logged_with_study_and_cause(models: Path, data: Path, tmp_path: Path, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="rsna_cspine.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="rsna_cspine.runner"):
         predict_dataset(data, models, tmp_path / "s.csv", cfg=CPU, progress=False)
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(MISSING in m and "does not exist" in m for m in messages)
@@ -227,7 +227,7 @@ def test_default_rule_uses_the_checkpoints_calibrations_or_falls_back_to_noisy_o
     assert overall == pytest.approx((fits[0].apply(noisy_or) + fits[1].apply(noisy_or)) / 2, rel=1e-9)
     assert abs(overall - noisy_or) > 0.05
     # Checkpoints without a calibration: plain noisy-OR, and the log says so.
-    with caplog.at_level(logging.WARNING, logger="rsna_cspine.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="rsna_cspine.inference.predictor"):
         plain = FracturePipeline.from_models_dir(models, PipelineConfig(device="cpu"), prior)
     assert plain.aggregate(raw)[7] == pytest.approx(noisy_or, rel=1e-12)
     assert "no stage-2 checkpoint carries a patient_overall calibration" in caplog.text
@@ -249,6 +249,26 @@ def test_fold_ensemble_averages_and_cheap_path_uses_the_first_fold(models: Path,
     cheap = both.predict_study(folder, path="cheap")
     assert cheap.path == "cheap"
     np.testing.assert_allclose(cheap.vertebra_probs, single[0], rtol=1e-6)
+
+
+def test_public_steps_compose_to_predict_study_and_intermediates_are_kept_on_request(models: Path, data: Path) -> None:
+    pipeline = FracturePipeline.from_models_dir(models, CPU)
+    folder = data / "test_images" / GOOD[0]
+    stages: list[str] = []
+    kept = pipeline.predict_study(folder, keep_intermediates=True, on_stage=stages.append)
+    assert stages == list(STAGES)
+    volume = pipeline.load(folder)
+    segmentation = pipeline.segment(volume)
+    crops = pipeline.crop(volume, segmentation)
+    raw = pipeline.classify(crops)
+    np.testing.assert_array_equal(raw, kept.vertebra_probs)
+    np.testing.assert_array_equal(pipeline.aggregate(raw), kept.probs)
+    parts = kept.intermediates
+    np.testing.assert_array_equal(parts.volume.hu, volume.hu)
+    np.testing.assert_array_equal(parts.segmentation.mask, segmentation.mask)
+    pd.testing.assert_frame_equal(parts.segmentation.vertebrae, segmentation.vertebrae)
+    np.testing.assert_array_equal(parts.crops.images, crops.images)
+    assert pipeline.predict_study(folder).intermediates is None  # by default the big arrays are let go
 
 
 def test_shards_merge_into_the_unsharded_submission(full_run: Path, data: Path, models: Path, tmp_path: Path) -> None:
@@ -335,7 +355,7 @@ def test_time_budget_zero_gives_the_prior_for_every_study(data: Path, tmp_path: 
 
 def test_missing_models_still_write_a_complete_prior_submission(data: Path, tmp_path: Path, caplog) -> None:
     out = tmp_path / "s.csv"
-    with caplog.at_level(logging.ERROR, logger="rsna_cspine.pipeline"):
+    with caplog.at_level(logging.ERROR, logger="rsna_cspine.inference.dataset"):
         predict_dataset(data, tmp_path / "absent", out, cfg=CPU, progress=False)
     assert any("could not load the models" in r.getMessage() for r in caplog.records)
     assert len(_read(out)) == len(pd.read_csv(data / "test.csv"))
@@ -343,15 +363,15 @@ def test_missing_models_still_write_a_complete_prior_submission(data: Path, tmp_
 
 
 def test_time_budget_switches_to_cheap_then_prior() -> None:
-    def budget(limit: float, elapsed: float, full: list[float], cheap: list[float]) -> TimeBudget:
-        clock = TimeBudget(limit, safety=1.0, start=time.monotonic() - elapsed)
+    def budget(limit: float, elapsed: float, full: list[float], cheap: list[float]) -> PredictionBudget:
+        clock = PredictionBudget(limit, safety=1.0, start=time.monotonic() - elapsed)
         for t in full:
             clock.record("full", t)
         for t in cheap:
             clock.record("cheap", t)
         return clock
 
-    assert TimeBudget(None).choose(10**6) == "full"
+    assert PredictionBudget(None).choose(10**6) == "full"
     assert budget(100, 0, [], []).choose(50) == "full"  # nothing measured: run one to learn the cost
     assert budget(100, 0, [9, 10, 30], []).choose(9) == "full"  # median 10 s × 9 studies fits in ~100 s
     assert budget(100, 0, [9, 10, 30], []).choose(11) == "cheap"  # it does not: try the cheap path
@@ -359,7 +379,7 @@ def test_time_budget_switches_to_cheap_then_prior() -> None:
     assert budget(100, 0, [10], [5]).choose(50) == "cheap"  # only some fit: cheap while one more fits
     assert budget(100, 97, [10], [5]).choose(50) == "prior"  # 3 s left < 5 s
     assert budget(100, 101, [], []).choose(1) == "prior"
-    assert TimeBudget(0).choose(1) == "prior"
+    assert PredictionBudget(0).choose(1) == "prior"
 
 
 def test_rerun_resumes_from_parts_and_recomputes_after_a_settings_change(full_run: Path, models: Path, data: Path, tmp_path: Path) -> None:
@@ -398,8 +418,8 @@ def test_cpu_bf16_setting_reaches_both_paths_and_keeps_the_probabilities(models:
     fp32 = FracturePipeline.from_models_dir(models, CPU)
     bf16 = FracturePipeline.from_models_dir(models, PipelineConfig(device="cpu", cpu_bf16=True, cheap_folds=1))
     # Honoured only where the CPU computes bf16 natively; elsewhere the pipeline stays in fp32.
-    assert bf16._ensemble("full").cpu_bf16 == bf16._ensemble("cheap").cpu_bf16 == cpu_has_native_bf16()
-    assert not fp32._ensemble("full").cpu_bf16
+    assert bf16.classifiers("full").cpu_bf16 == bf16.classifiers("cheap").cpu_bf16 == cpu_has_native_bf16()
+    assert not fp32.classifiers("full").cpu_bf16
     assert bf16.fingerprint()["settings"]["cpu_bf16"] and not fp32.fingerprint()["settings"]["cpu_bf16"]
     np.testing.assert_allclose(bf16.predict_study(folder).vertebra_probs, fp32.predict_study(folder).vertebra_probs,
                                atol=2e-2)

@@ -14,7 +14,7 @@ import torch
 
 from rsna_cspine.cli import main
 from rsna_cspine.constants import TARGET_COLUMNS
-from rsna_cspine.pipeline import timing_log_path
+from rsna_cspine.inference import timing_log_path
 from test_pipeline import GOOD, make_tiny_dataset, make_tiny_models
 
 torch.set_num_threads(1)
@@ -59,6 +59,29 @@ def test_predict_with_rule_flag_then_shards_and_merge(models: Path, data: Path, 
     refused = tmp_path / "refused.csv"
     assert main(["merge", str(shards[0]), "--test-csv", str(data / "test.csv"), "--out", str(refused)]) == 1
     assert not refused.exists()
+
+
+def test_typed_flags_and_overrides_go_through_one_loader(tmp_path: Path) -> None:
+    import argparse
+
+    from rsna_cspine.config import load_config
+    from rsna_cspine.errors import ConfigError
+    from rsna_cspine.inference import PipelineConfig
+    from rsna_cspine.predict_commands import add_arguments, flag_values
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    yaml_file = tmp_path / "predict.yaml"
+    yaml_file.write_text("rule: max\ncheap_folds: 2\ntime_budget_s: 100\n")
+    args = parser.parse_args(["--data", "d", "--models", "m", "--out", "o", "--config", str(yaml_file),
+                              "--time-budget", "30", "--tta", "--no-resume", "rule=noisy_or", "blend_weight=0.3"])
+    cfg = load_config(PipelineConfig, args.config, list(args.overrides), flag_values(args))
+    # defaults ← YAML ← key=value ← flags; a flag not given leaves the value below it alone.
+    assert cfg.rule == "noisy_or" and cfg.cheap_folds == 2 and cfg.blend_weight == 0.3
+    assert cfg.time_budget_s == 30.0 and isinstance(cfg.time_budget_s, float)
+    assert cfg.tta is True and cfg.resume is False and cfg.device == "auto" and cfg.cpu_bf16 is False
+    with pytest.raises(ConfigError, match="tta"):
+        load_config(PipelineConfig, None, [], {"tta": "yes"})
 
 
 def test_bad_arguments_exit_with_1(models: Path, data: Path, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from pydicom.encaps import encapsulate, generate_frames
 
-from dicom_factory import axial_positions, write_series
+from dicom_factory import REAL_DATA, axial_positions, write_series
 from failure_matrix import CASES, DOC_PATH, ROOT, defined_tests, referenced_files, render
 from rsna_cspine.constants import PROB_EPS, TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.engine import load_checkpoint, save_checkpoint, seed_everything
@@ -29,11 +29,11 @@ from rsna_cspine.errors import CSpineError, NiftiError
 from rsna_cspine.io.kaggle import read_test_csv
 from rsna_cspine.io.nifti import RAS_TO_LPS, SegmentationWarning, load_segmentation
 from rsna_cspine.io.volume import Volume
-from rsna_cspine.pipeline import FracturePipeline, PipelineConfig, predict_dataset, timing_log_path
+from rsna_cspine.inference import FracturePipeline, PipelineConfig, predict_dataset, timing_log_path
 from test_pipeline import EXPECTED_PRIOR, GOOD, make_tiny_dataset, make_tiny_models
 
 torch.set_num_threads(1)
-REAL_RLE = Path("/work/shared/data/real/pydicom/MR_small_RLE.dcm")
+REAL_RLE = REAL_DATA / "pydicom" / "MR_small_RLE.dcm"
 
 # --------------------------------------------------------------------------- NIfTI
 
@@ -203,7 +203,7 @@ def test_prediction_run_survives_a_study_whose_decoder_panics(models: Path, tmp_
     test.to_csv(data / "test.csv", index=False)
     out = tmp_path / "submission.csv"
     try:
-        with caplog.at_level(logging.WARNING, logger="rsna_cspine.pipeline"):
+        with caplog.at_level(logging.WARNING, logger="rsna_cspine.runner"):
             predict_dataset(data, models, out, cfg=CPU, progress=False)
     except BaseException as exc:  # the point: a Rust panic is not an Exception
         if isinstance(exc, KeyboardInterrupt):

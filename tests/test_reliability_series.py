@@ -22,13 +22,13 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
 
-import rsna_cspine.io.dicom as dicom_module
-from dicom_factory import axial_positions, make_ct_slice, random_stored, save_slice, write_series
+import rsna_cspine.io.dicom.series as series_module
+from dicom_factory import REAL_DATA, axial_positions, make_ct_slice, random_stored, save_slice, write_series
 from rsna_cspine.errors import DicomSeriesError
 from rsna_cspine.io.dicom import load_series
 
 ROWS, COLS = 12, 10
-REAL = Path("/work/shared/data/real/pydicom")
+REAL = REAL_DATA / "pydicom"
 
 
 def hu_of(stored: np.ndarray, slope: float = 1.0, intercept: float = -1024.0) -> np.ndarray:
@@ -209,7 +209,7 @@ def _die_in_worker(path: str) -> None:
 def test_a_dead_decoder_worker_is_recovered_by_decoding_in_process(tmp_path, monkeypatch) -> None:
     stored = random_stored(9, 32, 32, seed=39)
     write_series(tmp_path, stored, axial_positions(9), transfer_syntax=JPEG2000Lossless)
-    monkeypatch.setattr(dicom_module, "_decode_file", _die_in_worker)  # the worker entry point only
+    monkeypatch.setattr(series_module, "decode_chunk", _die_in_worker)  # the worker entry point only
     volume = load_series(tmp_path, workers=2)
     np.testing.assert_array_equal(volume.hu, hu_of(stored))
     warning_with(volume, "decoder pool failed", "decoding in-process instead")

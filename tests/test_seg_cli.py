@@ -14,7 +14,7 @@ pytest.importorskip("rsna_cspine.io.dicom")
 pytest.importorskip("rsna_cspine.io.nifti")
 
 from rsna_cspine.cli import main  # noqa: E402
-from rsna_cspine.seg.predict import VERTEBRA_COLUMNS  # noqa: E402
+from rsna_cspine.seg.masks import VERTEBRA_COLUMNS  # noqa: E402
 
 TINY = [
     "data.grid=[16,32,32]", "model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0",
@@ -99,3 +99,33 @@ def test_torchrun_refuses_a_missing_stage1_cache_and_prepare_only_builds_it(tiny
     d = cfg.data
     ready = require_seg_cache(d.cache_dir, labelled_studies(d.root), d.grid, d.hu_window, d.antialias, PREPARE_COMMAND)
     assert sorted(ready) == labelled_studies(d.root) and all(p.is_file() for p in ready.values())
+
+
+def test_predict_seg_shards_fill_one_folder_and_other_weights_redo_it(tiny_layout, tmp_path) -> None:
+    from rsna_cspine.config import to_dict
+    from rsna_cspine.engine import save_checkpoint, seed_everything
+    from rsna_cspine.seg.config import SegConfig, SegDataConfig, SegModelConfig
+    from rsna_cspine.seg.model import build_model
+
+    cfg = SegConfig(data=SegDataConfig(grid=(16, 32, 32)), model=SegModelConfig(channels=(4, 8), strides=(2,)))
+    seed_everything(1)
+    checkpoint = save_checkpoint(tmp_path / "m.pt", model=build_model(cfg.model, 8), epoch=0, config=to_dict(cfg))
+    uids = pd.read_csv(tiny_layout / "train.csv", dtype=str)["StudyInstanceUID"].tolist()
+    out = tmp_path / "pred"
+    base = ["predict-seg", "--data", str(tiny_layout), "--split", "train", "--out", str(out), "--device", "cpu",
+            "--no-progress"]
+    for index in range(2):  # two machines, one folder
+        assert main([*base, "--checkpoint", str(checkpoint), "--shard", f"{index}/2"]) == 0
+        table = pd.read_csv(out / "vertebrae.csv", dtype={"StudyInstanceUID": str})
+        done = [u for k, u in enumerate(uids) if k % 2 <= index]  # shard 0, then shards 0 and 1
+        assert sorted(table["StudyInstanceUID"].unique()) == sorted(done) and len(table) == 7 * len(done)
+    assert sorted(table["StudyInstanceUID"].unique()) == sorted(uids)
+    stamps = {u: (out / f"{u}_mask.npz").stat().st_mtime_ns for u in uids}
+    assert main([*base, "--checkpoint", str(checkpoint)]) == 0  # everything finished: nothing rewritten
+    assert {u: (out / f"{u}_mask.npz").stat().st_mtime_ns for u in uids} == stamps
+    # Other weights: the earlier masks are not theirs, every study is segmented again.
+    seed_everything(2)
+    other = save_checkpoint(tmp_path / "other.pt", model=build_model(cfg.model, 8), epoch=0, config=to_dict(cfg))
+    assert main([*base, "--checkpoint", str(other)]) == 0
+    assert all((out / f"{u}_mask.npz").stat().st_mtime_ns != stamps[u] for u in uids)
+    assert len(pd.read_csv(out / "vertebrae.csv")) == 7 * len(uids)

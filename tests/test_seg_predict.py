@@ -16,16 +16,15 @@ from rsna_cspine.io.volume import Volume
 from rsna_cspine.seg.config import SegConfig, SegDataConfig, SegModelConfig, SegPredictConfig
 from rsna_cspine.seg.evaluate import evaluate_segmentation
 from rsna_cspine.seg.model import build_model
-from rsna_cspine.seg.predict import (
+from rsna_cspine.seg.masks import (
     VERTEBRA_COLUMNS,
-    Segmenter,
-    load_segmenter,
     mask_table,
     table_from_histograms,
     upsample_linear,
     upsample_mask,
     vertebra_table,
 )
+from rsna_cspine.seg.predict import Segmenter, load_segmenter
 
 WINDOW = (-400.0, 1600.0)
 

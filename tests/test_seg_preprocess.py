@@ -118,3 +118,17 @@ def test_build_cache_lists_a_broken_study_and_goes_on(tmp_path) -> None:
     failures = pd.read_csv(tmp_path / "cache" / "cache_failures.csv", dtype=str)
     assert failures["StudyInstanceUID"].tolist() == ["1.2.3", "4.5.6"]
     assert failures["error"].str.len().min() > 0
+
+
+def test_build_cache_keeps_a_file_of_an_earlier_version_only_under_the_same_settings(tmp_path) -> None:
+    from rsna_cspine.io.kaggle import KaggleLayout
+
+    layout = KaggleLayout(tmp_path / "data")  # no images at all: only a kept file can succeed
+    cache = tmp_path / "cache"
+    image = np.zeros((1, 8, 8, 8), np.float32)
+    path = write_cache_file(cache / "1.2.3.npz", image, np.zeros((8, 8, 8), np.uint8), (40, 60, 80), (1.0, 0.5, 0.5))
+    assert build_cache(layout, ["1.2.3"], cache, (8, 8, 8), progress=False) == {"1.2.3": path}
+    assert (cache / "finished" / "1.2.3.json").is_file()  # now recorded in the ledger
+    # Another grid: the file is not this cache's, the study must be decoded again (and here cannot be).
+    assert build_cache(layout, ["1.2.3"], cache, (4, 4, 4), progress=False) == {}
+    assert pd.read_csv(cache / "cache_failures.csv", dtype=str)["StudyInstanceUID"].tolist() == ["1.2.3"]

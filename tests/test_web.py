@@ -20,9 +20,10 @@ from fastapi.testclient import TestClient
 from matplotlib.image import imread
 
 from rsna_cspine.constants import TARGET_COLUMNS
-from rsna_cspine.pipeline import FracturePipeline, PipelineConfig
+from rsna_cspine.inference import FracturePipeline, PipelineConfig
 from rsna_cspine.report.explain import StudyExplainer
-from rsna_cspine.report.web import UploadRejected, create_app, extract_study_zip, list_studies
+from rsna_cspine.report.uploads import UploadRejected, extract_study_zip, list_studies
+from rsna_cspine.report.web import create_app
 from test_pipeline import GOOD, make_tiny_dataset, make_tiny_models
 from web_e2e.browser import chromium, missing_browser, serve_in_thread
 

@@ -1,23 +1,24 @@
 """Crop cache: one ``<uid>.npz`` per study holding its seven vertebra stacks and slice-level labels.
 
 Building crops means decoding a whole DICOM series, so it is done once per study and reused by every
-epoch and fold. The cache is resumable (existing files are skipped), a study that fails is logged and
-listed but does not stop the others, and the crop settings are recorded beside the files so that a
-cache built with other settings is never silently reused.
+epoch and fold. The studies go through the project's :class:`~rsna_cspine.runner.StudyRunner`: the
+cache is resumable (``<cache>/finished/`` records each built study), a study that fails is logged and
+listed but does not stop the others, and the crop settings are the ledger's fingerprint, so that a
+cache built with other settings is refused rather than silently reused. Crop files written without the
+ledger (by hand, or before it) are kept when their stacks have the cache's shape and no older settings
+file (``crop_config.yaml``) says otherwise.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
-from tqdm.auto import tqdm
 
 from rsna_cspine.config import to_dict
 from rsna_cspine.constants import VERTEBRAE
@@ -30,14 +31,17 @@ from rsna_cspine.crops.extract import (
     slice_labels_from_boxes,
 )
 from rsna_cspine.errors import ConfigError, CSpineError, LayoutError
+from rsna_cspine.io.files import atomic_write_text
+from rsna_cspine.runner import LEDGER_FOLDER, StudyLedger, StudyRunner
 
 log = logging.getLogger(__name__)
 
 MASK_SOURCES: tuple[str, ...] = ("gt", "pred", "gt_then_pred")
-SETTINGS_FILE = "crop_config.yaml"
 #: How slice labels were drawn from the boxes; recorded so a cache built under another rule is refused.
 SLICE_LABEL_RULE = "box slice in the vertebra's range and box rectangle touching its mask; box maps in crop pixels"
 INDEX_FILE = "cache_index.csv"
+#: Where caches built before the ledger recorded their crop settings.
+LEGACY_SETTINGS_FILE = "crop_config.yaml"
 INDEX_COLUMNS: tuple[str, ...] = ("StudyInstanceUID", "path", "status", "mask_source", "n_present", "has_boxes", "error")
 
 
@@ -115,20 +119,30 @@ def load_vertebra_stack(path: str | Path, vertebra: int) -> tuple[np.ndarray, np
         raise CSpineError(f"unreadable crop file ({exc})", path) from exc
 
 
-def _check_settings(cache_dir: Path, cfg: CropConfig) -> None:
-    """Record the crop settings in the cache folder, or refuse a folder built with other settings."""
-    wanted = {**to_dict(cfg), "slice_label_rule": SLICE_LABEL_RULE}
-    settings = cache_dir / SETTINGS_FILE
-    if settings.is_file():
-        found = yaml.safe_load(settings.read_text()) or {}
-        # A cache that recorded a removed setting at its neutral value holds the same crops.
-        found = {k: v for k, v in found.items() if not (k in RETIRED_CROP_SETTINGS and RETIRED_CROP_SETTINGS[k] == v)}
-        if found != wanted:
-            changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-            raise ConfigError(f"crop cache was built with other settings (differs in {changed}); use another folder", settings)
-        return
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    settings.write_text(yaml.safe_dump(wanted, sort_keys=False))
+def crop_cache_fingerprint(cfg: CropConfig) -> dict[str, object]:
+    """What decides a crop cache's files: the crop settings and the slice-label rule (its ledger fingerprint).
+
+    Args:
+        cfg: the crop settings.
+    """
+    return {**to_dict(cfg), "slice_label_rule": SLICE_LABEL_RULE}
+
+
+def legacy_settings_match(cache_dir: str | Path, settings: dict[str, object]) -> bool:
+    """Whether crop files written before the ledger may be kept: no settings file of that time
+    (``crop_config.yaml``) or one that records ``settings``. A setting since retired counts as recorded
+    when it holds its neutral value (the crops are the same).
+
+    Args:
+        cache_dir: the crop cache folder.
+        settings: :func:`crop_cache_fingerprint` of the run.
+    """
+    legacy = Path(cache_dir) / LEGACY_SETTINGS_FILE
+    if not legacy.is_file():
+        return True
+    found = yaml.safe_load(legacy.read_text()) or {}
+    found = {k: v for k, v in found.items() if not (k in RETIRED_CROP_SETTINGS and RETIRED_CROP_SETTINGS[k] == v)}
+    return found == settings
 
 
 def _load_mask(
@@ -180,39 +194,43 @@ def _box_slices(volume: object, boxes: np.ndarray | None) -> tuple[np.ndarray | 
     return z, boxes[matched, 1:]
 
 
-def _build_one(
-    layout_root: str,
+def _adopt_crop_file(cache_dir: Path, cfg: CropConfig, uid: str) -> dict[str, object] | None:
+    """A crop file written outside the ledger (by hand, or before it): kept when its stacks have this shape."""
+    path = crop_path(cache_dir, uid)
+    try:
+        with np.load(path) as data:
+            shape = data[f"images_{VERTEBRAE[0]}"].shape
+            record = {"path": str(path), "mask_source": str(data["mask_source"]), "n_present": int(data["present"].sum()),
+                      "outputs": [str(path)]}
+    except Exception:  # noqa: BLE001 - missing, partial or unreadable: build it again
+        return None
+    return record if shape == (cfg.n_slices, cfg.in_chans, cfg.size, cfg.size) else None
+
+
+def _crop_study(
     uid: str,
+    layout_root: str,
     split: str,
     mask_source: str,
     pred_mask_dir: str | None,
-    out_path: str,
+    cache_dir: str,
     cfg: CropConfig,
-    study_boxes: np.ndarray | None,
+    boxes_by_uid: dict[str, np.ndarray],
 ) -> dict[str, object]:
-    """Load, crop and save one study; never raises for a bad study (the row says what went wrong)."""
+    """Load, crop and save one study; its ledger record (module level: worker processes run it)."""
     from rsna_cspine.io.dicom import load_series
     from rsna_cspine.io.kaggle import KaggleLayout
 
-    row: dict[str, object] = {"StudyInstanceUID": uid, "path": out_path, "has_boxes": study_boxes is not None}
-    try:
-        volume = load_series(KaggleLayout(Path(layout_root)).study_dir(uid, split))
-        mask, used = _load_mask(layout_root, uid, volume, mask_source, pred_mask_dir)
-        crops = extract_vertebra_crops(volume.hu, mask, cfg, spacing=volume.spacing)
-        box_z, box_rects = _box_slices(volume, study_boxes)
-        crops.slice_labels = slice_labels_from_boxes(crops, box_z, cfg.half_width, box_rects, mask)
-        crops.box_maps = box_maps_from_boxes(crops, box_z, cfg.half_width, box_rects, mask)
-        save_crops(out_path, crops, mask_source=used)
-        row.update(status="built", mask_source=used, n_present=int(crops.present.sum()), error="")
-    except Exception as exc:  # noqa: BLE001 - one broken study must not stop a 2,000-study build
-        row.update(status="failed", mask_source="", n_present=0, error=f"{exc.__class__.__name__}: {exc}")
-    return row
-
-
-def _worker_init() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # processes already give the parallelism; threads would oversubscribe
+    study_boxes = boxes_by_uid.get(uid)
+    volume = load_series(KaggleLayout(Path(layout_root)).study_dir(uid, split))
+    mask, used = _load_mask(layout_root, uid, volume, mask_source, pred_mask_dir)
+    crops = extract_vertebra_crops(volume.hu, mask, cfg, spacing=volume.spacing)
+    box_z, box_rects = _box_slices(volume, study_boxes)
+    crops.slice_labels = slice_labels_from_boxes(crops, box_z, cfg.half_width, box_rects, mask)
+    crops.box_maps = box_maps_from_boxes(crops, box_z, cfg.half_width, box_rects, mask)
+    path = save_crops(crop_path(cache_dir, uid), crops, mask_source=used)
+    return {"path": str(path), "mask_source": used, "n_present": int(crops.present.sum()),
+            "has_boxes": study_boxes is not None, "outputs": [str(path)]}
 
 
 def build_crop_cache(
@@ -235,7 +253,7 @@ def build_crop_cache(
         uids: studies to cache.
         mask_source: ``"gt"`` (segmentation NIfTI), ``"pred"`` (``<pred_mask_dir>/<uid>_mask.npz``) or
             ``"gt_then_pred"`` (NIfTI where the study has one, else the prediction).
-        cache_dir: output folder (also holds ``crop_config.yaml`` and ``cache_index.csv``).
+        cache_dir: output folder (also holds ``finished/`` and ``cache_index.csv``).
         cfg: crop settings; must match those the folder was built with.
         pred_mask_dir: folder of stage-1 masks, for ``"pred"`` and ``"gt_then_pred"``.
         split: ``"train"`` or ``"test"`` image folder.
@@ -251,42 +269,29 @@ def build_crop_cache(
         raise ConfigError(f"mask_source must be one of {MASK_SOURCES}, got {mask_source!r}")
     cfg.validate()
     cache_dir = Path(cache_dir)
-    _check_settings(cache_dir, cfg)
+    settings = crop_cache_fingerprint(cfg)
+    trusted = legacy_settings_match(cache_dir, settings)
+    ledger = StudyLedger(cache_dir / LEDGER_FOLDER, settings, on_change="refuse",
+                         adopt=partial(_adopt_crop_file, cache_dir, cfg) if trusted else None)
     boxes_by_uid: dict[str, np.ndarray] = {}
     if split == "train" and layout.bounding_boxes_csv.is_file():  # type: ignore[attr-defined]
         boxes = read_bounding_boxes(layout.bounding_boxes_csv)  # type: ignore[attr-defined]
         columns = ["slice_number", "x", "y", "width", "height"]
         boxes_by_uid = {uid: g[columns].to_numpy(np.float64) for uid, g in boxes.groupby("StudyInstanceUID")}
+    root = str(layout.root)  # type: ignore[attr-defined]
+    work = partial(_crop_study, layout_root=root, split=split, mask_source=mask_source, cache_dir=str(cache_dir),
+                   pred_mask_dir=None if pred_mask_dir is None else str(pred_mask_dir), cfg=cfg,
+                   boxes_by_uid=boxes_by_uid)
+    report = StudyRunner(ledger, workers=num_workers, desc="crops").run(uids, work)
 
-    rows: list[dict[str, object]] = []
-    todo = []
-    for uid in dict.fromkeys(uids):  # keeps order, drops duplicates
-        path = crop_path(cache_dir, uid)
-        if path.is_file():
-            rows.append({"StudyInstanceUID": uid, "path": str(path), "status": "cached", "error": ""})
-        else:
-            args = (str(layout.root), uid, split, mask_source, None if pred_mask_dir is None else str(pred_mask_dir),  # type: ignore[attr-defined]
-                    str(path), cfg, boxes_by_uid.get(uid))
-            todo.append(args)
-    if todo:
-        bar = tqdm(total=len(todo), desc="crops", unit="study", disable=None)
-        if num_workers > 0:
-            with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-                for row in pool.map(_build_one, *zip(*todo)):
-                    rows.append(row)
-                    bar.update()
-        else:
-            for args in todo:
-                rows.append(_build_one(*args))
-                bar.update()
-        bar.close()
-    order = {uid: i for i, uid in enumerate(dict.fromkeys(uids))}
-    rows.sort(key=lambda r: order[str(r["StudyInstanceUID"])])
-    index = pd.DataFrame(rows).reindex(columns=list(INDEX_COLUMNS))
-    failed = index[index["status"] == "failed"]
-    for _, row in failed.iterrows():
-        log.error("crop cache: %s failed: %s", row["StudyInstanceUID"], row["error"])
-    if len(failed):
-        log.warning("crop cache: %d of %d studies failed and are skipped", len(failed), len(index))
-    index.to_csv(cache_dir / INDEX_FILE, index=False)
+    status = {"done": "built", "resumed": "cached", "failed": "failed"}
+    rows = [
+        (o.uid, str(crop_path(cache_dir, o.uid)), status[o.status], (o.record or {}).get("mask_source", ""),
+         (o.record or {}).get("n_present", 0), o.uid in boxes_by_uid, o.reason)
+        for o in report.outcomes
+    ]
+    index = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
+    if report.failures:
+        log.warning("crop cache: %d of %d studies failed and are skipped", len(report.failures), len(index))
+    atomic_write_text(cache_dir / INDEX_FILE, index.to_csv(index=False))
     return index

@@ -9,6 +9,7 @@ Routes: ``GET /`` (upload form, study folders, recent jobs), ``POST /jobs/upload
 ``file``), ``POST /jobs/folder`` (form field ``study``), ``GET /jobs/{id}`` (progress, then result),
 ``GET /jobs/{id}/files/{name}`` (the job's pictures), ``GET /api/jobs/{id}`` (JSON status and result).
 A form post is answered with a redirect to the job page, a client asking for JSON with the job itself.
+Uploads are checked and unpacked by :mod:`rsna_cspine.report.uploads`.
 """
 
 from __future__ import annotations
@@ -16,16 +17,14 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import stat
 import tempfile
 import threading
 import time
 import uuid
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,129 +35,14 @@ from starlette.datastructures import UploadFile
 
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import CSpineError
-from rsna_cspine.report.explain import LABEL_COLOURS, PICTURES, StudyExplainer, StudyExplanation
+from rsna_cspine.report.explain import StudyExplainer, StudyExplanation
+from rsna_cspine.report.pictures import LABEL_COLOURS, PICTURES
+from rsna_cspine.report.uploads import COPY_CHUNK, UploadRejected, extract_study_zip, list_studies
 
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
-#: Zip members that are packaging debris, never slices (macOS resource forks, Finder/Explorer files).
-_DEBRIS = ("__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini")
-_COPY_CHUNK = 1 << 20
-
-
-class UploadRejected(CSpineError):
-    """An upload or a study choice the server refuses; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400, path: str | Path | None = None) -> None:
-        super().__init__(message, path)
-        self.status = status
-
-
-# ----------------------------------------------------------------------------------------------
-# Uploaded zips and study folders
-# ----------------------------------------------------------------------------------------------
-
-
-def _member_path(info: zipfile.ZipInfo) -> PurePosixPath:
-    """The member's relative path, refused when it could land outside the extraction folder."""
-    name = info.filename.replace("\\", "/")
-    path = PurePosixPath(name)
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in path.parts:
-        raise UploadRejected(f"unsafe path in the zip: {info.filename!r} (absolute or with '..')")
-    if stat.S_ISLNK(info.external_attr >> 16):
-        raise UploadRejected(f"the zip holds a symbolic link: {info.filename!r}")
-    return path
-
-
-def extract_study_zip(zip_path: str | Path, dest: str | Path, max_bytes: int, max_files: int = 5000) -> Path:
-    """Unpack an uploaded study safely and return the folder that holds its slices.
-
-    Refused: a file that is not a zip, encrypted members, absolute or ``..`` paths and links (zip-slip),
-    more than ``max_files`` files or ``max_bytes`` unpacked (zip bombs: the real byte count is checked
-    while writing, not only the sizes the zip declares), no file at all, and files in several folders
-    (one upload is one series).
-
-    Args:
-        zip_path: the uploaded file.
-        dest: empty folder to unpack into.
-        max_bytes: largest total unpacked size.
-        max_files: most files.
-
-    Returns:
-        The folder (inside ``dest``) that holds every file of the zip.
-
-    Raises:
-        UploadRejected: with the reason, naming the offending member.
-    """
-    zip_path, dest = Path(zip_path), Path(dest)
-    if not zipfile.is_zipfile(zip_path):
-        raise UploadRejected("not a zip file: upload a .zip of one study's DICOM files")
-    try:
-        with zipfile.ZipFile(zip_path) as archive:
-            members = []
-            for info in archive.infolist():
-                path = _member_path(info)
-                if info.is_dir() or any(part in _DEBRIS or part.startswith("._") for part in path.parts):
-                    continue
-                if info.flag_bits & 0x1:
-                    raise UploadRejected(f"encrypted zip member {info.filename!r}: upload an unencrypted zip")
-                members.append((info, path))
-            if not members:
-                raise UploadRejected("the zip holds no files")
-            if len(members) > max_files:
-                raise UploadRejected(f"the zip holds {len(members)} files; at most {max_files} are accepted", status=413)
-            declared = sum(info.file_size for info, _ in members)
-            if declared > max_bytes:
-                raise UploadRejected(f"the zip unpacks to {declared / 2**20:.0f} MB; at most {max_bytes / 2**20:.0f} MB", status=413)
-            folders = sorted({str(path.parent) for _, path in members})
-            if len(folders) > 1:
-                shown = ", ".join(f"'{f}'" for f in folders[:5]) + (" ..." if len(folders) > 5 else "")
-                raise UploadRejected(f"the zip holds files in {len(folders)} folders ({shown}); zip one study's folder")
-            dest.mkdir(parents=True, exist_ok=True)
-            written = 0
-            for info, path in members:
-                target = dest.joinpath(*path.parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(info) as source, target.open("wb") as sink:
-                    while chunk := source.read(_COPY_CHUNK):
-                        written += len(chunk)
-                        if written > max_bytes:
-                            raise UploadRejected(f"the zip unpacks to more than {max_bytes / 2**20:.0f} MB", status=413)
-                        sink.write(chunk)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
-        raise UploadRejected(f"unreadable zip ({exc})") from exc
-    return dest.joinpath(*PurePosixPath(folders[0]).parts) if folders[0] != "." else dest
-
-
-def list_studies(studies_dir: str | Path | None) -> dict[str, Path]:
-    """Study folders a user may pick: folders holding files, one or two levels below ``studies_dir``.
-
-    Two levels cover both a plain folder of studies (``DIR/<UID>/``) and a Kaggle layout
-    (``DIR/test_images/<UID>/``).
-
-    Args:
-        studies_dir: the ``--studies-dir`` folder, or None.
-
-    Returns:
-        Display name (path relative to ``studies_dir``, ``/``-separated) → folder, sorted by name.
-    """
-    if studies_dir is None or not Path(studies_dir).is_dir():
-        return {}
-    root = Path(studies_dir)
-    found: dict[str, Path] = {}
-
-    def holds_files(folder: Path) -> bool:
-        return any(entry.is_file() and not entry.name.startswith(".") for entry in folder.iterdir())
-
-    for first in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if holds_files(first):
-            found[first.name] = first
-            continue
-        for second in sorted(p for p in first.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if holds_files(second):
-                found[f"{first.name}/{second.name}"] = second
-    return found
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,7 +280,7 @@ def create_app(
             job_dir.mkdir(parents=True)
             zip_path = job_dir / "upload.zip"
             with zip_path.open("wb") as sink:
-                shutil.copyfileobj(upload.file, sink, _COPY_CHUNK)
+                shutil.copyfileobj(upload.file, sink, COPY_CHUNK)
             if zip_path.stat().st_size > max_bytes:
                 raise UploadRejected(f"upload too large; at most {max_upload_mb:g} MB", status=413)
             folder = extract_study_zip(zip_path, job_dir / "study", max_bytes)
@@ -472,7 +356,7 @@ def serve(
     """
     import uvicorn
 
-    from rsna_cspine.pipeline import FracturePipeline, PipelineConfig
+    from rsna_cspine.inference import FracturePipeline, PipelineConfig
 
     pipeline = FracturePipeline.from_models_dir(models_dir, PipelineConfig(device=device))
     app = create_app(StudyExplainer(pipeline), studies_dir, work_dir, max_upload_mb)

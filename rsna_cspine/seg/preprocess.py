@@ -6,25 +6,21 @@ top RSNA 2022 teams did; the aspect distortion is the same for training and pred
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from rsna_cspine.constants import CERVICAL_LABELS, THORACIC_LABELS
 from rsna_cspine.io.volume import Volume
 
 if TYPE_CHECKING:
     from rsna_cspine.io.kaggle import KaggleLayout
-
-log = logging.getLogger(__name__)
 
 DEFAULT_HU_WINDOW: tuple[float, float] = (-400.0, 1600.0)
 THORACIC_MODES: tuple[str, ...] = ("background", "class")
@@ -119,17 +115,16 @@ def preprocess_volume(
     return out.unsqueeze(0).contiguous().numpy().astype(np.float32, copy=False)
 
 
-def _cache_matches(path: Path, grid: Sequence[int], hu_window: Sequence[float], antialias: bool) -> bool:
+def _adopt_cache_file(cache_dir: Path, settings: dict[str, object], uid: str) -> dict[str, list[str]] | None:
+    """A cache file written outside the ledger (an earlier version): kept when it records these settings."""
+    path = cache_dir / f"{uid}.npz"
     try:
         with np.load(path) as npz:
-            return (
-                int(npz["version"]) == CACHE_VERSION
-                and tuple(int(v) for v in npz["grid"]) == tuple(int(g) for g in grid)
-                and np.allclose(npz["hu_window"], hu_window)
-                and bool(npz["antialias"]) == antialias
-            )
-    except Exception:  # noqa: BLE001 - unreadable or partial file: rebuild it
-        return False
+            stored = {"version": int(npz["version"]), "grid": [int(v) for v in npz["grid"]],
+                      "hu_window": [float(v) for v in npz["hu_window"]], "antialias": bool(npz["antialias"])}
+    except Exception:  # noqa: BLE001 - missing, partial or unreadable: build it again
+        return None
+    return {"outputs": [str(path)]} if stored == settings else None
 
 
 def cache_training_study(
@@ -141,11 +136,11 @@ def cache_training_study(
     *,
     antialias: bool = True,
 ) -> Path:
-    """Decode one labelled training study once and store it at grid resolution as ``<cache_dir>/<uid>.npz``.
+    """Decode one labelled training study and store it at grid resolution as ``<cache_dir>/<uid>.npz``.
 
     The file holds ``image`` (float16 ``(1, D, H, W)``), ``labels`` (uint8 ``(D, H, W)``, RSNA values so
     the thoracic option can change without re-decoding), ``original_shape``, ``spacing`` and the
-    preprocessing settings; an existing file with the same settings is reused as is.
+    preprocessing settings. Which files are current is :func:`build_cache`'s ledger's business.
 
     Args:
         layout: the Kaggle-layout dataset.
@@ -159,10 +154,7 @@ def cache_training_study(
     from rsna_cspine.io.dicom import load_series
     from rsna_cspine.io.nifti import load_segmentation
 
-    cache_dir = Path(cache_dir)
-    path = cache_dir / f"{uid}.npz"
-    if path.is_file() and _cache_matches(path, grid, hu_window, antialias):
-        return path
+    path = Path(cache_dir) / f"{uid}.npz"
     seg_path = layout.segmentation_path(uid)
     if seg_path is None:
         raise LayoutError(f"study {uid} has no segmentation", layout.segmentations)
@@ -215,6 +207,18 @@ def write_cache_file(
     return path
 
 
+def cache_fingerprint(grid: Sequence[int], hu_window: Sequence[float], antialias: bool) -> dict[str, object]:
+    """What decides a stage-1 cache file (its ledger fingerprint).
+
+    Args:
+        grid: target ``(D, H, W)``.
+        hu_window: HU window of :func:`preprocess_volume`.
+        antialias: see :func:`preprocess_volume`.
+    """
+    return {"version": CACHE_VERSION, "grid": [int(g) for g in grid], "hu_window": [float(h) for h in hu_window],
+            "antialias": bool(antialias)}
+
+
 def build_cache(
     layout: KaggleLayout,
     uids: Sequence[str],
@@ -225,7 +229,12 @@ def build_cache(
     antialias: bool = True,
     progress: bool = True,
 ) -> dict[str, Path]:
-    """Cache every study (resumable); a study that fails is logged, listed in ``cache_failures.csv``, skipped.
+    """Cache every study through the project's :class:`~rsna_cspine.runner.StudyRunner`.
+
+    Resumable: ``<cache_dir>/finished/`` records each cached study under the preprocessing settings;
+    a study cached with the same settings whose file exists is skipped (a file written before the
+    ledger is kept when it records the same settings), other settings rebuild everything. A study that
+    fails is logged, listed in ``cache_failures.csv`` and skipped.
 
     Args:
         layout: the Kaggle-layout dataset.
@@ -237,33 +246,20 @@ def build_cache(
         progress: show a tqdm bar.
 
     Returns:
-        uid → cached file, for the studies that succeeded.
+        uid → cached file, for the studies that are cached (now or before).
     """
+    from rsna_cspine.runner import LEDGER_FOLDER, StudyLedger, StudyRunner
+
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    done: dict[str, Path] = {}
-    failures: list[dict[str, str]] = []
-    for uid in tqdm(list(uids), desc="seg cache", unit="study", disable=not progress or None):
-        try:
-            done[uid] = cache_training_study(layout, uid, cache_dir, grid, hu_window, antialias=antialias)
-        except Exception as exc:  # noqa: BLE001 - one bad study must not stop the batch
-            log.warning("skipping study %s: %s: %s", uid, exc.__class__.__name__, exc)
-            failures.append({"StudyInstanceUID": uid, "error": f"{exc.__class__.__name__}: {exc}"})
-    write_failure_list(failures, cache_dir / "cache_failures.csv")
-    return done
+    settings = cache_fingerprint(grid, hu_window, antialias)
+    ledger = StudyLedger(cache_dir / LEDGER_FOLDER, settings, adopt=partial(_adopt_cache_file, cache_dir, settings))
+    runner = StudyRunner(ledger, desc="seg cache", progress=progress, failures_csv=cache_dir / "cache_failures.csv")
 
+    def cache_one(uid: str) -> dict[str, list[str]]:
+        return {"outputs": [str(cache_training_study(layout, uid, cache_dir, grid, hu_window, antialias=antialias))]}
 
-def write_failure_list(failures: list[dict[str, str]], path: Path) -> None:
-    """Write the studies a batch skipped (uid, error) to ``path``; remove a stale list when none failed.
-
-    Args:
-        failures: one ``{"StudyInstanceUID", "error"}`` row per failed study.
-        path: the CSV to write or remove.
-    """
-    if failures:
-        pd.DataFrame(failures).to_csv(path, index=False)
-    elif path.exists():
-        path.unlink()
+    report = runner.run(uids, cache_one)
+    return {uid: Path(record["outputs"][0]) for uid, record in report.records.items()}
 
 
 def load_cached_study(path: str | Path, thoracic: str = "background") -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from rsna_cspine.errors import LayoutError
+from rsna_cspine.runner import LEDGER_FOLDER, read_ledger
 
 
 def _refuse(what: str, cache_dir: Path, missing: list[str], total: int, command: str) -> None:
@@ -36,7 +37,7 @@ def _failed(table: Path, status_column: str | None = None) -> dict[str, str]:
 
 
 def require_crop_cache(cache_dir: str | Path, uids: Sequence[str], crop_cfg: object, command: str) -> pd.DataFrame:
-    """The crop cache index of ``uids`` (what ``crops.build_crop_cache`` returns), without building anything.
+    """The crop cache index of ``uids`` (what ``crops.build_crop_cache`` returns), without building or writing.
 
     Args:
         cache_dir: the crop cache folder.
@@ -45,24 +46,25 @@ def require_crop_cache(cache_dir: str | Path, uids: Sequence[str], crop_cfg: obj
         command: the command line that builds the cache, for the error message.
 
     Raises:
-        LayoutError: a study has neither crops nor a recorded failure, or the folder holds no cache.
+        LayoutError: a study has neither crops nor a recorded failure.
         ConfigError: the folder was built with other crop settings.
     """
-    from rsna_cspine.crops.cache import INDEX_COLUMNS, INDEX_FILE, SETTINGS_FILE, _check_settings, crop_path
+    from rsna_cspine.crops.cache import INDEX_COLUMNS, INDEX_FILE, crop_cache_fingerprint, crop_path
 
     cache_dir = Path(cache_dir)
     unique = list(dict.fromkeys(uids))
-    if not (cache_dir / SETTINGS_FILE).is_file():
-        _refuse("crop", cache_dir, unique, len(unique), command)
-    _check_settings(cache_dir, crop_cfg)  # reads only: the settings file exists
+    built = read_ledger(cache_dir / LEDGER_FOLDER, crop_cache_fingerprint(crop_cfg))
     failed = _failed(cache_dir / INDEX_FILE, "status")
     rows, missing = [], []
     for uid in unique:
-        path = crop_path(cache_dir, uid)
-        if path.is_file():
-            rows.append({"StudyInstanceUID": uid, "path": str(path), "status": "cached", "error": ""})
+        if uid in built:
+            record = built[uid]
+            rows.append({"StudyInstanceUID": uid, "path": str(crop_path(cache_dir, uid)), "status": "cached",
+                         "mask_source": record.get("mask_source", ""), "n_present": record.get("n_present", 0),
+                         "has_boxes": record.get("has_boxes", False), "error": ""})
         elif uid in failed:
-            rows.append({"StudyInstanceUID": uid, "path": str(path), "status": "failed", "error": failed[uid]})
+            rows.append({"StudyInstanceUID": uid, "path": str(crop_path(cache_dir, uid)), "status": "failed",
+                         "error": failed[uid]})
         else:
             missing.append(uid)
     if missing:
@@ -75,31 +77,27 @@ def require_seg_cache(
     command: str,
 ) -> dict[str, Path]:
     """uid → stage-1 cache file of every study of ``uids`` that was built (what ``seg.build_cache`` returns),
-    without building anything; studies a build listed in ``cache_failures.csv`` are left out.
+    without building or writing; studies a build listed in ``cache_failures.csv`` are left out.
 
     Args:
         cache_dir: the stage-1 cache folder.
         uids: studies the run needs.
-        grid: the run's grid; files built for another grid, window or antialias setting do not count.
+        grid: the run's grid.
         hu_window: the run's HU window.
         antialias: the run's antialias setting.
         command: the command line that builds the cache, for the error message.
 
     Raises:
-        LayoutError: a study has neither a matching file nor a recorded failure.
+        LayoutError: a study has neither a cache file nor a recorded failure.
+        ConfigError: the folder was built with other preprocessing settings.
     """
-    from rsna_cspine.seg.preprocess import _cache_matches
+    from rsna_cspine.seg.preprocess import cache_fingerprint
 
     cache_dir = Path(cache_dir)
+    built = read_ledger(cache_dir / LEDGER_FOLDER, cache_fingerprint(grid, hu_window, antialias))
     failed = _failed(cache_dir / "cache_failures.csv")
-    done: dict[str, Path] = {}
-    missing = []
-    for uid in uids:
-        path = cache_dir / f"{uid}.npz"
-        if path.is_file() and _cache_matches(path, grid, hu_window, antialias):
-            done[uid] = path
-        elif uid not in failed:
-            missing.append(uid)
+    done = {uid: Path(built[uid]["outputs"][0]) for uid in uids if uid in built}
+    missing = [uid for uid in uids if uid not in done and uid not in failed]
     if missing:
         _refuse("stage-1", cache_dir, missing, len(uids), command)
     return done
