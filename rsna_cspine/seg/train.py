@@ -311,7 +311,7 @@ def fit_segmentation(
 
     train_tf = build_transforms(
         cfg.augment, cfg.data.grid, cfg.data.thoracic, train=True,
-        patch_size=cfg.train.patch_size, patch_foreground=cfg.train.patch_foreground,
+        patch_size=cfg.train.patch_size, patch_foreground=cfg.train.patch_foreground, hu_window=cfg.data.hu_window,
     )
     train_ds = make_dataset(train_paths, train_tf)
     val_ds = make_dataset(val_paths, build_transforms(cfg.augment, cfg.data.grid, cfg.data.thoracic, train=False))
