@@ -35,7 +35,7 @@ def child(studies: int, config: Path) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         table = write_dataset(out, cfg, progress=False)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    kinds = table["fov"].value_counts().to_dict() if "fov" in table else {"neck": len(table)}
+    kinds = table["fov"].value_counts().to_dict() if "fov" in table else "n/a"
     common.emit_result({"wall_s_per_study": wall / studies, "cpu_s_per_study": cpu / studies,
                         "slices_mean": float(table["n_slices"].mean()), "slices_max": int(table["n_slices"].max()),
                         "image_size": cfg.image_size, "fov": kinds})

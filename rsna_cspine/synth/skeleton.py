@@ -1,8 +1,10 @@
-"""The bony anatomy: where each vertebra sits, its parts, and its Hounsfield units.
+"""The spine: where each vertebra sits, its parts, and its Hounsfield units; the scan's grid on it.
 
-Dimensions are adult averages in mm (multiplied by the study's anatomy scale): cervical bodies grow
-from C3 to C7, C1 is a ring with lateral masses and no body, C2 carries the dens into C1's ring, the
-thoracic vertebrae are larger and carry rib stubs. Each vertebra is built in its own sub-block of the
+The patient is laid out from the vertex of the skull (``HEAD_HEIGHT_MM`` above C1) down to T4, then
+seen through the study's scan window (``fov``), whose first slice is depth 0 of the grid. Dimensions
+are adult averages in mm (multiplied by the study's anatomy scale): cervical bodies grow from C3 to
+C7, C1 is a ring with lateral masses and no body, C2 carries the dens into C1's ring, the thoracic
+vertebrae are larger (their ribs: ``shoulders``). Each vertebra is built in its own sub-block of the
 volume from simple implicit shapes (ellipses, slabs, tubes) in the spine-following frame of
 ``geometry``; the cortical shell is every bone voxel within the cortical thickness of the surface.
 """
@@ -12,12 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from rsna_cspine.synth.bone import bone_density
 from rsna_cspine.synth.config import SynthConfig
 from rsna_cspine.synth.fov import ScanWindow, draw_fov_kind, plan_window
-from rsna_cspine.synth.geometry import Box, StudyGrid, ellipse, resample_path, segment_distance, tube_field
+from rsna_cspine.synth.geometry import Box, StudyGrid, ellipse, segment_distance
 
 #: Thoracic vertebrae always modelled (a scan covers up to ``SynthConfig.thoracic_vertebrae`` of them).
 MODELLED_THORACIC = 4
@@ -135,7 +136,6 @@ class BoneBlock:
     bone: np.ndarray  # bool, voxels of the vertebra (label = spec.label)
     hu: np.ndarray  # float32
     parts: dict[str, np.ndarray]  # component name → bool mask (fracture sites)
-    ribs: list[tuple[Box, np.ndarray, np.ndarray]] = field(default_factory=list)  # (box, mask, hu), label 0
 
 
 def plan_skeleton(cfg: SynthConfig, rng: np.random.Generator, fov_rng: np.random.Generator,

@@ -3,7 +3,7 @@
 Every voxel of a phantom belongs to one ``Tissue``; the generator paints HU and tissue together, so a
 study carries its tissue map (``Phantom.tissue``) beside the vertebra labels. Each study draws one HU
 value per tissue from the range below (patients, scanners and kV differ), except bone, whose HU
-comes from the bone model (cortex over trabecular texture, see ``skeleton.bone_density``).
+comes from the bone model (cortex over trabecular texture, see ``bone.bone_density``).
 
 Figures (unenhanced CT at 100–140 kV unless said otherwise):
 
