@@ -25,6 +25,7 @@ _FLOAT_RANGES = (
     "body_habitus",
     "benign_rate",
     "neck_top_mm",
+    "head_top_mm",
     "thick_slice_mm",
     "wide_fov_scale",
 )
@@ -137,6 +138,7 @@ class SynthConfig:
     fov_head_fraction: float = 0.15
     fov_slab_fraction: float = 0.05
     neck_top_mm: tuple[float, float] = (10.0, 60.0)
+    head_top_mm: tuple[float, float] = (-4.0, 25.0)
     slab_slices: tuple[int, int] = (5, 16)
     thick_slice_fraction: float = 0.1
     thick_slice_mm: tuple[float, float] = (2.0, 5.0)

@@ -4,8 +4,8 @@ The anatomy is laid out once per patient, from the vertex of the skull down to T
 the scan is a window on it, drawn from its own random stream, so one patient can be scanned with
 any window. Three kinds of window:
 
-- ``head``: vertex (or a little below it) to the upper chest, like a head-and-neck CT or a trauma
-  survey (``SynthConfig.fov_head_fraction``);
+- ``head``: vertex (or a little below it, ``head_top_mm``) to the upper chest, like a head-and-neck
+  CT or a trauma survey (``SynthConfig.fov_head_fraction``);
 - ``neck``: from just above the occipital condyles (up to the sella or orbits, ``neck_top_mm``) to
   T1–T4 (``thoracic_vertebrae``), like most RSNA 2022 studies: they begin at or above the skull base
   and end in the upper thoracic spine (DESIGN.md; the five real series of ``rsna_partial`` begin in the
@@ -30,8 +30,6 @@ import numpy as np
 from rsna_cspine.synth.config import SynthConfig
 
 FOV_KINDS: tuple[str, ...] = ("head", "neck", "slab")
-#: The scan begins at most this far (mm) below the vertex in a ``head`` window (top of the skull).
-HEAD_TOP_MM: tuple[float, float] = (-4.0, 25.0)
 
 
 @dataclass(frozen=True)
@@ -97,7 +95,7 @@ def plan_window(cfg: SynthConfig, rng: np.random.Generator, kind: str, skull_bas
     u = rng.uniform
     thick = rng.random() < cfg.thick_slice_fraction
     dz = u(*cfg.thick_slice_mm) if thick else u(*cfg.slice_thickness_mm)
-    head_top = u(*HEAD_TOP_MM)
+    head_top = u(*cfg.head_top_mm)
     neck_top = skull_base - u(*cfg.neck_top_mm)
     n_forced = int(rng.integers(cfg.n_slices[0], cfg.n_slices[1] + 1)) if cfg.n_slices is not None else 0
     n_slab = int(rng.integers(cfg.slab_slices[0], cfg.slab_slices[1] + 1))
