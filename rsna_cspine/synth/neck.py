@@ -107,10 +107,9 @@ def paint_neck(painter: Painter, skeleton: Skeleton, way: Airway, rng: np.random
             painter.fill((z, *window), lamina, Tissue.CARTILAGE)
             painter.fill((z, *window), lamina & (_speckle(seed, z, r2.shape) < calcified - 0.4), Tissue.BONE,
                          hyoid_density[1] * 0.5)
-        band = (r2 > 1.1) & (r2 <= (1.0 + 3.0 * s / way.a[z]) ** 2)
-        if cricoid_top <= d <= cricoid_bottom and (posterior.any() or d > cricoid_bottom - 6.0 * s):
-            arch = band & (posterior | (d > cricoid_bottom - 6.0 * s))
-            painter.fill((z, *window), arch, Tissue.CARTILAGE)
+        if cricoid_top <= d <= cricoid_bottom:  # a signet ring: tall lamina behind, low arch in front
+            band = (r2 > 1.1) & (r2 <= (1.0 + 3.0 * s / way.a[z]) ** 2)
+            painter.fill((z, *window), band & (posterior | (d > cricoid_bottom - 6.0 * s)), Tissue.CARTILAGE)
         if d > trachea_from:
             painter.fill((z, *window), (r2 > 1.0) & (r2 <= ring[z] ** 2) & (v < way.v[z] + 0.5 * way.b[z]),
                          Tissue.CARTILAGE)

@@ -115,9 +115,9 @@ def make_phantom(cfg: SynthConfig, rng: np.random.Generator,
 
     ellipses = body_ellipses(skeleton, head if cfg.head_anatomy else None, habitus,
                              arm_ellipses(skeleton, shoulders, habitus))
-    tissue = paint_soft_tissue(painter, skeleton, ellipses, anatomy_rng, habitus)
+    soft = paint_soft_tissue(painter, skeleton, ellipses, anatomy_rng, habitus)
     paint_lungs(painter, skeleton, shoulders, habitus)
-    paint_neck(painter, skeleton, airway(skeleton, airway_scale, tissue["ay"]), anatomy_rng)
+    paint_neck(painter, skeleton, airway(skeleton, airway_scale, soft["ay"]), anatomy_rng)
     if cfg.head_anatomy:
         paint_cranium(painter, skeleton, head)
         paint_face(painter, skeleton, head, teeth)
@@ -155,7 +155,7 @@ def make_phantom(cfg: SynthConfig, rng: np.random.Generator,
     metal_streaks(hu, painter.tissue == Tissue.METAL, grid, artefact_rng)
     for axis, sigma in ((0, 0.5 * smoothing), (1, smoothing), (2, smoothing)):
         hu = narrow_blur(hu, sigma, axis)
-    shoulder_gain = 1.0 + 0.6 * np.clip((grid.depth - tissue["shoulder_depth"]) / 30.0, 0.0, 1.0)
+    shoulder_gain = 1.0 + 0.6 * np.clip((grid.depth - soft["shoulder_depth"]) / 30.0, 0.0, 1.0)
     noise = noise_rng.standard_normal(grid.shape, dtype=np.float32)
     noise *= (noise_sd * shoulder_gain).astype(np.float32)[:, None, None]
     hu += noise

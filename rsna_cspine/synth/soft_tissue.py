@@ -8,6 +8,8 @@ beside the body. Structures follow the spinal centre line (local ``u``/``v`` fra
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from rsna_cspine.synth.geometry import StudyGrid, column_slices, ellipse
@@ -103,7 +105,7 @@ def paint_body(painter: Painter, grid: StudyGrid, ellipses: list, fat_mm: float)
 
 
 def paint_soft_tissue(painter: Painter, skeleton: Skeleton, ellipses: list, rng: np.random.Generator,
-                      habitus: float) -> dict[str, float]:
+                      habitus: float) -> dict[str, Any]:
     """Outline, fat planes, great vessels, spinal canal, discs and couch, painted in place.
 
     Args:
@@ -114,7 +116,8 @@ def paint_soft_tissue(painter: Painter, skeleton: Skeleton, ellipses: list, rng:
         habitus: soft-tissue size factor.
 
     Returns:
-        Study-level tissue parameters (e.g. ``"shoulder_depth"``).
+        ``"shoulder_depth"`` (mm, where the scanner noise starts to rise) and ``"ay"`` (``(nz,)``
+        antero-posterior semi-axis of the vertebral bodies per slice, for the airway).
     """
     u_ = rng.uniform
     grid = skeleton.grid
