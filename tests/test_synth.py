@@ -33,6 +33,8 @@ from rsna_cspine.synth.writer import (
 UID_PATTERN = re.compile(r"^1\.2\.826\.0\.1\.3680043\.\d+$")
 #: Small, fast studies for the on-disk tests (anatomy is in mm, so it only gets coarser).
 SMALL = dict(image_size=64, n_slices=(20, 26))
+#: Every study a neck window (skull base to T1–T4): tests that need all seven vertebrae in view.
+NECK = dict(fov_head_fraction=0.0, fov_slab_fraction=0.0)
 
 
 def read_series(folder: Path) -> tuple[np.ndarray, list[pydicom.Dataset]]:
@@ -94,7 +96,7 @@ def test_label_sampler_reproduces_real_statistics() -> None:
 
 
 def test_phantom_prevalence_matches_config() -> None:
-    cfg = SynthConfig(image_size=32, n_slices=(8, 8), prevalence_scale=1.5)
+    cfg = SynthConfig(image_size=32, n_slices=(8, 8), prevalence_scale=1.5, **NECK)
     phantoms = [make_phantom(cfg, np.random.default_rng(1000 + i)) for i in range(200)]
     labels = np.array([[p.fractured[v] for v in VERTEBRAE] for p in phantoms])
     for k, name in enumerate(VERTEBRAE):
@@ -115,7 +117,7 @@ def test_phantom_prevalence_matches_config() -> None:
 
 @pytest.fixture(scope="module")
 def phantom_96():
-    cfg = SynthConfig(image_size=96, n_slices=(48, 48), circular_fov_fraction=1.0)
+    cfg = SynthConfig(image_size=96, n_slices=(48, 48), circular_fov_fraction=1.0, **NECK)
     return cfg, make_phantom(cfg, np.random.default_rng(3), fractured={"C2": 1, "C6": 1})
 
 
@@ -145,7 +147,7 @@ def test_phantom_is_deterministic_for_a_seed(phantom_96) -> None:
 
 @pytest.mark.parametrize("seed", [11, 12])
 def test_fracture_changes_only_its_vertebra(seed: int) -> None:
-    cfg = SynthConfig(image_size=96, n_slices=(50, 50))
+    cfg = SynthConfig(image_size=96, n_slices=(64, 64), **NECK)
     broken = make_phantom(cfg, np.random.default_rng(seed), fractured={"C5": 1})
     intact = make_phantom(cfg, np.random.default_rng(seed), fractured={})
     assert broken.fractured["C5"] == 1 and intact.patient_overall == 0 and not intact.fracture_masks
@@ -182,7 +184,7 @@ def test_fracture_boxes_surround_the_defect(phantom_96) -> None:
 
 @pytest.fixture(scope="module")
 def small_phantom():
-    cfg = SynthConfig(image_size=48, n_slices=(14, 14), circular_fov_fraction=1.0)
+    cfg = SynthConfig(image_size=48, n_slices=(14, 14), circular_fov_fraction=1.0, **NECK)
     return cfg, make_phantom(cfg, np.random.default_rng(5), fractured={"C3": 1})
 
 

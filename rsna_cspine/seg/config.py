@@ -48,7 +48,20 @@ class SegModelConfig:
 
 @dataclass
 class SegAugmentConfig:
-    """MONAI dictionary augmentations. No flips along z: C1 must stay at the top of the volume."""
+    """MONAI dictionary augmentations. No flips along z: C1 must stay at the top of the volume.
+
+    Attributes:
+        randomise: SynthSeg-style domain randomisation (``seg.randomise``), applied to training images
+            only, after the spatial augmentations: the fields below up to ``gamma``.
+        hu_remap_prob: probability of a random, possibly non-monotonic intensity per HU band.
+        hu_remap_min_contrast: least distance (window units) of the bone bands from soft tissue.
+        bias_field_prob: probability of a smooth multiplicative bias field (MONAI ``RandBiasField``).
+        bias_field_coeff: largest coefficient of its degree-3 polynomial (log scale).
+        blur_prob: probability of a Gaussian blur of ``blur_sigma`` voxels (MONAI ``RandGaussianSmooth``).
+        low_res_prob: probability of a down- then up-sampling by a zoom in ``low_res_zoom`` (MONAI
+            ``RandSimulateLowResolution``): thick slices and soft kernels.
+        gamma_prob: probability of a gamma curve with exponent in ``gamma`` (MONAI ``RandAdjustContrast``).
+    """
 
     enabled: bool = True
     affine_prob: float = 0.5
@@ -62,6 +75,17 @@ class SegAugmentConfig:
     intensity_scale: float = 0.1
     intensity_shift_prob: float = 0.3
     intensity_shift: float = 0.05
+    randomise: bool = True
+    hu_remap_prob: float = 0.4
+    hu_remap_min_contrast: float = 0.15
+    bias_field_prob: float = 0.3
+    bias_field_coeff: float = 0.3
+    blur_prob: float = 0.2
+    blur_sigma: tuple[float, float] = (0.25, 1.0)
+    low_res_prob: float = 0.15
+    low_res_zoom: tuple[float, float] = (0.5, 1.0)
+    gamma_prob: float = 0.3
+    gamma: tuple[float, float] = (0.6, 1.6)
 
 
 @dataclass

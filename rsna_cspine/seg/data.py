@@ -26,7 +26,8 @@ from monai.transforms import (
 from torch.utils.data import DistributedSampler
 
 from rsna_cspine.seg.config import SegAugmentConfig
-from rsna_cspine.seg.preprocess import load_cached_study
+from rsna_cspine.seg.preprocess import DEFAULT_HU_WINDOW, load_cached_study
+from rsna_cspine.seg.randomise import randomisation_transforms
 
 
 class LoadCachedStudyd(MapTransform):
@@ -49,6 +50,7 @@ def build_transforms(
     train: bool,
     patch_size: Sequence[int] | None = None,
     patch_foreground: float = 0.75,
+    hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
 ) -> Compose:
     """Loading plus, for training, a random patch and MONAI augmentations applied alike to image and label.
 
@@ -59,6 +61,7 @@ def build_transforms(
         train: add the random patch and augmentations.
         patch_size: train on this sub-volume (0 on an axis = the whole axis); None = the whole grid.
         patch_foreground: share of patches centred on a vertebra voxel (the rest on background).
+        hu_window: HU window of the cached images (the randomisation's HU bands are placed with it).
     """
     steps: list = [LoadCachedStudyd(thoracic)]
     patch = tuple(int(p) if p else int(g) for p, g in zip(patch_size, grid)) if patch_size else tuple(grid)
@@ -85,6 +88,10 @@ def build_transforms(
             # Spatial axis 2 is x (left-right): labels are not lateralised, so this flip is harmless.
             # Never flip z: C1 must stay superior.
             RandFlipd(keys=["image", "label"], prob=aug.flip_x_prob, spatial_axis=2),
+        ]
+        # Domain randomisation (intensities stop meaning tissue), then noise and intensity jitter.
+        steps += randomisation_transforms(aug, hu_window)
+        steps += [
             RandGaussianNoised(keys=["image"], prob=aug.noise_prob, std=aug.noise_std),
             RandScaleIntensityd(keys=["image"], prob=aug.intensity_scale_prob, factors=aug.intensity_scale),
             RandShiftIntensityd(keys=["image"], prob=aug.intensity_shift_prob, offsets=aug.intensity_shift),

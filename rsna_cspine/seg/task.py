@@ -95,7 +95,7 @@ class SegmentationTask(TrainingTask):
         self.model = build_model(cfg.model, self.n_classes).to(device)
         self.loss_fn = make_loss(cfg)
         train_tf = build_transforms(cfg.aug, d.grid, d.thoracic, train=True, patch_size=t.patch_size,
-                                    patch_foreground=t.patch_foreground)
+                                    patch_foreground=t.patch_foreground, hu_window=d.hu_window)
         self.train_set = make_dataset(train_paths, train_tf)
         self.val_set = make_dataset(val_paths, build_transforms(cfg.aug, d.grid, d.thoracic, train=False))
         self.has_validation = bool(val_paths)

@@ -22,8 +22,12 @@ _FLOAT_RANGES = (
     "smoothing_voxels",
     "body_habitus",
     "benign_rate",
+    "neck_top_mm",
+    "head_top_mm",
+    "thick_slice_mm",
+    "wide_fov_scale",
 )
-_INT_RANGES = ("n_slices", "thoracic_vertebrae")
+_INT_RANGES = ("n_slices", "thoracic_vertebrae", "slab_slices")
 _FRACTIONS = (
     "test_fraction",
     "compressed_fraction",
@@ -40,6 +44,12 @@ _FRACTIONS = (
     "compression_fraction",
     "second_defect_fraction",
     "line_fraction",
+    "fov_head_fraction",
+    "fov_slab_fraction",
+    "thick_slice_fraction",
+    "wide_fov_fraction",
+    "dental_metal_fraction",
+    "arms_fraction",
 )
 
 
@@ -122,6 +132,20 @@ class SynthConfig:
     compression_fraction: float = 0.4
     second_defect_fraction: float = 0.3
     line_fraction: float = 0.4
+    # Field of view and the anatomy around the neck.
+    fov_head_fraction: float = 0.15
+    fov_slab_fraction: float = 0.05
+    neck_top_mm: tuple[float, float] = (10.0, 60.0)
+    head_top_mm: tuple[float, float] = (-4.0, 25.0)
+    slab_slices: tuple[int, int] = (5, 16)
+    thick_slice_fraction: float = 0.1
+    thick_slice_mm: tuple[float, float] = (2.0, 5.0)
+    wide_fov_fraction: float = 0.15
+    wide_fov_scale: tuple[float, float] = (1.3, 1.8)
+    head_anatomy: bool = True
+    shoulder_anatomy: bool = True
+    dental_metal_fraction: float = 0.3
+    arms_fraction: float = 0.6
 
     def __post_init__(self) -> None:
         # YAML and argparse hand over lists; the contract is tuples of the declared element type.
@@ -159,6 +183,16 @@ class SynthConfig:
             low, high = getattr(self, name)
             if low < 0 or high > (0.7 if name == "height_loss" else 1.0):
                 raise ConfigError(f"{name} out of range: {getattr(self, name)}")
+        if self.fov_head_fraction + self.fov_slab_fraction > 1.0 + 1e-9:
+            raise ConfigError("fov_head_fraction + fov_slab_fraction must not exceed 1")
+        if self.neck_top_mm[0] < 0:
+            raise ConfigError(f"neck_top_mm must be >= 0, got {self.neck_top_mm}")
+        if self.slab_slices[0] < 3:
+            raise ConfigError(f"slab_slices must be >= 3, got {self.slab_slices}")
+        if self.thick_slice_mm[0] <= 0:
+            raise ConfigError(f"thick_slice_mm must be positive, got {self.thick_slice_mm}")
+        if self.wide_fov_scale[0] < 1.0:
+            raise ConfigError(f"wide_fov_scale must be >= 1, got {self.wide_fov_scale}")
         if self.n_slices is not None and self.n_slices[0] < 8:
             raise ConfigError(f"n_slices must be >= 8, got {self.n_slices}")
         if not 0 <= self.thoracic_vertebrae[0] <= self.thoracic_vertebrae[1] <= 4:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import LayoutError
 from rsna_cspine.synth.config import SynthConfig
-from rsna_cspine.synth.phantom import make_phantom
+from rsna_cspine.synth.phantom import make_phantom, study_fov_kind
 from rsna_cspine.synth.writer import (
     available_codecs,
     make_uid,
@@ -62,7 +62,9 @@ def write_dataset(out_dir: str | Path, cfg: SynthConfig, progress: bool = True,
     """Generate ``cfg.n_studies`` phantoms and write them in the Kaggle layout.
 
     ``OUT/test_labels.csv`` holds the test studies' true labels: the real Kaggle layout has no such
-    file (its test labels are hidden); it exists here so held-out predictions can be scored.
+    file (its test labels are hidden); it exists here so held-out predictions can be scored. Few-slice
+    studies (``fov_slab_fraction``) go to the train split unless there are too few others: Kaggle's
+    test studies all cover the neck.
 
     Args:
         out_dir: dataset root (created).
@@ -86,8 +88,12 @@ def write_dataset(out_dir: str | Path, cfg: SynthConfig, progress: bool = True,
 
     streams = [study_streams(cfg, k) for k in range(cfg.n_studies)]
     split_draws = [rng.random(3) for _, _, rng in streams]  # (split rank, segmentation, boxes)
+    # A few-slice study is a training aid for stage 1 (what a scan without the neck looks like); the
+    # test split mimics Kaggle's test studies, which all cover the neck.
+    fov = [study_fov_kind(cfg, rng) for rng, _, _ in streams]
     n_test = int(round(cfg.n_studies * cfg.test_fraction))
-    test_indices = set(np.argsort([d[0] for d in split_draws], kind="stable")[:n_test].tolist())
+    ranks = [d[0] if kind != "slab" else 2.0 + d[0] for d, kind in zip(split_draws, fov)]
+    test_indices = set(np.argsort(ranks, kind="stable")[:n_test].tolist())
 
     rows: list[dict] = []
     boxes: list[dict] = []
@@ -128,6 +134,8 @@ def write_dataset(out_dir: str | Path, cfg: SynthConfig, progress: bool = True,
             "has_segmentation": has_segmentation,
             "n_boxes": n_boxes,
             "fracture_kinds": json.dumps(phantom.fracture_kinds, sort_keys=True),
+            "fov": phantom.fov,
+            "scan_top_mm": round(phantom.scan_top_mm, 1),
         })
 
     table = pd.DataFrame(rows)

@@ -1,18 +1,26 @@
-"""One synthetic neck CT study: HU volume, vertebra labels and fracture ground truth."""
+"""One synthetic head-and-neck CT study: HU volume, tissue map, vertebra labels, fracture ground truth."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from rsna_cspine.constants import VERTEBRAE
 from rsna_cspine.errors import ConfigError
+from rsna_cspine.synth.artefacts import metal_streaks, narrow_blur
 from rsna_cspine.synth.config import SynthConfig
+from rsna_cspine.synth.face import paint_face, plan_teeth
+from rsna_cspine.synth.fov import draw_fov_kind
 from rsna_cspine.synth.fractures import apply_fracture, fracture_mask, plan_fracture
+from rsna_cspine.synth.head import paint_cranium, plan_head
 from rsna_cspine.synth.labels import sample_fracture_labels
-from rsna_cspine.synth.skeleton import BoneBlock, build_other_bones, build_vertebra, plan_skeleton
-from rsna_cspine.synth.soft_tissue import paint_soft_tissue
+from rsna_cspine.synth.neck import airway, paint_neck
+from rsna_cspine.synth.shoulders import arm_ellipses, paint_lungs, paint_ribs, paint_shoulder_bones, plan_shoulders
+from rsna_cspine.synth.skeleton import BoneBlock, build_vertebra, plan_skeleton
+from rsna_cspine.synth.soft_tissue import body_ellipses, paint_soft_tissue
+from rsna_cspine.synth.tissues import Painter, Tissue, draw_tissue_hu
 
 #: HU stored outside the reconstruction circle of studies with a circular field of view.
 PADDING_HU = -2048
@@ -20,6 +28,8 @@ PADDING_HU = -2048
 HU_RANGE = (-1024, 3071)
 #: Fewest defect pixels on a slice for it to get a bounding box.
 MIN_BOX_PIXELS = 2
+#: Independent random streams of a study, and which one draws the field of view (``study_fov_kind``).
+_N_STREAMS, _FOV_STREAM = 6, 4
 
 
 @dataclass
@@ -27,15 +37,19 @@ class Phantom:
     """A synthetic study in the project's axis convention.
 
     Attributes:
-        hu: int16 ``(z, y, x)``, z superior→inferior (C1 near the top), rows anterior→posterior.
+        hu: int16 ``(z, y, x)``, z superior→inferior, rows anterior→posterior.
         labels: uint8 ``(z, y, x)``; 1..7 = C1..C7, 8.. = T1.., 0 = background (other bone too).
         spacing: ``(dz, dy, dx)`` mm.
-        fractured: ``{"C1": 0/1, ..., "C7": 0/1}``.
+        fractured: ``{"C1": 0/1, ..., "C7": 0/1}``; a fractured vertebra whose defect lies outside the
+            scan (a ``slab`` window) counts as 0: nothing in the study shows it.
         fracture_boxes: ``{"z", "x", "y", "width", "height", "vertebra"}`` per slice (index ``z``)
             where a defect is visible; pixel box of the defect with a small margin.
         fracture_masks: bool ``(z, y, x)`` defect voxels per fractured vertebra.
         fracture_kinds: per fractured vertebra, what was done (``"break:body"``, ``"displaced"``, …).
         circular_fov: True when pixels outside the reconstruction circle hold ``PADDING_HU``.
+        tissue: uint8 ``(z, y, x)`` ``tissues.Tissue`` of every voxel (before artefacts; None if absent).
+        fov: the scan window's kind (``fov.FOV_KINDS``).
+        scan_top_mm: depth of the scan's upper edge below the vertex of the patient's skin (mm).
     """
 
     hu: np.ndarray
@@ -46,6 +60,9 @@ class Phantom:
     fracture_masks: dict[str, np.ndarray] | None
     fracture_kinds: dict[str, list[str]] = field(default_factory=dict)
     circular_fov: bool = False
+    tissue: np.ndarray | None = None
+    fov: str = "neck"
+    scan_top_mm: float = 0.0
 
     @property
     def patient_overall(self) -> int:
@@ -53,24 +70,27 @@ class Phantom:
 
 
 def make_phantom(cfg: SynthConfig, rng: np.random.Generator,
-                 fractured: dict[str, int] | None = None) -> Phantom:
+                 fractured: dict[str, int] | None = None, fov: str | None = None) -> Phantom:
     """Generate one study.
 
-    The generator splits ``rng`` into independent streams (anatomy, labels, fractures, noise), so
-    passing the same seed with ``fractured`` switched on or off for one vertebra yields twins that
-    differ only around that vertebra's defects.
+    The generator splits ``rng`` into independent streams (anatomy, labels, fractures, noise, field of
+    view, artefacts), so passing the same seed with ``fractured`` switched on or off for one vertebra
+    yields twins that differ only around that vertebra's defects, and forcing another ``fov`` scans the
+    same patient through another window.
 
     Args:
         cfg: generator settings.
         rng: the study's random generator.
         fractured: force these labels (missing vertebrae = 0); None draws them from the real
             prevalences times ``cfg.prevalence_scale``.
+        fov: force the window kind (``"head"``, ``"neck"``, ``"slab"``); None draws it.
 
     Returns:
         The phantom.
     """
-    seeds = rng.integers(0, 2**62, size=4)
-    anatomy_rng, label_rng, fracture_rng, noise_rng = (np.random.default_rng(int(s)) for s in seeds)
+    seeds = rng.integers(0, 2**62, size=_N_STREAMS)
+    anatomy_rng, label_rng, fracture_rng, noise_rng, fov_rng, artefact_rng = (
+        np.random.default_rng(int(s)) for s in seeds)
     if fractured is None:
         fractured = sample_fracture_labels(label_rng, cfg.prevalence_scale)
     else:
@@ -79,19 +99,32 @@ def make_phantom(cfg: SynthConfig, rng: np.random.Generator,
             raise ConfigError(f"fractured names unknown vertebrae {unknown}; expected names from {VERTEBRAE}")
         fractured = {name: int(bool(fractured.get(name, 0))) for name in VERTEBRAE}
 
-    skeleton = plan_skeleton(cfg, anatomy_rng)
+    skeleton = plan_skeleton(cfg, anatomy_rng, fov_rng, fov)
     grid = skeleton.grid
-    noise_sd = anatomy_rng.uniform(*cfg.noise_hu)
-    smoothing = anatomy_rng.uniform(*cfg.smoothing_voxels)
+    u_ = anatomy_rng.uniform
+    noise_sd = u_(*cfg.noise_hu)
+    smoothing = u_(*cfg.smoothing_voxels)
     circular = bool(anatomy_rng.random() < cfg.circular_fov_fraction)
-    fov_radius = anatomy_rng.uniform(0.93, 1.0) * cfg.image_size / 2
+    fov_radius = u_(0.93, 1.0) * cfg.image_size / 2
+    habitus = u_(*cfg.body_habitus)
+    airway_scale = u_(0.75, 1.2)
+    painter = Painter(grid.shape, draw_tissue_hu(anatomy_rng, anatomy_rng.random() < cfg.contrast_fraction))
+    head = plan_head(skeleton, anatomy_rng)
+    teeth = plan_teeth(anatomy_rng, cfg.dental_metal_fraction)
+    shoulders = plan_shoulders(skeleton, cfg.arms_fraction if cfg.shoulder_anatomy else 0.0, anatomy_rng)
 
-    hu = np.empty(grid.shape, dtype=np.float32)
+    ellipses = body_ellipses(skeleton, head if cfg.head_anatomy else None, habitus,
+                             arm_ellipses(skeleton, shoulders, habitus))
+    soft = paint_soft_tissue(painter, skeleton, ellipses, anatomy_rng, habitus)
+    paint_lungs(painter, skeleton, shoulders, habitus)
+    paint_neck(painter, skeleton, airway(skeleton, airway_scale, soft["ay"]), anatomy_rng)
+    if cfg.head_anatomy:
+        paint_cranium(painter, skeleton, head)
+        paint_face(painter, skeleton, head, teeth)
+    if cfg.shoulder_anatomy:
+        paint_shoulder_bones(painter, skeleton, shoulders)
+
     labels = np.zeros(grid.shape, dtype=np.uint8)
-    tissue = paint_soft_tissue(hu, skeleton, cfg, anatomy_rng)
-    for box, mask, values in build_other_bones(skeleton, anatomy_rng):
-        hu[box.index][mask] = values[mask]
-
     fracture_seeds = fracture_rng.integers(0, 2**62, size=len(VERTEBRAE))
     blocks: list[BoneBlock] = []
     masks: dict[str, np.ndarray] = {}
@@ -111,17 +144,18 @@ def make_phantom(cfg: SynthConfig, rng: np.random.Generator,
             block = broken
         blocks.append(block)
     for block in blocks:  # ribs first: where a rib touches a vertebra, the vertebra wins
-        for box, mask, values in block.ribs:
-            hu[box.index][mask] = values[mask]
-            labels[box.index][mask] = 0
+        if block.spec.kind == "T":
+            paint_ribs(painter, grid, block.spec)
     for block in blocks:
-        hu[block.box.index][block.bone] = block.hu[block.bone]
+        painter.fill(block.box.index, block.bone, Tissue.VERTEBRA, block.hu)
         labels[block.box.index][block.bone] = block.spec.label
 
-    # Partial volume, then scanner noise (stronger through the shoulders), then integer HU.
+    # Metal streaks, partial volume, then scanner noise (stronger through the shoulders), integer HU.
+    hu = painter.hu
+    metal_streaks(hu, painter.tissue == Tissue.METAL, grid, artefact_rng)
     for axis, sigma in ((0, 0.5 * smoothing), (1, smoothing), (2, smoothing)):
-        hu = _narrow_blur(hu, sigma, axis)
-    shoulder_gain = 1.0 + 0.6 * np.clip((grid.depth - tissue["shoulder_depth"]) / 30.0, 0.0, 1.0)
+        hu = narrow_blur(hu, sigma, axis)
+    shoulder_gain = 1.0 + 0.6 * np.clip((grid.depth - soft["shoulder_depth"]) / 30.0, 0.0, 1.0)
     noise = noise_rng.standard_normal(grid.shape, dtype=np.float32)
     noise *= (noise_sd * shoulder_gain).astype(np.float32)[:, None, None]
     hu += noise
@@ -137,25 +171,22 @@ def make_phantom(cfg: SynthConfig, rng: np.random.Generator,
         for mask in masks.values():
             mask[:, outside] = False
 
+    # A defect the scan does not show cannot be read from it (slabs may cut a fractured vertebra off).
+    for name in [n for n, mask in masks.items() if not mask.any()] + [n for n in VERTEBRAE if fractured[n]
+                                                                          and n not in masks]:
+        fractured[name] = 0
+        masks.pop(name, None)
+        kinds.pop(name, None)
     return Phantom(hu=out, labels=labels, spacing=grid.spacing, fractured=fractured,
                    fracture_boxes=_boxes(masks, grid.ps), fracture_masks=masks, fracture_kinds=kinds,
-                   circular_fov=circular)
+                   circular_fov=circular, tissue=painter.tissue, fov=skeleton.window.kind,
+                   scan_top_mm=skeleton.window.top)
 
 
-def _narrow_blur(volume: np.ndarray, sigma: float, axis: int) -> np.ndarray:
-    """Blur along one axis with the 3-tap kernel ``[w, 1 - 2w, w]`` of variance ``sigma²`` (edges repeat).
-
-    For the sub-voxel sigmas of partial-volume smoothing this matches a Gaussian's variance with 3 taps;
-    written with shifted slices because ``ndimage`` is several times slower along the slice axis.
-    """
-    w = np.float32(min(sigma**2 / 2.0, 1.0 / 3.0))
-    moved = np.moveaxis(volume, axis, 0)
-    out = moved * np.float32(1.0 - 2.0 * w)
-    out[1:] += w * moved[:-1]
-    out[:-1] += w * moved[1:]
-    out[0] += w * moved[0]
-    out[-1] += w * moved[-1]
-    return np.moveaxis(out, 0, axis)
+def study_fov_kind(cfg: SynthConfig, rng: np.random.Generator) -> str:
+    """The window kind ``make_phantom(cfg, rng)`` will draw, without consuming ``rng``."""
+    seeds = copy.deepcopy(rng).integers(0, 2**62, size=_N_STREAMS)
+    return draw_fov_kind(cfg, np.random.default_rng(int(seeds[_FOV_STREAM])))
 
 
 def _boxes(masks: dict[str, np.ndarray], pixel_mm: float) -> list[dict]:

@@ -1,8 +1,10 @@
-"""The bony anatomy: where each vertebra sits, its parts, and its Hounsfield units.
+"""The spine: where each vertebra sits, its parts, and its Hounsfield units; the scan's grid on it.
 
-Dimensions are adult averages in mm (multiplied by the study's anatomy scale): cervical bodies grow
-from C3 to C7, C1 is a ring with lateral masses and no body, C2 carries the dens into C1's ring, the
-thoracic vertebrae are larger and carry rib stubs. Each vertebra is built in its own sub-block of the
+The patient is laid out from the vertex of the skull (``HEAD_HEIGHT_MM`` above C1) down to T4, then
+seen through the study's scan window (``fov``), whose first slice is depth 0 of the grid. Dimensions
+are adult averages in mm (multiplied by the study's anatomy scale): cervical bodies grow from C3 to
+C7, C1 is a ring with lateral masses and no body, C2 carries the dens into C1's ring, the thoracic
+vertebrae are larger (their ribs: ``shoulders``). Each vertebra is built in its own sub-block of the
 volume from simple implicit shapes (ellipses, slabs, tubes) in the spine-following frame of
 ``geometry``; the cortical shell is every bone voxel within the cortical thickness of the surface.
 """
@@ -12,10 +14,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
+from rsna_cspine.synth.bone import bone_density
 from rsna_cspine.synth.config import SynthConfig
-from rsna_cspine.synth.geometry import Box, StudyGrid, ellipse, resample_path, segment_distance, tube_field
+from rsna_cspine.synth.fov import ScanWindow, draw_fov_kind, plan_window
+from rsna_cspine.synth.geometry import Box, StudyGrid, ellipse, segment_distance
+
+#: Thoracic vertebrae always modelled (a scan covers up to ``SynthConfig.thoracic_vertebrae`` of them).
+MODELLED_THORACIC = 4
+#: Vertex of the skin to the top of C1 at head scale 1: basion–bregma height ≈ 130–140 mm in adults
+#: (Howells WW, *Cranial Variation in Man*, Peabody Museum Papers 67, 1973), the basion ≈ 5 mm above
+#: the dens tip (Harris JH et al., *AJR* 1994;162:881–886), plus the scalp.
+HEAD_HEIGHT_MM = 147.0
 
 #: Components a fracture can be placed on, per vertebra kind, with their probabilities.
 FRACTURE_SITES: dict[str, dict[str, float]] = {
@@ -90,16 +100,31 @@ class VertebraSpec:
 
 @dataclass
 class Skeleton:
-    """Layout of one study: the vertebrae, the grid and study-level anatomy/tissue parameters."""
+    """Layout of one study: the vertebrae, the grid, the scan window and study-level parameters.
+
+    Depths are mm below the top of the scan (the grid's frame); ``head_height`` converts: the
+    patient's vertex lies at depth ``skull_base - head_height``.
+    """
 
     vertebrae: list[VertebraSpec]
     grid: StudyGrid
     total_depth: float
     skull_base: float  # depth of C1's top (the occipital condyles sit just above)
+    window: ScanWindow
+    head_scale: float
     params: dict[str, float] = field(default_factory=dict)
 
     def by_name(self, name: str) -> VertebraSpec:
         return next(v for v in self.vertebrae if v.name == name)
+
+    @property
+    def head_height(self) -> float:
+        """Vertex of the skin to the top of C1 (mm)."""
+        return HEAD_HEIGHT_MM * self.head_scale
+
+    def up(self, depth: np.ndarray | float) -> np.ndarray | float:
+        """Height (mm) above the top of C1 of a depth (positive = superior, towards the vertex)."""
+        return self.skull_base - depth
 
 
 @dataclass
@@ -111,32 +136,34 @@ class BoneBlock:
     bone: np.ndarray  # bool, voxels of the vertebra (label = spec.label)
     hu: np.ndarray  # float32
     parts: dict[str, np.ndarray]  # component name → bool mask (fracture sites)
-    ribs: list[tuple[Box, np.ndarray, np.ndarray]] = field(default_factory=list)  # (box, mask, hu), label 0
 
 
-def plan_skeleton(cfg: SynthConfig, rng: np.random.Generator) -> Skeleton:
-    """Draw the study's skeleton layout, slice spacing and grid.
+def plan_skeleton(cfg: SynthConfig, rng: np.random.Generator, fov_rng: np.random.Generator,
+                  fov_kind: str | None = None) -> Skeleton:
+    """Draw the patient's skeleton from the vertex to T4, then the scan window on it and its grid.
 
     Args:
         cfg: generator settings.
         rng: the study's anatomy stream.
+        fov_rng: the study's field-of-view stream (window, slice spacing, pixel size).
+        fov_kind: force a window kind (``fov.FOV_KINDS``); None draws it with the configured shares.
 
     Returns:
         The layout with its sampling grid.
     """
     u = rng.uniform
     scale = u(*cfg.anatomy_scale)
+    head_scale = scale * u(0.94, 1.06)
     n_thoracic = int(rng.integers(cfg.thoracic_vertebrae[0], cfg.thoracic_vertebrae[1] + 1))
     benign_rate = u(*cfg.benign_rate)
     cancellous = u(200.0, 400.0)  # bone density of this patient (osteopenic … dense)
     cortex = u(700.0, 1500.0)
     cortical_mm = u(1.0, 2.0)
-    margin_top = u(6.0, 25.0)
     margin_bottom = u(-6.0, 12.0)
 
-    names = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"] + [f"T{i + 1}" for i in range(n_thoracic)]
+    names = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"] + [f"T{i + 1}" for i in range(MODELLED_THORACIC)]
     specs: list[VertebraSpec] = []
-    depth = margin_top
+    depth = HEAD_HEIGHT_MM * head_scale  # patient depth below the vertex of C1's top
     for label, name in enumerate(names, start=1):
         s = scale * u(0.97, 1.03)
         kind = name if name in ("C1", "C2") else name[0]
@@ -195,25 +222,16 @@ def plan_skeleton(cfg: SynthConfig, rng: np.random.Generator) -> Skeleton:
             specs[-1].disc_below = spec.disc_above
         specs.append(spec)
     specs[-1].disc_below = u(4.5, 7.0) * scale
-    # The scan ends inside the last vertebra or its disc: no unmodelled vertebra below it shows.
-    total_depth = specs[-1].bottom + min(margin_bottom, 0.8 * specs[-1].disc_below)
+    # Head and neck windows end inside the last covered vertebra or its disc below: the next
+    # vertebra never shows a sliver (its label would be a partial vertebra at the edge).
+    last = specs[6 + n_thoracic]
+    chest_end = last.bottom + min(margin_bottom, 0.8 * last.disc_below)
+    anatomy_end = specs[-1].bottom + 0.8 * specs[-1].disc_below
 
-    # Slice spacing: drawn, or adapted to a forced slice count; rounded so DICOM text stores it exactly.
-    if cfg.n_slices is not None:
-        nz = int(rng.integers(cfg.n_slices[0], cfg.n_slices[1] + 1))
-        dz = round(total_depth / nz, 3)
-        u(0.0, 1.0)  # keep the stream aligned with the drawn-spacing branch
-    else:
-        dz = round(u(*cfg.slice_thickness_mm), 3)
-        nz = max(8, int(round(total_depth / dz)))
-    spacing_factor = 256.0 / cfg.image_size if cfg.scale_spacing_with_size else 1.0
-    ps = round(u(*cfg.pixel_spacing_mm) * spacing_factor, 6)
-    fov = ps * cfg.image_size
-
-    # Centre line: lordosis between C2 and C7, flexion/lateral tilt, thoracic kyphosis, axial twist.
-    s_mid = 0.5 * total_depth
-    s_a = specs[1].centre
-    s_b = specs[6].bottom
+    # Centre line (patient depth): lordosis between C2 and C7, flexion/lateral tilt (the head follows
+    # it), thoracic kyphosis, axial twist.
+    s_top, s_a, s_b = specs[0].top, specs[1].centre, specs[6].bottom
+    s_mid = 0.5 * (s_top + anatomy_end)
     lordosis = u(-3.0, 12.0) * scale
     tilt_v = u(-0.2, 0.2)
     tilt_u = u(-0.06, 0.06)
@@ -221,18 +239,28 @@ def plan_skeleton(cfg: SynthConfig, rng: np.random.Generator) -> Skeleton:
     kyphosis = u(0.1, 0.3)
     theta0 = float(np.clip(rng.normal(0.0, 0.07), -0.2, 0.2))
     twist = u(-0.05, 0.05)
-    x_spine = fov * (0.5 + u(-0.06, 0.06))
-    y_spine = fov * (0.5 + u(-0.06, 0.04)) - 5.0
-    depth_axis = (np.arange(nz) + 0.5) * dz
-    arc = np.clip((depth_axis - s_a) / (s_b - s_a), 0.0, 1.0)
-    cy = (y_spine + tilt_v * (depth_axis - s_mid) - lordosis * np.sin(np.pi * arc)
-          + kyphosis * np.clip(depth_axis - s_b, 0.0, None) ** 2 / 80.0)
-    cx = x_spine + tilt_u * (depth_axis - s_mid) + scoliosis * np.sin(np.pi * depth_axis / total_depth)
-    theta = theta0 + twist * (depth_axis - s_mid) / 100.0
-    grid = StudyGrid(nz=nz, size=cfg.image_size, dz=dz, ps=ps, cx=cx, cy=cy, theta=theta)
-    params = {"scale": scale, "benign_rate": benign_rate, "fov": fov}
-    return Skeleton(vertebrae=specs, grid=grid, total_depth=total_depth, skull_base=specs[0].top,
-                    params=params)
+    x_frac, y_frac = u(-0.06, 0.06), u(-0.06, 0.04)
+
+    kind = draw_fov_kind(cfg, fov_rng) if fov_kind is None else fov_kind
+    window = plan_window(cfg, fov_rng, kind, skull_base=specs[0].top, chest_end=chest_end,
+                         anatomy_end=anatomy_end)
+    fov = window.ps * cfg.image_size
+    patient_depth = window.top + (np.arange(window.nz) + 0.5) * window.dz
+    arc = np.clip((patient_depth - s_a) / (s_b - s_a), 0.0, 1.0)
+    spine_arc = np.clip((patient_depth - s_top) / (anatomy_end - s_top), 0.0, 1.0)
+    cy = (fov * (0.5 + y_frac) - 5.0 + tilt_v * (patient_depth - s_mid) - lordosis * np.sin(np.pi * arc)
+          + kyphosis * np.clip(patient_depth - s_b, 0.0, None) ** 2 / 80.0)
+    cx = fov * (0.5 + x_frac) + tilt_u * (patient_depth - s_mid) + scoliosis * np.sin(np.pi * spine_arc)
+    theta = theta0 + twist * (patient_depth - s_mid) / 100.0
+    grid = StudyGrid(nz=window.nz, size=cfg.image_size, dz=window.dz, ps=window.ps, cx=cx, cy=cy, theta=theta)
+    for spec in specs:  # patient depth → depth below the top of the scan
+        spec.centre -= window.top
+        spec.top -= window.top
+        spec.bottom -= window.top
+    params = {"scale": scale, "benign_rate": benign_rate, "fov": fov, "n_thoracic": n_thoracic,
+              "chest_end": chest_end - window.top}
+    return Skeleton(vertebrae=specs, grid=grid, total_depth=window.length, skull_base=specs[0].top,
+                    window=window, head_scale=head_scale, params=params)
 
 
 def _vertebra_parts(spec: VertebraSpec, u: np.ndarray, v: np.ndarray, h: np.ndarray,
@@ -335,13 +363,6 @@ def _vertebra_parts(spec: VertebraSpec, u: np.ndarray, v: np.ndarray, h: np.ndar
     return parts, holes
 
 
-def rib_circle(spec: VertebraSpec) -> tuple[float, float, float]:
-    """``(u, v, radius)`` mm of the circle a thoracic vertebra's rib shaft follows around the lung apex."""
-    s = spec.scale
-    reach = 0.8 if spec.label == 8 else 1.0  # the first rib is short and tightly curved
-    return spec.ax + (20.0 + 18.0 * reach) * s, 2.0 * s, 30.0 * s * reach
-
-
 def build_vertebra(spec: VertebraSpec, grid: StudyGrid,
                    compression: tuple[float, float] | None = None) -> BoneBlock | None:
     """Masks and HU of one vertebra (and its rib stubs) in its own block of the grid.
@@ -371,86 +392,7 @@ def build_vertebra(spec: VertebraSpec, grid: StudyGrid,
                       parts={name: mask & bone for name, mask in parts.items()})
     if spec.has_body:
         _benign_variations(block, grid, u, v, h)
-    if spec.kind == "T":
-        block.ribs = _rib_stubs(spec, grid)
     return block
-
-
-def _rib_stubs(spec: VertebraSpec, grid: StudyGrid) -> list[tuple[Box, np.ndarray, np.ndarray]]:
-    """Both ribs of a thoracic vertebra: neck from the body to the transverse process tip, then a
-    shaft curving around the lung apex (``rib_circle``) and descending laterally."""
-    s = spec.scale
-    start_u, start_v = spec.cax + 2.0 * s, spec.canal_v - 1.0 * s
-    tip_v = start_v + 0.45 * (spec.tp_len - start_u)
-    tubercle = (spec.tp_len - 2.0 * s, tip_v - 6.0 * s)
-    centre_u, centre_v, radius = rib_circle(spec)
-    start_angle = np.arctan2(tubercle[1] - centre_v, tubercle[0] - centre_u)
-    angles = np.linspace(start_angle, np.deg2rad(-70.0), 7)[1:]
-    shaft = [(centre_u + radius * np.cos(a), centre_v + radius * np.sin(a)) for a in angles]
-    path = np.array([(spec.ax + 1.0 * s, 0.35 * spec.ay), tubercle, *shaft])
-    r_inplane, r_z = 3.6 * s, 5.0 * s
-    samples, arc = resample_path(path, 0.5 * r_inplane)
-    depth = spec.centre + 0.05 * spec.height + 0.2 * arc
-    out = []
-    for side in (1.0, -1.0):
-        field_ = tube_field(grid, depth, side * samples[:, 0], samples[:, 1], r_inplane, r_z, spec.theta)
-        if field_ is None:
-            continue
-        box, rho = field_
-        mask = rho <= 1.0
-        cortex = rho > 1.0 - spec.cortical_mm / r_inplane
-        hu = np.where(cortex, spec.hu_cortex, spec.hu_cancellous).astype(np.float32)
-        out.append((box, mask, hu))
-    return out
-
-
-def bone_density(grid: StudyGrid, box: Box, solid: np.ndarray, cancellous: float, cortical: float,
-                 cortical_mm: float, seed: int) -> np.ndarray:
-    """Cortical shell over trabecular bone with a smooth texture.
-
-    Args:
-        grid: study grid (for the voxel spacing).
-        box: the block ``solid`` covers.
-        solid: bool mask of the bone.
-        cancellous: trabecular HU.
-        cortical: cortical HU.
-        cortical_mm: cortical thickness.
-        seed: seed of the texture.
-
-    Returns:
-        float32 HU of the block (meaningful inside ``solid``).
-    """
-    rng = np.random.default_rng(seed)
-    # Trabecular texture: smooth noise drawn at half resolution and repeated (8x cheaper than full).
-    coarse = tuple((n + 1) // 2 for n in box.shape)
-    texture = ndimage.gaussian_filter(rng.standard_normal(coarse, dtype=np.float32),
-                                      sigma=(max(0.3, 0.4 / grid.dz), 0.4 / grid.ps, 0.4 / grid.ps))
-    texture = texture.repeat(2, 0).repeat(2, 1).repeat(2, 2)[: box.shape[0], : box.shape[1], : box.shape[2]]
-    texture /= max(float(texture.std()), 1e-6)
-    hu = cancellous * (1.0 + 0.12 * texture)
-    if solid.any():
-        hu = np.where(cortical_shell(solid, grid, cortical_mm), cortical * (1.0 + 0.05 * texture), hu)
-    return hu.astype(np.float32)
-
-
-def cortical_shell(solid: np.ndarray, grid: StudyGrid, thickness_mm: float) -> np.ndarray:
-    """Bone voxels within ``thickness_mm`` of the surface, and always the surface layer itself.
-
-    Erosion by an anisotropic number of steps per axis (the voxels are not cubes) instead of a
-    Euclidean distance transform: the same shell for these thin layers, about 8x faster.
-    """
-    eroded = ndimage.binary_erosion(solid, ndimage.generate_binary_structure(3, 1))
-    steps_inplane = max(1, int(thickness_mm / grid.ps + 1e-6))
-    steps_z = max(1, int(thickness_mm / grid.dz + 1e-6))
-    if steps_inplane > 1:
-        plane = np.zeros((3, 3, 3), dtype=bool)
-        plane[1] = ndimage.generate_binary_structure(2, 1)
-        eroded = ndimage.binary_erosion(eroded, plane, iterations=steps_inplane - 1)
-    if steps_z > 1:
-        axial = np.zeros((3, 3, 3), dtype=bool)
-        axial[:, 1, 1] = True
-        eroded = ndimage.binary_erosion(eroded, axial, iterations=steps_z - 1)
-    return solid & ~eroded
 
 
 def _benign_variations(block: BoneBlock, grid: StudyGrid, u: np.ndarray, v: np.ndarray,
@@ -485,82 +427,3 @@ def _benign_variations(block: BoneBlock, grid: StudyGrid, u: np.ndarray, v: np.n
         radius = (0.7 + 0.4 * params[2]) * s
         channel = body & (u**2 + h**2 <= radius**2) & (v >= 0.15 * spec.ay)
         block.hu[channel] = np.maximum(block.hu[channel] - (120.0 + 100.0 * params[5]), 60.0)
-
-
-def build_other_bones(skeleton: Skeleton, rng: np.random.Generator) -> list[tuple[Box, np.ndarray,
-                                                                                  np.ndarray]]:
-    """Skull base, mandible and clavicles: bone that is not a vertebra (label 0).
-
-    Args:
-        skeleton: the study layout.
-        rng: anatomy stream.
-
-    Returns:
-        ``(box, mask, hu)`` per bone.
-    """
-    grid = skeleton.grid
-    c1 = skeleton.vertebrae[0]
-    s = c1.scale
-    u_ = rng.uniform
-    out: list[tuple[Box, np.ndarray, np.ndarray]] = []
-    density = (u_(450.0, 700.0), u_(1100.0, 1600.0))
-    has_mandible = rng.random() < 0.85
-    mandible_drop = u_(-8.0, 6.0)
-    mandible_v = -(22.0 + 10.0 * u_()) * s
-    has_clavicles = rng.random() < 0.9
-    clavicle_drop = u_(-6.0, 8.0)
-    texture_seed = int(rng.integers(0, 2**62))
-
-    # Skull base: a bowl around the foramen magnum rising away from it, with the occipital condyles.
-    top = skeleton.skull_base
-    box = grid.box(0.0, top, (-62 * s, 62 * s), (-22 * s, 72 * s))
-    if box is not None:
-        u, v = grid.local(box)
-        depth = grid.depth_from(box, 0.0)
-        floor = top - 2.0 * s - 0.30 * np.abs(v - 10.0 * s) - 0.12 * np.abs(u)
-        thick = 7.0 * s
-        bowl = (depth <= floor) & (depth >= floor - thick) & (
-            ellipse(u, v, 0.0, 8.0 * s, 58.0 * s, 62.0 * s) <= 1.0) & (
-            ellipse(u, v, 0.0, 11.0 * s, 14.0 * s, 17.0 * s) > 1.0) & (v > -20.0 * s)
-        condyles = (ellipse(np.abs(u), v, 12.5 * s, 2.5 * s, 6.0 * s, 8.0 * s) <= 1.0) & (
-            depth <= top - 1.5 * s) & (depth >= top - 10.0 * s)
-        out.append(_plain_bone(grid, box, bowl | condyles, density, texture_seed))
-
-    mandible_bottom = skeleton.by_name("C3").centre + mandible_drop
-    if has_mandible:
-        box = grid.box(0.0, mandible_bottom, (-50 * s, 50 * s), (mandible_v - 62 * s, mandible_v + 30 * s))
-        if box is not None:
-            u, v = grid.local(box)
-            depth = grid.depth_from(box, 0.0)
-            arch = (ellipse(u, v, 0.0, mandible_v, 44.0 * s, 58.0 * s) <= 1.0) & (
-                ellipse(u, v, 0.0, mandible_v, 36.0 * s, 50.0 * s) > 1.0) & (v < mandible_v + 4.0 * s)
-            body = arch & (depth >= mandible_bottom - 24.0 * s)
-            ramus = (np.abs(u) >= 38.0 * s) & (np.abs(u) <= 45.0 * s) & (v >= mandible_v - 6.0 * s) & (
-                v <= mandible_v + 22.0 * s) & (depth < mandible_bottom - 8.0 * s)
-            mask = body | ramus
-            box_out = _plain_bone(grid, box, mask, density, texture_seed + 1)
-            teeth = body & (depth <= mandible_bottom - 16.0 * s)
-            box_out[2][teeth] = 2400.0  # enamel and dentin: brighter than any cortex
-            out.append(box_out)
-
-    thoracic = [v for v in skeleton.vertebrae if v.kind == "T"]
-    if has_clavicles and thoracic:
-        level = thoracic[0].bottom + clavicle_drop
-        spec = thoracic[0]
-        path = np.array([(12.0 * s, -(spec.ay + 48.0 * s)), (40.0 * s, -(spec.ay + 40.0 * s)),
-                         (75.0 * s, -(spec.ay + 8.0 * s))])
-        radius = 5.5 * s
-        samples, arc = resample_path(path, 0.5 * radius)
-        for side in (1.0, -1.0):
-            field_ = tube_field(grid, level - 0.25 * arc, side * samples[:, 0], samples[:, 1], radius, radius)
-            if field_ is not None:
-                box, rho = field_
-                hu = np.where(rho > 1.0 - 1.5 / radius, density[1], density[0]).astype(np.float32)
-                out.append((box, rho <= 1.0, hu))
-    return out
-
-
-def _plain_bone(grid: StudyGrid, box: Box, mask: np.ndarray, density: tuple[float, float],
-                seed: int) -> tuple[Box, np.ndarray, np.ndarray]:
-    mask = np.broadcast_to(mask, box.shape).copy()
-    return box, mask, bone_density(grid, box, mask, density[0], density[1], 1.5, seed)
