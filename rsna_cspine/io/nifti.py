@@ -172,6 +172,33 @@ def load_nifti_volume(path: str | Path) -> Volume:
     )
 
 
+def save_volume_nifti(volume: Volume, path: str | Path) -> Path:
+    """Write a volume's HU as a NIfTI CT whose affine places it in the patient (read back by :func:`load_nifti_volume`).
+
+    Stored ``(x, y, z)`` in volume order, as int16 when every value is a whole number in its range (CT
+    always is), else float32.
+
+    Args:
+        volume: the study.
+        path: output ``.nii`` or ``.nii.gz``.
+    """
+    path = Path(path)
+    hu = volume.hu
+    whole = hu.size == 0 or (float(hu.min()) >= -32768 and float(hu.max()) <= 32767 and bool(np.all(hu == np.round(hu))))
+    stored = np.ascontiguousarray(hu.transpose(2, 1, 0), dtype=np.int16 if whole else np.float32)
+    storage_to_volume = np.zeros((4, 4))
+    storage_to_volume[2, 0] = storage_to_volume[1, 1] = storage_to_volume[0, 2] = storage_to_volume[3, 3] = 1.0
+    affine = RAS_TO_LPS @ volume.affine @ storage_to_volume
+    image = nib.Nifti1Image(stored, affine)
+    image.set_sform(affine, code=1)
+    rotation = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    image.set_qform(affine if np.allclose(rotation.T @ rotation, np.eye(3), atol=1e-6) else None, code=1)
+    image.header.set_slope_inter(1.0, 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, path)
+    return path
+
+
 def save_segmentation(labels: np.ndarray, volume: Volume, path: str | Path, *, rsna_layout: bool = True) -> None:
     """Write ``labels`` (aligned with ``volume``) as a NIfTI whose affine places them in the patient.
 
