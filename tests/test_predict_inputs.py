@@ -125,3 +125,44 @@ def test_kaggle_layout_with_an_empty_train_csv_predicts_with_the_models_prior(
     values = submission.set_index("row_id")["fractured"]
     np.testing.assert_allclose([values[f"gone_{t}"] for t in TARGET_COLUMNS], STORED.mean(axis=0), rtol=1e-9)
     assert not np.allclose([values[f"s2_{t}"] for t in TARGET_COLUMNS], STORED.mean(axis=0))
+
+
+def test_explain_takes_a_folder_of_nifti_files(models: Path, studies: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "niftis"
+    folder.mkdir()
+    (folder / "a.nii.gz").write_bytes(studies["nifti"].read_bytes())
+    assert main(["explain", str(folder), "--models", str(models), "--out", str(tmp_path / "pictures"),
+                 "--device", "cpu", "--vertebrae", "C1"]) == 0
+    written = pd.read_csv(tmp_path / "pictures" / "a" / "probabilities.csv")
+    expected = FracturePipeline.from_models_dir(models, CPU).predict_study(studies["nifti"]).probs
+    assert written.shape[0] >= 1 and len(list((tmp_path / "pictures" / "a").glob("*.png"))) >= 2
+    assert pytest.approx(expected.tolist(), abs=1e-6) == [
+        float(written.set_index(written.columns[0]).iloc[:, 0].get(c, np.nan)) for c in TARGET_COLUMNS]
+
+
+def test_serve_accepts_a_nifti_upload_and_lists_nifti_files(models: Path, studies: dict[str, Path], tmp_path: Path) -> None:
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from rsna_cspine.report.explain import StudyExplainer
+    from rsna_cspine.report.uploads import list_studies
+    from rsna_cspine.report.web import create_app
+
+    pipeline = FracturePipeline.from_models_dir(models, CPU)
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    (shelf / "ct.nii.gz").write_bytes(studies["nifti"].read_bytes())
+    assert list_studies(shelf) == {"ct.nii.gz": shelf / "ct.nii.gz"}
+    with TestClient(create_app(StudyExplainer(pipeline), studies_dir=shelf, work_dir=tmp_path / "work")) as client:
+        reply = client.post("/jobs/upload", files={"file": ("neck.nii.gz", studies["nifti"].read_bytes(),
+                                                            "application/gzip")}, headers={"accept": "application/json"})
+        assert reply.status_code == 201, reply.text
+        deadline = time.monotonic() + 120
+        while (job := client.get(f"/api/jobs/{reply.json()['id']}").json())[
+                "state"] not in ("done", "failed") and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert job["state"] == "done", job
+    assert job["study"] == "neck"
+    expected = pipeline.predict_study(studies["nifti"]).probs
+    assert [job["probabilities"][c] for c in TARGET_COLUMNS] == pytest.approx(expected.tolist(), abs=1e-9)
