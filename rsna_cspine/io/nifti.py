@@ -77,6 +77,8 @@ def load_segmentation(path: str | Path, volume: Volume, *, max_label: int | None
     if data.ndim != 3:
         raise NiftiError(f"expected 3-D label data, got shape {data.shape}", path)
     nifti_lps = RAS_TO_LPS @ image.affine
+    if not np.all(np.isfinite(nifti_lps)):
+        raise NiftiError(f"non-finite affine {image.affine.tolist()}", path)
     try:
         index_map = np.linalg.inv(nifti_lps) @ volume.affine
     except np.linalg.LinAlgError as exc:
