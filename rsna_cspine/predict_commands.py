@@ -1,4 +1,5 @@
-"""``rsna-cspine predict``: studies of test.csv → submission.csv (or one shard of it)."""
+"""``rsna-cspine predict``: studies of test.csv → submission.csv (or one shard of it), or any studies
+(``--inputs``: DICOM folders, Enhanced CT files, NIfTI files, folders of them) → predictions.csv."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 from rsna_cspine.aggregate import PATIENT_RULES
 from rsna_cspine.config import load_config
-from rsna_cspine.errors import CSpineError
-from rsna_cspine.inference import PipelineConfig, predict_dataset, timing_log_path
+from rsna_cspine.errors import ConfigError, CSpineError
+from rsna_cspine.inference import PipelineConfig, predict_dataset, predict_inputs, timing_log_path
 from rsna_cspine.runner import parse_shard
 
 logger = logging.getLogger(__name__)
@@ -21,9 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: the subcommand's parser.
     """
-    parser.add_argument("--data", type=Path, required=True, help="Kaggle-layout folder (test.csv, test_images/)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="Kaggle-layout folder (test.csv, test_images/) → submission.csv")
+    source.add_argument("--inputs", type=Path, nargs="+", metavar="PATH",
+                        help="studies: DICOM folders, Enhanced CT files, NIfTI files (.nii, .nii.gz) or folders of "
+                             "them → predictions.csv, one row per study")
     parser.add_argument("--models", type=Path, required=True, help="folder with seg/ and cls/ checkpoints")
-    parser.add_argument("--out", type=Path, required=True, help="submission.csv (or the shard file with --shard)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="submission.csv (or the shard file with --shard); with --inputs, predictions.csv")
     parser.add_argument("--config", type=Path, default=None, help="YAML of PipelineConfig settings")
     parser.add_argument("--shard", default=None, metavar="I/N", help="predict only studies k with k %% N == I")
     parser.add_argument("--rule", choices=PATIENT_RULES, default=None, help="patient_overall rule (default calibrated: noisy-OR through the checkpoints' validation fit)")
@@ -66,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
     """
     try:
         cfg = load_config(PipelineConfig, args.config, list(args.overrides), flag_values(args))
+        if args.inputs:
+            if args.shard:
+                raise ConfigError("--shard splits a test.csv; with --inputs give each machine its own paths")
+            table = predict_inputs(args.inputs, args.models, args.out, cfg=cfg, progress=not args.no_progress)
+            print(f"predictions: {args.out} ({len(table)} studies: {table['status'].value_counts().to_dict()})")
+            print(f"per-study timings: {timing_log_path(args.out)}")
+            return 0
         shard = parse_shard(args.shard) if args.shard else None
         rows = predict_dataset(args.data, args.models, args.out, shard=shard, cfg=cfg, progress=not args.no_progress)
     except CSpineError as exc:

@@ -54,6 +54,10 @@ _DR = "tests/test_dicom_real.py::"
 _RS = "tests/test_reliability_series.py::"
 _FZ = "tests/test_fuzz_loader.py::"
 _NI = "tests/test_nifti.py::"
+_NV = "tests/test_nifti_volume.py::"
+_MF = "tests/test_dicom_multiframe.py::"
+_IM = "tests/test_importers.py::"
+_PI2 = "tests/test_predict_inputs.py::"
 _RI = "tests/test_reliability_inputs.py::"
 _KI = "tests/test_kaggle_io.py::"
 _AG = "tests/test_aggregate.py::"
@@ -66,8 +70,17 @@ CASES: tuple[Case, ...] = (
          (_DS + "test_empty_and_missing_folders_raise",)),
     Case(SERIES, "Empty folder", "`DicomSeriesError`: `<path>: folder is empty`.",
          (_DS + "test_empty_and_missing_folders_raise",)),
-    Case(SERIES, "A file given where the study folder is expected", "`DicomSeriesError`: `<path>: not a folder`.",
-         (_RS + "test_a_file_given_as_the_folder_raises_naming_it",)),
+    Case(SERIES, "A single-frame file given where the study folder is expected",
+         "`DicomSeriesError`: `<path>: not a folder, and not a multi-frame file` (a multi-frame file is a series).",
+         (_RS + "test_a_file_given_as_the_folder_raises_naming_it", _MF + "test_a_single_frame_file_is_still_not_a_study")),
+    Case(SERIES, "Enhanced CT frames without a Plane Position, or one frame with a corrupt position",
+         "The frame is left out and named (`<file> frame <k>`) with the cause, the hole reported as a gap; "
+         "too few usable frames: `DicomSeriesError` naming the file and the first frames.",
+         (_MF + "test_frames_without_positions_are_refused_naming_the_file_and_the_group",
+          _MF + "test_one_bad_frame_position_is_dropped_and_reported")),
+    Case(SERIES, "Enhanced CT whose per-frame functional groups do not match its frame count",
+         "`DicomSeriesError` naming the file and both counts.",
+         (_MF + "test_per_frame_item_count_must_match_the_frames",)),
     Case(SERIES, "Non-DICOM files mixed in (README, thumbnails)",
          "Skipped; a warning names them. A folder with no DICOM at all: `DicomSeriesError` (no readable DICOM).",
          (_DS + "test_non_dicom_file_is_skipped_with_warning", _DS + "test_folder_without_dicom_or_pixels_raises")),
@@ -229,6 +242,17 @@ CASES: tuple[Case, ...] = (
     Case(NIFTI, "Empty mask", "Returned as all zeros with a `SegmentationWarning`.", (_NI + "test_empty_mask_warns",)),
     Case(NIFTI, "Unreadable file, missing file, 2-D or 4-D data", "`NiftiError` naming the file.",
          (_NI + "test_unreadable_and_non_3d_files_raise",)),
+    Case(NIFTI, "A NIfTI CT (`io.nifti.load_nifti_volume`) that is 2-D, holds NaN, has a singular affine or is "
+         "not NIfTI", "`NiftiError` naming the file and the cause; values that do not look like HU are kept "
+         "with a warning.",
+         (_NV + "test_implausible_files_raise_naming_the_file", _NV + "test_unreadable_file_raises_naming_it",
+          _NV + "test_values_that_are_not_hounsfield_units_are_reported")),
+    Case(NIFTI, "An imported case (`import-labels`) without any C1-C7 label, or whose image cannot be read",
+         "Skipped (no cervical label; the labels it has are listed) or failed (the cause) in "
+         "`import_report.csv`; the other cases are imported.",
+         (_IM + "test_real_totalsegmentator_example_is_read_and_skipped_as_an_abdomen",
+          _IM + "test_totalsegmentator_per_structure_masks_and_a_failing_case",
+          _IM + "test_verse_and_ctspine1k_cases_keep_c1_to_c7_where_they_were")),
     # ------------------------------------------------------------------ CSV
     Case(CSV, "Missing columns (train.csv, test.csv, train_bounding_boxes.csv)",
          "`LayoutError` naming the file, the missing and the found columns.",
@@ -328,6 +352,13 @@ CASES: tuple[Case, ...] = (
          "Every rank stops before joining the process group with a `LayoutError` naming the cache folder, how many "
          "studies are missing and the `--prepare-only` command that builds it; nothing is written.",
          ("tests/test_cls_train.py::test_torchrun_refuses_an_incomplete_crop_cache_before_joining_a_group",)),
+    Case(RUN, "`predict --inputs` with an unreadable study, or a train.csv without labelled rows (`--data`)",
+         "The study's row gets the prior the stage-2 checkpoints store, status `failed` and the cause; the table "
+         "is complete. An empty train.csv: the models' prior. Checkpoints without a stored prior: the real "
+         "prevalence, with a warning.",
+         (_PI2 + "test_one_study_in_any_form_gives_the_same_row_and_a_broken_one_gets_the_stored_prior",
+          _PI2 + "test_kaggle_layout_with_an_empty_train_csv_predicts_with_the_models_prior",
+          _PI2 + "test_checkpoints_without_a_stored_prevalence_fall_back_to_the_real_one")),
     Case(RUN, "Killed while writing a checkpoint",
          "The previous checkpoint stays intact and loadable; the next save succeeds.",
          (_RI + "test_checkpoint_write_killed_midway_keeps_the_previous_checkpoint",)),

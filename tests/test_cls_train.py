@@ -364,9 +364,14 @@ def test_resume_equals_uninterrupted_and_oof_is_written(tmp_path, monkeypatch) -
     assert stored.slope == pytest.approx(expected.slope, rel=1e-4, abs=1e-6)
     assert stored.intercept == pytest.approx(expected.intercept, rel=1e-4, abs=1e-6)
 
+    # ... and the training studies' prevalence, the fallback prior of predict (no train.csv needed there).
+    prevalence = load_checkpoint(straight / "best.pt")["extra"]["prevalence"]
+    np.testing.assert_allclose(prevalence, train_labels[list(TARGET_COLUMNS)].mean().to_numpy(), rtol=1e-12)
+
     # The checkpoint alone rebuilds the model for inference; absent vertebrae come back as NaN.
     ensemble = load_classifiers([straight / "best.pt", resumed / "best.pt"], torch.device("cpu"))
     assert len(ensemble.calibrations) == 2
+    np.testing.assert_allclose(ensemble.prevalence, prevalence, rtol=1e-12)
     crops = load_crops(f"{cache}/{absent_uid}.npz")
     single = load_classifiers([straight / "best.pt"], torch.device("cpu")).predict(crops)
     both = ensemble.predict(crops, tta=True)

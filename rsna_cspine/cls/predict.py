@@ -14,6 +14,7 @@ from rsna_cspine.aggregate import PatientCalibration
 from rsna_cspine.cls.config import ClsConfig
 from rsna_cspine.cls.model import FractureClassifier, build_classifier
 from rsna_cspine.config import config_from_checkpoint
+from rsna_cspine.constants import TARGET_COLUMNS
 from rsna_cspine.crops.extract import CropConfig, VertebraCrops, to_unit_float
 from rsna_cspine.engine import autocast, load_checkpoint
 from rsna_cspine.errors import ConfigError, CSpineError
@@ -47,6 +48,8 @@ class FractureEnsemble:
             by ~1e-3, so it is off by default.
         calibrations: the patient_overall fits stored with the models (one per model that has one),
             for ``aggregate.patient_overall(rule="calibrated")``.
+        prevalence: ``(8,)`` the mean training prevalence the models were trained on (``TARGET_COLUMNS``
+            order), the fallback prior of a prediction; None when no checkpoint stores one.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class FractureEnsemble:
         amp: bool = True,
         cpu_bf16: bool = False,
         calibrations: Sequence[PatientCalibration] = (),
+        prevalence: np.ndarray | None = None,
     ) -> None:
         if not models:
             raise ConfigError("an ensemble needs at least one model")
@@ -69,6 +73,7 @@ class FractureEnsemble:
         self.amp = amp
         self.cpu_bf16 = cpu_bf16
         self.calibrations = list(calibrations)
+        self.prevalence = None if prevalence is None else np.asarray(prevalence, dtype=np.float64)
 
     @property
     def cpu_bf16(self) -> bool:
@@ -147,6 +152,7 @@ def load_classifiers(
         raise ConfigError("no stage-2 checkpoint given")
     models: list[FractureClassifier] = []
     calibrations: list[PatientCalibration] = []
+    prevalences: list[np.ndarray] = []
     crop_config: CropConfig | None = None
     amp = True
     for path in checkpoints:
@@ -164,9 +170,15 @@ def load_classifiers(
         models.append(model)
         if state.get("extra", {}).get("patient_calibration"):
             calibrations.append(PatientCalibration.from_dict(state["extra"]["patient_calibration"]))
+        stored = (state.get("extra") or {}).get("prevalence")
+        if stored is not None and len(stored) == len(TARGET_COLUMNS) and np.all(np.isfinite(stored)):
+            prevalences.append(np.asarray(stored, dtype=np.float64))
         log.info("loaded %s (%s, epoch %s, best score %s)", path, cfg.model.backbone, state.get("epoch"), state.get("best_score"))
     assert crop_config is not None
     if calibrations and len(calibrations) < len(models):
         log.warning("only %d of %d checkpoints carry a patient_overall calibration; using those", len(calibrations), len(models))
+    if prevalences and len(prevalences) < len(models):
+        log.warning("only %d of %d checkpoints store their training prevalence; the prior is their mean",
+                    len(prevalences), len(models))
     return FractureEnsemble(models, crop_config, device, batch_size=batch_size, amp=amp, cpu_bf16=cpu_bf16,
-                            calibrations=calibrations)
+                            calibrations=calibrations, prevalence=np.mean(prevalences, axis=0) if prevalences else None)

@@ -204,7 +204,8 @@ class VertebraTask(TrainingTask):
 
     def checkpoint_extra(self) -> dict[str, Any]:
         # Fitted on the validation of the weights being saved, so each checkpoint carries its own fit.
-        extra: dict[str, Any] = {"fold": self.cfg.fold}
+        # The training studies' prevalence travels with the weights: the prior a prediction falls back on.
+        extra: dict[str, Any] = {"fold": self.cfg.fold, "prevalence": [float(v) for v in self.split.prior]}
         if self._last is not None:
             extra["patient_calibration"] = self._last.calibration.to_dict()
         return extra

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from rsna_cspine.aggregate import PATIENT_RULES
 from rsna_cspine.errors import ConfigError
 
+#: Where the fallback prior comes from (see ``PipelineConfig.prior``).
+PRIOR_SOURCES: tuple[str, ...] = ("train_csv", "models", "real")
+
 
 @dataclass
 class PipelineConfig:
@@ -29,9 +32,12 @@ class PipelineConfig:
             median time per study says the rest would not fit.
         budget_safety: the time estimates are multiplied by this before comparing with the time left.
         cheap_folds: how many classifier checkpoints the cheap path uses (no TTA).
-        prior: fallback probabilities: ``train_csv`` = the prevalence of ``<data>/train.csv`` when it
-            exists (on Kaggle that is the real prevalence), else the real prevalence; ``real`` = always
-            ``constants.REAL_PREVALENCE``.
+        prior: fallback probabilities (absent vertebrae, failed studies): ``train_csv`` = the prevalence of
+            ``<data>/train.csv`` when it has labelled studies (on Kaggle that is the real prevalence), else
+            as ``models``; ``models`` = the training prevalence the stage-2 checkpoints store (their mean;
+            the real prevalence, with a warning, for checkpoints written before they stored it);
+            ``real`` = always ``constants.REAL_PREVALENCE``. ``predict --inputs`` has no train.csv:
+            ``train_csv`` acts as ``models`` there.
         resume: skip studies already predicted into ``<out>.parts/`` by an earlier run with the same
             models and settings.
         split: which image folder of the Kaggle layout holds the studies (``test`` or ``train``).
@@ -61,8 +67,8 @@ class PipelineConfig:
             raise ConfigError(f"budget_safety must be ≥ 1, got {self.budget_safety}")
         if self.cheap_folds < 1:
             raise ConfigError(f"cheap_folds must be ≥ 1, got {self.cheap_folds}")
-        if self.prior not in ("train_csv", "real"):
-            raise ConfigError(f"prior must be 'train_csv' or 'real', got {self.prior!r}")
+        if self.prior not in PRIOR_SOURCES:
+            raise ConfigError(f"prior must be one of {PRIOR_SOURCES}, got {self.prior!r}")
         if self.split not in ("test", "train"):
             raise ConfigError(f"split must be 'test' or 'train', got {self.split!r}")
 

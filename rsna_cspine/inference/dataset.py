@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +56,18 @@ def parts_dir(out_csv: str | Path) -> Path:
     return out_csv.with_name(out_csv.name + ".parts")
 
 
-def _dataset_prior(layout: KaggleLayout, cfg: PipelineConfig) -> np.ndarray:
+def _dataset_prior(layout: KaggleLayout, cfg: PipelineConfig) -> np.ndarray | None:
+    """The prior ``cfg.prior`` names; None when it is the models' (known once they are loaded)."""
+    if cfg.prior == "real":
+        return prior_predictions(None)
     if cfg.prior == "train_csv" and layout.train_csv.is_file():
-        prior = prior_predictions(read_train_labels(layout.train_csv))
-        logger.info("prior from %s: %s", layout.train_csv, np.round(prior, 4).tolist())
-        return prior
-    return prior_predictions(None)
+        labels = read_train_labels(layout.train_csv)
+        if len(labels):
+            prior = prior_predictions(labels)
+            logger.info("prior from %s: %s", layout.train_csv, np.round(prior, 4).tolist())
+            return prior
+        logger.info("%s has no labelled study: the prior is the models' training prevalence", layout.train_csv)
+    return None
 
 
 def _record(uid: str, path: str, status: str, reason: str = "", prediction: StudyPrediction | None = None) -> dict[str, Any]:
@@ -77,18 +84,32 @@ def _record(uid: str, path: str, status: str, reason: str = "", prediction: Stud
     return record
 
 
-def _predict_studies(
+def predict_studies(
     pipeline: FracturePipeline,
-    layout: KaggleLayout,
+    study_path: Callable[[str], Path],
     uids: list[str],
     out_csv: Path,
     budget: PredictionBudget,
     progress: bool,
     resume: bool,
+    data: dict[str, Any],
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """The per-study part of :func:`predict_dataset`: resume, choose a path, predict, never raise for a study."""
-    split = pipeline.cfg.split
-    fingerprint = {**pipeline.fingerprint(), "data": str(layout.root.resolve()), "split": split}
+    """The per-study loop of every prediction run: resume, choose a path, predict, never raise for a study.
+
+    Args:
+        pipeline: the loaded models.
+        study_path: a study's folder or file from its name.
+        uids: the studies' names, in output order.
+        out_csv: the output (its ``.parts/`` ledger lies beside it).
+        budget: picks each study's path.
+        progress: tqdm bar.
+        resume: reuse the studies an earlier run with the same models, settings and ``data`` finished.
+        data: what identifies the inputs in the ledger's fingerprint.
+
+    Returns:
+        One timing-log record per study (in ``uids`` order) and the probabilities of the predicted ones.
+    """
+    fingerprint = {**pipeline.fingerprint(), **data}
     runner = StudyRunner(StudyLedger(parts_dir(out_csv), fingerprint, resume=resume), desc="predict", progress=progress)
     plan = runner.plan(uids)
     started = itertools.count()
@@ -99,11 +120,11 @@ def _predict_studies(
         chosen[uid] = path = budget.choose(len(plan.todo) - next(started))
         if path == "prior":
             raise StudySkipped("time budget: not enough time left")
-        prediction = pipeline.predict_study(layout.study_dir(uid, split), path=path)
+        prediction = pipeline.predict_study(study_path(uid), path=path)
         for note in prediction.warnings:
             logger.info("study %s: %s", uid, note)
         budget.record(path, prediction.timings["total"])
-        return _record(uid, path, "ok", "; ".join(prediction.warnings), prediction)
+        return {**_record(uid, path, "ok", "; ".join(prediction.warnings), prediction), "qc": prediction.qc}
 
     return _timing_records(runner.run(plan, predict_one), chosen)
 
@@ -132,6 +153,40 @@ def _timing_records(
     return records, predictions
 
 
+def load_pipeline(
+    models_dir: str | Path,
+    cfg: PipelineConfig,
+    prior: np.ndarray | None,
+    uids: list[str],
+    pipeline: FracturePipeline | None = None,
+) -> tuple[FracturePipeline | None, np.ndarray, list[dict[str, Any]]]:
+    """The models of a prediction run, its prior, and the records of the studies when there are no models.
+
+    Args:
+        models_dir: folder with ``seg/`` and ``cls/`` checkpoints.
+        cfg: pipeline settings.
+        prior: ``(8,)`` fallback, or None for the models' stored training prevalence.
+        uids: the studies (each gets a prior record when the models cannot be used).
+        pipeline: an already loaded pipeline (its prior is used).
+
+    Returns:
+        ``(pipeline or None, prior, records)``: without a pipeline every study has a record (``failed``
+        when the models did not load, ``budget`` for a time budget of 0) and the prior is the real prevalence
+        unless one was given.
+    """
+    if pipeline is not None:
+        return pipeline, pipeline.prior, []  # one prior for absent vertebrae and failed studies alike
+    fallback = prior_predictions(None) if prior is None else prior
+    if not uids or (cfg.time_budget_s is not None and cfg.time_budget_s <= 0):
+        return None, fallback, [_record(uid, "prior", "budget", "time budget is 0") for uid in uids]
+    try:
+        pipeline = FracturePipeline.from_models_dir(models_dir, cfg, prior)
+    except Exception as exc:  # noqa: BLE001 - without models the output is still written, all prior
+        logger.error("could not load the models from %s (%s): every study gets the prior", models_dir, exc)
+        return None, fallback, [_record(uid, "prior", "failed", f"models: {exc}") for uid in uids]
+    return pipeline, pipeline.prior, []
+
+
 def predict_dataset(
     data_dir: str | Path,
     models_dir: str | Path,
@@ -156,7 +211,7 @@ def predict_dataset(
         cfg: pipeline settings (defaults when ``None``).
         progress: show a tqdm bar.
         pipeline: an already loaded pipeline (notebooks, tests; its prior and split are used); else built
-            from ``models_dir`` with ``cfg``.
+            from ``models_dir`` with ``cfg`` (the prior: see ``PipelineConfig.prior``).
 
     Returns:
         The rows written: ``row_id, fractured`` in test.csv order (only the shard's studies with ``shard``).
@@ -174,20 +229,14 @@ def predict_dataset(
     shard_note = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
     logger.info("%d studies to predict%s from %s", len(uids), shard_note, layout.test_csv)
 
-    records: list[dict[str, Any]] = []
     predictions: dict[str, np.ndarray] = {}
+    pipeline, prior, records = load_pipeline(models_dir, cfg, prior, uids, pipeline)
     if pipeline is not None:
-        prior = pipeline.prior  # one prior for absent vertebrae and failed studies alike
-    elif uids and (cfg.time_budget_s is None or cfg.time_budget_s > 0):
-        try:
-            pipeline = FracturePipeline.from_models_dir(models_dir, cfg, prior)
-        except Exception as exc:  # noqa: BLE001 - without models the submission is still written, all prior
-            logger.error("could not load the models from %s (%s): every study gets the prior", models_dir, exc)
-            records = [_record(uid, "prior", "failed", f"models: {exc}") for uid in uids]
-    if pipeline is not None:
-        records, predictions = _predict_studies(pipeline, layout, uids, out_csv, budget, progress, cfg.resume)
-    elif not records:
-        records = [_record(uid, "prior", "budget", "time budget is 0") for uid in uids]
+        split = pipeline.cfg.split
+        records, predictions = predict_studies(
+            pipeline, lambda uid: layout.study_path(uid, split), uids, out_csv, budget, progress, cfg.resume,
+            {"data": str(layout.root.resolve()), "split": split},
+        )
 
     timings = pd.DataFrame(records).reindex(columns=list(TIMING_COLUMNS))
     timings = timings.astype({"n_slices": "Int64", "vertebrae_found": "Int64", "resumed": bool})

@@ -1,8 +1,8 @@
-"""One study at a time: a DICOM folder → eight probabilities, through public steps that return what they made.
+"""One study at a time: a CT study → eight probabilities, through public steps that return what they made.
 
 :class:`FracturePipeline` loads the models of a models folder once. Its steps, each usable on its own:
 
-* :meth:`~FracturePipeline.load`: DICOM folder → :class:`~rsna_cspine.io.volume.Volume`;
+* :meth:`~FracturePipeline.load`: DICOM folder, Enhanced CT file or NIfTI file → :class:`~rsna_cspine.io.volume.Volume`;
 * :meth:`~FracturePipeline.segment`: Volume → :class:`~rsna_cspine.seg.predict.SegmentationResult`
   (mask at the volume's resolution + per-vertebra table);
 * :meth:`~FracturePipeline.crop`: Volume + segmentation → :class:`~rsna_cspine.crops.extract.VertebraCrops`;
@@ -38,6 +38,7 @@ from rsna_cspine.aggregate import clip_probabilities, patient_overall
 from rsna_cspine.constants import VERTEBRAE
 from rsna_cspine.errors import ConfigError, LayoutError
 from rsna_cspine.inference.config import PipelineConfig
+from rsna_cspine.io.volume import study_name
 from rsna_cspine.metric import prior_predictions
 from rsna_cspine.runner import StudyError, file_fingerprint
 
@@ -77,7 +78,8 @@ class StudyPrediction:
     """What the pipeline says about one study.
 
     Attributes:
-        uid: StudyInstanceUID (the folder name).
+        uid: the study's name: its folder's name (the StudyInstanceUID in the Kaggle layout), or its file's
+            name without ``.nii.gz``/``.nii``/``.dcm``.
         probs: ``(8,)`` clipped probabilities in ``TARGET_COLUMNS`` order.
         vertebra_probs: ``(7,)`` the classifier's output before filling; NaN where a vertebra was not found.
         path: ``full`` or ``cheap``.
@@ -85,6 +87,7 @@ class StudyPrediction:
         n_slices: slices in the loaded series.
         warnings: notes about the study (loader repairs, vertebrae not found and given the prior).
         intermediates: the steps' results, when ``predict_study`` was asked to keep them.
+        qc: the anatomical QC's verdicts on the segmentation (filled by the anatomical QC; empty until it runs).
     """
 
     uid: str
@@ -95,6 +98,7 @@ class StudyPrediction:
     n_slices: int = 0
     warnings: list[str] = field(default_factory=list)
     intermediates: StudyIntermediates | None = None
+    qc: str = ""
 
     @property
     def vertebrae_found(self) -> int:
@@ -140,8 +144,9 @@ class FracturePipeline:
         classifier_checkpoints: stage-2 fold checkpoints; the full path averages them all, the cheap
             path the first ``cfg.cheap_folds``.
         cfg: pipeline settings (defaults when ``None``).
-        prior: ``(8,)`` fallback probabilities (absent vertebrae, failed studies); default the real
-            train.csv prevalence.
+        prior: ``(8,)`` fallback probabilities (absent vertebrae, failed studies); default the training
+            prevalence the stage-2 checkpoints store (their mean), else, for checkpoints written before they
+            stored it, the real train.csv prevalence (with a warning).
     """
 
     def __init__(
@@ -159,7 +164,6 @@ class FracturePipeline:
             raise ConfigError("at least one stage-1 and one stage-2 checkpoint are needed")
         self.seg_checkpoints = [Path(p) for p in seg_checkpoints]
         self.classifier_checkpoints = [Path(p) for p in classifier_checkpoints]
-        self.prior = prior_predictions(None) if prior is None else np.asarray(prior, dtype=np.float64)
         self.device = resolve_device(self.cfg.device)
         logger.info(
             "models: stage 1 %s; stage 2 %s; device %s",
@@ -172,6 +176,7 @@ class FracturePipeline:
         # The crop geometry must be the one the classifiers were trained on: it travels in their checkpoints.
         self.crop_config = self.classifiers("full").crop_config
         self.calibrations = self.classifiers("full").calibrations
+        self.prior = self.models_prior() if prior is None else np.asarray(prior, dtype=np.float64)
         if self.cfg.rule == "calibrated" and not self.calibrations:
             logger.warning("rule 'calibrated': no stage-2 checkpoint carries a patient_overall calibration "
                            "(trained before they were stored); using plain noisy_or")
@@ -189,9 +194,19 @@ class FracturePipeline:
         Args:
             models_dir: folder with ``seg/`` and ``cls/`` checkpoints.
             cfg: pipeline settings (defaults when ``None``).
-            prior: ``(8,)`` fallback; default the real train.csv prevalence.
+            prior: ``(8,)`` fallback; default the models' stored training prevalence (see the class).
         """
         return cls(find_checkpoints(models_dir, "seg"), find_checkpoints(models_dir, "cls"), cfg, prior)
+
+    def models_prior(self) -> np.ndarray:
+        """``(8,)`` the training prevalence stored in the stage-2 checkpoints (their mean); the real train.csv
+        prevalence, with a warning, when none stores one (checkpoints written before they did)."""
+        stored = self.classifiers("full").prevalence
+        if stored is None:
+            logger.warning("no stage-2 checkpoint stores its training prevalence (trained before they did): "
+                           "the fallback prior is the real train.csv prevalence")
+            return prior_predictions(None)
+        return stored
 
     # ------------------------------------------------------------------------------------------
     # The models of each path
@@ -257,14 +272,14 @@ class FracturePipeline:
     # ------------------------------------------------------------------------------------------
 
     def load(self, folder: str | Path) -> Volume:
-        """Read a study folder of DICOM files (see ``io.dicom.load_series``).
+        """Read a study: a folder of DICOM files, an Enhanced CT file or a NIfTI file (see ``io.study.load_study``).
 
         Args:
-            folder: the study's folder (``test_images/<UID>``).
+            folder: the study's folder (``test_images/<UID>``) or file.
         """
-        from rsna_cspine.io.dicom import load_series
+        from rsna_cspine.io.study import load_study
 
-        return load_series(folder)
+        return load_study(folder)
 
     def segment(self, volume: Volume, path: str = "full") -> SegmentationResult:
         """Stage 1: the C1..C7 mask at the volume's resolution and the per-vertebra table.
@@ -323,10 +338,10 @@ class FracturePipeline:
         keep_intermediates: bool = False,
         on_stage: Callable[[str], None] | None = None,
     ) -> StudyPrediction:
-        """Predict one study folder of DICOM files: load → segment → crop → classify → aggregate.
+        """Predict one study: load → segment → crop → classify → aggregate.
 
         Args:
-            folder: the study's folder (``test_images/<UID>``).
+            folder: the study's folder of DICOM files (``test_images/<UID>``), Enhanced CT file or NIfTI file.
             path: ``full`` (every fold, TTA if configured) or ``cheap`` (``cheap_folds`` folds, no TTA).
             keep_intermediates: return the volume, segmentation and crops in ``intermediates``
                 (otherwise the volume and mask are dropped before the classifier runs).
@@ -382,7 +397,7 @@ class FracturePipeline:
             notes.append(f"vertebrae not found: {absent}: prior used")
         timings["total"] = time.perf_counter() - start
         return StudyPrediction(
-            uid=folder.name,
+            uid=study_name(folder),
             probs=self.aggregate(raw),
             vertebra_probs=raw,
             path=path,

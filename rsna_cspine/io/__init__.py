@@ -1,4 +1,5 @@
-"""Input/output: DICOM series → Volume, NIfTI → aligned labels, Kaggle-layout tables.
+"""Input/output: DICOM series (single- or multi-frame) and NIfTI CT → Volume, NIfTI → aligned labels,
+any study → Volume (``io.study``), Kaggle-layout tables.
 
 Heavy decoders are imported by the submodules only when a series is actually loaded.
 """

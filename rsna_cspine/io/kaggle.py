@@ -83,6 +83,22 @@ class KaggleLayout:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return (self.train_images if split == "train" else self.test_images) / uid
 
+    def study_path(self, uid: str, split: str) -> Path:
+        """Where one study's images are: its folder of DICOM files, else ``<uid>.nii.gz``, ``<uid>.nii`` or
+        ``<uid>.dcm`` (a NIfTI or Enhanced CT file, as ``rsna-cspine import-labels`` writes) beside it.
+
+        Args:
+            uid: StudyInstanceUID.
+            split: ``"train"`` or ``"test"``.
+        """
+        folder = self.study_dir(uid, split)
+        if not folder.is_dir():
+            for suffix in (".nii.gz", ".nii", ".dcm"):
+                candidate = folder.with_name(uid + suffix)
+                if candidate.is_file():
+                    return candidate
+        return folder
+
     def segmentation_path(self, uid: str) -> Path | None:
         """The study's segmentation NIfTI (``.nii``, else ``.nii.gz``), or ``None`` if it has none.
 
@@ -124,18 +140,37 @@ def _check_uids(frame: pd.DataFrame, source: str | Path) -> pd.Series:
     return uids.astype(str).str.strip()
 
 
-def check_train_labels(labels: pd.DataFrame, source: str | Path = "train labels") -> pd.DataFrame:
+def unknown_label_rows(labels: pd.DataFrame) -> pd.Series:
+    """Rows whose fracture labels are unknown: every target cell empty (studies imported for stage 1 only).
+
+    Args:
+        labels: a train.csv-like table.
+    """
+    targets = labels[list(TARGET_COLUMNS)].astype(str).apply(lambda column: column.str.strip())
+    return (labels[list(TARGET_COLUMNS)].isna() | targets.isin(("", "nan"))).all(axis=1)
+
+
+def check_train_labels(
+    labels: pd.DataFrame, source: str | Path = "train labels", *, keep_unknown: bool = False
+) -> pd.DataFrame:
     """Validate a train.csv-like table (already in memory).
+
+    A row whose eight target cells are all empty is a study with unknown fracture labels (``rsna-cspine
+    import-labels`` writes such rows for stage-1 training data): it is left out, with a log line, so that
+    stage 2, the prior and scoring never see it; ``keep_unknown`` keeps it (stage 1 needs only the study).
 
     Args:
         labels: ``StudyInstanceUID`` and 0/1 columns ``C1..C7, patient_overall``; extra columns kept.
         source: file name (or description) used in error messages.
+        keep_unknown: keep the rows with unknown labels (their targets are then float NaN).
 
     Returns:
-        A copy with ``StudyInstanceUID`` as str and targets as int64.
+        A copy with ``StudyInstanceUID`` as str and targets as int64 (float64 with NaN when unknown rows
+        are kept).
 
     Raises:
-        LayoutError: missing columns, empty or duplicated StudyInstanceUID, non-0/1 targets.
+        LayoutError: missing columns, empty or duplicated StudyInstanceUID, non-0/1 targets (a row with
+            only some targets empty included).
     """
     _require_columns(labels, TRAIN_COLUMNS, source)
     labels = labels.copy()
@@ -143,6 +178,17 @@ def check_train_labels(labels: pd.DataFrame, source: str | Path = "train labels"
     duplicated = labels["StudyInstanceUID"][labels["StudyInstanceUID"].duplicated()].unique()
     if len(duplicated):
         raise LayoutError(f"duplicated StudyInstanceUID {_examples(duplicated)}", source)
+    unknown = unknown_label_rows(labels)
+    if unknown.any():
+        uids = labels["StudyInstanceUID"][unknown]
+        if keep_unknown:
+            known = check_train_labels(labels[~unknown], source)
+            rest = labels[unknown].assign(**{column: np.nan for column in TARGET_COLUMNS})
+            merged = pd.concat([known.astype({c: np.float64 for c in TARGET_COLUMNS}), rest])
+            return merged.loc[labels.index]
+        logger.info("%s: %d studies with unknown fracture labels left out (stage-1 data only): %s", source,
+                    int(unknown.sum()), _examples(uids))
+        labels = labels[~unknown].reset_index(drop=True)
     for column in TARGET_COLUMNS:
         values = pd.to_numeric(labels[column], errors="coerce")
         bad = ~values.isin((0, 1))
@@ -243,13 +289,14 @@ def check_bounding_boxes(boxes: pd.DataFrame, source: str | Path = "bounding box
     return boxes
 
 
-def read_train_labels(path: str | Path) -> pd.DataFrame:
+def read_train_labels(path: str | Path, *, keep_unknown: bool = False) -> pd.DataFrame:
     """Read and validate train.csv (see ``check_train_labels``).
 
     Args:
         path: the CSV file.
+        keep_unknown: keep the studies whose fracture labels are unknown (all targets empty).
     """
-    return check_train_labels(_read_csv(path, TRAIN_COLUMNS), source=Path(path))
+    return check_train_labels(_read_csv(path, TRAIN_COLUMNS), source=Path(path), keep_unknown=keep_unknown)
 
 
 def read_test_csv(path: str | Path) -> pd.DataFrame:

@@ -1,10 +1,11 @@
-"""Segmentation NIfTI ↔ label arrays aligned voxel-for-voxel with a :class:`Volume`.
+"""NIfTI ↔ the project's arrays: a CT volume read as a :class:`Volume`; label maps aligned voxel-for-voxel with one.
 
 Alignment is derived from geometry, never from a hard-coded flip: the NIfTI affine (RAS, as nibabel
-reports it) is converted to LPS and composed with ``Volume.affine`` into the index map
-``M = inv(nifti_lps) @ volume.affine`` (volume index ``(z, y, x)`` → NIfTI index). When ``M`` is a
-signed axis permutation with integer offsets the labels are copied exactly with transpose / flip /
-slicing; otherwise they are resampled nearest-neighbour, with a warning.
+reports it) is converted to LPS; nibabel's orientation tools (``io_orientation``, ``ornt_transform``,
+``apply_orientation``) bring the label axes into the volume's order and sense, and when what is left of
+the index map ``M = inv(nifti_lps) @ volume.affine`` (volume index ``(z, y, x)`` → NIfTI index) is a
+whole-voxel shift the labels are copied exactly; otherwise they are resampled nearest-neighbour, with
+a warning.
 
 Writing uses the RSNA storage convention (sagittal-first): stored axis 0 is the image column ``x``,
 axis 1 the image row ``y`` reversed, axis 2 the slice axis reversed relative to instance order, which
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel import orientations
 from scipy import ndimage
 
 from rsna_cspine.errors import NiftiError
@@ -36,6 +38,11 @@ _EXACT_TOLERANCE_VOXELS = 0.25
 MIN_OVERLAP = 0.9
 #: Labels are stored as uint8.
 _MAX_STORABLE_LABEL = 255
+#: Largest in-plane matrix of a CT volume (as for a DICOM slice: 8192² is far above any CT).
+_MAX_SLICE_PIXELS = 8192 * 8192
+#: The project's axes in LPS, as nibabel's ``io_orientation`` writes them: z along -S (superior first),
+#: y along +P (rows anterior → posterior), x along +L (columns right → left), as an axial DICOM slice.
+_AXIAL_LPS = np.array([[2, -1], [1, 1], [0, 1]], dtype=float)
 
 
 class SegmentationWarning(UserWarning):
@@ -69,16 +76,129 @@ def load_segmentation(path: str | Path, volume: Volume, *, max_label: int | None
         data = data[..., 0]
     if data.ndim != 3:
         raise NiftiError(f"expected 3-D label data, got shape {data.shape}", path)
+    nifti_lps = RAS_TO_LPS @ image.affine
+    if not np.all(np.isfinite(nifti_lps)):
+        raise NiftiError(f"non-finite affine {image.affine.tolist()}", path)
     try:
-        index_map = np.linalg.inv(RAS_TO_LPS @ image.affine) @ volume.affine
+        index_map = np.linalg.inv(nifti_lps) @ volume.affine
     except np.linalg.LinAlgError as exc:
         raise NiftiError(f"singular affine {image.affine.tolist()}", path) from exc
-    permutation = _as_axis_permutation(index_map, volume.shape)
-    if permutation is not None:
-        aligned = _copy_exact(data, permutation, volume.shape, path)
-    else:
+    aligned = _copy_exact(data, nifti_lps, volume, path)
+    if aligned is None:
         aligned = _resample_nearest(data, index_map, volume.shape, path)
     return _clean_labels(aligned, max_label, path)
+
+
+def load_nifti_volume(path: str | Path) -> Volume:
+    """Read a CT stored as NIfTI (``.nii``, ``.nii.gz``) as a :class:`Volume` in the project's frame.
+
+    HU are the stored values through the file's scaling (``scl_slope``, ``scl_inter``). The geometry is
+    the file's affine (sform, else qform; RAS) turned to LPS; nibabel's orientation tools permute and
+    flip the axes, without interpolation, so that the array is ``(z, y, x)`` with ``z`` from superior to
+    inferior, rows running anterior → posterior and columns right → left, as in an axial DICOM series.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The volume; ``slice_numbers`` are the slices' voxel indices along the file's own axis, ``files``
+        the file name, ``study_uid`` the file name without its ending. ``warnings`` lists the checks that
+        found something odd.
+
+    Raises:
+        NiftiError: unreadable file, not a 3-D image, a singular or non-finite affine, non-orthogonal
+            in-plane axes, an implausible matrix, or values that are not finite.
+    """
+    from rsna_cspine.io.volume import study_name
+
+    path = Path(path)
+    notes: list[str] = []
+    try:
+        image = nib.load(path)
+        if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+            raise TypeError(f"{type(image).__name__} is not a NIfTI image")
+        shape = tuple(int(n) for n in image.shape)
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if len(shape) != 3:
+            raise NiftiError(f"expected a 3-D image, got shape {image.shape}", path)
+        if min(shape) < 1 or sorted(shape)[1] * sorted(shape)[2] > _MAX_SLICE_PIXELS:
+            raise NiftiError(f"implausible image shape {shape}", path)
+        hu = np.asarray(image.get_fdata(dtype=np.float32), dtype=np.float32).reshape(shape)
+    except NiftiError:
+        raise
+    except Exception as exc:  # nibabel raises several types on missing / corrupt files
+        raise NiftiError(f"cannot read NIfTI ({type(exc).__name__}: {exc})", path) from exc
+    affine = np.asarray(image.affine, dtype=float)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise NiftiError(f"singular or non-finite affine {affine.round(4).tolist()}", path)
+    if int(image.header["sform_code"]) == 0 and int(image.header["qform_code"]) == 0:
+        notes.append("neither sform nor qform is set: geometry taken from the voxel sizes alone")
+    bad = ~np.isfinite(hu)
+    if bad.any():
+        raise NiftiError(f"{int(bad.sum())} voxel value(s) are not finite (NaN or infinite)", path)
+
+    reoriented, lps = _reorient(hu, RAS_TO_LPS @ affine, _AXIAL_LPS)
+    hu = np.ascontiguousarray(reoriented)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    col_cosine, row_cosine = lps[:3, 1] / spacing[1], lps[:3, 2] / spacing[2]
+    if abs(float(row_cosine @ col_cosine)) > 1e-2:
+        raise NiftiError(f"in-plane axes are not orthogonal (cosines {row_cosine.round(3)}, {col_cosine.round(3)})",
+                         path)
+    normal = np.cross(row_cosine, col_cosine)
+    tilt = float(np.degrees(np.arccos(np.clip(abs(normal @ lps[:3, 0]) / spacing[0], 0.0, 1.0))))
+    if tilt > 0.1:
+        notes.append(f"sheared grid: slices step {tilt:.2f}° off the slice normal (data kept, volume is sheared)")
+    if hu.size and (float(hu.min()) > -500 or float(hu.max()) < 300):
+        notes.append(f"values from {float(hu.min()):g} to {float(hu.max()):g} do not look like Hounsfield units "
+                     "(air near -1000, bone above 300)")
+    n_slices = hu.shape[0]
+    positions = (lps @ np.column_stack([np.arange(n_slices), np.zeros((n_slices, 2)), np.ones(n_slices)]).T)[:3].T
+    # The voxel index along the file's own axis that became z: what a slice is called in the file.
+    source = np.linalg.inv(RAS_TO_LPS @ affine) @ lps
+    axis = int(np.argmax(np.abs(source[:3, 0])))
+    numbers = np.round(source[axis, 3] + source[axis, 0] * np.arange(n_slices)).astype(np.int64)
+    for note in notes:
+        logger.warning("%s: %s", path, note)
+    return Volume(
+        hu=hu,
+        spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        positions=positions,
+        row_cosine=row_cosine,
+        col_cosine=col_cosine,
+        slice_numbers=numbers,
+        files=[path.name] * n_slices,
+        reversed_numbering=bool(n_slices > 1 and numbers[1] < numbers[0]),
+        study_uid=study_name(path),
+        warnings=notes,
+    )
+
+
+def save_volume_nifti(volume: Volume, path: str | Path) -> Path:
+    """Write a volume's HU as a NIfTI CT whose affine places it in the patient (read back by :func:`load_nifti_volume`).
+
+    Stored ``(x, y, z)`` in volume order, as int16 when every value is a whole number in its range (CT
+    always is), else float32.
+
+    Args:
+        volume: the study.
+        path: output ``.nii`` or ``.nii.gz``.
+    """
+    path = Path(path)
+    hu = volume.hu
+    whole = hu.size == 0 or (float(hu.min()) >= -32768 and float(hu.max()) <= 32767 and bool(np.all(hu == np.round(hu))))
+    stored = np.ascontiguousarray(hu.transpose(2, 1, 0), dtype=np.int16 if whole else np.float32)
+    storage_to_volume = np.zeros((4, 4))
+    storage_to_volume[2, 0] = storage_to_volume[1, 1] = storage_to_volume[0, 2] = storage_to_volume[3, 3] = 1.0
+    affine = RAS_TO_LPS @ volume.affine @ storage_to_volume
+    image = nib.Nifti1Image(stored, affine)
+    image.set_sform(affine, code=1)
+    rotation = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    image.set_qform(affine if np.allclose(rotation.T @ rotation, np.eye(3), atol=1e-6) else None, code=1)
+    image.header.set_slope_inter(1.0, 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, path)
+    return path
 
 
 def save_segmentation(labels: np.ndarray, volume: Volume, path: str | Path, *, rsna_layout: bool = True) -> None:
@@ -129,54 +249,49 @@ def save_segmentation(labels: np.ndarray, volume: Volume, path: str | Path, *, r
     nib.save(image, path)
 
 
-def _as_axis_permutation(index_map: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray | None:
-    """The 4×4 integer map (signed permutation + integer offset) equal to ``index_map`` within
-    :data:`_EXACT_TOLERANCE_VOXELS` over the whole volume, or None when there is none."""
+def _exact_shift(index_map: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray | None:
+    """The integer offset of ``index_map`` when it is the identity plus an integer shift within
+    :data:`_EXACT_TOLERANCE_VOXELS` over the whole volume, else None."""
     rounded = np.round(index_map)
-    rotation = rounded[:3, :3]
-    is_permutation = (
-        np.all(np.isin(rotation, (-1.0, 0.0, 1.0)))
-        and np.all(np.abs(rotation).sum(axis=0) == 1)
-        and np.all(np.abs(rotation).sum(axis=1) == 1)
-    )
-    if not is_permutation:
+    if not np.array_equal(rounded[:3, :3], np.eye(3)):
         return None
     # The drift is affine in the index, so its largest value over the volume is at a corner.
     corners = np.array([[*c, 1.0] for c in itertools.product(*[(0, n - 1) for n in shape])]).T
     drift = np.abs((index_map - rounded)[:3] @ corners).max()
-    return rounded if drift <= _EXACT_TOLERANCE_VOXELS else None
+    return rounded[:3, 3].astype(int) if drift <= _EXACT_TOLERANCE_VOXELS else None
 
 
-def _copy_exact(data: np.ndarray, permutation: np.ndarray, shape: tuple[int, int, int], path: Path) -> np.ndarray:
-    """Realise an axis permutation with transpose, flips and slicing (no interpolation)."""
-    source_axes = [int(np.flatnonzero(permutation[:3, a])[0]) for a in range(3)]
-    expected = tuple(data.shape[b] for b in source_axes)
-    if expected != shape:
+def _reorient(data: np.ndarray, affine: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` with its axes permuted and flipped to the world orientation ``target`` (nibabel's
+    ``io_orientation`` form), and the affine of the result (views, no interpolation)."""
+    transform = orientations.ornt_transform(orientations.io_orientation(affine), target)
+    return orientations.apply_orientation(data, transform), affine @ orientations.inv_ornt_aff(transform, data.shape)
+
+
+def _copy_exact(
+    data: np.ndarray, nifti_lps: np.ndarray, volume: Volume, path: Path
+) -> np.ndarray | None:
+    """The labels on the volume's grid when the two grids differ only by axis order, flips and a whole-voxel
+    shift (nibabel's orientation tools do the axes); None when they do not."""
+    shape = volume.shape
+    source, affine = _reorient(data, nifti_lps, orientations.io_orientation(volume.affine))
+    shift = _exact_shift(np.linalg.inv(affine) @ volume.affine, shape)
+    if shift is None:
+        return None
+    if source.shape != shape:
         raise NiftiError(
-            f"NIfTI shape {data.shape} (as {expected} after matching axes) differs from the volume's {shape}", path
+            f"NIfTI shape {data.shape} (as {source.shape} after matching axes) differs from the volume's {shape}", path
         )
-    source = data.transpose(source_axes)
-    out_slices, in_slices = [], []
-    inside = 1.0
-    for a, b in enumerate(source_axes):
-        step, first = int(permutation[b, a]), int(permutation[b, 3])
-        # output indices i with 0 <= first + step * i < n
-        n = shape[a]
-        i_values = np.arange(n)
-        valid = np.flatnonzero((first + step * i_values >= 0) & (first + step * i_values < n))
-        inside *= len(valid) / n
-        if len(valid) == 0:
-            break
-        i0, i1 = int(valid[0]), int(valid[-1]) + 1
-        j0, j1 = first + step * i0, first + step * (i1 - 1)
-        out_slices.append(slice(i0, i1))
-        in_slices.append(slice(j0, j1 + 1) if step > 0 else slice(j0, j1 - 1 if j1 > 0 else None, -1))
+    # output index i reads source index i + shift on each axis, where that is inside the grid
+    out_slices = tuple(slice(max(0, -d), min(n, n - d)) for d, n in zip(shift, shape))
+    in_slices = tuple(slice(max(0, d), min(n, n + d)) for d, n in zip(shift, shape))
+    inside = float(np.prod([max(0, s.stop - s.start) / n for s, n in zip(out_slices, shape)]))
     if inside < MIN_OVERLAP:
         raise NiftiError(f"only {inside:.0%} of the volume lies inside the NIfTI grid (need {MIN_OVERLAP:.0%})", path)
     if inside < 1.0:
         _warn(f"NIfTI grid is shifted against the volume: {1 - inside:.1%} of the volume left unlabelled", path)
     out = np.zeros(shape, dtype=data.dtype)
-    out[tuple(out_slices)] = source[tuple(in_slices)]
+    out[out_slices] = source[in_slices]
     return out
 
 

@@ -8,8 +8,26 @@ and ``x`` over image columns, exactly as the pixels are stored in each DICOM sli
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+#: File endings of the inputs a study may be given as, besides a folder of DICOM slices.
+NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
+
+
+def study_name(path: str | Path) -> str:
+    """The name a study goes by: its folder's name, or its file's name without ``.nii.gz``/``.nii``/``.dcm``.
+
+    Args:
+        path: a study folder, NIfTI file or DICOM file.
+    """
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES + DICOM_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 @dataclass

@@ -128,7 +128,7 @@ class StudyExplainer:
         """Predict one study and write its pictures.
 
         Args:
-            folder: the study's DICOM folder.
+            folder: the study: a folder of DICOM files, an Enhanced CT file or a NIfTI file.
             out_dir: where the PNGs and ``probabilities.csv`` go (created).
             vertebrae: which vertebrae get pictures (all seven by default).
             progress: called with a message and the fraction done, for progress bars and the web page.
@@ -199,7 +199,7 @@ def explain_study(
     """Load the models of a models folder and write the pictures of one study.
 
     Args:
-        study_dir: the study's DICOM folder.
+        study_dir: the study: a folder of DICOM files, an Enhanced CT file or a NIfTI file.
         models_dir: folder with ``seg/`` and ``cls/`` checkpoints (as for ``rsna-cspine predict``).
         out_dir: where the pictures go.
         device: ``auto``, ``cpu`` or ``cuda[:k]``.

@@ -1,4 +1,5 @@
-"""``rsna-cspine explain STUDY_DIR``: per-vertebra overlays, crop montages and Grad-CAM of one study."""
+"""``rsna-cspine explain STUDY``: per-vertebra overlays, crop montages and Grad-CAM of one study (a DICOM folder,
+an Enhanced CT file or a NIfTI file), or of every study in a folder of them."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: the subcommand's parser.
     """
-    parser.add_argument("study_dir", type=Path, help="the study's folder of DICOM files")
+    parser.add_argument("study_dir", type=Path,
+                        help="the study (folder of DICOM files, Enhanced CT file, NIfTI file) or a folder of studies")
     parser.add_argument("--models", type=Path, required=True, help="models folder (seg/ and cls/ checkpoints)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: explain/<study folder name>)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: explain/<study name>; a folder of studies: one sub-folder each)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default auto)")
     parser.add_argument(
         "--vertebrae", nargs="+", choices=VERTEBRAE, default=list(VERTEBRAE), metavar="V",
@@ -37,17 +39,31 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 on success, 1 when the models or the study cannot be read (the reason is logged).
     """
-    from rsna_cspine.report.explain import explain_study
+    from rsna_cspine.inference import FracturePipeline, PipelineConfig
+    from rsna_cspine.io.study import find_studies
+    from rsna_cspine.io.volume import study_name
+    from rsna_cspine.report.explain import StudyExplainer
 
-    out = args.out or Path("explain") / args.study_dir.name
     try:
-        result = explain_study(args.study_dir, args.models, out, device=args.device, vertebrae=args.vertebrae)
+        studies = find_studies([args.study_dir])
+        single = len(studies) == 1 and studies[0].path == args.study_dir
+        out = args.out or Path("explain") / study_name(args.study_dir)
+        explainer = StudyExplainer(FracturePipeline.from_models_dir(args.models, PipelineConfig(device=args.device)))
+        failed = 0
+        for study in studies:
+            try:
+                result = explainer.explain(study.path, out if single else out / study.name, vertebrae=args.vertebrae)
+            except CSpineError as exc:  # one bad study of a folder does not stop the others
+                logger.error("%s", exc)
+                failed += 1
+                continue
+            print(f"{study.name}:")
+            for item in result.vertebrae:
+                note = "" if item.found else "  (not found: prior)"
+                print(f"{item.vertebra:>15}: {item.probability:.4f}{note}")
+            print(f"{'patient_overall':>15}: {result.probabilities['patient_overall']:.4f}")
+            print(f"pictures in {result.out_dir}")
     except CSpineError as exc:
         logger.error("%s", exc)
         return 1
-    for item in result.vertebrae:
-        note = "" if item.found else "  (not found: prior)"
-        print(f"{item.vertebra:>15}: {item.probability:.4f}{note}")
-    print(f"{'patient_overall':>15}: {result.probabilities['patient_overall']:.4f}")
-    print(f"pictures in {result.out_dir}")
-    return 0
+    return 1 if failed else 0

@@ -1,7 +1,10 @@
-"""Studies the viewer accepts: an uploaded zip of one study's DICOM files (unpacked safely) or a listed folder."""
+"""Studies the viewer accepts: an uploaded zip of one study's DICOM files (unpacked safely) or NIfTI CT, or a
+listed folder or NIfTI file."""
 
 from __future__ import annotations
 
+import gzip
+import shutil
 import stat
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -54,8 +57,14 @@ def extract_study_zip(zip_path: str | Path, dest: str | Path, max_bytes: int, ma
         UploadRejected: with the reason, naming the offending member.
     """
     zip_path, dest = Path(zip_path), Path(dest)
+    nifti = _nifti_suffix(zip_path)
+    if nifti and not zipfile.is_zipfile(zip_path):  # a NIfTI CT is a whole study in one file: kept as it is
+        if zip_path.stat().st_size > max_bytes:
+            raise UploadRejected(f"the NIfTI file is larger than {max_bytes / 2**20:.0f} MB", status=413)
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copyfile(zip_path, dest / f"study{nifti}"))
     if not zipfile.is_zipfile(zip_path):
-        raise UploadRejected("not a zip file: upload a .zip of one study's DICOM files")
+        raise UploadRejected("not a zip file: upload a .zip of one study's DICOM files, or a .nii/.nii.gz CT")
     try:
         with zipfile.ZipFile(zip_path) as archive:
             members = []
@@ -93,6 +102,21 @@ def extract_study_zip(zip_path: str | Path, dest: str | Path, max_bytes: int, ma
     return dest.joinpath(*PurePosixPath(folders[0]).parts) if folders[0] != "." else dest
 
 
+def _nifti_suffix(path: Path) -> str | None:
+    """``.nii.gz`` or ``.nii`` when the file is a NIfTI-1/2 image (by its magic, gzipped or not), else None."""
+    with path.open("rb") as file:
+        head = file.read(2)
+    opener = gzip.open if head == b"\x1f\x8b" else open
+    try:
+        with opener(path, "rb") as file:
+            header = file.read(348)
+    except (OSError, EOFError):
+        return None
+    if header[344:348] in (b"n+1\0", b"ni1\0") or header[4:8] == b"n+2\0":
+        return ".nii.gz" if opener is gzip.open else ".nii"
+    return None
+
+
 def list_studies(studies_dir: str | Path | None) -> dict[str, Path]:
     """Study folders a user may pick: folders holding files, one or two levels below ``studies_dir``.
 
@@ -113,6 +137,8 @@ def list_studies(studies_dir: str | Path | None) -> dict[str, Path]:
     def holds_files(folder: Path) -> bool:
         return any(entry.is_file() and not entry.name.startswith(".") for entry in folder.iterdir())
 
+    for nifti in sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz"))):
+        found[nifti.name] = nifti  # a NIfTI CT is a study of its own
     for first in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if holds_files(first):
             found[first.name] = first

@@ -37,6 +37,7 @@ from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import CSpineError
 from rsna_cspine.report.explain import StudyExplainer, StudyExplanation
 from rsna_cspine.report.pictures import LABEL_COLOURS, PICTURES
+from rsna_cspine.io.volume import study_name
 from rsna_cspine.report.uploads import COPY_CHUNK, UploadRejected, extract_study_zip, list_studies
 
 logger = logging.getLogger(__name__)
@@ -285,7 +286,8 @@ def create_app(
                 raise UploadRejected(f"upload too large; at most {max_upload_mb:g} MB", status=413)
             folder = extract_study_zip(zip_path, job_dir / "study", max_bytes)
             zip_path.unlink()
-            name = folder.name if folder != job_dir / "study" else Path(upload.filename).stem
+            name = study_name(upload.filename) if folder.is_file() else (  # a NIfTI upload is the study itself
+                folder.name if folder != job_dir / "study" else Path(upload.filename).stem)
             job = queue.submit(name, folder, job_dir / "pictures", job_id=job_id)
         except UploadRejected as exc:
             shutil.rmtree(job_dir, ignore_errors=True)

@@ -20,6 +20,9 @@ class SegDataConfig:
         antialias: average (rather than point-sample) voxels when shrinking a study to the grid.
         thoracic: ``background`` folds T1.. into label 0; ``class`` gives them one extra class (8).
         max_studies: use at most this many labelled studies (0 = all); handy for quick runs.
+        extra: more RSNA-layout folders whose segmented studies join the training (``rsna-cspine
+            import-labels`` writes them: VerSe, TotalSegmentator, CTSpine1K); each is cached in
+            ``cache_dir/extra{i}`` and split into folds with the ``root`` studies.
     """
 
     root: str = "data/rsna"
@@ -29,6 +32,7 @@ class SegDataConfig:
     antialias: bool = True
     thoracic: str = "background"
     max_studies: int = 0
+    extra: list[str] = field(default_factory=list)
 
 
 @dataclass

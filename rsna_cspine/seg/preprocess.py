@@ -151,14 +151,14 @@ def cache_training_study(
         antialias: see :func:`preprocess_volume`.
     """
     from rsna_cspine.errors import LayoutError
-    from rsna_cspine.io.dicom import load_series
     from rsna_cspine.io.nifti import load_segmentation
+    from rsna_cspine.io.study import load_study
 
     path = Path(cache_dir) / f"{uid}.npz"
     seg_path = layout.segmentation_path(uid)
     if seg_path is None:
         raise LayoutError(f"study {uid} has no segmentation", layout.segmentations)
-    volume = load_series(layout.study_dir(uid, "train"))
+    volume = load_study(layout.study_path(uid, "train"))  # a DICOM folder, or an imported NIfTI / Enhanced CT file
     labels = load_segmentation(seg_path, volume)
     image = preprocess_volume(volume, grid, hu_window, antialias=antialias)
     return write_cache_file(

@@ -14,7 +14,7 @@ from rsna_cspine.engine.distributed import DistContext, barrier, run_seeded_dist
 from rsna_cspine.engine.folds import fold_of
 from rsna_cspine.engine.runlog import prepare_run_dir
 from rsna_cspine.errors import ConfigError, LayoutError
-from rsna_cspine.seg.config import SegConfig
+from rsna_cspine.seg.config import SegConfig, SegDataConfig
 from rsna_cspine.seg.model import grid_divisor
 from rsna_cspine.seg.preprocess import THORACIC_MODES
 from rsna_cspine.seg.task import SegmentationTask
@@ -49,6 +49,8 @@ def resolve_config(cfg: SegConfig) -> SegConfig:
 def labelled_studies(root: str | Path, max_studies: int = 0) -> list[str]:
     """Training studies (train.csv) that have a segmentation, sorted; the first ``max_studies`` if > 0.
 
+    Studies with unknown fracture labels (imported for stage 1) count: only their segmentation is used.
+
     Args:
         root: Kaggle-layout folder.
         max_studies: cap on the number of studies (0 = no cap).
@@ -56,11 +58,36 @@ def labelled_studies(root: str | Path, max_studies: int = 0) -> list[str]:
     from rsna_cspine.io.kaggle import KaggleLayout, read_train_labels
 
     layout = KaggleLayout(root)
-    labels = read_train_labels(layout.train_csv)
+    labels = read_train_labels(layout.train_csv, keep_unknown=True)
     uids = sorted(u for u in labels["StudyInstanceUID"].astype(str).unique() if layout.segmentation_path(u))
     if not uids:
         raise LayoutError("no training study has a segmentation", layout.segmentations)
     return uids[:max_studies] if max_studies > 0 else uids
+
+
+def study_sources(d: SegDataConfig) -> dict[str, tuple[str, Path]]:
+    """Every segmented study of ``data.root`` and ``data.extra``: uid → (its RSNA-layout folder, its cache folder).
+
+    ``data.root``'s studies cache in ``data.cache_dir``, those of ``data.extra[i]`` in ``cache_dir/extra{i}``.
+    ``max_studies`` caps the union (sorted by uid).
+
+    Args:
+        d: the data section.
+
+    Raises:
+        ConfigError: one study in two folders.
+    """
+    sources: dict[str, tuple[str, Path]] = {}
+    roots = [(d.root, Path(d.cache_dir))] + [(r, Path(d.cache_dir) / f"extra{i}") for i, r in enumerate(d.extra)]
+    for root, cache in roots:
+        for uid in labelled_studies(root):
+            if uid in sources:
+                raise ConfigError(f"study {uid} is in both {sources[uid][0]} and {root}")
+            sources[uid] = (root, cache)
+    if d.extra:
+        log.info("stage-1 studies: %s", {root: sum(s[0] == root for s in sources.values()) for root, _ in roots})
+    chosen = sorted(sources)[: d.max_studies] if d.max_studies > 0 else sorted(sources)
+    return {uid: sources[uid] for uid in chosen}
 
 
 def split_studies(uids: Sequence[str], fold: int, n_folds: int, seed: int) -> tuple[list[str], list[str]]:
@@ -89,9 +116,13 @@ def prepare_segmentation_data(cfg: SegConfig, progress: bool = True) -> dict[str
     from rsna_cspine.seg.preprocess import build_cache
 
     d = resolve_config(cfg).data
-    uids = labelled_studies(d.root, d.max_studies)
-    return build_cache(KaggleLayout(d.root), uids, d.cache_dir, d.grid, d.hu_window, antialias=d.antialias,
-                       progress=progress)
+    sources = study_sources(d)
+    cached: dict[str, Path] = {}
+    for root, cache in dict.fromkeys(sources.values()):
+        uids = [u for u, source in sources.items() if source == (root, cache)]
+        cached |= build_cache(KaggleLayout(root), uids, cache, d.grid, d.hu_window, antialias=d.antialias,
+                              progress=progress)
+    return cached
 
 
 def train_segmentation(cfg: SegConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -110,8 +141,11 @@ def train_segmentation(cfg: SegConfig, resume: bool = False, progress: bool = Tr
     cfg = resolve_config(cfg)
     d = cfg.data
     if under_torchrun():
-        uids = labelled_studies(d.root, d.max_studies)
-        cached = require_seg_cache(d.cache_dir, uids, d.grid, d.hu_window, d.antialias, PREPARE_COMMAND)
+        sources = study_sources(d)
+        cached = {}
+        for _, cache in dict.fromkeys(sources.values()):
+            uids = [u for u, source in sources.items() if source[1] == cache]
+            cached |= require_seg_cache(cache, uids, d.grid, d.hu_window, d.antialias, PREPARE_COMMAND)
     else:
         cached = prepare_segmentation_data(cfg, progress=progress)
     usable = sorted(cached)

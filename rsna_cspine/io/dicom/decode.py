@@ -9,7 +9,9 @@ process: reading one costs less than sending it back from a worker.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import struct
 import warnings
 from collections.abc import Iterator, Sequence
@@ -36,6 +38,7 @@ from pydicom.uid import (
 
 from rsna_cspine.errors import DicomSeriesError
 from rsna_cspine.io.dicom.headers import NATIVE_LITTLE_ENDIAN, SliceHeader, read_slice_header
+from rsna_cspine.io.dicom.multiframe import encapsulated_frame
 from rsna_cspine.io.dicom.pool import MIN_FILES_FOR_POOL_COMPRESSED, WorkerDied, WorkerPool, chunks, recv_raw_into
 from rsna_cspine.io.dicom.report import LoadReport, quote_names
 
@@ -116,7 +119,7 @@ def decode_series(
         scratch = _scratch_for(shape[1:])
         outcomes = [_decode_slice_into(header, row, scratch) for header, row in zip(headers, hu, strict=True)]
     failed = {index: error for index, (_, error) in enumerate(outcomes) if error is not None}
-    fallbacks = [f"{h.path.name} ({note})" for h, (note, error) in zip(headers, outcomes) if note and error is None]
+    fallbacks = [f"{h.name} ({note})" for h, (note, error) in zip(headers, outcomes) if note and error is None]
     if fallbacks:
         report.warn(f"decoder fallback used for {len(fallbacks)} slice(s): {quote_names(fallbacks)}")
     return hu, failed
@@ -208,21 +211,36 @@ def _stored_values(
     syntax = UID(header.transfer_syntax)
     fmt = header.pixel_format
     if header.pixel_offset is not None:
-        if fmt["number_of_frames"] != 1:
+        if fmt["number_of_frames"] != 1 and header.frame is None:
             frames = fmt["number_of_frames"]
             raise DicomSeriesError(f"multi-frame file ({frames} frames) is not an axial slice", header.path)
-        if syntax in NATIVE_LITTLE_ENDIAN and _is_plain_16_bit(fmt):
+        if syntax in NATIVE_LITTLE_ENDIAN and _is_plain_16_bit(fmt) and fmt["number_of_frames"] == 1:
             return _read_native_16_bit(header, scratch), None
         if syntax.is_encapsulated:
             return _decode_encapsulated(header, plugins)
     # Every other layout (8/32-bit, big-endian, deflated, odd Image Pixel values): pydicom, whole file.
+    if header.frame is not None:
+        stat = os.stat(header.path)
+        return _decode_dataset(_parsed(str(header.path), stat.st_mtime_ns, stat.st_size), plugins, header.frame)
+    return _decode_dataset(_parsed(str(header.path)), plugins)
+
+
+def _parsed(path: str, mtime_ns: int = 0, size: int = 0) -> Dataset:
+    """The whole file parsed by pydicom (see :func:`_parsed_cached` for multi-frame files)."""
+    if mtime_ns:
+        return _parsed_cached(path, mtime_ns, size)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # header notes were already collected in the header pass
-            ds = pydicom.dcmread(header.path)
+            return pydicom.dcmread(path)
     except Exception as exc:
-        raise DicomSeriesError(f"unreadable ({type(exc).__name__}: {exc})", header.path) from exc
-    return _decode_dataset(ds, plugins)
+        raise DicomSeriesError(f"unreadable ({type(exc).__name__}: {exc})", path) from exc
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_cached(path: str, mtime_ns: int, size: int) -> Dataset:
+    """A multi-frame file parsed once per process for all its frames (keyed by modification time and size)."""
+    return _parsed(path)
 
 
 def _is_plain_16_bit(fmt: dict[str, Any]) -> bool:
@@ -266,32 +284,40 @@ def _read_native_16_bit(header: SliceHeader, scratch: np.ndarray | None) -> np.n
 
 def _decode_encapsulated(header: SliceHeader, plugins: tuple[str, ...] | None) -> tuple[np.ndarray, str | None]:
     """Decode a compressed frame read at its file offset, with the header's Image Pixel values."""
-    with open(header.path, "rb") as file:
-        file.seek(header.pixel_offset)  # type: ignore[arg-type]
-        # To the end of the file: the encapsulated value ends at its sequence delimiter, where
-        # pydicom stops; anything after it (trailing padding) is ignored.
-        encapsulated = file.read()
+    if header.frame is not None:
+        encapsulated = encapsulated_frame(header)
+    else:
+        with open(header.path, "rb") as file:
+            file.seek(header.pixel_offset)  # type: ignore[arg-type]
+            # To the end of the file: the encapsulated value ends at its sequence delimiter, where
+            # pydicom stops; anything after it (trailing padding) is ignored.
+            encapsulated = file.read()
     syntax = UID(header.transfer_syntax)
     if syntax in _JPEG_FAMILY:
         _check_codestream(encapsulated, header.pixel_format["rows"], header.pixel_format["columns"], header.path)
-    return _decode_with_plugins(encapsulated, syntax, header.pixel_format, header.path, plugins)
+    return _decode_with_plugins(encapsulated, syntax, {**header.pixel_format, "number_of_frames": 1}, header.path,
+                                plugins)
 
 
-def _decode_dataset(ds: Dataset, plugins: tuple[str, ...] | None) -> tuple[np.ndarray, str | None]:
-    """Stored pixel values of a single-frame dataset and a note when a fallback decoder was needed."""
+def _decode_dataset(
+    ds: Dataset, plugins: tuple[str, ...] | None, frame: int | None = None
+) -> tuple[np.ndarray, str | None]:
+    """Stored pixel values of a single-frame dataset (or of frame ``frame`` of a multi-frame one) and a
+    note when a fallback decoder was needed."""
     if "PixelData" not in ds:
         raise DicomSeriesError("no pixel data", ds.filename)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames != 1:
+    if frames != 1 and frame is None:
         raise DicomSeriesError(f"multi-frame file ({frames} frames) is not an axial slice", ds.filename)
+    index = {} if frame is None else {"index": frame}
     syntax = ds.file_meta.TransferSyntaxUID
     if not syntax.is_compressed:  # pydicom's own native decoder, no plugins involved
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _single_channel(get_decoder(syntax).as_array(ds)[0], ds.filename), None
-    if syntax in _JPEG_FAMILY:
+            return _single_channel(get_decoder(syntax).as_array(ds, **index)[0], ds.filename), None
+    if syntax in _JPEG_FAMILY and frame is None:
         _check_codestream(ds.PixelData, int(ds.Rows), int(ds.Columns), ds.filename)
-    return _decode_with_plugins(ds, syntax, {}, ds.filename, plugins)
+    return _decode_with_plugins(ds, syntax, index, ds.filename, plugins)
 
 
 def _decode_with_plugins(

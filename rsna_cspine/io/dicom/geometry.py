@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rsna_cspine.io.dicom.headers import SliceHeader, slice_number
+from rsna_cspine.io.dicom.headers import SliceHeader
 from rsna_cspine.io.dicom.report import LoadReport, quote_names
-from rsna_cspine.io.volume import Volume
+from rsna_cspine.io.volume import Volume, study_name
 
 #: A step longer than this many times the median step is a gap (missing slices).
 _GAP_FACTOR = 1.5
@@ -37,7 +37,7 @@ def build_volume(
         report.warn("no PixelSpacing: assuming 1 mm pixels")
         pixel_spacing = (1.0, 1.0)
     dz = _slice_step(positions, headers, normal, report)
-    numbers = np.array([slice_number(h.path) for h in headers], dtype=np.int64)
+    numbers = np.array([h.number for h in headers], dtype=np.int64)
     study_uids = Counter(h.study_uid for h in headers if h.study_uid)
     return Volume(
         hu=hu,
@@ -46,9 +46,9 @@ def build_volume(
         row_cosine=orientation[:3].astype(float),
         col_cosine=orientation[3:].astype(float),
         slice_numbers=numbers,
-        files=[h.path.name for h in headers],
+        files=[h.name for h in headers],
         reversed_numbering=_numbering_decreases(numbers, headers),
-        study_uid=study_uids.most_common(1)[0][0] if study_uids else folder.name,
+        study_uid=study_uids.most_common(1)[0][0] if study_uids else study_name(folder),
         warnings=report.messages,
     )
 
@@ -66,7 +66,7 @@ def _slice_step(positions: np.ndarray, headers: list[SliceHeader], normal: np.nd
     dz = float(np.median(steps))
     gaps = np.flatnonzero(steps > _GAP_FACTOR * dz)
     if gaps.size:
-        listed = [f"{steps[i]:.3g} mm between z={i} ({headers[i].path.name}) and {headers[i + 1].path.name}"
+        listed = [f"{steps[i]:.3g} mm between z={i} ({headers[i].name}) and {headers[i + 1].name}"
                   for i in gaps]
         report.warn(f"non-uniform slices: {gaps.size} gap(s) (median step {dz:.3g} mm): {quote_names(listed)}")
     elif np.any(np.abs(steps - dz) > 0.1 * dz):

@@ -65,6 +65,8 @@ class SliceHeader:
             pixels (deflated or big-endian files, an unreadable Image Pixel module).
         pixel_format: the Image Pixel module as pydicom's decoding options (``rows``,
             ``bits_allocated``, ``pixel_representation``, ...; see ``as_pixel_options``).
+        frame: index of this slice's frame in a multi-frame file (Enhanced CT), None for a
+            single-frame file.
     """
 
     path: Path
@@ -83,6 +85,17 @@ class SliceHeader:
     notes: tuple[str, ...] = ()
     pixel_offset: int | None = None
     pixel_format: dict[str, Any] = field(default_factory=dict)
+    frame: int | None = None
+
+    @property
+    def name(self) -> str:
+        """How messages name the slice: the file name, with the frame number for a multi-frame file."""
+        return self.path.name if self.frame is None else f"{self.path.name} frame {self.frame + 1}"
+
+    @property
+    def number(self) -> int:
+        """The slice's number: the file name's (``12`` for ``12.dcm``, -1 if none), or the 1-based frame number."""
+        return slice_number(self.path) if self.frame is None else self.frame + 1
 
     @property
     def is_compressed(self) -> bool:
@@ -94,7 +107,7 @@ class SliceHeader:
         if not self.has_pixel_data:
             return "no pixel data"
         if self.position is None:
-            return "no valid ImagePositionPatient"
+            return "no valid ImagePositionPatient" + (" in its Plane Position functional group" if self.frame is not None else "")
         if self.orientation is None:
             return "no valid ImageOrientationPatient"
         if self.matrix is None:
@@ -105,13 +118,41 @@ class SliceHeader:
 def read_slice_header(path: str | Path) -> SliceHeader:
     """Parse one file's header (pixel data deferred, not read).
 
+    A multi-frame file gives its file-level header here; :func:`read_file_headers` gives one header per frame.
+
     Args:
         path: a DICOM file.
 
     Raises:
         DicomSeriesError: the file is not DICOM or cannot be parsed.
     """
-    path = Path(path)
+    return _read_header(Path(path))[0]
+
+
+def read_file_headers(path: str | Path) -> list[SliceHeader]:
+    """One header per slice the file holds: itself, or each frame of a multi-frame (Enhanced CT) file.
+
+    Args:
+        path: a DICOM file.
+
+    Raises:
+        DicomSeriesError: the file is not DICOM, cannot be parsed, or its frames cannot be described.
+    """
+    from rsna_cspine.io.dicom.multiframe import frame_headers, is_multiframe
+
+    header, ds = _read_header(Path(path))
+    if not is_multiframe(header, ds):
+        return [header]
+    try:
+        return frame_headers(header, ds)
+    except DicomSeriesError:
+        raise
+    except Exception as exc:  # malformed functional groups of any kind
+        raise DicomSeriesError(f"malformed multi-frame header ({type(exc).__name__}: {exc})", header.path) from exc
+
+
+def _read_header(path: Path) -> tuple[SliceHeader, Dataset]:
+    """The file-level header and the parsed dataset (pixel data deferred)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -127,7 +168,7 @@ def read_slice_header(path: str | Path) -> SliceHeader:
         except Exception as exc:
             raise DicomSeriesError(f"malformed DICOM header ({type(exc).__name__}: {exc})", path) from exc
     notes = tuple(dict.fromkeys(str(w.message) for w in caught))
-    return replace(header, notes=notes) if notes else header
+    return (replace(header, notes=notes) if notes else header), ds
 
 
 def natural_key(path: Path) -> tuple[bool, int, str]:
@@ -166,26 +207,12 @@ def _header_from_dataset(path: Path, ds: Dataset) -> SliceHeader:
     syntax = UID(transfer_syntax)
     if not syntax.is_transfer_syntax:
         raise DicomSeriesError(f"unknown transfer syntax {transfer_syntax!r}", path)
-    orientation = _floats(ds.get("ImageOrientationPatient"), 6)
-    if orientation is not None:
-        row, col = orientation[:3], orientation[3:]
-        unit = abs(math.hypot(*row) - 1) <= _UNIT_TOLERANCE and abs(math.hypot(*col) - 1) <= _UNIT_TOLERANCE
-        if not (unit and abs(sum(r * c for r, c in zip(row, col))) < 1e-2):
-            orientation = None
-    position = _floats(ds.get("ImagePositionPatient"), 3)
-    if position is not None and max(abs(v) for v in position) > _MAX_COORDINATE_MM:
-        position = None
-    spacing = _floats(ds.get("PixelSpacing"), 2)
-    if spacing is not None and min(spacing) <= 0:
-        spacing = None
+    orientation = valid_orientation(ds.get("ImageOrientationPatient"))
+    position = valid_position(ds.get("ImagePositionPatient"))
+    spacing = valid_spacing(ds.get("PixelSpacing"))
     rows, columns = ds.get("Rows"), ds.get("Columns")
     instance = ds.get("InstanceNumber")
-    slope = _rescale_value(ds.get("RescaleSlope"), 1.0)
-    intercept = _rescale_value(ds.get("RescaleIntercept"), 0.0)
-    # Stored values have at most 32 bits: this bound keeps every HU finite in float32.
-    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0
-            and abs(slope) * 2.0**32 + abs(intercept) < _FLOAT32_MAX):
-        raise DicomSeriesError(f"RescaleSlope {slope} / RescaleIntercept {intercept} cannot give finite HU", path)
+    slope, intercept = valid_rescale(ds.get("RescaleSlope"), ds.get("RescaleIntercept"), path)
     has_pixel_data = "PixelData" in ds
     pixel_offset, pixel_format = None, {}
     if has_pixel_data:
@@ -202,9 +229,9 @@ def _header_from_dataset(path: Path, ds: Dataset) -> SliceHeader:
         path=path,
         series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
         study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-        position=None if position is None else np.array(position),
-        orientation=None if orientation is None else np.array(orientation),
-        pixel_spacing=None if spacing is None else (spacing[0], spacing[1]),
+        position=position,
+        orientation=orientation,
+        pixel_spacing=spacing,
         matrix=(int(rows), int(columns)) if rows and columns else None,
         slope=slope,
         intercept=intercept,
@@ -217,9 +244,41 @@ def _header_from_dataset(path: Path, ds: Dataset) -> SliceHeader:
     )
 
 
-def _rescale_value(value: object, default: float) -> float:
-    """RescaleSlope/Intercept as a float; ``default`` when absent or empty (not when 0)."""
-    return default if value is None or value == "" else float(value)  # type: ignore[arg-type]
+def valid_orientation(value: object) -> np.ndarray | None:
+    """ImageOrientationPatient as 6 floats: two unit, orthogonal cosines; None when absent or malformed."""
+    orientation = _floats(value, 6)
+    if orientation is None:
+        return None
+    row, col = orientation[:3], orientation[3:]
+    unit = abs(math.hypot(*row) - 1) <= _UNIT_TOLERANCE and abs(math.hypot(*col) - 1) <= _UNIT_TOLERANCE
+    return np.array(orientation) if unit and abs(sum(r * c for r, c in zip(row, col))) < 1e-2 else None
+
+
+def valid_position(value: object) -> np.ndarray | None:
+    """ImagePositionPatient as 3 finite, plausible floats (LPS mm); None when absent or malformed."""
+    position = _floats(value, 3)
+    return None if position is None or max(abs(v) for v in position) > _MAX_COORDINATE_MM else np.array(position)
+
+
+def valid_spacing(value: object) -> tuple[float, float] | None:
+    """PixelSpacing as two positive floats; None when absent or malformed."""
+    spacing = _floats(value, 2)
+    return None if spacing is None or min(spacing) <= 0 else (spacing[0], spacing[1])
+
+
+def valid_rescale(slope_value: object, intercept_value: object, path: Path) -> tuple[float, float]:
+    """RescaleSlope and RescaleIntercept (1 and 0 when absent or empty, not when 0).
+
+    Raises:
+        DicomSeriesError: values that cannot give finite HU in float32.
+    """
+    slope = 1.0 if slope_value is None or slope_value == "" else float(slope_value)  # type: ignore[arg-type]
+    intercept = 0.0 if intercept_value is None or intercept_value == "" else float(intercept_value)  # type: ignore[arg-type]
+    # Stored values have at most 32 bits: this bound keeps every HU finite in float32.
+    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0
+            and abs(slope) * 2.0**32 + abs(intercept) < _FLOAT32_MAX):
+        raise DicomSeriesError(f"RescaleSlope {slope} / RescaleIntercept {intercept} cannot give finite HU", path)
+    return slope, intercept
 
 
 def _check_pixel_format(ds: Dataset, path: Path, compressed: bool, length: int | None) -> None:
@@ -255,16 +314,16 @@ def _pixel_format(ds: Dataset) -> dict[str, Any]:
         return {}
 
 
-def _header_or_reason(path: Path) -> SliceHeader | str:
-    """The header, or why the file cannot give one (``DicomSeriesError.reason``)."""
+def _header_or_reason(path: Path) -> list[SliceHeader] | str:
+    """The file's headers (one per frame), or why the file cannot give them (``DicomSeriesError.reason``)."""
     try:
-        return read_slice_header(path)
+        return read_file_headers(path)
     except DicomSeriesError as exc:
         return exc.reason
 
 
-def read_header_chunk(paths: list[Path]) -> list[SliceHeader | str]:
-    """Worker entry point of the header pass: each file's header, or why it has none."""
+def read_header_chunk(paths: list[Path]) -> list[list[SliceHeader] | str]:
+    """Worker entry point of the header pass: each file's headers (one per frame), or why it has none."""
     return [_header_or_reason(path) for path in paths]
 
 
@@ -272,10 +331,10 @@ def read_headers(
     paths: list[Path], report: LoadReport, pool: WorkerPool | None
 ) -> tuple[list[SliceHeader], list[tuple[Path, str]], WorkerPool | None]:
     """Headers of the readable files, the unreadable ones with the reason, and the pool (None if it broke)."""
-    results: list[SliceHeader | str] | None = None
+    results: list[list[SliceHeader] | str] | None = None
     if pool is not None:
         ranges = chunks(len(paths), _HEADERS_PER_TASK, pool.count)
-        replies: list[list[SliceHeader | str]] = [[] for _ in ranges]
+        replies: list[list[list[SliceHeader] | str]] = [[] for _ in ranges]
 
         def receive(connection: Connection, task: int, _: int) -> None:
             replies[task] = connection.recv()
@@ -300,8 +359,8 @@ def read_headers(
             else:
                 bad.append((path, result))
             continue
-        headers.append(result)
-        pydicom_notes.update(result.notes)
+        headers.extend(result)
+        pydicom_notes.update(result[0].notes)
     if not_dicom:
         report.warn(f"skipped {len(not_dicom)} non-DICOM file(s): {quote_names(not_dicom)}")
     for note, count in list(pydicom_notes.items())[:MAX_NAMED]:

@@ -43,13 +43,13 @@ class SeriesPlan:
     Attributes:
         slices: one header per slice, superior → inferior, all of one matrix size, orientation and spacing.
         normal: unit slice normal pointing superior.
-        bad: files left out, with the reason.
+        bad: slices left out (file names, with the frame for a multi-frame file) and the reason.
         n_expected: slices the series should have (usable + left out), the base of ``min_valid_fraction``.
     """
 
     slices: list[SliceHeader]
     normal: np.ndarray
-    bad: list[tuple[Path, str]]
+    bad: list[tuple[str, str]]
     n_expected: int
 
 
@@ -59,10 +59,13 @@ def load_series(
     workers: int | None = None,
     min_valid_fraction: float = 0.9,
 ) -> Volume:
-    """Load a folder of CT slices as a HU volume ordered superior → inferior.
+    """Load a folder of CT slices, or one multi-frame (Enhanced CT) file, as a HU volume ordered superior → inferior.
+
+    A multi-frame file counts as one slice per frame (per-frame positions, spacing and rescale from its
+    functional groups); a folder may hold single-frame files, multi-frame files or both.
 
     Args:
-        folder: folder holding the slices (any file names; non-DICOM files are skipped).
+        folder: folder holding the slices (any file names; non-DICOM files are skipped), or one DICOM file.
         workers: worker processes reading and decoding the slices; None → min(available CPUs, 4);
             1 → all in this process. Small folders, daemonic processes (a torch DataLoader worker)
             and systems other than Linux (no cheap fork) always load in-process.
@@ -81,25 +84,30 @@ def load_series(
     n_workers = resolve_workers(workers)
     if not folder.exists():
         raise DicomSeriesError("folder does not exist", folder)
-    if not folder.is_dir():
-        raise DicomSeriesError("not a folder", folder)
-    paths = sorted((p for p in folder.iterdir() if p.is_file()), key=natural_key)
+    if folder.is_file():
+        paths = [folder]
+    elif not folder.is_dir():
+        raise DicomSeriesError("not a folder or a file", folder)
+    else:
+        paths = sorted((p for p in folder.iterdir() if p.is_file()), key=natural_key)
     if not paths:
         raise DicomSeriesError("folder is empty", folder)
 
     report = LoadReport(folder)
     with worker_pool(paths, n_workers, report, _worker_handlers()) as pool:
         plan, pool = plan_slices(paths, report, pool, min_valid_fraction)
+        if folder.is_file() and all(h.frame is None for h in plan.slices):
+            raise DicomSeriesError("not a folder, and not a multi-frame file: give the study's folder of slices", folder)
         hu, failed = decode_series(plan.slices, pool, report)
     headers, bad = plan.slices, list(plan.bad)
     if failed:
-        bad += [(headers[i].path, reason) for i, reason in failed.items()]
+        bad += [(headers[i].name, reason) for i, reason in failed.items()]
         _check_valid_fraction(folder, plan.n_expected, bad, min_valid_fraction)
         keep = [i for i in range(len(headers)) if i not in failed]
         hu = hu[keep]
         headers = [headers[i] for i in keep]
     if bad:
-        report.warn(f"skipped {len(bad)} slice file(s): {quote_names([f'{p.name} ({why})' for p, why in bad])}")
+        report.warn(f"skipped {len(bad)} slice file(s): {quote_names([f'{name} ({why})' for name, why in bad])}")
     return build_volume(hu, headers, plan.normal, folder, report)
 
 
@@ -126,7 +134,8 @@ def plan_slices(
         DicomSeriesError: no usable slice, or too many bad files.
     """
     folder = report.folder
-    headers, bad, pool = read_headers(paths, report, pool)
+    headers, unreadable, pool = read_headers(paths, report, pool)
+    bad = [(path.name, reason) for path, reason in unreadable]
     headers, more_bad = _choose_series(headers, folder, report)
     bad += more_bad
     headers, more_bad = _drop_unplaceable(headers)
@@ -143,7 +152,7 @@ def plan_slices(
 
 def _choose_series(
     headers: list[SliceHeader], folder: Path, report: LoadReport
-) -> tuple[list[SliceHeader], list[tuple[Path, str]]]:
+) -> tuple[list[SliceHeader], list[tuple[str, str]]]:
     """The headers of the series with the most slices, and the files that are probably broken."""
     with_pixels = Counter(h.series_uid for h in headers if h.has_pixel_data)
     if not with_pixels:
@@ -152,11 +161,11 @@ def _choose_series(
     chosen = max(with_pixels, key=lambda uid: (with_pixels[uid], uid))
     # A file without a SeriesInstanceUID beside a series that has one is a damaged member (a cut
     # header reads as a short dataset), not another series.
-    broken = [(h.path, "no SeriesInstanceUID") for h in headers if chosen and not h.series_uid]
+    broken = [(h.name, "no SeriesInstanceUID") for h in headers if chosen and not h.series_uid]
     others: dict[str, list[str]] = {}
     for h in headers:
         if h.series_uid and h.series_uid != chosen:
-            others.setdefault(h.series_uid, []).append(h.path.name)
+            others.setdefault(h.series_uid, []).append(h.name)
     if others:
         listed = "; ".join(f"{uid} ({len(names)} files: {quote_names(names)})" for uid, names in others.items())
         kept = f"{chosen or '<no SeriesInstanceUID>'} ({with_pixels[chosen]} slices)"
@@ -164,15 +173,15 @@ def _choose_series(
     return [h for h in headers if h.series_uid == chosen], broken
 
 
-def _drop_unplaceable(headers: list[SliceHeader]) -> tuple[list[SliceHeader], list[tuple[Path, str]]]:
+def _drop_unplaceable(headers: list[SliceHeader]) -> tuple[list[SliceHeader], list[tuple[str, str]]]:
     kept = [h for h in headers if h.missing_geometry is None]
-    bad = [(h.path, h.missing_geometry) for h in headers if h.missing_geometry is not None]
+    bad = [(h.name, h.missing_geometry) for h in headers if h.missing_geometry is not None]
     return kept, bad  # type: ignore[return-value]
 
 
 def _keep_majority(
     headers: list[SliceHeader], what: str, key: Callable[[SliceHeader], object], report: LoadReport
-) -> tuple[list[SliceHeader], list[tuple[Path, str]]]:
+) -> tuple[list[SliceHeader], list[tuple[str, str]]]:
     """Keep the slices sharing the most common ``key``; the others are bad slices."""
     if not headers:
         return headers, []
@@ -181,17 +190,17 @@ def _keep_majority(
         return headers, []
     majority = max(counts, key=lambda k: (counts[k], str(k)))
     kept = [h for h in headers if key(h) == majority]
-    bad = [(h.path, f"{what} {key(h)} differs from the series' {majority}") for h in headers if key(h) != majority]
+    bad = [(h.name, f"{what} {key(h)} differs from the series' {majority}") for h in headers if key(h) != majority]
     report.warn(f"mixed {what}: kept {len(kept)} slices with {majority}, dropping {len(bad)}")
     return kept, bad
 
 
 def _check_valid_fraction(
-    folder: Path, n_expected: int, bad: list[tuple[Path, str]], min_valid_fraction: float
+    folder: Path, n_expected: int, bad: list[tuple[str, str]], min_valid_fraction: float
 ) -> None:
     n_good = n_expected - len(bad)
     if n_expected == 0 or n_good <= 0 or n_good / n_expected < min_valid_fraction:
-        first = quote_names([f"{p.name} ({reason})" for p, reason in bad])
+        first = quote_names([f"{name} ({reason})" for name, reason in bad])
         usable = f"only {max(n_good, 0)} of {n_expected} slice file(s) usable (need {min_valid_fraction:.0%})"
         raise DicomSeriesError(f"{usable}; bad: {first}", folder)
 
@@ -218,7 +227,7 @@ def _drop_duplicates(headers: list[SliceHeader], normal: np.ndarray, report: Loa
     dropped = []
     for header in headers[1:]:
         if abs((kept[-1].position - header.position) @ normal) < _DUPLICATE_TOLERANCE_MM:  # type: ignore[operator]
-            dropped.append(f"{header.path.name} (kept {kept[-1].path.name})")
+            dropped.append(f"{header.name} (kept {kept[-1].name})")
         else:
             kept.append(header)
     if dropped:
