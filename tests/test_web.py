@@ -218,6 +218,7 @@ def test_finished_jobs_are_bounded_and_nothing_outlives_the_server(
         assert all(viewer.client.get(f"/api/jobs/{i}").status_code == 200 for i in ids[1:])
         assert sorted(p.name for p in work.iterdir()) == sorted([*ids[1:], "notes.txt"])
         assert not any(p.suffix == ".dcm" for p in work.rglob("*"))
+        assert all(sorted(p.name for p in (work / i).iterdir()) == [JOB_MARKER, "pictures"] for i in ids[1:])
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
 
 
