@@ -70,6 +70,7 @@ def test_index_offers_upload_study_folders_and_the_form_token(viewer: Viewer) ->
     page = viewer.client.get("/")
     assert page.status_code == 200
     assert 'id="study-zip"' in page.text and 'action="/jobs/upload"' in page.text
+    assert "a .zip of one study&#39;s DICOM files" in page.text and 'accept=".zip,application/zip"' in page.text
     for uid in GOOD[:2]:
         assert f"test_images/{uid}" in page.text
     # Every form carries the per-process token; the token is the app's and is not guessable.

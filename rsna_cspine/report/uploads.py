@@ -221,6 +221,11 @@ def accepted_types() -> str:
     return ",".join(entry for kind in UPLOAD_KINDS for entry in kind.accept)
 
 
+def accepted_kinds() -> str:
+    """What the page asks for: every kind's description, joined with "or"."""
+    return " or ".join(kind.description for kind in UPLOAD_KINDS)
+
+
 def unpack_upload(path: str | Path, dest: str | Path, limits: UploadLimits = UploadLimits()) -> Path:
     """Turn a received upload into a study folder under ``dest``.
 
@@ -239,8 +244,7 @@ def unpack_upload(path: str | Path, dest: str | Path, limits: UploadLimits = Upl
     for kind in UPLOAD_KINDS:
         if kind.matches(path):
             return kind.unpack(path, Path(dest), limits)
-    wanted = " or ".join(kind.description for kind in UPLOAD_KINDS)
-    raise UploadRejected(f"not a file the viewer reads: upload {wanted}")
+    raise UploadRejected(f"not a file the viewer reads: upload {accepted_kinds()}")
 
 
 # ----------------------------------------------------------------------------------------------

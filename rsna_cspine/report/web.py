@@ -47,6 +47,7 @@ from rsna_cspine.report.receive import receive_upload
 from rsna_cspine.report.uploads import (
     UploadLimits,
     UploadRejected,
+    accepted_kinds,
     accepted_types,
     list_studies,
     short,
@@ -170,6 +171,7 @@ def create_app(
             "jobs": queue.recent(),
             "max_upload_mb": f"{max_upload_mb:g}",
             "accept": accepted_types(),
+            "kinds": accepted_kinds(),
             "token": token,
         }
         return TEMPLATES.TemplateResponse(request, "index.html", context)
