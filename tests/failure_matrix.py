@@ -47,7 +47,8 @@ FUZZ = "Mutated real DICOM files (fuzzing)"
 NIFTI = "Segmentation NIfTI (`rsna_cspine.io.nifti.load_segmentation`)"
 CSV = "Competition CSV tables"
 RUN = "Prediction and training runs"
-AREAS: tuple[str, ...] = (SERIES, FUZZ, NIFTI, CSV, RUN)
+VIEWER = "Study viewer (`rsna-cspine serve`)"
+AREAS: tuple[str, ...] = (SERIES, FUZZ, NIFTI, CSV, RUN, VIEWER)
 
 _DS = "tests/test_dicom_series.py::"
 _DR = "tests/test_dicom_real.py::"
@@ -63,6 +64,8 @@ _KI = "tests/test_kaggle_io.py::"
 _AG = "tests/test_aggregate.py::"
 _ME = "tests/test_metric.py::"
 _PI = "tests/test_pipeline.py::"
+_WE = "tests/test_web.py::"
+_UP = "tests/test_uploads.py::"
 
 CASES: tuple[Case, ...] = (
     # ------------------------------------------------------------------ DICOM series
@@ -362,6 +365,62 @@ CASES: tuple[Case, ...] = (
     Case(RUN, "Killed while writing a checkpoint",
          "The previous checkpoint stays intact and loadable; the next save succeeds.",
          (_RI + "test_checkpoint_write_killed_midway_keeps_the_previous_checkpoint",)),
+    # ------------------------------------------------------------------ viewer
+    Case(VIEWER, "Request whose Host is not the viewer (DNS rebinding: `Host: evil.example`, another port, none)",
+         "400 `unknown Host header` before any route runs: no job ids, results or pictures; `127.0.0.1:<port>` and "
+         "`localhost:<port>` are answered.",
+         (_WE + "test_foreign_host_headers_are_refused",)),
+    Case(VIEWER, "Cross-site request: a post whose `Sec-Fetch-Site` is cross-site or same-site, whose `Origin` is "
+                 "another origin or `null`, or whose `Referer` is another site; a cross-site fetch or embedded picture",
+         "403 `request from another site refused`; no job, no file. A link from another site (a top-level "
+         "navigation) still opens the page.",
+         (_WE + "test_cross_site_posts_are_refused", _WE + "test_reads_from_other_sites_are_refused_but_links_work")),
+    Case(VIEWER, "Post without the page's form token, with a wrong one, or with the token after the file",
+         "403 naming the token, checked before the first byte of the file is written; nothing left.",
+         (_WE + "test_posts_need_the_page_token",)),
+    Case(VIEWER, "Zip bomb: 1 GiB of zeros in a small zip, many members over the unpacked total, sizes that lie",
+         "413 from the central directory before anything is unpacked: a member may grow at most 100 times "
+         "(members up to 4 MiB exempt), the study at most `--max-unpacked-mb` (3072); a member holding more than "
+         "it declares is cut at that size and refused (400, bad CRC); the job folder is removed.",
+         (_WE + "test_a_zip_bomb_is_refused_before_it_is_unpacked",
+          _UP + "test_zip_bombs_are_refused_from_the_central_directory",
+          _UP + "test_a_member_whose_declared_size_lies_is_stopped_at_that_size")),
+    Case(VIEWER, "Malformed zip: empty or overlong member names, corrupt deflate data, cut short, random damage",
+         "400 naming the problem (`empty name`, `name too long`, `unreadable zip (…)`, `not a file the viewer "
+         "reads`), never a 500 and never a server path; 150 derandomized damaged zips are unpacked or refused, "
+         "and a refused one leaves nothing.",
+         (_WE + "test_malformed_zips_get_a_400_naming_the_problem",
+          _UP + "test_bad_member_names_are_refused_with_a_400_naming_the_problem",
+          _UP + "test_randomly_damaged_zips_unpack_or_are_refused_and_never_crash")),
+    Case(VIEWER, "Zip with `..` or absolute paths, links, files in several folders, too many files, not a zip",
+         "400 (413 for too many files) naming the member; nothing is written.",
+         (_UP + "test_unsafe_or_ambiguous_zips_are_refused_before_anything_is_written",
+          _UP + "test_links_and_files_of_no_known_kind_are_refused", _WE + "test_bad_requests_get_clear_messages")),
+    Case(VIEWER, "Upload over `--max-upload-mb`, or cut off midway (the client goes away)",
+         "413 from Content-Length or as soon as the bytes pass the bound; a cut-off upload's folder is removed.",
+         (_WE + "test_bad_requests_get_clear_messages", _WE + "test_an_upload_cut_off_midway_leaves_nothing")),
+    Case(VIEWER, "Uploaded studies left running (patient DICOM on disk)",
+         "An upload is received into its job folder under `--work-dir`; its study files are deleted once the "
+         "pictures and table are made; a failed job's folder at once; beyond `--keep-jobs` (20) finished jobs the "
+         "oldest are removed; every job folder when the viewer stops, and those of a killed viewer at the next "
+         "start. Error messages name the study, not the server's paths.",
+         (_WE + "test_upload_shows_the_pipeline_probabilities_then_deletes_the_study",
+          _WE + "test_finished_jobs_are_bounded_and_nothing_outlives_the_server",
+          _WE + "test_picking_a_folder_runs_it_and_later_studies_wait_with_progress")),
+    Case(VIEWER, "A large upload being unpacked while other pages are asked for",
+         "Receiving and unpacking run in worker threads: pages keep being answered during the unpack (median "
+         "under 0.5 s on a loaded 2-core machine).",
+         (_WE + "test_pages_answer_while_a_large_upload_is_unpacked",)),
+    Case(VIEWER, "A study of one slice (predicted, then drawn)",
+         "Every picture is drawn (outlines of planes one pixel high included, the sagittal title saying the plane "
+         "is one row); a picture that still cannot be drawn is listed with the reason, never fails the job.",
+         (_WE + "test_a_one_slice_study_gets_every_picture_it_can_have",
+          _WE + "test_a_picture_that_cannot_be_drawn_is_listed_with_the_reason")),
+    Case(VIEWER, "Framing, injected scripts, API schema probing",
+         "Every answer has `X-Frame-Options: DENY`, a Content-Security-Policy (scripts only with the response's "
+         "nonce, `frame-ancestors 'none'`), `nosniff`, `Cache-Control: no-store`; `/openapi.json` and the docs "
+         "pages are 404.",
+         (_WE + "test_index_offers_upload_study_folders_and_the_form_token",)),
 )
 
 

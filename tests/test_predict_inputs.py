@@ -140,29 +140,13 @@ def test_explain_takes_a_folder_of_nifti_files(models: Path, studies: dict[str, 
         float(written.set_index(written.columns[0]).iloc[:, 0].get(c, np.nan)) for c in TARGET_COLUMNS]
 
 
-def test_serve_accepts_a_nifti_upload_and_lists_nifti_files(models: Path, studies: dict[str, Path], tmp_path: Path) -> None:
-    import time
-
-    from fastapi.testclient import TestClient
-
-    from rsna_cspine.report.explain import StudyExplainer
+def test_the_viewer_lists_nifti_files_as_studies(tmp_path: Path, studies: dict[str, Path]) -> None:
+    """A NIfTI CT on the shelf is a study of its own (the upload path is tested over HTTP in test_web.py)."""
     from rsna_cspine.report.uploads import list_studies
-    from rsna_cspine.report.web import create_app
 
-    pipeline = FracturePipeline.from_models_dir(models, CPU)
     shelf = tmp_path / "shelf"
-    shelf.mkdir()
+    (shelf / "folder_study").mkdir(parents=True)
+    (shelf / "folder_study" / "1.dcm").write_bytes(b"x")
     (shelf / "ct.nii.gz").write_bytes(studies["nifti"].read_bytes())
-    assert list_studies(shelf) == {"ct.nii.gz": shelf / "ct.nii.gz"}
-    with TestClient(create_app(StudyExplainer(pipeline), studies_dir=shelf, work_dir=tmp_path / "work")) as client:
-        reply = client.post("/jobs/upload", files={"file": ("neck.nii.gz", studies["nifti"].read_bytes(),
-                                                            "application/gzip")}, headers={"accept": "application/json"})
-        assert reply.status_code == 201, reply.text
-        deadline = time.monotonic() + 120
-        while (job := client.get(f"/api/jobs/{reply.json()['id']}").json())[
-                "state"] not in ("done", "failed") and time.monotonic() < deadline:
-            time.sleep(0.2)
-    assert job["state"] == "done", job
-    assert job["study"] == "neck"
-    expected = pipeline.predict_study(studies["nifti"]).probs
-    assert [job["probabilities"][c] for c in TARGET_COLUMNS] == pytest.approx(expected.tolist(), abs=1e-9)
+    (shelf / "notes.txt").write_text("not a study")
+    assert list_studies(shelf) == {"ct.nii.gz": shelf / "ct.nii.gz", "folder_study": shelf / "folder_study"}

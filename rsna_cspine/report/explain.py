@@ -9,6 +9,8 @@ For every vertebra C1..C7 of one study, :class:`StudyExplainer` writes three PNG
 
 each titled with the vertebra's fracture probability, plus ``overview.png`` (mid-sagittal plane of the
 whole cervical spine, every vertebra labelled with its probability) and ``probabilities.csv``.
+A picture that cannot be drawn does not fail the study (its numbers are already computed): the
+explanation lists it under ``missing`` with the reason.
 
 The pictures themselves are drawn by :mod:`rsna_cspine.report.pictures`.
 """
@@ -18,8 +20,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -50,12 +54,14 @@ class VertebraExplanation:
         probability: the probability the pipeline reports for it (the prior when it was not found).
         found: stage 1 found the vertebra (else only ``views`` is drawn, without it).
         pictures: picture kind (``views``, ``crops``, ``gradcam``) → PNG path.
+        missing: picture kind → why it was not drawn.
     """
 
     vertebra: str
     probability: float
     found: bool
     pictures: dict[str, Path] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,18 +73,20 @@ class StudyExplanation:
         probabilities: ``TARGET_COLUMNS`` → probability, as ``FracturePipeline.predict_study`` reports them.
         prediction: the pipeline's own result for the study.
         vertebrae: one entry per vertebra, C1..C7.
-        overview: mid-sagittal picture of the whole cervical spine.
+        overview: mid-sagittal picture of the whole cervical spine (None when it could not be drawn).
         table: ``probabilities.csv``.
         out_dir: the folder holding every file.
+        missing: ``overview`` → why it was not drawn, when it was not.
     """
 
     uid: str
     probabilities: dict[str, float]
     prediction: StudyPrediction
     vertebrae: list[VertebraExplanation]
-    overview: Path
+    overview: Path | None
     table: Path
     out_dir: Path
+    missing: dict[str, str] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +160,11 @@ class StudyExplainer:
              "found": [bool(f) for f in parts.crops.present] + [True]}
         ).to_csv(table, index=False)
         report("drawing the overview", 0.6)
-        overview = render_overview(parts.volume, mask, parts.crops, probs, out_dir / "overview.png", self.window)
+        missing: dict[str, str] = {}
+        overview = draw_or_note(
+            partial(render_overview, parts.volume, mask, parts.crops, probs, out_dir / "overview.png", self.window),
+            f"study {prediction.uid}", "overview", missing,
+        )
 
         explained: list[VertebraExplanation] = []
         chosen = [i for i, v in enumerate(VERTEBRAE) if v in vertebrae]
@@ -163,21 +175,22 @@ class StudyExplainer:
             found = bool(parts.crops.present[i])
             item = VertebraExplanation(vertebra, float(probs[i]), found)
             title = probability_text(vertebra, float(probs[i]), found)
-            item.pictures["views"] = render_views(
-                parts.volume, mask, parts.crops, i, float(probs[i]), out_dir / f"{vertebra}_views.png", self.window
-            )
+            what = f"study {prediction.uid}, {vertebra}"
+            views = partial(render_views, parts.volume, mask, parts.crops, i, float(probs[i]),
+                            out_dir / f"{vertebra}_views.png", self.window)
+            draw_or_note(views, what, "views", item.missing, item.pictures)
             if found:
                 stack, where = parts.crops.images[i], parts.crops.slice_index[i]
-                item.pictures["crops"] = render_montage(stack, where, f"{title} - 2.5D crops", out_dir / f"{vertebra}_crops.png", channel)
-                cam = self.gradcam(to_unit_float(stack))
-                # An all-zero map is an answer too (nothing raised the logit); say so rather than show a blank.
-                note = " - Grad-CAM" if cam.peak > 0 else " - Grad-CAM (empty: nothing raised the logit)"
-                item.pictures["gradcam"] = render_montage(
-                    stack, where, title + note, out_dir / f"{vertebra}_gradcam.png", channel, cam=cam.cam
-                )
+                crops = partial(render_montage, stack, where, f"{title} - 2.5D crops", out_dir / f"{vertebra}_crops.png", channel)
+                draw_or_note(crops, what, "crops", item.missing, item.pictures)
+                cam = partial(self._gradcam_picture, stack, where, title, out_dir / f"{vertebra}_gradcam.png", channel)
+                draw_or_note(cam, what, "gradcam", item.missing, item.pictures)
+            else:
+                item.missing["crops"] = item.missing["gradcam"] = f"stage 1 did not find {vertebra}: no crops to show"
             explained.append(item)
         report("done", 1.0)
-        logger.info("study %s: %d pictures in %s", prediction.uid, 1 + sum(len(v.pictures) for v in explained), out_dir)
+        drawn = (overview is not None) + sum(len(v.pictures) for v in explained)
+        logger.info("study %s: %d pictures in %s", prediction.uid, drawn, out_dir)
         return StudyExplanation(
             uid=prediction.uid,
             probabilities=probabilities,
@@ -186,7 +199,40 @@ class StudyExplainer:
             overview=overview,
             table=table,
             out_dir=out_dir,
+            missing=missing,
         )
+
+    def _gradcam_picture(self, stack: np.ndarray, where: np.ndarray, title: str, out_path: Path, channel: int) -> Path:
+        """The stack with the classifiers' Grad-CAM on top."""
+        cam = self.gradcam(to_unit_float(stack))
+        # An all-zero map is an answer too (nothing raised the logit); say so rather than show a blank.
+        note = " - Grad-CAM" if cam.peak > 0 else " - Grad-CAM (empty: nothing raised the logit)"
+        return render_montage(stack, where, title + note, out_path, channel, cam=cam.cam)
+
+
+def draw_or_note(
+    render: Callable[[], Path], what: str, kind: str, missing: dict[str, str], pictures: dict[str, Path] | None = None
+) -> Path | None:
+    """Draw one picture; one that cannot be drawn is recorded in ``missing`` with the reason instead.
+
+    The prediction has succeeded by then: its numbers stand, and the page says which picture is missing and why.
+
+    Args:
+        render: draws the picture and returns its path.
+        what: the study (and vertebra), for the log.
+        kind: the picture's kind (the key in ``pictures`` / ``missing``).
+        missing: kind → reason, filled on failure.
+        pictures: kind → path, filled on success.
+    """
+    try:
+        path = render()
+    except Exception as exc:  # noqa: BLE001 - any drawing failure leaves the other pictures and the numbers intact
+        logger.warning("%s: %s picture not drawn (%s: %s)", what, kind, exc.__class__.__name__, exc)
+        missing[kind] = f"drawing failed ({exc.__class__.__name__}: {exc})"
+        return None
+    if pictures is not None:
+        pictures[kind] = path
+    return path
 
 
 def explain_study(

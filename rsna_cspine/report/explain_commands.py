@@ -61,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
             for item in result.vertebrae:
                 note = "" if item.found else "  (not found: prior)"
                 print(f"{item.vertebra:>15}: {item.probability:.4f}{note}")
+                for kind, reason in item.missing.items():
+                    if item.found:  # a vertebra not found has no crops to draw, as the line above says
+                        print(f"{'':>17}{kind} picture not drawn: {reason}")
+            if result.overview is None:
+                print(f"overview not drawn: {result.missing.get('overview', '')}")
             print(f"{'patient_overall':>15}: {result.probabilities['patient_overall']:.4f}")
             print(f"pictures in {result.out_dir}")
     except CSpineError as exc:

@@ -199,7 +199,7 @@ def render_views(
         ax_sag.axhline(z, color="yellow", linestyle="--", linewidth=0.8)
     ax_sag.set_xlim(ey0 - 0.5, ey1 - 0.5)
     ax_sag.set_ylim(ez1 - 0.5, ez0 - 0.5)
-    ax_sag.set_title(f"sagittal, column {x} (anterior left)", fontsize=9)
+    ax_sag.set_title(_sagittal_title(x, n_z), fontsize=9)
     ax_sag.set_xticks([])
     ax_sag.set_ylabel("slice (superior at top)")
 
@@ -234,9 +234,23 @@ def _gap_slice(crops: VertebraCrops, index: int, n_z: int) -> int:
 
 
 def _outline(ax, region: np.ndarray) -> None:
-    """White contour around a boolean region (nothing when the plane misses it)."""
+    """White contour around a boolean region (nothing when the plane misses it).
+
+    The region is padded with one empty pixel on every side: matplotlib's contour needs a grid of at least
+    2 × 2, which a plane one pixel thin (the sagittal plane of a one-slice study) is not, and a region
+    touching the image edge then still gets a closed outline.
+    """
     if region.any():
-        ax.contour(region.astype(np.float32), levels=[0.5], colors=["white"], linewidths=1.0)
+        padded = np.pad(region.astype(np.float32), 1)
+        rows, cols = padded.shape
+        ax.contour(np.arange(-1, cols - 1), np.arange(-1, rows - 1), padded, levels=[0.5], colors=["white"],
+                   linewidths=1.0)
+
+
+def _sagittal_title(x: int, n_slices: int) -> str:
+    """Title of a sagittal plane; a one-slice study's plane is a single row, and the title says so."""
+    thin = "; one slice, so the plane is one row high" if n_slices == 1 else ""
+    return f"sagittal, column {x} (anterior left{thin})"
 
 
 def _legend() -> list[Patch]:
@@ -350,7 +364,7 @@ def render_overview(
                     ha="right", bbox=style, arrowprops=arrow)
     ax.set_xticks([])
     ax.set_ylabel("slice (superior at top)")
-    ax.set_title(f"sagittal, column {x} (anterior left)", fontsize=9)
+    ax.set_title(_sagittal_title(x, n_z), fontsize=9)
     fig.suptitle(f"patient_overall: p(fracture) = {probabilities[-1]:.3f}", fontsize=14, fontweight="bold")
     fig.subplots_adjust(left=0.12, right=0.98, top=0.92, bottom=0.03)
     return _save(fig, out_path, tight=True)

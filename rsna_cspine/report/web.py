@@ -5,172 +5,66 @@ a background thread runs :class:`~rsna_cspine.report.explain.StudyExplainer` on 
 its progress, then shows the seven vertebra probabilities, patient_overall, the overlays and Grad-CAM
 pictures. The server binds 127.0.0.1 only: studies are patient data and never leave the machine.
 
-Routes: ``GET /`` (upload form, study folders, recent jobs), ``POST /jobs/upload`` (multipart field
-``file``), ``POST /jobs/folder`` (form field ``study``), ``GET /jobs/{id}`` (progress, then result),
-``GET /jobs/{id}/files/{name}`` (the job's pictures), ``GET /api/jobs/{id}`` (JSON status and result).
-A form post is answered with a redirect to the job page, a client asking for JSON with the job itself.
-Uploads are checked and unpacked by :mod:`rsna_cspine.report.uploads`.
+Routes: ``GET /`` (upload form, study folders, recent jobs), ``POST /jobs/upload`` (multipart fields
+``token`` then ``file``), ``POST /jobs/folder`` (form fields ``token`` and ``study``), ``GET /jobs/{id}``
+(progress, then result), ``GET /jobs/{id}/files/{name}`` (the job's pictures), ``GET /api/jobs/{id}``
+(JSON status and result). A form post is answered with a redirect to the job page, a client asking for
+JSON with the job itself. Every post carries the per-process form token (``app.state.token``; the page's
+forms hold it), so that only the viewer's own pages can start jobs.
+
+Safety: :class:`~rsna_cspine.report.guard.RequestGuard` refuses foreign Host headers and cross-site
+requests and sets the security headers; uploads are received and unpacked within bounds by
+:mod:`rsna_cspine.report.uploads`, with all disk work off the event loop; what stays on disk and for
+how long is decided by :mod:`rsna_cspine.report.jobs`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import shutil
 import tempfile
-import threading
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from matplotlib.colors import to_hex
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from starlette.datastructures import UploadFile
+from matplotlib.colors import to_hex
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import CSpineError
-from rsna_cspine.report.explain import StudyExplainer, StudyExplanation
-from rsna_cspine.report.pictures import LABEL_COLOURS, PICTURES
 from rsna_cspine.io.volume import study_name
-from rsna_cspine.report.uploads import COPY_CHUNK, UploadRejected, extract_study_zip, list_studies
+from rsna_cspine.report.explain import StudyExplainer
+from rsna_cspine.report.guard import RequestGuard
+from rsna_cspine.report.jobs import Job, JobQueue, make_job_folder, remove_leftover_jobs
+from rsna_cspine.report.pictures import LABEL_COLOURS, PICTURES
+from rsna_cspine.report.receive import receive_upload
+from rsna_cspine.report.uploads import (
+    UploadLimits,
+    UploadRejected,
+    accepted_kinds,
+    accepted_types,
+    list_studies,
+    short,
+    unpack_upload,
+)
 
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
+#: The form field that carries the per-process token.
+TOKEN_FIELD = "token"
+#: Largest body of the study-folder form (a token and a folder name).
+_MAX_FORM_BYTES = 16 * 2**10
 
-
-# ----------------------------------------------------------------------------------------------
-# Jobs
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """One study being (or having been) analysed.
-
-    Attributes:
-        id: random hex id (also the job's folder name).
-        study: what the user sees as the study's name.
-        folder: the study's DICOM folder.
-        out_dir: where the pictures go.
-        state: ``queued``, ``running``, ``done`` or ``failed``.
-        message: what is happening now (or the last stage reached).
-        fraction: share of the work done, 0..1.
-        error: why it failed.
-        explanation: the result once done.
-        seconds: run time once finished.
-    """
-
-    id: str
-    study: str
-    folder: Path
-    out_dir: Path
-    state: str = "queued"
-    message: str = "waiting for the worker"
-    fraction: float = 0.0
-    error: str | None = None
-    explanation: StudyExplanation | None = None
-    seconds: float = 0.0
-    created: float = field(default_factory=time.time)
-
-    @property
-    def percent(self) -> int:
-        return int(round(100 * self.fraction))
-
-    def files(self) -> dict[str, Path]:
-        """Picture file name → path, for the pictures this job wrote (the only files it serves)."""
-        if self.explanation is None:
-            return {}
-        paths = [self.explanation.overview, self.explanation.table]
-        paths += [p for item in self.explanation.vertebrae for p in item.pictures.values()]
-        return {p.name: p for p in paths}
-
-    def to_json(self) -> dict[str, Any]:
-        """The job's status (and its result once done) as the API returns it."""
-        body: dict[str, Any] = {
-            "id": self.id,
-            "study": self.study,
-            "state": self.state,
-            "message": self.message,
-            "percent": self.percent,
-            "error": self.error,
-        }
-        if self.explanation is not None:
-            body["probabilities"] = dict(self.explanation.probabilities)
-            body["warnings"] = list(self.explanation.prediction.warnings)
-            body["files"] = {name: f"/jobs/{self.id}/files/{name}" for name in self.files()}
-            body["seconds"] = round(self.seconds, 3)
-        return body
-
-
-class JobQueue:
-    """Runs jobs one at a time in a background thread (the models are not shared between threads).
-
-    Args:
-        explainer: the loaded models.
-        max_pending: most jobs waiting or running; more are refused (HTTP 429).
-    """
-
-    def __init__(self, explainer: StudyExplainer, max_pending: int = 16) -> None:
-        self.explainer = explainer
-        self.max_pending = max_pending
-        self.jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsna-cspine-job")
-
-    def submit(self, study: str, folder: Path, out_dir: Path, job_id: str | None = None) -> Job:
-        """Queue one study.
-
-        Args:
-            study: display name.
-            folder: its DICOM folder.
-            out_dir: where its pictures go.
-            job_id: id to use (default a fresh random one).
-        """
-        with self._lock:
-            pending = sum(job.state in ("queued", "running") for job in self.jobs.values())
-            if pending >= self.max_pending:
-                raise UploadRejected(f"{pending} studies are already waiting; try again later", status=429)
-            job = Job(id=job_id or uuid.uuid4().hex, study=study, folder=folder, out_dir=out_dir)
-            self.jobs[job.id] = job
-        self._executor.submit(self._run, job)
-        return job
-
-    def _run(self, job: Job) -> None:
-        start = time.perf_counter()
-        job.state, job.message = "running", "starting"
-
-        def progress(message: str, fraction: float) -> None:
-            job.message, job.fraction = message, max(job.fraction, min(fraction, 1.0))
-
-        try:
-            job.explanation = self.explainer.explain(job.folder, job.out_dir, progress=progress)
-        except Exception as exc:  # noqa: BLE001 - whatever broke, the page must say so instead of spinning
-            logger.exception("job %s (%s) failed", job.id, job.study)
-            job.error = str(exc) if isinstance(exc, CSpineError) else f"{exc.__class__.__name__}: {exc}"
-            job.state, job.message = "failed", "failed"
-        else:
-            job.state, job.message, job.fraction = "done", "done", 1.0
-        job.seconds = time.perf_counter() - start
-
-    def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            return self.jobs.get(job_id)
-
-    def recent(self, n: int = 10) -> list[Job]:
-        with self._lock:
-            return sorted(self.jobs.values(), key=lambda j: j.created, reverse=True)[:n]
-
-    def shutdown(self) -> None:
-        """Let the running job finish and drop the queued ones."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
+__all__ = ["HOST", "Job", "JobQueue", "add_arguments", "create_app", "run", "serve"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,13 +99,16 @@ def _result_context(job: Job) -> dict[str, Any]:
             "probability": item.probability,
             "found": item.found,
             "files": [(kind, item.pictures[kind].name) for kind in PICTURES if kind in item.pictures],
+            "missing": [(kind, item.missing[kind]) for kind in PICTURES if kind in item.missing],
         }
         for item in job.explanation.vertebrae
     ]
+    overview = job.explanation.overview
     return {
         "rows": rows,
         "vertebrae": vertebrae,
-        "overview": job.explanation.overview.name,
+        "overview": None if overview is None else overview.name,
+        "overview_missing": job.explanation.missing.get("overview", ""),
         "warnings": job.explanation.prediction.warnings,
     }
 
@@ -221,32 +118,46 @@ def create_app(
     studies_dir: str | Path | None = None,
     work_dir: str | Path | None = None,
     max_upload_mb: float = 2048.0,
+    max_unpacked_mb: float = 3072.0,
+    keep_jobs: int = 20,
 ) -> FastAPI:
     """The web application around one loaded explainer.
 
     Args:
         explainer: the loaded models (``StudyExplainer(FracturePipeline.from_models_dir(...))``).
         studies_dir: folder whose study folders the user may pick (None: upload only).
-        work_dir: where uploads are unpacked and pictures written (default: a temporary folder
-            removed when the server stops).
-        max_upload_mb: largest upload, and largest unpacked study, in MB.
+        work_dir: where uploads are received and unpacked and pictures written (default: a temporary
+            folder removed when the server stops). Job folders an earlier run left there are removed.
+        max_upload_mb: largest upload in MB.
+        max_unpacked_mb: largest unpacked study in MB (zip members may also grow at most
+            ``UploadLimits.max_ratio`` times).
+        keep_jobs: most finished jobs kept, with their pictures; the oldest are removed first.
     """
     owned_work_dir = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="rsna-cspine-serve-")) if work_dir is None else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    max_bytes = int(max_upload_mb * 2**20)
-    queue = JobQueue(explainer)
+    remove_leftover_jobs(work)
+    limits = UploadLimits(max_upload_bytes=int(max_upload_mb * 2**20), max_unpacked_bytes=int(max_unpacked_mb * 2**20))
+    queue = JobQueue(explainer, keep_finished=keep_jobs)
+    token = secrets.token_urlsafe(32)
+
+    def check_token(fields: dict[str, str]) -> None:
+        if not secrets.compare_digest(fields.get(TOKEN_FIELD, "").encode(), token.encode()):
+            raise UploadRejected("the form token is missing or out of date: reload the viewer's page and try again", status=403)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        queue.shutdown()
+        await run_in_threadpool(queue.shutdown)
         if owned_work_dir:
             shutil.rmtree(work, ignore_errors=True)
 
-    app = FastAPI(title="rsna-cspine viewer", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No API documentation: the routes are for the viewer's own pages.
+    app = FastAPI(title="rsna-cspine viewer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestGuard, refuse=_error)
     app.state.queue = queue
     app.state.work_dir = work
+    app.state.token = token
 
     def started(request: Request, job: Job) -> Response:
         if _wants_json(request):
@@ -260,46 +171,53 @@ def create_app(
             "studies_dir": None if studies_dir is None else str(studies_dir),
             "jobs": queue.recent(),
             "max_upload_mb": f"{max_upload_mb:g}",
+            "accept": accepted_types(),
+            "kinds": accepted_kinds(),
+            "token": token,
         }
         return TEMPLATES.TemplateResponse(request, "index.html", context)
 
     @app.post("/jobs/upload")
     async def upload(request: Request) -> Response:
-        length = request.headers.get("content-length")
-        if length is None:
-            return _error(request, 411, "the upload must state its size (Content-Length)")
-        if not length.isdigit() or int(length) > max_bytes + 2**20:  # + room for the multipart envelope
-            return _error(request, 413, f"upload too large: {int(length) / 2**20:.0f} MB, at most {max_upload_mb:g} MB"
-                          if length.isdigit() else "invalid Content-Length")
-        form = await request.form(max_files=1, max_fields=2)
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile) or not upload.filename:
-            return _error(request, 400, "no file uploaded (form field 'file')")
         job_id = uuid.uuid4().hex
         job_dir = work / job_id
+        filename = ""
         try:
-            job_dir.mkdir(parents=True)
-            zip_path = job_dir / "upload.zip"
-            with zip_path.open("wb") as sink:
-                shutil.copyfileobj(upload.file, sink, COPY_CHUNK)
-            if zip_path.stat().st_size > max_bytes:
-                raise UploadRejected(f"upload too large; at most {max_upload_mb:g} MB", status=413)
-            folder = extract_study_zip(zip_path, job_dir / "study", max_bytes)
-            zip_path.unlink()
-            name = study_name(upload.filename) if folder.is_file() else (  # a NIfTI upload is the study itself
-                folder.name if folder != job_dir / "study" else Path(upload.filename).stem)
-            job = queue.submit(name, folder, job_dir / "pictures", job_id=job_id)
+            queue.check_room()  # before the bytes arrive, not after
+            await run_in_threadpool(make_job_folder, job_dir)
+            received = await receive_upload(request, job_dir / "upload", limits.max_upload_bytes, check_token)
+            filename = received.filename
+            folder = await run_in_threadpool(unpack_upload, received.path, job_dir / "study", limits)
+            await run_in_threadpool(received.path.unlink, True)  # missing_ok: a NIfTI upload was moved into the study
+            if folder.is_file():  # a NIfTI upload is the study itself
+                name = study_name(filename) or "upload"
+            else:
+                name = folder.name if folder != job_dir / "study" else Path(filename).stem or "upload"
+            job = queue.submit(name, folder, job_dir / "pictures", job_id=job_id, root=job_dir, scratch=job_dir / "study")
         except UploadRejected as exc:
-            shutil.rmtree(job_dir, ignore_errors=True)
-            return _error(request, exc.status, f"{upload.filename}: {exc.reason}")
-        finally:
-            await upload.close()
-        logger.info("job %s: uploaded %s (%s)", job.id, upload.filename, name)
+            await run_in_threadpool(shutil.rmtree, job_dir, True)
+            return _error(request, exc.status, f"{short(filename, 80)}: {exc.reason}" if filename else exc.reason)
+        except ClientDisconnect:
+            await run_in_threadpool(shutil.rmtree, job_dir, True)
+            logger.info("upload %s: the client went away before the upload was complete", job_id)
+            return Response(status_code=400)
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)  # also on cancellation: no await here
+            logger.exception("upload %s failed", job_id)
+            raise
+        logger.info("job %s: uploaded %r (%s)", job.id, filename, name)
         return started(request, job)
 
     @app.post("/jobs/folder")
     async def from_folder(request: Request) -> Response:
-        form = await request.form(max_files=0, max_fields=2)
+        length = request.headers.get("content-length", "")
+        if not length.isdigit() or int(length) > _MAX_FORM_BYTES:
+            return _error(request, 413 if length.isdigit() else 411, "the study form must be small and state its size")
+        form = await request.form(max_files=0, max_fields=3)
+        try:
+            check_token({key: str(value) for key, value in form.items()})
+        except UploadRejected as exc:
+            return _error(request, exc.status, exc.reason)
         name = str(form.get("study", ""))
         # Only names from the listing are accepted: a typed path can never reach outside studies_dir.
         folder = list_studies(studies_dir).get(name)
@@ -307,8 +225,10 @@ def create_app(
             return _error(request, 404, f"no study folder named {name!r} under the studies folder")
         job_id = uuid.uuid4().hex
         try:
-            job = queue.submit(name, folder, work / job_id / "pictures", job_id=job_id)
+            root = await run_in_threadpool(make_job_folder, work / job_id)
+            job = queue.submit(name, folder, root / "pictures", job_id=job_id, root=root)
         except UploadRejected as exc:
+            await run_in_threadpool(shutil.rmtree, work / job_id, True)
             return _error(request, exc.status, exc.reason)
         logger.info("job %s: study folder %s", job.id, folder)
         return started(request, job)
@@ -324,7 +244,7 @@ def create_app(
     def job_page(request: Request, job_id: str) -> Response:
         job = queue.get(job_id)
         if job is None:
-            return _error(request, 404, f"no job {job_id!r} (jobs live as long as the server)")
+            return _error(request, 404, f"no job {job_id!r} (the viewer keeps the latest {keep_jobs} finished jobs)")
         return TEMPLATES.TemplateResponse(request, "job.html", {"job": job, **_result_context(job)})
 
     @app.get("/jobs/{job_id}/files/{name}")
@@ -345,6 +265,8 @@ def serve(
     work_dir: str | Path | None = None,
     device: str = "auto",
     max_upload_mb: float = 2048.0,
+    max_unpacked_mb: float = 3072.0,
+    keep_jobs: int = 20,
 ) -> None:
     """Load the models and serve the viewer on ``http://127.0.0.1:<port>/`` until interrupted.
 
@@ -355,13 +277,15 @@ def serve(
         work_dir: where uploads and pictures go (default: a temporary folder).
         device: ``auto``, ``cpu`` or ``cuda[:k]``.
         max_upload_mb: largest upload in MB.
+        max_unpacked_mb: largest unpacked study in MB.
+        keep_jobs: most finished jobs kept with their pictures.
     """
     import uvicorn
 
     from rsna_cspine.inference import FracturePipeline, PipelineConfig
 
     pipeline = FracturePipeline.from_models_dir(models_dir, PipelineConfig(device=device))
-    app = create_app(StudyExplainer(pipeline), studies_dir, work_dir, max_upload_mb)
+    app = create_app(StudyExplainer(pipeline), studies_dir, work_dir, max_upload_mb, max_unpacked_mb, keep_jobs)
     logger.info("serving on http://%s:%d/", HOST, port)
     uvicorn.run(app, host=HOST, port=port, log_level="info")
 
@@ -378,6 +302,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="uploads and pictures (default: a temp folder)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default auto)")
     parser.add_argument("--max-upload-mb", type=float, default=2048.0, help="largest upload in MB (default 2048)")
+    parser.add_argument("--max-unpacked-mb", type=float, default=3072.0,
+                        help="largest unpacked study in MB (default 3072); zip members may grow at most 100 times")
+    parser.add_argument("--keep-jobs", type=int, default=20,
+                        help="finished jobs kept with their pictures; the oldest are removed (default 20)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -390,7 +318,8 @@ def run(args: argparse.Namespace) -> int:
         0 after a clean stop, 1 when the models cannot be loaded (the reason is logged).
     """
     try:
-        serve(args.models, args.studies_dir, args.port, args.work_dir, args.device, args.max_upload_mb)
+        serve(args.models, args.studies_dir, args.port, args.work_dir, args.device, args.max_upload_mb,
+              args.max_unpacked_mb, args.keep_jobs)
     except CSpineError as exc:
         logger.error("%s", exc)
         return 1
