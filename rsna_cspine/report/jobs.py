@@ -202,24 +202,34 @@ class JobQueue:
             job.message, job.fraction = message, max(job.fraction, min(fraction, 1.0))
 
         try:
-            job.explanation = self.explainer.explain(job.folder, job.out_dir, progress=progress)
+            explanation = self.explainer.explain(job.folder, job.out_dir, progress=progress)
         except Exception as exc:  # noqa: BLE001 - whatever broke, the page must say so instead of spinning
             logger.exception("job %s (%s) failed", job.id, job.study)
             reason = str(exc) if isinstance(exc, CSpineError) else f"{exc.__class__.__name__}: {exc}"
+            # Files first, state last: a client that sees the job finished never finds its study on disk.
+            self._delete_files(job, failed=True)
             job.error = job.redact(reason)
             job.state, job.message = "failed", "failed"
         else:
+            self._delete_files(job, failed=False)
+            job.explanation = explanation
             job.state, job.message, job.fraction = "done", "done", 1.0
         finally:
             job.seconds = time.perf_counter() - start
-            self._tidy(job)
+            if not job.finished:  # interrupted (KeyboardInterrupt, shutdown): nothing of it is kept
+                self._delete_files(job, failed=True)
+            self._drop_oldest()
 
-    def _tidy(self, job: Job) -> None:
-        """Delete what a finished job no longer needs, then the oldest finished jobs beyond the bound."""
+    @staticmethod
+    def _delete_files(job: Job, failed: bool) -> None:
+        """Delete what a finished job no longer needs: its study always, its whole folder when it failed."""
         if job.scratch is not None:
             shutil.rmtree(job.scratch, ignore_errors=True)
-        if job.state == "failed" and job.root is not None:
+        if failed and job.root is not None:
             shutil.rmtree(job.root, ignore_errors=True)
+
+    def _drop_oldest(self) -> None:
+        """Remove the oldest finished jobs beyond the bound (their folders too)."""
         with self._lock:
             finished = sorted((j for j in self.jobs.values() if j.finished), key=lambda j: j.created)
             dropped = finished[: max(len(finished) - self.keep_finished, 0)]
