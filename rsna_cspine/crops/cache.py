@@ -15,6 +15,7 @@ import logging
 import os
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -32,7 +33,11 @@ from rsna_cspine.crops.extract import (
 )
 from rsna_cspine.errors import ConfigError, CSpineError, LayoutError
 from rsna_cspine.io.files import atomic_write_text
+from rsna_cspine.io.volume import Volume
 from rsna_cspine.runner import LEDGER_FOLDER, StudyLedger, StudyRunner
+
+if TYPE_CHECKING:
+    from rsna_cspine.io.kaggle import KaggleLayout
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +199,41 @@ def _box_slices(volume: object, boxes: np.ndarray | None) -> tuple[np.ndarray | 
     return z, boxes[matched, 1:]
 
 
+def study_crops(volume: Volume, mask: np.ndarray, cfg: CropConfig, boxes: np.ndarray | None) -> VertebraCrops:
+    """One study's seven stacks with their slice labels and box maps: the per-study step of
+    :func:`build_crop_cache` and ``rsna-cspine prepare``.
+
+    Args:
+        volume: the decoded study.
+        mask: label map aligned with it (1..7 = C1..C7; other values are ignored).
+        cfg: crop settings.
+        boxes: the study's ``(n, 5)`` rows ``(slice_number, x, y, width, height)`` of
+            ``train_bounding_boxes.csv``, or None (slice labels unknown).
+    """
+    crops = extract_vertebra_crops(volume.hu, mask, cfg, spacing=volume.spacing)
+    box_z, box_rects = _box_slices(volume, boxes)
+    crops.slice_labels = slice_labels_from_boxes(crops, box_z, cfg.half_width, box_rects, mask)
+    crops.box_maps = box_maps_from_boxes(crops, box_z, cfg.half_width, box_rects, mask)
+    return crops
+
+
+def boxes_by_study(layout: KaggleLayout, split: str = "train") -> dict[str, np.ndarray]:
+    """uid → ``(n, 5)`` rows ``(slice_number, x, y, width, height)`` of ``train_bounding_boxes.csv``
+    (empty for the test split or a layout without the file).
+
+    Args:
+        layout: the Kaggle-layout dataset.
+        split: ``train`` or ``test``.
+    """
+    from rsna_cspine.io.kaggle import read_bounding_boxes
+
+    if split != "train" or not layout.bounding_boxes_csv.is_file():
+        return {}
+    boxes = read_bounding_boxes(layout.bounding_boxes_csv)
+    columns = ["slice_number", "x", "y", "width", "height"]
+    return {uid: g[columns].to_numpy(np.float64) for uid, g in boxes.groupby("StudyInstanceUID")}
+
+
 def _adopt_crop_file(cache_dir: Path, cfg: CropConfig, uid: str) -> dict[str, object] | None:
     """A crop file written outside the ledger (by hand, or before it): kept when its stacks have this shape."""
     path = crop_path(cache_dir, uid)
@@ -224,10 +264,7 @@ def _crop_study(
     study_boxes = boxes_by_uid.get(uid)
     volume = load_series(KaggleLayout(Path(layout_root)).study_dir(uid, split))
     mask, used = _load_mask(layout_root, uid, volume, mask_source, pred_mask_dir)
-    crops = extract_vertebra_crops(volume.hu, mask, cfg, spacing=volume.spacing)
-    box_z, box_rects = _box_slices(volume, study_boxes)
-    crops.slice_labels = slice_labels_from_boxes(crops, box_z, cfg.half_width, box_rects, mask)
-    crops.box_maps = box_maps_from_boxes(crops, box_z, cfg.half_width, box_rects, mask)
+    crops = study_crops(volume, mask, cfg, study_boxes)
     path = save_crops(crop_path(cache_dir, uid), crops, mask_source=used)
     return {"path": str(path), "mask_source": used, "n_present": int(crops.present.sum()),
             "has_boxes": study_boxes is not None, "outputs": [str(path)]}
@@ -263,8 +300,6 @@ def build_crop_cache(
         One row per study, in ``uids`` order: StudyInstanceUID, path, status (built | cached | failed), mask_source,
         n_present, has_boxes, error. Also written to ``cache_index.csv``.
     """
-    from rsna_cspine.io.kaggle import read_bounding_boxes
-
     if mask_source not in MASK_SOURCES:
         raise ConfigError(f"mask_source must be one of {MASK_SOURCES}, got {mask_source!r}")
     cfg.validate()
@@ -273,11 +308,7 @@ def build_crop_cache(
     trusted = legacy_settings_match(cache_dir, settings)
     ledger = StudyLedger(cache_dir / LEDGER_FOLDER, settings, on_change="refuse",
                          adopt=partial(_adopt_crop_file, cache_dir, cfg) if trusted else None)
-    boxes_by_uid: dict[str, np.ndarray] = {}
-    if split == "train" and layout.bounding_boxes_csv.is_file():  # type: ignore[attr-defined]
-        boxes = read_bounding_boxes(layout.bounding_boxes_csv)  # type: ignore[attr-defined]
-        columns = ["slice_number", "x", "y", "width", "height"]
-        boxes_by_uid = {uid: g[columns].to_numpy(np.float64) for uid, g in boxes.groupby("StudyInstanceUID")}
+    boxes_by_uid = boxes_by_study(layout, split)  # type: ignore[arg-type]
     root = str(layout.root)  # type: ignore[attr-defined]
     work = partial(_crop_study, layout_root=root, split=split, mask_source=mask_source, cache_dir=str(cache_dir),
                    pred_mask_dir=None if pred_mask_dir is None else str(pred_mask_dir), cfg=cfg,
