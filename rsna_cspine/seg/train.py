@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rsna_cspine.engine.devices import resolve_device, seed_everything
-from rsna_cspine.engine.distributed import DistContext, barrier, run_seeded_distributed, under_torchrun
+from rsna_cspine.engine.distributed import DistContext, barrier, run_seeded_distributed
 from rsna_cspine.engine.folds import fold_of
 from rsna_cspine.engine.runlog import prepare_run_dir
 from rsna_cspine.errors import ConfigError, LayoutError
@@ -18,13 +18,20 @@ from rsna_cspine.seg.config import SegConfig
 from rsna_cspine.seg.model import grid_divisor
 from rsna_cspine.seg.preprocess import THORACIC_MODES
 from rsna_cspine.seg.task import SegmentationTask
-from rsna_cspine.training.caches import require_seg_cache
+from rsna_cspine.training.caches import prepared_seg_studies
 from rsna_cspine.training.loop import fit
 
 log = logging.getLogger(__name__)
 
-#: What builds the stage-1 cache of a config in one process (named when torchrun finds it incomplete).
-PREPARE_COMMAND = "rsna-cspine train-seg --config CONFIG --prepare-only"
+
+def prepare_command(cfg: SegConfig) -> str:
+    """The command that prepares the cache this config trains from (named when it is missing or incomplete).
+
+    Args:
+        cfg: the run config.
+    """
+    return (f"rsna-cspine prepare --data {cfg.data.root} --out {cfg.data.cache_dir} --seg-config CONFIG "
+            "[--cls-config CLS_CONFIG | --segmented-only]")
 
 
 def resolve_config(cfg: SegConfig) -> SegConfig:
@@ -78,20 +85,22 @@ def split_studies(uids: Sequence[str], fold: int, n_folds: int, seed: int) -> tu
     return [u for u in uids if folds[u] != fold], [u for u in uids if folds[u] == fold]
 
 
-def prepare_segmentation_data(cfg: SegConfig, progress: bool = True) -> dict[str, Path]:
-    """Build (or complete) the stage-1 cache of every labelled study; uid → cache file of those that worked.
+def segmentation_data(cfg: SegConfig) -> dict[str, Path]:
+    """uid → stage-1 cache file of every segmented training study the prepared cache holds (``data.cache_dir``,
+    written by ``rsna-cspine prepare``); nothing is decoded. Studies whose preparation failed and those in
+    ``data.exclude`` are left out.
 
     Args:
         cfg: the run config (``data`` section).
-        progress: tqdm bar.
-    """
-    from rsna_cspine.io.kaggle import KaggleLayout
-    from rsna_cspine.seg.preprocess import build_cache
 
+    Raises:
+        LayoutError: no prepared cache, or a segmented study it has neither prepared nor failed.
+        ConfigError: the cache was prepared with another grid, HU window or antialias setting.
+    """
     d = resolve_config(cfg).data
-    uids = labelled_studies(d.root, d.max_studies)
-    return build_cache(KaggleLayout(d.root), uids, d.cache_dir, d.grid, d.hu_window, antialias=d.antialias,
-                       progress=progress)
+    uids = [u for u in labelled_studies(d.root) if u not in set(d.exclude)]
+    uids = uids[: d.max_studies] if d.max_studies > 0 else uids
+    return prepared_seg_studies(d.cache_dir, uids, d.grid, d.hu_window, d.antialias, prepare_command(cfg))
 
 
 def train_segmentation(cfg: SegConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -99,7 +108,7 @@ def train_segmentation(cfg: SegConfig, resume: bool = False, progress: bool = Tr
 
     Writes ``config.yaml`` (resolved), ``summary.csv``/``curves.png`` per epoch (losses, val Dice mean and
     per vertebra, lr, time), ``last.pt`` every epoch and ``best.pt`` on the best validation mean Dice.
-    A plain run builds the cache first; under torchrun it must be complete already (:data:`PREPARE_COMMAND`).
+    The studies come from the prepared cache (:func:`segmentation_data`): nothing is decoded here.
 
     Args:
         cfg: the run config.
@@ -109,11 +118,7 @@ def train_segmentation(cfg: SegConfig, resume: bool = False, progress: bool = Tr
     started = time.monotonic()
     cfg = resolve_config(cfg)
     d = cfg.data
-    if under_torchrun():
-        uids = labelled_studies(d.root, d.max_studies)
-        cached = require_seg_cache(d.cache_dir, uids, d.grid, d.hu_window, d.antialias, PREPARE_COMMAND)
-    else:
-        cached = prepare_segmentation_data(cfg, progress=progress)
+    cached = segmentation_data(cfg)
     usable = sorted(cached)
     train_uids, val_uids = split_studies(usable, cfg.fold, cfg.train.n_folds, cfg.train.fold_seed)
     if not train_uids:
