@@ -135,13 +135,15 @@ class StudyLedger:
         (self.folder / FAILED_FOLDER / f"{uid}.json").unlink(missing_ok=True)
 
     def save_failure(self, uid: str, reason: str, seconds: float = 0.0) -> None:
-        """Keep a failure (with ``keep_failures``) until the study finishes.
+        """A study failed: drop its record, if any (it was stale, or the study would not have run: its inputs
+        changed or an output went missing), and keep the failure (with ``keep_failures``) until it finishes.
 
         Args:
             uid: the study.
             reason: why it failed.
             seconds: time spent on it.
         """
+        self._path(uid).unlink(missing_ok=True)
         if self.keep_failures:
             atomic_write_text(self.folder / FAILED_FOLDER / f"{uid}.json",
                               json.dumps({"reason": reason, "seconds": round(seconds, 3)}))

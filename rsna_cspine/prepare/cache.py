@@ -37,6 +37,7 @@ from rsna_cspine.ledger import (
     FINGERPRINT_FILE,
     LEDGER_FOLDER,
     Record,
+    StudyLedger,
     outputs_exist,
     read_failures,
     read_fingerprint,
@@ -88,6 +89,16 @@ class PreparedCache:
     def resolve(self, name: str) -> Path:
         """The file a record names."""
         return self.root / name
+
+    def ledger(self, settings: dict[str, Any], **options: Any) -> StudyLedger:
+        """The writable ledger of the cache under ``settings`` (what a prepare run records studies in).
+
+        Args:
+            settings: the fingerprint (``prepare.config.settings_fingerprint``).
+            options: further :class:`~rsna_cspine.ledger.StudyLedger` arguments (``resume``, ``on_change``,
+                ``inputs``); paths are relative to the cache and failures are kept.
+        """
+        return StudyLedger(self.ledger_dir, settings, base=self.root, keep_failures=True, **options)
 
     def settings(self) -> dict[str, Any] | None:
         """The fingerprint the cache was prepared with (None: no prepared cache here)."""

@@ -21,7 +21,7 @@ import pandas as pd
 from rsna_cspine.prepare.cache import MANIFEST_FILE, PreparedCache
 from rsna_cspine.prepare.config import PrepareConfig, resolve_seg_models, settings_fingerprint
 from rsna_cspine.prepare.study import StudyJob, prepare_study, study_inputs
-from rsna_cspine.runner import StudyLedger, StudyRunner
+from rsna_cspine.runner import StudyRunner
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,8 @@ def prepare_dataset(
                    seg_models=tuple(str(p.resolve()) for p in models), boxes=boxes_by_study(layout, split),
                    decode_workers=threads)
     fingerprint = settings_fingerprint(cfg, models, split)
-    ledger = StudyLedger(cache.ledger_dir, fingerprint, resume=not restart, on_change="restart" if restart else "refuse",
-                         base=cache.root, inputs=partial(study_inputs, job), keep_failures=True)
+    ledger = cache.ledger(fingerprint, resume=not restart, on_change="restart" if restart else "refuse",
+                          inputs=partial(study_inputs, job))
     cache.write_settings(fingerprint)
     runner = StudyRunner(ledger, shard=shard, workers=0 if workers == 1 else workers, worker_threads=threads,
                          desc="prepare", progress=progress)
