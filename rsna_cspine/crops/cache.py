@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,10 @@ INDEX_FILE = "cache_index.csv"
 #: Where caches built before the ledger recorded their crop settings.
 LEGACY_SETTINGS_FILE = "crop_config.yaml"
 INDEX_COLUMNS: tuple[str, ...] = ("StudyInstanceUID", "path", "status", "mask_source", "n_present", "has_boxes", "error")
+#: zlib level of crop files. Compressing is most of a study's preparation time at numpy's level 6: on the
+#: crops of one study (15 slices × 5 channels × 224 px) level 1 took a sixth of the CPU time for 11 % more
+#: bytes (1.1 s vs 6.0 s, 13.1 vs 11.8 MB, on the shared 2-core machine under load).
+CROP_ZLIB_LEVEL = 1
 
 
 def crop_path(cache_dir: str | Path, uid: str) -> Path:
@@ -67,21 +72,22 @@ def save_crops(path: str | Path, crops: VertebraCrops, mask_source: str = "") ->
     path.parent.mkdir(parents=True, exist_ok=True)
     # One archive member per vertebra: a training item then decompresses only its own stack.
     arrays = {f"images_{name}": crops.images[i] for i, name in enumerate(VERTEBRAE)}
+    arrays.update(present=crops.present, slice_index=crops.slice_index, z_range=crops.z_range, boxes=crops.boxes,
+                  slice_labels=crops.slice_labels, box_maps=crops.box_maps, mask_source=np.array(mask_source))
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as fh:
-        np.savez_compressed(
-            fh,
-            present=crops.present,
-            slice_index=crops.slice_index,
-            z_range=crops.z_range,
-            boxes=crops.boxes,
-            slice_labels=crops.slice_labels,
-            box_maps=crops.box_maps,
-            mask_source=np.array(mask_source),
-            **arrays,
-        )
+        _savez(fh, arrays)
     os.replace(tmp, path)
     return path
+
+
+def _savez(fh: BinaryIO, arrays: dict[str, np.ndarray], level: int = CROP_ZLIB_LEVEL) -> None:
+    """``np.savez_compressed`` with a chosen zlib level (numpy's own has no such argument): the same
+    ``.npz`` layout, one ``<name>.npy`` member per array, read back by ``np.load``."""
+    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 def load_crops(path: str | Path) -> VertebraCrops:
