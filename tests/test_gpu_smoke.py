@@ -43,7 +43,8 @@ def test_every_command_uses_existing_configs_and_keys(tmp_path: Path, mode: str)
     commands = _dry_run(tmp_path, *(["--cpu"] if mode == "cpu" else []))
     # One prepare decodes the training studies for both stages, before torchrun: the trainers never decode.
     prepare = _command(commands, "prepare")
-    assert "torch.distributed.run" not in prepare and commands.index(prepare) < commands.index(_command(commands, "train-seg"))
+    assert "torch.distributed.run" not in prepare
+    assert commands.index(prepare) < commands.index(_command(commands, "train-seg"))
     rest = prepare[prepare.index("prepare") + 1 :]
     prepare_overrides = [arg for arg in rest if "=" in arg and not arg.startswith("-")]
     prepared = load_config(PrepareConfig, None, [*training_config_overrides(

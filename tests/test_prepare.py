@@ -163,8 +163,9 @@ def test_stage1_models_mask_every_study_from_the_same_decode(layout, tmp_path, m
         expected = "gt" if kaggle.segmentation_path(uid) else "pred"
         assert manifest.loc[uid, "mask_source"] == expected and cache.crop_path(uid).is_file()
         if expected == "pred":  # the models' mask, from the image the stage-1 input holds
+            alone = segmenter.predict(load_series(kaggle.study_dir(uid, "train"))).mask
             with np.load(cache.mask_path(uid)) as npz:
-                np.testing.assert_array_equal(npz["mask"], segmenter.predict(load_series(kaggle.study_dir(uid, "train"))).mask)
+                np.testing.assert_array_equal(npz["mask"], alone)
             assert len(json.loads((cache.ledger_dir / f"{uid}.json").read_text())["vertebrae"]) == 7
     # The models are part of the settings (by content): other weights are not mixed into this cache.
     seed_everything(3)

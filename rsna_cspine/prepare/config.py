@@ -107,8 +107,8 @@ def prepare_config_for(seg: SegConfig | None = None, cls: ClsConfig | None = Non
     cfg = PrepareConfig(**values)
     if seg is not None:
         d = seg.data
-        cfg.stage1 = Stage1InputConfig(tuple(int(g) for g in d.grid), tuple(float(h) for h in d.hu_window),  # type: ignore[arg-type]
-                                       bool(d.antialias))
+        grid, window = tuple(int(g) for g in d.grid), tuple(float(h) for h in d.hu_window)
+        cfg.stage1 = Stage1InputConfig(grid, window, bool(d.antialias))  # type: ignore[arg-type]
     if cls is not None:
         cfg.crop = CropConfig(**to_dict(cls.data.crop))
     return cfg

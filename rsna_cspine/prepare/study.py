@@ -172,8 +172,9 @@ def prepare_study(uid: str, job: StudyJob) -> Record:
     names = [cache.relative(p) for p in outputs]
     record: Record = {
         "StudyInstanceUID": uid, "status": "done", "reason": reason, "n_slices": volume.shape[0],
-        "rows": volume.shape[1], "cols": volume.shape[2], "spacing_z": round(float(volume.spacing[0]), 6),
-        "spacing_y": round(float(volume.spacing[1]), 6), "spacing_x": round(float(volume.spacing[2]), 6), "has_labels": labels is not None,
+        "rows": volume.shape[1], "cols": volume.shape[2],
+        **{f"spacing_{axis}": round(float(mm), 6) for axis, mm in zip("zyx", volume.spacing)},
+        "has_labels": labels is not None,
         "mask_source": source, "n_present": n_present, "has_boxes": uid in job.boxes, "seg_file": names[0],
         "mask_file": names[1] if mask is not None else "", "crop_file": names[2] if mask is not None else "",
         "bytes": sum(p.stat().st_size for p in outputs), "decode_workers": job.decode_workers,
