@@ -172,6 +172,8 @@ def test_stage1_models_mask_every_study_from_the_same_decode(layout, tmp_path, m
     save_checkpoint(checkpoint, model=build_model(seg_cfg.model, 8), epoch=0, config=to_dict(seg_cfg))
     with pytest.raises(ConfigError, match=r"other settings \(differs in \['seg_models'\]\)"):
         prepare_dataset(layout, tmp_path / "cache", _cfg(mask_source="gt_then_pred"), seg_models=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="mask_source='pred' needs stage-1 models"):  # before any study is read
+        prepare_dataset(layout, tmp_path / "no_models", _cfg(mask_source="pred"), progress=False)
 
 
 def test_shards_and_merged_shard_folders_equal_one_unsharded_run(layout, tmp_path) -> None:

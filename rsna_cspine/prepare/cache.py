@@ -108,16 +108,21 @@ class PreparedCache:
         """uid → record of every prepared study (all shards) whose files all exist."""
         return read_ledger(self.ledger_dir, None, base=self.root)
 
-    def failures(self) -> dict[str, Record]:
-        """uid → failure (``reason``) of every study that failed and was not prepared since."""
-        done = self.records()
+    def failures(self, records: dict[str, Record] | None = None) -> dict[str, Record]:
+        """uid → failure (``reason``) of every study that failed and was not prepared since.
+
+        Args:
+            records: :meth:`records`, when the caller has read them already.
+        """
+        done = self.records() if records is None else records
         return {uid: f for uid, f in read_failures(self.ledger_dir).items() if uid not in done}
 
     def manifest(self) -> pd.DataFrame:
         """One row per prepared or failed study, sorted by uid (:data:`MANIFEST_COLUMNS`)."""
-        rows = [{k: v for k, v in r.items() if k in MANIFEST_COLUMNS} for r in self.records().values()]
+        records = self.records()
+        rows = [{k: v for k, v in r.items() if k in MANIFEST_COLUMNS} for r in records.values()]
         rows += [{"StudyInstanceUID": uid, "status": "failed", "reason": f.get("reason", ""),
-                  "seconds_total": f.get("seconds")} for uid, f in self.failures().items()]
+                  "seconds_total": f.get("seconds")} for uid, f in self.failures(records).items()]
         for row in rows:
             row["warnings"] = " | ".join(row.get("warnings") or [])
         table = pd.DataFrame(rows).reindex(columns=list(MANIFEST_COLUMNS))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from rsna_cspine.errors import ConfigError
 from rsna_cspine.prepare.cache import MANIFEST_FILE, PreparedCache
 from rsna_cspine.prepare.config import PrepareConfig, resolve_seg_models, settings_fingerprint
 from rsna_cspine.prepare.study import StudyJob, prepare_study, study_inputs
@@ -133,6 +134,8 @@ def prepare_dataset(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     cache = PreparedCache(out)
     models = resolve_seg_models(seg_models)
+    if cfg.mask_source == "pred" and not models:
+        raise ConfigError("mask_source='pred' needs stage-1 models (--seg-models)")
     layout = KaggleLayout(Path(root))
     workers, threads = cfg.cpu_plan()
     job = StudyJob(root=str(layout.root), split=split, out=str(cache.root), cfg=cfg,

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from rsna_cspine.errors import ConfigError
 from rsna_cspine.prepare.cache import PreparedCache
 from rsna_cspine.prepare.config import PrepareConfig
 from rsna_cspine.runner import Record
@@ -92,10 +91,8 @@ def _mask_plan(job: StudyJob, has_labels: bool) -> str:
         source = "pred" if job.seg_models else "gt"
     elif source == "gt_then_pred":
         source = "gt" if has_labels else "pred"
-    if source == "gt" and not has_labels:
+    if (source == "gt" and not has_labels) or (source == "pred" and not job.seg_models):
         return ""
-    if source == "pred" and not job.seg_models:
-        raise ConfigError(f"mask_source={job.cfg.mask_source!r} needs stage-1 models (--seg-models)")
     return source
 
 

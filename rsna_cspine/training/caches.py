@@ -57,10 +57,11 @@ def _refuse_missing(cache: PreparedCache, missing: list[str], total: int, comman
 
 
 def _without_excluded(uids: Sequence[str], exclude: Sequence[str]) -> list[str]:
-    dropped = [u for u in uids if u in set(exclude)]
+    excluded = set(exclude)
+    dropped = [u for u in uids if u in excluded]
     if dropped:
         log.info("data.exclude: %d studies never used for training: %s", len(dropped), dropped)
-    return [u for u in dict.fromkeys(uids) if u not in set(exclude)]
+    return [u for u in dict.fromkeys(uids) if u not in excluded]
 
 
 def prepared_seg_studies(
@@ -86,7 +87,8 @@ def prepared_seg_studies(
     wanted = {"grid": [int(g) for g in grid], "hu_window": [float(h) for h in hu_window], "antialias": bool(antialias)}
     _compare(cache, settings.get("stage1", {}), wanted, "stage-1 input", "data.grid/hu_window/antialias", command)
     uids = _without_excluded(uids, exclude)
-    records, failures = cache.records(), cache.failures()
+    records = cache.records()
+    failures = cache.failures(records)
     done = {u: cache.resolve(records[u]["seg_file"]) for u in uids if u in records and records[u].get("has_labels")}
     skipped = {u: failures[u].get("reason", "") for u in uids if u not in done and u in failures}
     for uid, reason in skipped.items():
@@ -117,7 +119,8 @@ def prepared_crop_index(
     cache, settings = _open(cache_dir, command)
     _compare(cache, settings.get("crop", {}), to_dict(crop_cfg), "crop", "data.crop", command)
     uids = _without_excluded(uids, exclude)
-    records, failures = cache.records(), cache.failures()
+    records = cache.records()
+    failures = cache.failures(records)
     rows, missing = [], []
     for uid in uids:
         record = records.get(uid)
