@@ -38,6 +38,7 @@ from rsna_cspine.cls.train import train_classifier
 from rsna_cspine.config import load_config
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.crops.cache import build_crop_cache, load_crops
+from rsna_cspine.prepare import prepare_config_for, prepare_dataset
 from rsna_cspine.io.kaggle import KaggleLayout, read_train_labels
 from rsna_cspine.metric import prior_predictions, score_arrays
 
@@ -142,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     log.info("training set: %d studies, %.1f%% fractured vertebrae", len(train_labels), 100 * fractured_share)
 
     cfg = load_config(ClsConfig, args.config, args.overrides, values={
-        "data": {"root": train_root, "cache_dir": work / "crops_train", "mask_source": "gt"},
+        "data": {"root": train_root, "cache_dir": work / "prepared_train"},
         "run_dir": work / "run", "fold": 0, "device": "cpu", "train": {"max_minutes": args.max_minutes},
     })
     tick = time.monotonic()
+    # The trainer reads a prepared cache only: crops from the true masks, as before.
+    prepare_dataset(train_root, cfg.data.cache_dir, prepare_config_for(cls=cfg, mask_source="gt"))
     run_dir = train_classifier(cfg, resume=(work / "run" / "fold0" / "last.pt").is_file())
     train_minutes = (time.monotonic() - tick) / 60
     summary = pd.read_csv(run_dir / "summary.csv")

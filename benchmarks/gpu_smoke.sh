@@ -49,7 +49,8 @@ if [[ "$MODE" == gpu ]]; then
   TRAIN_SYNTH=(--studies 8 test_fraction=0 image_size=192)
   PREDICT_SYNTH=(--studies 4 test_fraction=0.75 image_size=512 "n_slices=[300,300]")
   SEG_SIZE=(train.num_workers=2)
-  CLS_SIZE=(train.batch_size=4 train.val_batch_size=8 train.num_workers=4 data.cache_workers=4)
+  CLS_SIZE=(train.batch_size=4 train.val_batch_size=8 train.num_workers=4)
+  PREP_SIZE=()
   if [[ "$DRY" == 0 ]]; then
     GPUS="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
     if [[ "$GPUS" -lt 1 ]]; then echo "no CUDA device visible to torch; use --cpu" >&2; exit 1; fi
@@ -67,7 +68,8 @@ else
   TRAIN_SYNTH=(--studies 8 test_fraction=0 image_size=96)
   PREDICT_SYNTH=(--studies 4 test_fraction=0.75 image_size=128)
   SEG_SIZE=(train.num_workers=0 data.grid=[32,64,64] train.patch_size=[0,32,32])
-  CLS_SIZE=(train.batch_size=4 train.val_batch_size=8 train.num_workers=0 data.cache_workers=1 data.crop.size=48)
+  CLS_SIZE=(train.batch_size=4 train.val_batch_size=8 train.num_workers=0 data.crop.size=48)
+  PREP_SIZE=(stage1.grid=[32,64,64] crop.size=48)   # the same sizes as SEG_SIZE and CLS_SIZE
 fi
 
 DATA="$OUT/data_train"
@@ -110,22 +112,25 @@ run "$PY" -m rsna_cspine.cli synth "$TEST_DATA" --seed 1 --no-progress "${PREDIC
 run "$PY" -c "import sys, timm; from safetensors.torch import save_file; \
 save_file(timm.create_model(sys.argv[1], pretrained=False).state_dict(), sys.argv[2])" "$BACKBONE" "$WEIGHTS"
 
-echo "== 2/5 stage 1: its cache in one process, then training under torchrun"
+echo "== 2/5 prepare: one decode per training study, the inputs of both stages (the trainers never decode)"
+CACHE="$OUT/work/prepared"
+timed prepare "$PY" -m rsna_cspine.cli prepare --data "$DATA" --out "$CACHE" --seg-config "$SEG_CONFIG" \
+  --cls-config "$CLS_CONFIG" --no-progress mask_source=gt ${PREP_SIZE[@]+"${PREP_SIZE[@]}"}
+
+echo "== 3/5 stage 1 under torchrun"
 SEG_ARGS=(--config "$SEG_CONFIG" --fold 0 --no-progress
-  "data.root=$DATA" "data.cache_dir=$OUT/work/seg_cache" "run_dir=$OUT/runs/seg" "device=$DEVICE"
+  "data.root=$DATA" --cache "$CACHE" "run_dir=$OUT/runs/seg" "device=$DEVICE"
   train.epochs=2 train.val_every=1 "train.amp=$AMP" train.max_minutes=0 ${SEG_SIZE[@]+"${SEG_SIZE[@]}"})
-run "$PY" -m rsna_cspine.cli train-seg --prepare-only "${SEG_ARGS[@]}"
 timed seg "${TORCHRUN[@]}" -m rsna_cspine.cli train-seg "${SEG_ARGS[@]}"
 
-echo "== 3/5 stage 2: its crop cache in one process, then training under torchrun (model.pretrained_file = the local stand-in weights)"
+echo "== 4/5 stage 2 under torchrun (model.pretrained_file = the local stand-in weights)"
 CLS_ARGS=(--config "$CLS_CONFIG" --fold 0
-  "data.root=$DATA" "data.cache_dir=$OUT/work/crops" data.mask_source=gt "run_dir=$OUT/runs/cls" "device=$DEVICE"
+  "data.root=$DATA" --cache "$CACHE" "run_dir=$OUT/runs/cls" "device=$DEVICE"
   "model.backbone=$BACKBONE" "model.pretrained_file=$WEIGHTS" train.epochs=2 train.max_minutes=0 "train.amp=$AMP"
   ${CLS_SIZE[@]+"${CLS_SIZE[@]}"})
-run "$PY" -m rsna_cspine.cli train-cls --prepare-only "${CLS_ARGS[@]}"
 timed cls "${TORCHRUN[@]}" -m rsna_cspine.cli train-cls "${CLS_ARGS[@]}"
 
-echo "== 4/5 predict the 3 test studies"
+echo "== 5/6 predict the 3 test studies"
 run mkdir -p "$MODELS/seg/fold0" "$MODELS/cls/fold0"
 run cp "$OUT/runs/seg/fold0/best.pt" "$MODELS/seg/fold0/best.pt"
 run cp "$OUT/runs/cls/fold0/best.pt" "$MODELS/cls/fold0/best.pt"
@@ -138,9 +143,9 @@ timed predict "$PY" -m rsna_cspine.cli predict --data "$TEST_DATA" --models "$MO
   --device "$DEVICE" --no-resume --no-progress
 if [[ -n "$SAMPLER" ]]; then kill "$SAMPLER"; wait "$SAMPLER" 2>/dev/null || true; fi
 
-echo "== 5/5 check and report"
+echo "== 6/6 check and report"
 [[ "$DRY" == 1 ]] && exit 0
-"$PY" - "$OUT" "$MODE" "$NPROC" "${WALL[synth]}" "${WALL[seg]}" "${WALL[cls]}" "${WALL[predict]}" <<'EOF'
+"$PY" - "$OUT" "$MODE" "$NPROC" "${WALL[synth]}" "${WALL[prepare]}" "${WALL[seg]}" "${WALL[cls]}" "${WALL[predict]}" <<'EOF'
 import sys
 from pathlib import Path
 
@@ -149,8 +154,8 @@ import pandas as pd
 import torch
 
 out, mode, nproc = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-names = ("synth (training set)", "stage 1 torchrun", "stage 2 torchrun", "predict")
-walls = {name: int(ms) / 1000 for name, ms in zip(names, sys.argv[4:8])}
+names = ("synth (training set)", "prepare", "stage 1 torchrun", "stage 2 torchrun", "predict")
+walls = {name: int(ms) / 1000 for name, ms in zip(names, sys.argv[4:9])}
 problems = []
 for stage in ("seg/fold0", "cls/fold0"):
     summary = pd.read_csv(out / "runs" / stage / "summary.csv")

@@ -85,6 +85,7 @@ def accuracy(args: argparse.Namespace) -> int:
     import torch
 
     from rsna_cspine.config import load_config
+    from rsna_cspine.prepare import prepare_config_for, prepare_dataset
     from rsna_cspine.seg import SegConfig, train_segmentation
 
     torch.set_num_threads(args.threads)
@@ -99,6 +100,8 @@ def accuracy(args: argparse.Namespace) -> int:
     if (run_dir / "last.pt").exists() and not args.resume:
         raise SystemExit(f"{run_dir} already holds a run; delete it or pass --resume")
     t0 = time.perf_counter()
+    prepare_dataset(train_dir, cfg.data.cache_dir, prepare_config_for(cfg, segmented_only=True),
+                    progress=not args.no_progress)  # the trainer reads the prepared cache only
     train_segmentation(cfg, resume=args.resume, progress=not args.no_progress)
     wall_min = (time.perf_counter() - t0) / 60
     summary = pd.read_csv(run_dir / "summary.csv")

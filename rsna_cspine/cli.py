@@ -17,6 +17,7 @@ from pathlib import Path
 #: subcommand → (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("rsna_cspine.synth.commands", "write a synthetic Kaggle-layout dataset"),
+    "prepare": ("rsna_cspine.prepare.commands", "decode each study once: stage-1 inputs, masks, crops (sharded, resumable)"),
     "train-seg": ("rsna_cspine.seg.commands", "train the stage-1 3D UNet (one fold)"),
     "predict-seg": ("rsna_cspine.seg.predict_commands", "predict vertebra masks for studies"),
     "train-cls": ("rsna_cspine.cls.commands", "train the stage-2 fracture classifier (one fold)"),

@@ -4,8 +4,9 @@ then by typed values a program sets (the one loader of every stage, the demo and
 The resolved config is written into every run folder and every checkpoint so that a run can be
 repeated exactly. A config class may list renamed keys (``LEGACY_KEYS``: old dotted key → new one) and
 retired ones (``RETIRED_KEYS``: dotted key → the value under which dropping it changes nothing, or
-:data:`ANY_VALUE` for settings that only mattered while training). A YAML file or override that uses an
-old key is refused with the new name; a checkpoint's stored config is translated
+:data:`ANY_VALUE` for settings that only mattered while training) and keys that moved to another command
+(``MOVED_KEYS``: dotted key → where it went). A YAML file or override that uses an old key is refused with
+the new name; a checkpoint's stored config is translated
 (:func:`config_from_checkpoint`), so checkpoints written before a rename still load.
 """
 
@@ -188,8 +189,10 @@ def _refuse_legacy_keys(cls: type, given: dict[str, Any], path: Path | None) -> 
     """Name the new key of every renamed one a file or override still uses, and every retired one."""
     renamed: dict[str, str | None] = getattr(cls, "LEGACY_KEYS", {})
     retired: dict[str, Any] = getattr(cls, "RETIRED_KEYS", {})
+    moved: dict[str, str] = getattr(cls, "MOVED_KEYS", {})
     used = _flatten(given)
     moves = [f"{old!r} is now {new!r}" for old, new in renamed.items() if old in used]
+    moves += [f"{old!r} moved to {where}" for old, where in moved.items() if old in used]
     gone = [f"{key!r} is no longer a setting" for key in retired if key in used]
     if moves or gone:
         raise ConfigError("outdated config key(s): " + "; ".join(moves + gone)
@@ -215,6 +218,8 @@ def upgrade_config_dict(cls: type, stored: dict[str, Any]) -> dict[str, Any]:
         found, value = _pop_dotted(data, old)
         if found and new is not None and not _has_dotted(data, new):
             _set_dotted(data, new, value)
+    for key in getattr(cls, "MOVED_KEYS", {}):  # settings of another command now: the model is the same
+        _pop_dotted(data, key)
     for key, harmless in getattr(cls, "RETIRED_KEYS", {}).items():
         found, value = _pop_dotted(data, key)
         if found and harmless is not ANY_VALUE and value != harmless:

@@ -28,3 +28,8 @@ REAL_PREVALENCE: dict[str, float] = {
 
 #: Clip applied to probabilities before any log and before writing a submission.
 PROB_EPS: float = 1e-7
+
+#: Studies of the real training set that top teams dropped as broken scans (the 2nd-place write-up:
+#: "we ignored the wrong study 1.2.826.0.1.3680043.20574 and 1.2.826.0.1.3680043.29952"; public solution
+#: code cites Kaggle discussion 344862 for both). The trainers' default ``data.exclude``.
+KNOWN_BROKEN_STUDIES: tuple[str, ...] = ("1.2.826.0.1.3680043.20574", "1.2.826.0.1.3680043.29952")

@@ -8,7 +8,7 @@ baseline, writes the CV report of the stage-2 out-of-fold predictions, and print
 Output folder::
 
     OUT/data/            synthetic Kaggle layout (train.csv, test.csv, test_labels.csv, *_images/, segmentations/)
-    OUT/work/            preprocessing caches (stage-1 grids, stage-2 crops)
+    OUT/work/            the prepared cache (stage-1 grids, masks, stage-2 crops; one decode per study)
     OUT/runs/seg/        stage-1 run (config.yaml, summary.csv, curves.png, best.pt, last.pt)
     OUT/runs/cls/        stage-2 run (fold0/..., oof_fold0.csv)
     OUT/models/          the models folder predict reads (seg/fold0/best.pt, cls/fold0/best.pt)
@@ -163,13 +163,14 @@ def run_demo(
     started = time.monotonic()  # before the heavy imports below: they are part of the demo's ten minutes
     from rsna_cspine.aggregate import build_submission
     from rsna_cspine.cls.config import ClsConfig
-    from rsna_cspine.cls.train import prepare_classifier_data, train_classifier
+    from rsna_cspine.cls.train import train_classifier
     from rsna_cspine.io.kaggle import KaggleLayout, read_test_csv, read_train_labels
     from rsna_cspine.metric import competition_score, labels_to_solution, prior_predictions
     from rsna_cspine.pipeline import PipelineConfig, predict_dataset, timing_log_path
     from rsna_cspine.report.cv import cv_report, load_oof
     from rsna_cspine.seg.config import SegConfig
-    from rsna_cspine.seg.train import prepare_segmentation_data, train_segmentation
+    from rsna_cspine.prepare import prepare_config_for, prepare_dataset
+    from rsna_cspine.seg.train import train_segmentation
     from rsna_cspine.synth import SynthConfig, write_dataset
 
     if config is None:
@@ -201,23 +202,23 @@ def run_demo(
 
     seg_cfg = load_config(
         SegConfig, _config_path(config.seg_config), config.seg_overrides,
-        values={"data": {"root": data_dir, "cache_dir": work_dir / "seg_cache"}, "run_dir": runs_dir / "seg",
+        values={"data": {"root": data_dir}, "run_dir": runs_dir / "seg",
                 "seed": seed, "device": config.device},
     )
     cls_cfg = load_config(
         ClsConfig, _config_path(config.cls_config), config.cls_overrides,
-        values={"data": {"root": data_dir, "mask_source": "gt"}, "run_dir": runs_dir / "cls", "seed": seed, "fold": 0,
+        values={"data": {"root": data_dir}, "run_dir": runs_dir / "cls", "seed": seed, "fold": 0,
                 "device": config.device},
     )
-    # A crop cache refuses other crop settings: one folder per setting lets a rerun change them.
-    crop_key = hashlib.sha1(repr(cls_cfg.data.crop).encode()).hexdigest()[:8]
-    cls_cfg.data.cache_dir = str(work_dir / f"crops_{crop_key}")
+    # A prepared cache refuses other settings: one folder per setting lets a rerun change them.
+    prepare_cfg = prepare_config_for(seg_cfg, cls_cfg, mask_source="gt")
+    key = hashlib.sha1(repr((prepare_cfg.stage1, prepare_cfg.crop)).encode()).hexdigest()[:8]
+    seg_cfg.data.cache_dir = cls_cfg.data.cache_dir = str(work_dir / f"prepared_{key}")
 
-    # 2. Caches first, so that the training budgets below are spent on training alone.
+    # 2. Data preparation first, so that the training budgets below are spent on training alone.
     tick = time.monotonic()
-    _banner("2/7 caches", "stage-1 grids and stage-2 crops of the training studies (from the ground-truth masks)")
-    prepare_segmentation_data(seg_cfg)
-    prepare_classifier_data(cls_cfg)
+    _banner("2/7 prepare", "one decode per training study: stage-1 grids and stage-2 crops (ground-truth masks)")
+    prepare_dataset(data_dir, seg_cfg.data.cache_dir, prepare_cfg)
     seconds["caches"] = time.monotonic() - tick
 
     def training_minutes(share: float) -> float:

@@ -11,18 +11,15 @@ list of study ids and a function that does one study and returns a JSON-able rec
 * lists every failure with its reason (a failing study never stops the batch, whatever it raises);
 * shows a tqdm bar (studies/s, ETA, counts).
 
-Ledger folder (one JSON file per finished study, written atomically, so several processes or machines
-can fill one folder, each with its own shard)::
-
-    fingerprint.json   what every record here was made with
-    <uid>.json         one finished study: the function's record; paths under "outputs" must exist
+The ledger (what is finished, under which fingerprint) lives in :mod:`rsna_cspine.ledger`; its names
+are importable from here too.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,21 +27,34 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from rsna_cspine.errors import ConfigError, CSpineError
 from rsna_cspine.io.files import atomic_write_text
+from rsna_cspine.ledger import (  # noqa: F401 - the ledger's names, importable from the runner as before
+    FAILED_FOLDER,
+    FINGERPRINT_FILE,
+    LEDGER_FOLDER,
+    Record,
+    StudyLedger,
+    file_fingerprint,
+    outputs_exist,
+    read_failures,
+    read_fingerprint,
+    read_ledger,
+)
+
+__all__ = [
+    "FAILED_FOLDER", "FINGERPRINT_FILE", "LEDGER_FOLDER", "STATUSES", "BatchReport", "Record", "StudyError",
+    "StudyLedger", "StudyOutcome", "StudyPlan", "StudyRunner", "StudySkipped", "attempt", "file_fingerprint",
+    "outputs_exist", "parse_shard", "read_failures", "read_fingerprint", "read_ledger", "release_memory",
+    "shard_studies", "split_cpus", "usable_cpus",
+]
 
 logger = logging.getLogger(__name__)
 
-#: Name of the ledger folder the caches keep beside their files.
-LEDGER_FOLDER = "finished"
-FINGERPRINT_FILE = "fingerprint.json"
-#: What the study function returns: a JSON-able mapping (``outputs``: files it wrote).
-Record = dict[str, Any]
 #: Outcome statuses: finished now, finished earlier, failed, or left for later by the function.
 STATUSES: tuple[str, ...] = ("done", "resumed", "failed", "skipped")
 
@@ -95,133 +105,25 @@ def shard_studies(uids: Sequence[str], shard: tuple[int, int]) -> list[str]:
     return [uid for k, uid in enumerate(uids) if k % count == index]
 
 
-def file_fingerprint(path: str | Path) -> dict[str, Any]:
-    """Resolved path, size and modification time of an input file (for a ledger fingerprint).
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a SLURM or container allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def split_cpus(budget: int, workers: int) -> tuple[int, int]:
+    """Share a CPU budget between studies run in parallel: ``(workers, threads per study)``.
+
+    ``workers`` studies run at once and each gets ``budget // workers`` threads (its decoder processes
+    and torch threads), so never more threads are busy than the budget; a study alone gets all of it.
 
     Args:
-        path: e.g. a checkpoint.
+        budget: cores to use in all (≥ 1).
+        workers: studies at once (≥ 1; more than ``budget`` is cut to ``budget``).
     """
-    path = Path(path)
-    stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def _read_json(path: Path) -> Any:
-    """A JSON file's content, or None when it is missing or unreadable (a record being written elsewhere)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-class StudyLedger:
-    """Finished studies of one batch folder, valid for one fingerprint.
-
-    Args:
-        folder: the ledger folder (created).
-        fingerprint: JSON-able inputs and settings that decide every study's result.
-        resume: keep earlier records made with the same fingerprint (False forgets them all).
-        on_change: what to do when the folder holds records made with another fingerprint:
-            ``restart`` forgets them (logged), ``refuse`` raises :class:`ConfigError` (for caches
-            that must never mix settings).
-        adopt: for a study without a record, the record of outputs made outside the ledger (written by
-            hand, or by a version before it) when they are fit to keep, else None; adopted records are saved.
-    """
-
-    def __init__(self, folder: str | Path, fingerprint: dict[str, Any], *, resume: bool = True,
-                 on_change: str = "restart", adopt: Callable[[str], Record | None] | None = None) -> None:
-        if on_change not in ("restart", "refuse"):
-            raise ValueError(f"on_change must be 'restart' or 'refuse', got {on_change!r}")
-        self.folder = Path(folder)
-        self.adopt = adopt if resume else None
-        self.fingerprint = json.loads(json.dumps(fingerprint))  # tuples → lists, as stored
-        stamp = self.folder / FINGERPRINT_FILE
-        stored = _read_json(stamp) if stamp.is_file() else None
-        if stored is not None and stored != self.fingerprint:
-            if on_change == "refuse":
-                keys = set(stored) | set(self.fingerprint)
-                changed = sorted(k for k in keys if stored.get(k) != self.fingerprint.get(k))
-                raise ConfigError(f"was built with other settings (differs in {changed}); use another folder", self.folder)
-            logger.warning("%s holds results of other inputs or settings: starting afresh", self.folder)
-        if stored != self.fingerprint or not resume:
-            self.forget()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stamp, json.dumps(self.fingerprint, indent=1))
-
-    def _path(self, uid: str) -> Path:
-        return self.folder / f"{uid}.json"
-
-    def forget(self) -> None:
-        """Drop every record (the output files stay; they are rewritten as studies are redone)."""
-        if self.folder.is_dir():
-            for old in self.folder.glob("*.json"):
-                old.unlink()
-
-    def finished(self, uid: str) -> Record | None:
-        """The study's record when it is finished and every output it names still exists, else None.
-
-        Args:
-            uid: the study.
-        """
-        record = _read_json(self._path(uid))
-        if not isinstance(record, dict) and self.adopt is not None and isinstance(record := self.adopt(uid), dict):
-            self.save(uid, record)
-        if not isinstance(record, dict):
-            return None
-        if not all(Path(p).is_file() for p in record.get("outputs", [])):
-            return None
-        return record
-
-    def save(self, uid: str, record: Record) -> None:
-        """Record a finished study (atomically: a killed run leaves the old state or the new one).
-
-        Args:
-            uid: the study.
-            record: JSON-able; ``outputs`` lists the files the study wrote.
-        """
-        atomic_write_text(self._path(uid), json.dumps(record))
-
-    def records(self) -> dict[str, Record]:
-        """Every finished study in the folder (all shards), by uid, in file-name order."""
-        found = {}
-        for path in sorted(self.folder.glob("*.json")):
-            if path.name != FINGERPRINT_FILE and (record := self.finished(path.stem)) is not None:
-                found[path.stem] = record
-        return found
-
-
-def read_ledger(folder: str | Path, fingerprint: dict[str, Any]) -> dict[str, Record]:
-    """The finished studies of a ledger folder made with ``fingerprint``, read without writing anything.
-
-    What several processes may do at once (every rank of a torchrun job checking a cache): unlike
-    :class:`StudyLedger` it never stamps the folder, forgets records or adopts files.
-
-    Args:
-        folder: the ledger folder.
-        fingerprint: the inputs and settings the records must have been made with.
-
-    Returns:
-        uid → record of every study whose outputs all exist (empty when the folder holds no ledger).
-
-    Raises:
-        ConfigError: the folder's records were made with another fingerprint.
-    """
-    folder = Path(folder)
-    stored = _read_json(folder / FINGERPRINT_FILE)
-    if stored is None:
-        return {}
-    wanted = json.loads(json.dumps(fingerprint))
-    if stored != wanted:
-        changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-        raise ConfigError(f"was built with other settings (differs in {changed}); use another folder", folder)
-    found: dict[str, Record] = {}
-    for path in sorted(folder.glob("*.json")):
-        record = _read_json(path)
-        if path.name != FINGERPRINT_FILE and isinstance(record, dict) and all(
-            Path(p).is_file() for p in record.get("outputs", [])
-        ):
-            found[path.stem] = record
-    return found
+    if budget < 1 or workers < 1:
+        raise ValueError(f"budget and workers must be ≥ 1, got {budget}, {workers}")
+    workers = min(workers, budget)
+    return workers, budget // workers
 
 
 @dataclass
@@ -380,6 +282,8 @@ class StudyRunner:
             self.ledger.save(outcome.uid, outcome.record or {})
         elif outcome.status == "failed":
             logger.warning("%s: study %s failed: %s", self.desc, outcome.uid, outcome.reason)
+            if self.ledger is not None:
+                self.ledger.save_failure(outcome.uid, outcome.reason, outcome.seconds)
         elif outcome.status == "skipped":
             logger.info("%s: study %s skipped: %s", self.desc, outcome.uid, outcome.reason)
 

@@ -343,18 +343,17 @@ CASES: tuple[Case, ...] = (
          ("tests/test_seg_train.py::test_resume_gives_the_same_weights_as_an_uninterrupted_run",
           "tests/test_cls_train.py::test_resume_equals_uninterrupted_and_oof_is_written",
           "tests/test_engine.py::test_checkpoint_resume_continues_identically")),
-    Case(RUN, "Config file or override with a renamed or removed key (e.g. `epochs`, `augment`, `model.box_logits`)",
-         "`ConfigError` naming each old key and its new name (or that it is no longer a setting), before anything runs.",
+    Case(RUN, "Config file or override with a renamed, moved or removed key (e.g. `epochs`, `augment`, "
+         "`data.mask_source`, `model.box_logits`)",
+         "`ConfigError` naming each old key and its new name (or the command it moved to, or that it is no longer a "
+         "setting), before anything runs.",
          ("tests/test_config.py::test_configs_stored_by_the_old_schema_translate_to_todays",
+          "tests/test_prepare.py::test_the_cpu_budget_is_shared_and_moved_training_keys_say_where_they_went",
           "tests/test_twod.py::test_config_refuses_bad_values")),
     Case(RUN, "Checkpoint written before the common config schema",
          "Its stored config is translated to today's keys and the model predicts as trained; one trained with a "
          "removed setting switched on is refused with a `ConfigError` naming the file and the setting.",
          ("tests/test_config.py::test_an_old_stage2_checkpoint_still_predicts_and_a_retired_model_is_refused",)),
-    Case(RUN, "Missing or incomplete training cache under torchrun",
-         "Every rank stops before joining the process group with a `LayoutError` naming the cache folder, how many "
-         "studies are missing and the `--prepare-only` command that builds it; nothing is written.",
-         ("tests/test_cls_train.py::test_torchrun_refuses_an_incomplete_crop_cache_before_joining_a_group",)),
     Case(RUN, "`predict --inputs` with an unreadable study, or a train.csv without labelled rows (`--data`)",
          "The study's row gets the prior the stage-2 checkpoints store, status `failed` and the cause; the table "
          "is complete. An empty train.csv: the models' prior. Checkpoints without a stored prior: the real "
@@ -362,6 +361,24 @@ CASES: tuple[Case, ...] = (
          (_PI2 + "test_one_study_in_any_form_gives_the_same_row_and_a_broken_one_gets_the_stored_prior",
           _PI2 + "test_kaggle_layout_with_an_empty_train_csv_predicts_with_the_models_prior",
           _PI2 + "test_checkpoints_without_a_stored_prevalence_fall_back_to_the_real_one")),
+    Case(RUN, "Missing, incomplete or foreign prepared cache (train-seg, train-cls, with or without torchrun)",
+         "The trainers never decode DICOM: every rank stops before joining the process group with a `LayoutError` "
+         "naming the cache folder, how many studies are neither prepared nor failed and the `rsna-cspine prepare` "
+         "command, or a `ConfigError` naming each stage-1 input or crop setting that differs from the config; "
+         "nothing is written. Studies whose preparation failed, without crops or in `data.exclude` are left out, logged.",
+         ("tests/test_cls_train.py::test_an_incomplete_or_foreign_cache_is_refused_before_joining_a_group",
+          "tests/test_cls_train.py::test_studies_without_crops_or_excluded_are_left_out",
+          "tests/test_seg_cli.py::test_train_seg_refuses_a_missing_or_foreign_cache_and_prepare_fills_it",
+          "tests/test_prepare.py::test_trainers_train_from_a_prepared_cache_without_touching_dicom")),
+    Case(RUN, "Interrupted, partly failed or sharded `rsna-cspine prepare`",
+         "Each prepared study is recorded at once; a rerun resumes where the run stopped and gives the same cache as "
+         "an uninterrupted run; only a study whose files, segmentation or boxes changed is redone; other settings "
+         "are refused naming them (or start afresh with `--restart`); a failing study is listed with its reason in "
+         "`manifest.csv` (its stale files no longer offered) while the others are prepared, exit code 1; shards "
+         "fill one folder, or folders that `--merge` joins (refusing other settings), equal to one unsharded run.",
+         ("tests/test_prepare.py::test_a_killed_run_resumes_where_it_stopped_and_equals_an_uninterrupted_one",
+          "tests/test_prepare.py::test_a_corrupt_study_is_listed_as_failed_and_the_rest_are_prepared",
+          "tests/test_prepare.py::test_shards_and_merged_shard_folders_equal_one_unsharded_run")),
     Case(RUN, "Killed while writing a checkpoint",
          "The previous checkpoint stays intact and loadable; the next save succeeds.",
          (_RI + "test_checkpoint_write_killed_midway_keeps_the_previous_checkpoint",)),

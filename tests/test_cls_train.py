@@ -19,12 +19,13 @@ from rsna_cspine.cls.loss import fracture_loss
 from rsna_cspine.cls.model import FractureClassifier
 from rsna_cspine.cls.predict import load_classifiers
 from rsna_cspine.cls.task import OOF_COLUMNS
-from rsna_cspine.cls.train import train_classifier
+from rsna_cspine.cls.train import fold_split, train_classifier
 from rsna_cspine.config import load_config, save_config
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.crops import CropConfig, VertebraCrops, load_crops, save_crops
 from rsna_cspine.engine import fold_of, load_checkpoint
 from rsna_cspine.errors import ConfigError, LayoutError
+from rsna_cspine.prepare import PrepareConfig, PreparedCache, settings_fingerprint
 from rsna_cspine.training.augment import StackAugment
 
 torch.set_num_threads(1)
@@ -44,8 +45,16 @@ def _absent_study(n_studies: int) -> int:
     return min(i for i in range(n_studies) if folds[_uid(i)] == 0)
 
 
+def _save_prepared(cache, uid: str, crops: VertebraCrops, crop: CropConfig = CROP) -> None:
+    """One study's crops as ``rsna-cspine prepare`` leaves them: the crop file and its ledger record."""
+    prepared = PreparedCache(cache)
+    name = prepared.relative(save_crops(prepared.crop_path(uid), crops, mask_source="gt"))
+    record = {"crop_file": name, "mask_source": "gt", "n_present": int(crops.present.sum()), "outputs": [name]}
+    prepared.ledger(settings_fingerprint(PrepareConfig(crop=crop), [], "train")).save(uid, record)
+
+
 def _toy_dataset(tmp_path, n_studies: int = 14, seed: int = 0) -> tuple[str, str]:
-    """train.csv + a ready crop cache where a fractured vertebra shows a bright square on slices 2..4."""
+    """train.csv + a prepared cache whose crops show a bright square on slices 2..4 of a fractured vertebra."""
     rng = np.random.default_rng(seed)
     absent_study = _absent_study(n_studies)
     root, cache = tmp_path / "kaggle", tmp_path / "crops"
@@ -74,7 +83,7 @@ def _toy_dataset(tmp_path, n_studies: int = 14, seed: int = 0) -> tuple[str, str
             slice_labels=np.where(present[:, None], slice_labels, -1).astype(np.int8),
             box_maps=box_maps,
         )
-        save_crops(cache / f"{_uid(s)}.npz", crops, mask_source="gt")
+        _save_prepared(cache, _uid(s), crops)
         rows.append({"StudyInstanceUID": _uid(s), **dict(zip(VERTEBRAE, labels)), "patient_overall": int(labels.max())})
     pd.DataFrame(rows)[["StudyInstanceUID", *TARGET_COLUMNS]].to_csv(root / "train.csv", index=False)
     return str(root), str(cache)
@@ -85,7 +94,7 @@ def _config(tmp_path, root: str, cache: str, run: str, **train) -> ClsConfig:
     cfg = ClsConfig(run_dir=str(tmp_path / run), fold=0, device="cpu",
                     train=ClsTrainConfig(n_folds=3, epochs=2, batch_size=8, val_batch_size=16, amp=False, threads=1,
                                          patience=0, slice_loss_weight=0.3, num_workers=0))
-    cfg.data.root, cfg.data.cache_dir, cfg.data.mask_source = root, cache, "gt"
+    cfg.data.root, cfg.data.cache_dir = root, cache
     cfg.data.crop = CROP
     cfg.model.backbone, cfg.model.hidden, cfg.model.head = "test_resnet", 16, "gru"
     cfg.optim.lr, cfg.optim.warmup_epochs = 2e-3, 0
@@ -157,7 +166,7 @@ def test_augmentation_geometry_is_one_exact_affine_map() -> None:
 def test_dataset_items_and_known_negative_slices(tmp_path) -> None:
     root, cache = _toy_dataset(tmp_path, n_studies=4)
     labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
-    items = vertebra_items(labels, {u: f"{cache}/{u}.npz" for u in labels["StudyInstanceUID"]})
+    items = vertebra_items(labels, {u: f"{cache}/crops/{u}.npz" for u in labels["StudyInstanceUID"]})
     assert len(items) == 4 * 7
     assert items["present"].sum() == 4 * 7 - 1
     assert not items[(items["StudyInstanceUID"] == _uid(_absent_study(4))) & (items["vertebra"] == ABSENT_VERTEBRA)]["present"].any()
@@ -185,7 +194,7 @@ def test_dataset_items_and_known_negative_slices(tmp_path) -> None:
 def test_fracture_paste_copies_a_same_vertebra_donor_box_with_its_labels(tmp_path) -> None:
     root, cache = _toy_dataset(tmp_path, n_studies=8)
     labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
-    items = vertebra_items(labels, {u: f"{cache}/{u}.npz" for u in labels["StudyInstanceUID"]})
+    items = vertebra_items(labels, {u: f"{cache}/crops/{u}.npz" for u in labels["StudyInstanceUID"]})
     items = items[items["present"]].reset_index(drop=True)
     plain = VertebraDataset(items)
     keep = lambda stack: stack  # noqa: E731  (no geometry: pasted pixels stay where the donor had them)
@@ -256,7 +265,7 @@ def test_loss_falls_on_a_learnable_toy_task(tmp_path) -> None:
     torch.manual_seed(0)
     root, cache = _toy_dataset(tmp_path, n_studies=4)
     labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
-    items = vertebra_items(labels, {u: f"{cache}/{u}.npz" for u in labels["StudyInstanceUID"]})
+    items = vertebra_items(labels, {u: f"{cache}/crops/{u}.npz" for u in labels["StudyInstanceUID"]})
     dataset = VertebraDataset(items[items["present"]].head(16))
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     assert 0 < batch["label"].sum() < len(batch["label"])
@@ -290,7 +299,7 @@ def test_vertebra_bias_learns_the_base_rates_through_the_training_loop(tmp_path)
             boxes=np.tile(np.array([0, SIZE, 0, SIZE], dtype=np.int32), (7, 1)),
             slice_labels=np.full((7, N_SLICES), -1, dtype=np.int8),
         )
-        save_crops(cache / f"{_uid(s)}.npz", crops, mask_source="gt")
+        _save_prepared(cache, _uid(s), crops)
         rows.append({"StudyInstanceUID": _uid(s), **dict(zip(VERTEBRAE, labels)), "patient_overall": int(labels.max())})
     pd.DataFrame(rows)[["StudyInstanceUID", *TARGET_COLUMNS]].to_csv(root / "train.csv", index=False)
     cfg = _config(tmp_path, str(root), str(cache), "bias", epochs=3)
@@ -372,7 +381,7 @@ def test_resume_equals_uninterrupted_and_oof_is_written(tmp_path, monkeypatch) -
     ensemble = load_classifiers([straight / "best.pt", resumed / "best.pt"], torch.device("cpu"))
     assert len(ensemble.calibrations) == 2
     np.testing.assert_allclose(ensemble.prevalence, prevalence, rtol=1e-12)
-    crops = load_crops(f"{cache}/{absent_uid}.npz")
+    crops = load_crops(f"{cache}/crops/{absent_uid}.npz")
     single = load_classifiers([straight / "best.pt"], torch.device("cpu")).predict(crops)
     both = ensemble.predict(crops, tta=True)
     assert math.isnan(both[ABSENT_VERTEBRA]) and math.isnan(single[ABSENT_VERTEBRA])
@@ -434,17 +443,36 @@ def test_weight_average_resume_equals_uninterrupted(tmp_path, monkeypatch) -> No
     assert score_arrays(truth, plain) == pytest.approx(at_best["val_score_noisy_or"].item(), abs=1e-5)
 
 
-def test_torchrun_refuses_an_incomplete_crop_cache_before_joining_a_group(tmp_path, monkeypatch) -> None:
+def test_an_incomplete_or_foreign_cache_is_refused_before_joining_a_group(tmp_path, monkeypatch) -> None:
     root, cache = _toy_dataset(tmp_path, n_studies=6)
     cfg = _config(tmp_path, root, cache, "ddp", epochs=1)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; no process group may be joined before the check
-    with pytest.raises(LayoutError, match="--prepare-only") as info:
-        train_classifier(cfg)  # the toy cache was written by hand: no crop_config.yaml yet
-    assert "6 of 6 studies" in str(info.value)
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    assert cli_main(["train-cls", "--config", str(save_config(cfg, tmp_path / "c.yaml")), "--prepare-only"]) == 0
-    (tmp_path / "crops" / f"{_uid(2)}.npz").unlink()  # one study lost since
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(LayoutError, match=rf"1 of 6 studies not built.*{_uid(2)}.*train-cls --config CONFIG --prepare-only"):
+    PreparedCache(cache).crop_path(_uid(2)).unlink()  # one study lost since it was prepared
+    with pytest.raises(LayoutError, match=rf"1 of 6 studies neither prepared nor failed.*{_uid(2)}.*rsna-cspine prepare"):
+        train_classifier(cfg)
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(LayoutError, match="rsna-cspine prepare"):  # a plain run does not decode either
+        train_classifier(cfg)
+    cfg.data.crop = CropConfig(n_slices=N_SLICES, channels=CHANNELS, size=2 * SIZE)
+    with pytest.raises(ConfigError, match=r"other crop settings than this config's data.crop \(size: cache 32, config 64\)"):
         train_classifier(cfg)
     assert not (tmp_path / "ddp").exists()
+
+
+def test_studies_without_crops_or_excluded_are_left_out(tmp_path) -> None:
+    from rsna_cspine.cls.train import classifier_data
+
+    root, cache = _toy_dataset(tmp_path, n_studies=6)
+    prepared = PreparedCache(cache)
+    ledger = prepared.ledger(settings_fingerprint(PrepareConfig(crop=CROP), [], "train"))
+    ledger.save_failure(_uid(1), "DicomSeriesError: only 3 of 40 slice file(s) usable")  # its redo failed
+    ledger.save(_uid(4), {"crop_file": "", "reason": "no crops: no segmentation", "outputs": []})
+    cfg = _config(tmp_path, root, cache, "left_out", epochs=1)
+    cfg.data.exclude = (_uid(5),)
+    index = classifier_data(cfg)
+    assert index["StudyInstanceUID"].tolist() == [_uid(k) for k in range(5)]  # the excluded study is not listed
+    assert index["status"].tolist() == ["cached", "failed", "cached", "cached", "failed"]
+    assert index.loc[1, "error"].startswith("DicomSeriesError") and index.loc[4, "error"] == "no crops: no segmentation"
+    split = fold_split(cfg, index)
+    used = set(split.train["StudyInstanceUID"]) | set(split.val_labels["StudyInstanceUID"])
+    assert used == {_uid(k) for k in (0, 2, 3)}

@@ -97,8 +97,10 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(
     "cls_path, stored, current, values",
     [
-        ("rsna_cspine.seg.config:SegConfig", "seg_cpu.yaml", "seg_cpu.yaml", {}),
-        ("rsna_cspine.cls.config:ClsConfig", "cls_cpu.yaml", "cls_cpu.yaml", {}),
+        # The shipped configs now name a prepared cache; the old ones named a cache per stage.
+        ("rsna_cspine.seg.config:SegConfig", "seg_cpu.yaml", "seg_cpu.yaml",
+         {"data.cache_dir": "work/seg_cache_64x128x128"}),
+        ("rsna_cspine.cls.config:ClsConfig", "cls_cpu.yaml", "cls_cpu.yaml", {"data.cache_dir": "work/crops_cpu"}),
         ("rsna_cspine.twod.config:TwoDConfig", "twod_convnext_tiny.yaml", "twod_convnext_tiny.yaml", {"fold": 2}),
     ],
 )

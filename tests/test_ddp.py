@@ -80,7 +80,6 @@ def test_classifier_cli_runs_unchanged_under_torchrun_and_resumes(tmp_path) -> N
     cfg = _config(tmp_path, root, cache, "ddp_run", epochs=2)
     cfg.train.batch_size = 4  # per process
     config_path = save_config(cfg, tmp_path / "cls.yaml")
-    assert main(["train-cls", "--config", str(config_path), "--prepare-only"]) == 0  # the cache, before torchrun
     _torchrun(["cls", str(tmp_path / "weights"), "train-cls", "--config", str(config_path)], tmp_path)
     _assert_same_weights(tmp_path / "weights")
     fold_dir = Path(cfg.run_dir) / "fold0"

@@ -27,7 +27,7 @@ TINY = {
     "seg_overrides": ["data.grid=[32,32,32]", "model.channels=[4,8,16]", "model.strides=[2,2]", "train.patch_size=[0,0,0]",
                       "train.epochs=1", "train.n_folds=3"],
     "cls_overrides": ["train.epochs=1", "train.n_folds=3", "data.crop.n_slices=4", "data.crop.size=32",
-                      "model.backbone=test_resnet", "model.hidden=8", "data.cache_workers=0"],
+                      "model.backbone=test_resnet", "model.hidden=8"],
     "reserve_s": 10.0,
 }
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from rsna_cspine.cls.config import ClsConfig
-from rsna_cspine.config import load_config
+from rsna_cspine.config import load_config, to_dict
+from rsna_cspine.prepare.config import PrepareConfig, training_config_overrides
 from rsna_cspine.seg.config import SegConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,19 +41,27 @@ def test_script_parses() -> None:
 @pytest.mark.parametrize("mode", ["gpu", "cpu"])
 def test_every_command_uses_existing_configs_and_keys(tmp_path: Path, mode: str) -> None:
     commands = _dry_run(tmp_path, *(["--cpu"] if mode == "cpu" else []))
+    # One prepare decodes the training studies for both stages, before torchrun: the trainers never decode.
+    prepare = _command(commands, "prepare")
+    assert "torch.distributed.run" not in prepare
+    assert commands.index(prepare) < commands.index(_command(commands, "train-seg"))
+    rest = prepare[prepare.index("prepare") + 1 :]
+    prepare_overrides = [arg for arg in rest if "=" in arg and not arg.startswith("-")]
+    prepared = load_config(PrepareConfig, None, [*training_config_overrides(
+        REPO / rest[rest.index("--seg-config") + 1], REPO / rest[rest.index("--cls-config") + 1]), *prepare_overrides])
     for name, schema in (("train-seg", SegConfig), ("train-cls", ClsConfig)):
-        # Each stage builds its cache in one process first: under torchrun the trainers refuse a missing one.
-        prepare, train = [c for c in commands if name in c]
-        assert "--prepare-only" in prepare and "torch.distributed.run" not in prepare
-        assert prepare[prepare.index(name) + 2 :] == train[train.index(name) + 1 :]
-        command = train
+        command = _command(commands, name)
         assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
         rest = command[command.index(name) + 1 :]
+        assert rest[rest.index("--cache") + 1] == prepare[prepare.index("--out") + 1]
         config = REPO / rest[rest.index("--config") + 1]
         overrides = [arg for arg in rest if "=" in arg and not arg.startswith("-")]
         cfg = load_config(schema, config, overrides)  # raises ConfigError on an unknown key
         if name == "train-cls":
             cfg.validate()
+            assert to_dict(cfg.data.crop) == to_dict(prepared.crop)  # the trainer would refuse the cache otherwise
+        else:
+            assert list(cfg.data.grid) == list(prepared.stage1.grid)
         amp = cfg.train.amp
         assert amp is (mode == "gpu") and cfg.device == ("cuda" if mode == "gpu" else "cpu")
     cls = load_config(ClsConfig, REPO / "configs" / ("cls_resnet50.yaml" if mode == "gpu" else "cls_cpu.yaml"),

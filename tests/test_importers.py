@@ -164,10 +164,11 @@ def test_real_totalsegmentator_example_is_read_and_skipped_as_an_abdomen(tmp_pat
     assert pd.read_csv(tmp_path / "out" / "train.csv").empty
 
 
-def test_train_seg_caches_rsna_and_imported_studies_in_one_run(tmp_path) -> None:
+def test_train_seg_reads_rsna_and_imported_studies_in_one_run(tmp_path) -> None:
     from rsna_cspine.config import load_config
     from rsna_cspine.seg.config import SegConfig
-    from rsna_cspine.seg.train import prepare_segmentation_data, split_studies, study_sources
+    from rsna_cspine.prepare import PrepareConfig, Stage1InputConfig, prepare_dataset
+    from rsna_cspine.seg.train import segmentation_data, split_studies, study_sources
     from rsna_cspine.synth import SynthConfig, write_dataset
 
     rsna = tmp_path / "rsna"
@@ -184,9 +185,14 @@ def test_train_seg_caches_rsna_and_imported_studies_in_one_run(tmp_path) -> None
     sources = study_sources(cfg.data)
     assert sorted(u for u in sources if u.startswith("verse.")) == ["verse.sub-0", "verse.sub-1"]
     assert len(sources) == 5
-    cached = prepare_segmentation_data(cfg, progress=False)
+    # Each folder is prepared like the competition data; the imported one into cache/extra0.
+    prep = PrepareConfig(stage1=Stage1InputConfig(grid=(16, 16, 16)), segmented_only=True, workers=1, cpus=1)
+    for root, cache in ((rsna, tmp_path / "cache"), (tmp_path / "imported", tmp_path / "cache" / "extra0")):
+        assert prepare_dataset(root, cache, prep, progress=False).failed == {}
+    cached = segmentation_data(cfg)
     assert sorted(cached) == sorted(sources)
-    assert all(cached[u].parent == tmp_path / "cache" / "extra0" for u in ("verse.sub-0", "verse.sub-1"))
+    assert all(cached[u].is_relative_to(tmp_path / "cache" / "extra0") for u in ("verse.sub-0", "verse.sub-1"))
+    assert not any(cached[u].is_relative_to(tmp_path / "cache" / "extra0") for u in cached if not u.startswith("verse."))
     with np.load(cached["verse.sub-0"]) as npz:
         assert set(np.unique(npz["labels"]).tolist()) == {0, 1, 2, 3, 4} and npz["image"].shape == (1, 16, 16, 16)
     train, val = split_studies(sorted(cached), 0, 2, 0)

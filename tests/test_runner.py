@@ -122,3 +122,22 @@ def test_workers_run_studies_in_other_processes_and_a_dead_worker_fails_its_stud
     report = StudyRunner(workers=1, progress=False, failures_csv=tmp_path / "f.csv").run(UIDS[:2], die)
     assert report.count("failed") == 2 and all("worker process died" in r for r in report.failures.values())
     assert len(pd.read_csv(tmp_path / "f.csv")) == 2
+
+
+def test_a_ledger_with_relative_outputs_inputs_and_kept_failures(tmp_path: Path) -> None:
+    from rsna_cspine.runner import read_failures
+
+    inputs = {uid: 1 for uid in UIDS}
+    ledger = StudyLedger(tmp_path / "cache" / "finished", {"s": 1}, base=tmp_path / "cache",
+                         inputs=lambda uid: inputs[uid], keep_failures=True)
+    (tmp_path / "cache" / "a.txt").write_text("x")
+    ledger.save(UIDS[0], {"outputs": ["a.txt"], "inputs": 1})  # relative to the base folder, not the working one
+    assert ledger.finished(UIDS[0]) is not None
+    assert read_ledger(tmp_path / "cache" / "finished", None, base=tmp_path / "cache").keys() == {UIDS[0]}
+    inputs[UIDS[0]] = 2  # the study's own inputs changed: it is not finished any more
+    assert ledger.finished(UIDS[0]) is None
+    ledger.save_failure(UIDS[0], "ValueError: bad", 1.5)  # its redo failed: the stale record goes, the failure stays
+    assert not (tmp_path / "cache" / "finished" / f"{UIDS[0]}.json").exists()
+    assert read_failures(tmp_path / "cache" / "finished") == {UIDS[0]: {"reason": "ValueError: bad", "seconds": 1.5}}
+    ledger.save(UIDS[0], {"outputs": ["a.txt"], "inputs": 2})  # finished at last: no longer listed as failed
+    assert read_failures(tmp_path / "cache" / "finished") == {} and ledger.finished(UIDS[0]) is not None

@@ -34,13 +34,16 @@ def tiny_layout(tmp_path_factory) -> Path:
     return root
 
 
-def test_train_then_predict_from_the_command_line(tiny_layout, tmp_path) -> None:
+def test_prepare_train_then_predict_from_the_command_line(tiny_layout, tmp_path) -> None:
     run_dir = tmp_path / "run" / "fold0"  # run_dir/fold{K}
-    args = ["train-seg", "--fold", "0", "--no-progress", f"data.root={tiny_layout}",
-            f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={run_dir.parent}", *TINY]
+    cache = tmp_path / "cache"
+    assert main(["prepare", "--data", str(tiny_layout), "--out", str(cache), "--segmented-only", "--workers", "1",
+                 "--no-progress", "stage1.grid=[16,32,32]", "crop.size=16", "crop.n_slices=2"]) == 0
+    assert len(list((cache / "seg").glob("*.npz"))) == 4  # the four segmented train studies
+    args = ["train-seg", "--fold", "0", "--no-progress", f"data.root={tiny_layout}", "--cache", str(cache),
+            f"run_dir={run_dir.parent}", *TINY]
     assert main(args) == 0
     assert (run_dir / "best.pt").is_file() and (run_dir / "config.yaml").is_file()
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # the four segmented train studies
     # Resuming a finished 1-epoch run is a no-op that still succeeds.
     assert main([*args, "--resume"]) == 0
     assert pd.read_csv(run_dir / "summary.csv")["epoch"].tolist() == [1]
@@ -80,25 +83,31 @@ def test_predict_seg_lists_a_broken_study_and_goes_on(tiny_layout, tmp_path) -> 
     assert (out / f"{uid}_mask.npz").is_file()
 
 
-def test_torchrun_refuses_a_missing_stage1_cache_and_prepare_only_builds_it(tiny_layout, tmp_path, monkeypatch) -> None:
+def test_train_seg_refuses_a_missing_or_foreign_cache_and_prepare_fills_it(tiny_layout, tmp_path, monkeypatch) -> None:
     from rsna_cspine.config import load_config
-    from rsna_cspine.errors import LayoutError
+    from rsna_cspine.errors import ConfigError, LayoutError
     from rsna_cspine.seg.config import SegConfig
-    from rsna_cspine.seg.train import PREPARE_COMMAND, labelled_studies, train_segmentation
-    from rsna_cspine.training.caches import require_seg_cache
+    from rsna_cspine.seg.train import labelled_studies, segmentation_data, train_segmentation
 
     overrides = [f"data.root={tiny_layout}", f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", *TINY]
     cfg = load_config(SegConfig, None, overrides)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: the cache must exist before the group is joined
-    with pytest.raises(LayoutError, match=r"4 of 4 studies not built.*train-seg --config CONFIG --prepare-only"):
+    with pytest.raises(LayoutError, match=r"no prepared cache here.*rsna-cspine prepare --data"):
         train_segmentation(cfg, progress=False)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    assert main(["train-seg", "--prepare-only", "--no-progress", *overrides]) == 0
-    assert not (tmp_path / "run").exists()  # nothing trained
-    d = cfg.data
-    ready = require_seg_cache(d.cache_dir, labelled_studies(d.root), d.grid, d.hu_window, d.antialias, PREPARE_COMMAND)
-    assert sorted(ready) == labelled_studies(d.root) and all(p.is_file() for p in ready.values())
+    uids = labelled_studies(tiny_layout)
+    prepare = ["prepare", "--data", str(tiny_layout), "--out", str(tmp_path / "cache"), "--workers", "1",
+               "--no-progress", "crop.size=16", "crop.n_slices=2"]
+    assert main([*prepare, "stage1.grid=[16,32,32]", "--studies", *uids[:3]]) == 0
+    with pytest.raises(LayoutError, match=rf"1 of 4 studies neither prepared nor failed.*{uids[3]}"):
+        train_segmentation(cfg, progress=False)
+    assert main([*prepare, "stage1.grid=[16,32,32]"]) == 0
+    ready = segmentation_data(cfg)
+    assert sorted(ready) == uids and all(p.is_file() for p in ready.values())
+    other = load_config(SegConfig, None, [*overrides, "data.grid=[32,32,32]"])
+    with pytest.raises(ConfigError, match=r"other stage-1 input settings.*grid: cache \[16, 32, 32\], config \[32, 32, 32\]"):
+        train_segmentation(other, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_predict_seg_shards_fill_one_folder_and_other_weights_redo_it(tiny_layout, tmp_path) -> None:

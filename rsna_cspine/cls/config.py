@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from rsna_cspine.config import ANY_VALUE
+from rsna_cspine.constants import KNOWN_BROKEN_STUDIES
 from rsna_cspine.crops.extract import CropConfig
 from rsna_cspine.errors import ConfigError
 from rsna_cspine.training.config import ImageAugConfig, OptimConfig, RunConfig, TrainConfig
@@ -18,21 +19,20 @@ class ClsDataConfig:
     """Where the studies and their crops come from.
 
     Attributes:
-        root: Kaggle-layout folder (train.csv, train_images/, segmentations/, train_bounding_boxes.csv).
-        cache_dir: crop cache folder (``<uid>.npz`` per study); built on first use.
-        mask_source: ``gt``, ``pred`` or ``gt_then_pred`` (see ``crops.cache.build_crop_cache``).
-        pred_mask_dir: stage-1 masks (``<uid>_mask.npz``) for ``pred``/``gt_then_pred``.
-        cache_workers: processes used to build missing crops.
+        root: Kaggle-layout folder (train.csv; the images are read by ``prepare`` only).
+        cache_dir: the prepared cache (``rsna-cspine prepare``) whose ``crops/<uid>.npz`` hold each study's
+            stacks; it must have been prepared with this ``crop`` (which mask they were cut from is a
+            setting of ``prepare``, recorded in its manifest).
         in_memory: keep every decoded stack in RAM (small datasets; saves re-reading the npz each epoch).
+        exclude: StudyInstanceUIDs never used for training (default: the real data set's known broken
+            scans, see README).
         crop: crop geometry; ``model.in_chans`` follows from it.
     """
 
     root: str = "data/kaggle"
-    cache_dir: str = "work/crops"
-    mask_source: str = "gt_then_pred"
-    pred_mask_dir: str | None = None
-    cache_workers: int = 0
+    cache_dir: str = "work/prepared"
     in_memory: bool = False
+    exclude: tuple[str, ...] = KNOWN_BROKEN_STUDIES
     crop: CropConfig = field(default_factory=CropConfig)
 
 
@@ -133,6 +133,12 @@ class ClsConfig(RunConfig):
         "vertebra_sampling_weights": ANY_VALUE,
         "model.box_logits": False,
         "data.crop.isolate": False,
+    }
+    #: Settings that moved out of the training config (they decide how the cache is prepared): where to.
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "data.mask_source": "rsna-cspine prepare (mask_source, --seg-models)",
+        "data.pred_mask_dir": "rsna-cspine prepare --seg-models",
+        "data.cache_workers": "rsna-cspine prepare --workers/--cpus",
     }
 
     run_dir: str = "runs/cls"

@@ -19,19 +19,26 @@ from rsna_cspine.cls.config import ClsConfig
 from rsna_cspine.cls.data import vertebra_items
 from rsna_cspine.cls.model import check_pretrained_file
 from rsna_cspine.cls.task import FoldSplit, VertebraTask
-from rsna_cspine.engine.distributed import DistContext, barrier, run_seeded_distributed, under_torchrun
+from rsna_cspine.engine.distributed import DistContext, barrier, run_seeded_distributed
 from rsna_cspine.engine.folds import fold_of
 from rsna_cspine.engine.runlog import prepare_run_dir
 from rsna_cspine.errors import LayoutError
 from rsna_cspine.io.kaggle import KaggleLayout, read_train_labels
 from rsna_cspine.metric import prior_predictions
-from rsna_cspine.training.caches import require_crop_cache
+from rsna_cspine.training.caches import prepared_crop_index
 from rsna_cspine.training.loop import fit
 
 log = logging.getLogger(__name__)
 
-#: What builds the crop cache of a config in one process (named when torchrun finds it incomplete).
-PREPARE_COMMAND = "rsna-cspine train-cls --config CONFIG --prepare-only"
+
+def prepare_command(cfg: ClsConfig) -> str:
+    """The command that prepares the cache this config trains from (named when it is missing or incomplete).
+
+    Args:
+        cfg: the run config.
+    """
+    return (f"rsna-cspine prepare --data {cfg.data.root} --out {cfg.data.cache_dir} --cls-config CONFIG "
+            "[--seg-config SEG_CONFIG] [--seg-models MODELS]")
 
 
 def _labels(cfg: ClsConfig) -> tuple[KaggleLayout, pd.DataFrame]:
@@ -39,19 +46,23 @@ def _labels(cfg: ClsConfig) -> tuple[KaggleLayout, pd.DataFrame]:
     return layout, read_train_labels(layout.train_csv)
 
 
-def prepare_classifier_data(cfg: ClsConfig) -> pd.DataFrame:
-    """Build (or complete) the crop cache of every study in train.csv; the index of ``build_crop_cache``.
+def classifier_data(cfg: ClsConfig) -> pd.DataFrame:
+    """The crop index of every train.csv study from the prepared cache (``data.cache_dir``, written by
+    ``rsna-cspine prepare``); nothing is decoded. Studies without crops are rows with status ``failed``;
+    those in ``data.exclude`` are left out.
 
     Args:
         cfg: the run config (``data`` section).
-    """
-    from rsna_cspine.crops.cache import build_crop_cache
 
+    Raises:
+        LayoutError: no prepared cache, or a study it has neither prepared nor failed.
+        ConfigError: the cache was prepared with another crop geometry than ``data.crop``.
+    """
     cfg.validate()
-    layout, labels = _labels(cfg)
+    _, labels = _labels(cfg)
     d = cfg.data
-    return build_crop_cache(layout, labels["StudyInstanceUID"].tolist(), d.mask_source, d.cache_dir, d.crop,
-                            pred_mask_dir=d.pred_mask_dir, split="train", num_workers=d.cache_workers)
+    return prepared_crop_index(d.cache_dir, labels["StudyInstanceUID"].tolist(), d.crop, prepare_command(cfg),
+                               exclude=d.exclude)
 
 
 def fold_split(cfg: ClsConfig, index: pd.DataFrame) -> FoldSplit:
@@ -59,7 +70,7 @@ def fold_split(cfg: ClsConfig, index: pd.DataFrame) -> FoldSplit:
 
     Args:
         cfg: the run config (``fold``, ``train.n_folds``, ``train.fold_seed``).
-        index: ``build_crop_cache``'s index of the train.csv studies.
+        index: :func:`classifier_data`'s index of the train.csv studies.
     """
     _, labels = _labels(cfg)
     # Folds come from every study of train.csv, so a study whose crops fail never reshuffles the others.
@@ -85,8 +96,8 @@ def fold_split(cfg: ClsConfig, index: pd.DataFrame) -> FoldSplit:
 def train_classifier(cfg: ClsConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train one fold; keep ``last.pt`` every epoch and ``best.pt`` on a better validation score.
 
-    A plain run builds the crop cache first (one process, ``data.cache_workers`` helpers); under torchrun
-    the cache must be complete already (:data:`PREPARE_COMMAND`), so no rank waits while another decodes.
+    The crops come from the prepared cache (:func:`classifier_data`): nothing is decoded here, so under
+    torchrun no rank waits while another decodes.
 
     Args:
         cfg: the run config (``fold=-1`` trains on every study without validation).
@@ -99,13 +110,7 @@ def train_classifier(cfg: ClsConfig, resume: bool = False, progress: bool = True
     started = time.monotonic()
     cfg.validate()
     check_pretrained_file(cfg.model.backbone, cfg.model.pretrained_file)  # before any data work
-    if under_torchrun():
-        _, labels = _labels(cfg)
-        index = require_crop_cache(cfg.data.cache_dir, labels["StudyInstanceUID"].tolist(), cfg.data.crop,
-                                   PREPARE_COMMAND)
-    else:
-        index = prepare_classifier_data(cfg)
-    split = fold_split(cfg, index)
+    split = fold_split(cfg, classifier_data(cfg))
     return run_seeded_distributed(lambda device, ctx: _train(cfg, split, resume, device, ctx, started, progress),
                                   device=cfg.device, seed=cfg.seed, threads=cfg.train.threads)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from rsna_cspine.constants import KNOWN_BROKEN_STUDIES
 from rsna_cspine.training.config import OptimConfig, RunConfig, TrainConfig
 
 
@@ -13,8 +14,9 @@ class SegDataConfig:
     """Where the studies are and how they are turned into network inputs.
 
     Attributes:
-        root: Kaggle-layout folder (train.csv, train_images/, segmentations/).
-        cache_dir: where one ``<uid>.npz`` per study is cached at ``grid`` resolution.
+        root: Kaggle-layout folder (train.csv, segmentations/; the images are read by ``prepare`` only).
+        cache_dir: the prepared cache (``rsna-cspine prepare``) whose ``seg/<uid>.npz`` hold each study at
+            ``grid`` resolution; it must have been prepared with this ``grid``, ``hu_window`` and ``antialias``.
         grid: network input size ``(D, H, W)``; every study is resampled to it (aspect is not kept).
         hu_window: HU range clipped and mapped to [0, 1]; bone-friendly by default.
         antialias: average (rather than point-sample) voxels when shrinking a study to the grid.
@@ -23,16 +25,19 @@ class SegDataConfig:
         extra: more RSNA-layout folders whose segmented studies join the training (``rsna-cspine
             import-labels`` writes them: VerSe, TotalSegmentator, CTSpine1K); each is cached in
             ``cache_dir/extra{i}`` and split into folds with the ``root`` studies.
+        exclude: StudyInstanceUIDs never used for training (default: the real data set's known broken
+            scans, see README).
     """
 
     root: str = "data/rsna"
-    cache_dir: str = "work/seg_cache"
+    cache_dir: str = "work/prepared"
     grid: tuple[int, int, int] = (128, 128, 128)
     hu_window: tuple[float, float] = (-400.0, 1600.0)
     antialias: bool = True
     thoracic: str = "background"
     max_studies: int = 0
     extra: list[str] = field(default_factory=list)
+    exclude: tuple[str, ...] = KNOWN_BROKEN_STUDIES
 
 
 @dataclass

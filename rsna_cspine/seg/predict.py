@@ -129,7 +129,19 @@ class Segmenter:
         """
         return self.clean(self.predict_probabilities(image))[0]
 
-    def predict(self, volume: Volume) -> SegmentationResult:
+    def accepts(self, grid: Sequence[int], hu_window: Sequence[float], antialias: bool) -> bool:
+        """Whether an image preprocessed with these settings is this segmenter's input (so it can be reused).
+
+        Args:
+            grid: ``(D, H, W)``.
+            hu_window: ``(low, high)``.
+            antialias: see ``preprocess_volume``.
+        """
+        d = self.cfg.data
+        return ([int(g) for g in grid], [float(h) for h in hu_window], bool(antialias)) == (
+            [int(g) for g in d.grid], [float(h) for h in d.hu_window], bool(d.antialias))
+
+    def predict(self, volume: Volume, image: np.ndarray | None = None) -> SegmentationResult:
         """Segment C1..C7 in one study at its own resolution.
 
         ``predict.upsample`` = ``linear`` takes the argmax of trilinearly interpolated probabilities
@@ -137,9 +149,12 @@ class Segmenter:
 
         Args:
             volume: the loaded study.
+            image: the volume already preprocessed with this segmenter's settings (see :meth:`accepts`),
+                e.g. by the stage-1 cache; None computes it here.
         """
         d = self.cfg.data
-        image = preprocess_volume(volume, d.grid, d.hu_window, antialias=d.antialias)
+        if image is None:
+            image = preprocess_volume(volume, d.grid, d.hu_window, antialias=d.antialias)
         grid_mask, probs = self.clean(self.predict_probabilities(image))
         mode = self.cfg.predict.upsample
         if mode == "nearest":
@@ -189,6 +204,8 @@ def load_segmenter(
 def study_uids(root: str | Path, split: str) -> list[str]:
     """Studies of a split in table order: train.csv for ``train``, test.csv (unique, first seen) for ``test``.
 
+    Train studies with unknown fracture labels (imported for stage 1) are included: they have images.
+
     Args:
         root: Kaggle-layout folder.
         split: ``train`` or ``test``.
@@ -197,7 +214,7 @@ def study_uids(root: str | Path, split: str) -> list[str]:
 
     layout = KaggleLayout(root)
     if split == "train":
-        table = read_train_labels(layout.train_csv)
+        table = read_train_labels(layout.train_csv, keep_unknown=True)
     elif split == "test":
         table = read_test_csv(layout.test_csv)
     else:

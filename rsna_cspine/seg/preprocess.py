@@ -154,22 +154,47 @@ def cache_training_study(
     from rsna_cspine.io.nifti import load_segmentation
     from rsna_cspine.io.study import load_study
 
-    path = Path(cache_dir) / f"{uid}.npz"
     seg_path = layout.segmentation_path(uid)
     if seg_path is None:
         raise LayoutError(f"study {uid} has no segmentation", layout.segmentations)
     volume = load_study(layout.study_path(uid, "train"))  # a DICOM folder, or an imported NIfTI / Enhanced CT file
-    labels = load_segmentation(seg_path, volume)
+    return write_stage1_input(Path(cache_dir) / f"{uid}.npz", volume, load_segmentation(seg_path, volume), grid,
+                              hu_window, antialias=antialias)[0]
+
+
+def write_stage1_input(
+    path: str | Path,
+    volume: Volume,
+    labels: np.ndarray | None,
+    grid: Sequence[int],
+    hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
+    *,
+    antialias: bool = True,
+) -> tuple[Path, np.ndarray]:
+    """One study's stage-1 input (the volume on the grid, and its labels there when it has any), written
+    as a cache file; the same per-study step for :func:`build_cache` and ``rsna-cspine prepare``.
+
+    Args:
+        path: destination ``.npz``.
+        volume: the decoded study.
+        labels: RSNA label map aligned with the volume, or None (a study without a segmentation).
+        grid: target ``(D, H, W)``.
+        hu_window: HU window of :func:`preprocess_volume`.
+        antialias: see :func:`preprocess_volume`.
+
+    Returns:
+        The file, and the preprocessed image (float32 ``(1, D, H, W)``; stage-1 prediction can reuse it).
+    """
     image = preprocess_volume(volume, grid, hu_window, antialias=antialias)
-    return write_cache_file(
-        path, image, resample_nearest(labels, grid), volume.shape, volume.spacing, hu_window, antialias=antialias
-    )
+    grid_labels = None if labels is None else resample_nearest(labels, grid)
+    written = write_cache_file(path, image, grid_labels, volume.shape, volume.spacing, hu_window, antialias=antialias)
+    return written, image
 
 
 def write_cache_file(
     path: str | Path,
     image: np.ndarray,
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     original_shape: Sequence[int],
     spacing: Sequence[float],
     hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
@@ -181,24 +206,25 @@ def write_cache_file(
     Args:
         path: destination ``.npz``.
         image: float ``(1, D, H, W)`` preprocessed image.
-        labels: ``(D, H, W)`` RSNA label values at grid resolution.
+        labels: ``(D, H, W)`` RSNA label values at grid resolution; None for a study without a
+            segmentation (the file then has no ``labels`` and cannot train stage 1).
         original_shape: ``(z, y, x)`` of the source volume.
         spacing: ``(dz, dy, dx)`` of the source volume in mm.
         hu_window: window the image was made with.
         antialias: whether the image was resampled with antialiasing.
     """
     path = Path(path)
-    if image.ndim != 4 or image.shape[1:] != labels.shape:
-        raise ValueError(f"{path}: image {image.shape} and labels {labels.shape} do not match")
+    if image.ndim != 4 or (labels is not None and image.shape[1:] != labels.shape):
+        raise ValueError(f"{path}: image {image.shape} and labels {None if labels is None else labels.shape} do not match")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez_compressed(
         tmp,
         image=image.astype(np.float16),
-        labels=labels.astype(np.uint8),
+        **({} if labels is None else {"labels": labels.astype(np.uint8)}),
         original_shape=np.asarray(original_shape, dtype=np.int64),
         spacing=np.asarray(spacing, dtype=np.float64),
-        grid=np.asarray(labels.shape, dtype=np.int64),
+        grid=np.asarray(image.shape[1:], dtype=np.int64),
         hu_window=np.asarray(hu_window, dtype=np.float64),
         antialias=np.asarray(antialias),
         version=np.asarray(CACHE_VERSION),
@@ -269,7 +295,11 @@ def load_cached_study(path: str | Path, thoracic: str = "background") -> dict[st
         path: a file written by :func:`cache_training_study`.
         thoracic: how thoracic labels are folded (see :func:`fold_labels`).
     """
+    from rsna_cspine.errors import CSpineError
+
     with np.load(path) as npz:
+        if "labels" not in npz:
+            raise CSpineError("holds no label map (the study has no segmentation), so it cannot train stage 1", path)
         image = npz["image"].astype(np.float32)
         label = fold_labels(npz["labels"], thoracic)[None]
     return {"image": image, "label": label}

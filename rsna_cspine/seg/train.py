@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rsna_cspine.engine.devices import resolve_device, seed_everything
-from rsna_cspine.engine.distributed import DistContext, barrier, run_seeded_distributed, under_torchrun
+from rsna_cspine.engine.distributed import DistContext, barrier, run_seeded_distributed
 from rsna_cspine.engine.folds import fold_of
 from rsna_cspine.engine.runlog import prepare_run_dir
 from rsna_cspine.errors import ConfigError, LayoutError
@@ -18,13 +18,24 @@ from rsna_cspine.seg.config import SegConfig, SegDataConfig
 from rsna_cspine.seg.model import grid_divisor
 from rsna_cspine.seg.preprocess import THORACIC_MODES
 from rsna_cspine.seg.task import SegmentationTask
-from rsna_cspine.training.caches import require_seg_cache
+from rsna_cspine.training.caches import prepared_seg_studies
 from rsna_cspine.training.loop import fit
 
 log = logging.getLogger(__name__)
 
-#: What builds the stage-1 cache of a config in one process (named when torchrun finds it incomplete).
-PREPARE_COMMAND = "rsna-cspine train-seg --config CONFIG --prepare-only"
+
+def prepare_command(cfg: SegConfig, root: str | None = None, cache: str | Path | None = None) -> str:
+    """The command that prepares a cache this config trains from (named when it is missing or incomplete).
+
+    Args:
+        cfg: the run config.
+        root: the studies' folder (default ``data.root``; an entry of ``data.extra`` for its cache).
+        cache: its prepared cache (default ``data.cache_dir``).
+    """
+    root = cfg.data.root if root is None else root
+    cache = cfg.data.cache_dir if cache is None else cache
+    return (f"rsna-cspine prepare --data {root} --out {cache} --seg-config CONFIG "
+            "[--cls-config CLS_CONFIG | --segmented-only]")
 
 
 def resolve_config(cfg: SegConfig) -> SegConfig:
@@ -68,8 +79,9 @@ def labelled_studies(root: str | Path, max_studies: int = 0) -> list[str]:
 def study_sources(d: SegDataConfig) -> dict[str, tuple[str, Path]]:
     """Every segmented study of ``data.root`` and ``data.extra``: uid → (its RSNA-layout folder, its cache folder).
 
-    ``data.root``'s studies cache in ``data.cache_dir``, those of ``data.extra[i]`` in ``cache_dir/extra{i}``.
-    ``max_studies`` caps the union (sorted by uid).
+    ``data.root``'s studies are prepared into ``data.cache_dir``, those of ``data.extra[i]`` into
+    ``cache_dir/extra{i}`` (``rsna-cspine prepare --data EXTRA --out CACHE/extra{i}``). Studies in
+    ``data.exclude`` are left out; ``max_studies`` caps the rest (sorted by uid).
 
     Args:
         d: the data section.
@@ -79,8 +91,11 @@ def study_sources(d: SegDataConfig) -> dict[str, tuple[str, Path]]:
     """
     sources: dict[str, tuple[str, Path]] = {}
     roots = [(d.root, Path(d.cache_dir))] + [(r, Path(d.cache_dir) / f"extra{i}") for i, r in enumerate(d.extra)]
+    excluded = set(d.exclude)
     for root, cache in roots:
         for uid in labelled_studies(root):
+            if uid in excluded:
+                continue
             if uid in sources:
                 raise ConfigError(f"study {uid} is in both {sources[uid][0]} and {root}")
             sources[uid] = (root, cache)
@@ -105,23 +120,24 @@ def split_studies(uids: Sequence[str], fold: int, n_folds: int, seed: int) -> tu
     return [u for u in uids if folds[u] != fold], [u for u in uids if folds[u] == fold]
 
 
-def prepare_segmentation_data(cfg: SegConfig, progress: bool = True) -> dict[str, Path]:
-    """Build (or complete) the stage-1 cache of every labelled study; uid → cache file of those that worked.
+def segmentation_data(cfg: SegConfig) -> dict[str, Path]:
+    """uid → stage-1 cache file of every segmented training study the prepared cache holds (``data.cache_dir``,
+    written by ``rsna-cspine prepare``); nothing is decoded. Studies whose preparation failed and those in
+    ``data.exclude`` are left out.
 
     Args:
         cfg: the run config (``data`` section).
-        progress: tqdm bar.
-    """
-    from rsna_cspine.io.kaggle import KaggleLayout
-    from rsna_cspine.seg.preprocess import build_cache
 
+    Raises:
+        LayoutError: no prepared cache, or a segmented study it has neither prepared nor failed.
+        ConfigError: the cache was prepared with another grid, HU window or antialias setting.
+    """
     d = resolve_config(cfg).data
     sources = study_sources(d)
     cached: dict[str, Path] = {}
     for root, cache in dict.fromkeys(sources.values()):
         uids = [u for u, source in sources.items() if source == (root, cache)]
-        cached |= build_cache(KaggleLayout(root), uids, cache, d.grid, d.hu_window, antialias=d.antialias,
-                              progress=progress)
+        cached |= prepared_seg_studies(cache, uids, d.grid, d.hu_window, d.antialias, prepare_command(cfg, root, cache))
     return cached
 
 
@@ -130,7 +146,7 @@ def train_segmentation(cfg: SegConfig, resume: bool = False, progress: bool = Tr
 
     Writes ``config.yaml`` (resolved), ``summary.csv``/``curves.png`` per epoch (losses, val Dice mean and
     per vertebra, lr, time), ``last.pt`` every epoch and ``best.pt`` on the best validation mean Dice.
-    A plain run builds the cache first; under torchrun it must be complete already (:data:`PREPARE_COMMAND`).
+    The studies come from the prepared cache (:func:`segmentation_data`): nothing is decoded here.
 
     Args:
         cfg: the run config.
@@ -140,14 +156,7 @@ def train_segmentation(cfg: SegConfig, resume: bool = False, progress: bool = Tr
     started = time.monotonic()
     cfg = resolve_config(cfg)
     d = cfg.data
-    if under_torchrun():
-        sources = study_sources(d)
-        cached = {}
-        for _, cache in dict.fromkeys(sources.values()):
-            uids = [u for u, source in sources.items() if source[1] == cache]
-            cached |= require_seg_cache(cache, uids, d.grid, d.hu_window, d.antialias, PREPARE_COMMAND)
-    else:
-        cached = prepare_segmentation_data(cfg, progress=progress)
+    cached = segmentation_data(cfg)
     usable = sorted(cached)
     train_uids, val_uids = split_studies(usable, cfg.fold, cfg.train.n_folds, cfg.train.fold_seed)
     if not train_uids:

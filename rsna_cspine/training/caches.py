@@ -1,103 +1,142 @@
-"""Refuse to train on a preprocessing cache that is not complete when several processes train together.
+"""How the trainers find their data: a prepared cache (``rsna-cspine prepare``), read without decoding.
 
-Building a cache inside a DDP job would leave every other rank waiting at a collective (NCCL gives up
-after ten minutes) while rank 0 decodes DICOM. So under torchrun the trainers only read caches, and a
-missing or incomplete one stops the job at once with the command that builds it; a plain single-process
-run builds what is missing itself.
+Both trainers only read: stage 1 the grid volumes and labels of the segmented studies, stage 2 the
+crops. A cache prepared with other stage-1 input or crop settings than the training config is refused
+with the settings that differ; a study the cache has neither prepared nor listed as failed stops the run
+with the command that prepares it (whether under torchrun or not: every rank checks, none waits while
+another decodes); studies that failed, have no crops or are in ``data.exclude`` are left out, logged.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from rsna_cspine.errors import LayoutError
-from rsna_cspine.runner import LEDGER_FOLDER, read_ledger
+from rsna_cspine.config import to_dict
+from rsna_cspine.errors import ConfigError, LayoutError
+from rsna_cspine.prepare.cache import PreparedCache
+
+log = logging.getLogger(__name__)
+
+#: Columns of the crop index the stage-2 trainer reads (one row per study).
+INDEX_COLUMNS: tuple[str, ...] = ("StudyInstanceUID", "path", "status", "mask_source", "n_present", "has_boxes", "error")
 
 
-def _refuse(what: str, cache_dir: Path, missing: list[str], total: int, command: str) -> None:
-    raise LayoutError(
-        f"{what} cache is missing or incomplete ({len(missing)} of {total} studies not built, e.g. {missing[:3]}). "
-        f"Under torchrun the trainers only read caches: build it first in one process with `{command}` "
-        "(same config and overrides), then start torchrun again",
-        cache_dir,
-    )
+def _open(cache_dir: str | Path, command: str) -> tuple[PreparedCache, dict[str, Any]]:
+    cache = PreparedCache(cache_dir)
+    settings = cache.settings()
+    if settings is None:
+        raise LayoutError(f"no prepared cache here: prepare it first with `{command}`", cache.root)
+    return cache, settings
 
 
-def _failed(table: Path, status_column: str | None = None) -> dict[str, str]:
-    """Studies a previous build listed as failed (uid → error)."""
-    if not table.is_file():
-        return {}
-    frame = pd.read_csv(table, dtype={"StudyInstanceUID": str}, keep_default_na=False)
-    if status_column is not None:
-        frame = frame[frame[status_column] == "failed"]
-    return dict(zip(frame["StudyInstanceUID"], frame.get("error", pd.Series([""] * len(frame)))))
+def _compare(cache: PreparedCache, stored: dict[str, Any], wanted: dict[str, Any], section: str, key: str,
+             command: str) -> None:
+    """Refuse a cache whose ``section`` settings differ from the training config's ``key``."""
+    differ = [f"{name}: cache {stored.get(name)!r}, config {value!r}" for name, value in wanted.items()
+              if stored.get(name) != value]
+    if differ:
+        raise ConfigError(
+            f"was prepared with other {section} settings than this config's {key} ({'; '.join(differ)}). "
+            f"Prepare a cache with the config's settings (`{command}`) or set data.cache_dir to one that has them",
+            cache.root,
+        )
 
 
-def require_crop_cache(cache_dir: str | Path, uids: Sequence[str], crop_cfg: object, command: str) -> pd.DataFrame:
-    """The crop cache index of ``uids`` (what ``crops.build_crop_cache`` returns), without building or writing.
+def _refuse_missing(cache: PreparedCache, missing: list[str], total: int, command: str) -> None:
+    if missing:
+        raise LayoutError(
+            f"prepared cache is incomplete ({len(missing)} of {total} studies neither prepared nor failed, e.g. "
+            f"{missing[:3]}): the trainers never decode DICOM; prepare them first with `{command}`",
+            cache.root,
+        )
+
+
+def _without_excluded(uids: Sequence[str], exclude: Sequence[str]) -> list[str]:
+    excluded = set(exclude)
+    dropped = [u for u in uids if u in excluded]
+    if dropped:
+        log.info("data.exclude: %d studies never used for training: %s", len(dropped), dropped)
+    return [u for u in dict.fromkeys(uids) if u not in excluded]
+
+
+def prepared_seg_studies(
+    cache_dir: str | Path, uids: Sequence[str], grid: Sequence[int], hu_window: Sequence[float], antialias: bool,
+    command: str, exclude: Sequence[str] = (),
+) -> dict[str, Path]:
+    """uid → stage-1 cache file (grid volume + labels) of every study of ``uids`` the cache prepared.
 
     Args:
-        cache_dir: the crop cache folder.
-        uids: studies the run needs.
-        crop_cfg: the run's ``CropConfig`` (the folder must have been built with it).
-        command: the command line that builds the cache, for the error message.
+        cache_dir: the prepared cache.
+        uids: the segmented studies the run needs.
+        grid: the run's ``data.grid``.
+        hu_window: the run's ``data.hu_window``.
+        antialias: the run's ``data.antialias``.
+        command: the command that prepares the cache, for the error messages.
+        exclude: studies never used for training.
 
     Raises:
-        LayoutError: a study has neither crops nor a recorded failure.
-        ConfigError: the folder was built with other crop settings.
+        LayoutError: no cache, or a study neither prepared nor failed.
+        ConfigError: the cache was prepared with another grid, HU window or antialias setting.
     """
-    from rsna_cspine.crops.cache import INDEX_COLUMNS, INDEX_FILE, crop_cache_fingerprint, crop_path
+    cache, settings = _open(cache_dir, command)
+    wanted = {"grid": [int(g) for g in grid], "hu_window": [float(h) for h in hu_window], "antialias": bool(antialias)}
+    _compare(cache, settings.get("stage1", {}), wanted, "stage-1 input", "data.grid/hu_window/antialias", command)
+    uids = _without_excluded(uids, exclude)
+    records = cache.records()
+    failures = cache.failures(records)
+    done = {u: cache.resolve(records[u]["seg_file"]) for u in uids if u in records and records[u].get("has_labels")}
+    skipped = {u: failures[u].get("reason", "") for u in uids if u not in done and u in failures}
+    for uid, reason in skipped.items():
+        log.warning("stage 1: study %s left out: preparing it failed: %s", uid, reason)
+    _refuse_missing(cache, [u for u in uids if u not in done and u not in skipped], len(uids), command)
+    return done
 
-    cache_dir = Path(cache_dir)
-    unique = list(dict.fromkeys(uids))
-    built = read_ledger(cache_dir / LEDGER_FOLDER, crop_cache_fingerprint(crop_cfg))
-    failed = _failed(cache_dir / INDEX_FILE, "status")
+
+def prepared_crop_index(
+    cache_dir: str | Path, uids: Sequence[str], crop_cfg: object, command: str, exclude: Sequence[str] = (),
+) -> pd.DataFrame:
+    """One row per study of ``uids`` (``exclude`` left out): its crop file, or ``failed`` with the reason.
+
+    Args:
+        cache_dir: the prepared cache.
+        uids: the studies the run needs (train.csv).
+        crop_cfg: the run's ``data.crop`` (the cache must have been prepared with it).
+        command: the command that prepares the cache, for the error messages.
+        exclude: studies never used for training.
+
+    Returns:
+        Columns :data:`INDEX_COLUMNS`; status ``cached`` or ``failed``.
+
+    Raises:
+        LayoutError: no cache, or a study neither prepared nor failed.
+        ConfigError: the cache was prepared with another crop geometry.
+    """
+    cache, settings = _open(cache_dir, command)
+    _compare(cache, settings.get("crop", {}), to_dict(crop_cfg), "crop", "data.crop", command)
+    uids = _without_excluded(uids, exclude)
+    records = cache.records()
+    failures = cache.failures(records)
     rows, missing = [], []
-    for uid in unique:
-        if uid in built:
-            record = built[uid]
-            rows.append({"StudyInstanceUID": uid, "path": str(crop_path(cache_dir, uid)), "status": "cached",
+    for uid in uids:
+        record = records.get(uid)
+        if record is not None and record.get("crop_file"):
+            rows.append({"StudyInstanceUID": uid, "path": str(cache.resolve(record["crop_file"])), "status": "cached",
                          "mask_source": record.get("mask_source", ""), "n_present": record.get("n_present", 0),
                          "has_boxes": record.get("has_boxes", False), "error": ""})
-        elif uid in failed:
-            rows.append({"StudyInstanceUID": uid, "path": str(crop_path(cache_dir, uid)), "status": "failed",
-                         "error": failed[uid]})
+        elif record is not None or uid in failures:
+            reason = record.get("reason", "") if record is not None else failures[uid].get("reason", "")
+            rows.append({"StudyInstanceUID": uid, "path": "", "status": "failed", "error": reason})
         else:
             missing.append(uid)
-    if missing:
-        _refuse("crop", cache_dir, missing, len(unique), command)
-    return pd.DataFrame(rows).reindex(columns=list(INDEX_COLUMNS))
-
-
-def require_seg_cache(
-    cache_dir: str | Path, uids: Sequence[str], grid: Sequence[int], hu_window: Sequence[float], antialias: bool,
-    command: str,
-) -> dict[str, Path]:
-    """uid → stage-1 cache file of every study of ``uids`` that was built (what ``seg.build_cache`` returns),
-    without building or writing; studies a build listed in ``cache_failures.csv`` are left out.
-
-    Args:
-        cache_dir: the stage-1 cache folder.
-        uids: studies the run needs.
-        grid: the run's grid.
-        hu_window: the run's HU window.
-        antialias: the run's antialias setting.
-        command: the command line that builds the cache, for the error message.
-
-    Raises:
-        LayoutError: a study has neither a cache file nor a recorded failure.
-        ConfigError: the folder was built with other preprocessing settings.
-    """
-    from rsna_cspine.seg.preprocess import cache_fingerprint
-
-    cache_dir = Path(cache_dir)
-    built = read_ledger(cache_dir / LEDGER_FOLDER, cache_fingerprint(grid, hu_window, antialias))
-    failed = _failed(cache_dir / "cache_failures.csv")
-    done = {uid: Path(built[uid]["outputs"][0]) for uid in uids if uid in built}
-    missing = [uid for uid in uids if uid not in done and uid not in failed]
-    if missing:
-        _refuse("stage-1", cache_dir, missing, len(uids), command)
-    return done
+    _refuse_missing(cache, missing, len(uids), command)
+    index = pd.DataFrame(rows).reindex(columns=list(INDEX_COLUMNS))
+    left_out = index[index["status"] == "failed"]
+    if len(left_out):
+        log.warning("stage 2: %d of %d studies have no crops and are left out, e.g. %s: %s", len(left_out),
+                    len(index), left_out["StudyInstanceUID"].iloc[0], left_out["error"].iloc[0])
+    return index

@@ -1,0 +1,186 @@
+"""One study, decoded once, turned into everything training needs (the per-study function of ``prepare``).
+
+:func:`prepare_study` loads the series once and writes, from that one volume: the stage-1 input (the
+volume on the network grid, plus its labels where ``segmentations/<uid>.nii`` exists), the mask the crops
+are cut from (the stage-1 models' or the true one), the seven 2.5D stacks with slice labels and box maps,
+and returns the study's manifest row (geometry, timings, warnings). It runs in worker processes, so it is
+a module-level function of a picklable :class:`StudyJob`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsna_cspine.prepare.cache import PreparedCache
+from rsna_cspine.prepare.config import PrepareConfig
+from rsna_cspine.runner import Record
+
+#: Stage-1 models of this process, loaded by its first study that needs them (key: checkpoint paths, device).
+_SEGMENTER: tuple[tuple[str, ...], Any] | None = None
+
+
+@dataclass(frozen=True)
+class StudyJob:
+    """What every study of one ``prepare`` run shares (pickled once per worker process).
+
+    Attributes:
+        root: the Kaggle-layout folder.
+        split: ``train`` or ``test``.
+        out: the cache folder.
+        cfg: the settings.
+        seg_models: stage-1 checkpoints (empty: none).
+        boxes: uid → ``(n, 5)`` rows ``(slice_number, x, y, width, height)`` of the bounding boxes.
+        decode_workers: processes decoding one study's slices (its share of the CPU budget).
+    """
+
+    root: str
+    split: str
+    out: str
+    cfg: PrepareConfig
+    seg_models: tuple[str, ...] = ()
+    boxes: dict[str, np.ndarray] = field(default_factory=dict)
+    decode_workers: int = 1
+
+
+def study_inputs(job: StudyJob, uid: str) -> dict[str, Any]:
+    """A study's own inputs (what makes its prepared files stale when it changes): the names and sizes of
+    its files, the size of its segmentation and its bounding-box rows. Sizes rather than times, so that
+    machines holding copies of the data set agree.
+
+    Args:
+        job: the run.
+        uid: the study.
+    """
+    from rsna_cspine.io.kaggle import KaggleLayout
+
+    layout = KaggleLayout(Path(job.root))
+    where = layout.study_path(uid, job.split)  # a DICOM folder, or an imported NIfTI / Enhanced CT file
+    if where.is_dir():
+        files = sorted((p.name, p.stat().st_size) for p in where.iterdir() if p.is_file())
+    else:
+        files = [(where.name, where.stat().st_size)] if where.is_file() else None
+    seg = layout.segmentation_path(uid) if job.split == "train" else None
+    boxes = job.boxes.get(uid)
+    return {
+        "files": None if files is None else hashlib.sha1(json.dumps(files).encode()).hexdigest(),
+        "n_files": None if files is None else len(files),
+        "segmentation": None if seg is None else seg.stat().st_size,
+        "boxes": None if boxes is None else hashlib.sha1(np.ascontiguousarray(boxes).tobytes()).hexdigest(),
+    }
+
+
+def _segmenter(job: StudyJob) -> Any:
+    """This process's stage-1 models (loaded once, then reused by every study it prepares)."""
+    global _SEGMENTER
+    from rsna_cspine.seg.predict import load_segmenter
+
+    key = (*job.seg_models, job.cfg.device)
+    if _SEGMENTER is None or _SEGMENTER[0] != key:
+        _SEGMENTER = (key, load_segmenter(list(job.seg_models), job.cfg.device))
+    return _SEGMENTER[1]
+
+
+def _mask_plan(job: StudyJob, has_labels: bool) -> str:
+    """Which mask this study's crops come from: ``gt``, ``pred`` or ``""`` (none available)."""
+    source = job.cfg.mask_source
+    if source == "auto":
+        source = "pred" if job.seg_models else "gt"
+    elif source == "gt_then_pred":
+        source = "gt" if has_labels else "pred"
+    if (source == "gt" and not has_labels) or (source == "pred" and not job.seg_models):
+        return ""
+    return source
+
+
+def _save_mask(path: Path, mask: np.ndarray, slice_numbers: np.ndarray) -> Path:
+    """``mask`` (uint8 ``(z, y, x)``) and the slice numbers, written atomically (the ``predict-seg`` format)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, mask=mask.astype(np.uint8, copy=False), slice_numbers=np.asarray(slice_numbers))
+    tmp.replace(path)
+    return path
+
+
+def prepare_study(uid: str, job: StudyJob) -> Record:
+    """Decode one study once and write its stage-1 input, mask and crops; its manifest row (ledger record).
+
+    Args:
+        uid: the study.
+        job: what the run's studies share.
+
+    Returns:
+        The record: ``outputs`` (files relative to the cache), ``inputs`` (:func:`study_inputs`) and the
+        manifest columns (``prepare.cache.MANIFEST_COLUMNS``); a study without a usable mask gets no crops
+        and says why in ``reason``.
+    """
+    from rsna_cspine.crops.cache import save_crops, study_crops
+    from rsna_cspine.io.kaggle import KaggleLayout
+    from rsna_cspine.io.nifti import load_segmentation
+    from rsna_cspine.io.study import load_study
+    from rsna_cspine.seg.preprocess import fold_labels, write_stage1_input
+
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    inputs = study_inputs(job, uid)
+    layout, cache, cfg = KaggleLayout(Path(job.root)), PreparedCache(job.out), job.cfg
+
+    tick = time.perf_counter()
+    volume = load_study(layout.study_path(uid, job.split), workers=job.decode_workers)  # the one decode
+    seg_file = layout.segmentation_path(uid) if job.split == "train" else None
+    labels = None if seg_file is None else load_segmentation(seg_file, volume)
+    seconds["load"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    s1 = cfg.stage1
+    seg_path, image = write_stage1_input(cache.seg_path(uid), volume, labels, s1.grid, s1.hu_window,
+                                         antialias=s1.antialias)
+    seconds["stage1"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    source, mask, vertebrae = _mask_plan(job, labels is not None), None, None
+    if source == "pred":
+        segmenter = _segmenter(job)
+        result = segmenter.predict(volume, image if segmenter.accepts(s1.grid, s1.hu_window, s1.antialias) else None)
+        mask, vertebrae = result.mask, result.vertebrae
+    elif source == "gt":
+        mask = fold_labels(labels)  # type: ignore[arg-type]
+    del image
+    outputs = [seg_path]
+    if mask is not None:
+        outputs.append(_save_mask(cache.mask_path(uid), mask, volume.slice_numbers))
+    seconds["mask"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    n_present, reason = 0, ""
+    if mask is not None:
+        crops = study_crops(volume, mask, cfg.crop, job.boxes.get(uid))
+        outputs.append(save_crops(cache.crop_path(uid), crops, mask_source=source))
+        n_present = int(crops.present.sum())
+    else:
+        reason = ("no crops: the study has no segmentation and no stage-1 models were given (--seg-models)"
+                  if job.split == "train" else "no crops: no stage-1 models were given (--seg-models)")
+    seconds["crops"] = time.perf_counter() - tick
+    seconds["total"] = time.perf_counter() - started
+
+    names = [cache.relative(p) for p in outputs]
+    record: Record = {
+        "StudyInstanceUID": uid, "status": "done", "reason": reason, "n_slices": volume.shape[0],
+        "rows": volume.shape[1], "cols": volume.shape[2],
+        **{f"spacing_{axis}": round(float(mm), 6) for axis, mm in zip("zyx", volume.spacing)},
+        "has_labels": labels is not None,
+        "mask_source": source, "n_present": n_present, "has_boxes": uid in job.boxes, "seg_file": names[0],
+        "mask_file": names[1] if mask is not None else "", "crop_file": names[2] if mask is not None else "",
+        "bytes": sum(p.stat().st_size for p in outputs), "decode_workers": job.decode_workers,
+        **{f"seconds_{k}": round(v, 3) for k, v in seconds.items()},
+        "warnings": list(volume.warnings), "outputs": names, "inputs": inputs,
+    }  # fmt: skip
+    if vertebrae is not None:
+        record["vertebrae"] = json.loads(vertebrae.to_json(orient="records"))
+    return record
