@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +13,7 @@ import pandas as pd
 
 from rsna_cspine.constants import PATIENT_WEIGHTS, PROB_EPS, TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import ConfigError, SubmissionError
+from rsna_cspine.io.files import atomic_open
 from rsna_cspine.io.kaggle import check_test_frame, test_studies
 from rsna_cspine.metric import prior_predictions
 
@@ -304,17 +303,7 @@ def write_submission(df: pd.DataFrame, path: str | Path, test_csv: pd.DataFrame 
     """
     path = Path(path)
     checked = _check_submission(df, path, test_csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as tmp:
-            checked.to_csv(tmp, index=False)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only; a submission is an ordinary file
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as fh:
+        checked.to_csv(fh, index=False)
     logger.info("wrote %d rows to %s", len(checked), path)
     return path

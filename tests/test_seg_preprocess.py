@@ -100,7 +100,7 @@ def test_cache_file_round_trip(tmp_path) -> None:
     assert folded["label"].shape == (1, 4, 6, 8)
     assert folded["label"][0, 1, 2, 3] == 3 and folded["label"][0, 2, 2, 3] == 0
     assert load_cached_study(path, "class")["label"][0, 2, 2, 3] == 8
-    assert not list(tmp_path.glob("*.tmp.npz"))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]  # no temporary left behind
 
 
 def test_build_cache_lists_a_broken_study_and_goes_on(tmp_path) -> None:

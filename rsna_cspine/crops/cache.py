@@ -12,7 +12,6 @@ file (``crop_config.yaml``) says otherwise.
 from __future__ import annotations
 
 import logging
-import os
 from functools import partial
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from rsna_cspine.crops.extract import (
     slice_labels_from_boxes,
 )
 from rsna_cspine.errors import ConfigError, CSpineError, LayoutError
-from rsna_cspine.io.files import atomic_write_text
+from rsna_cspine.io.files import atomic_open, atomic_write_text
 from rsna_cspine.runner import LEDGER_FOLDER, StudyLedger, StudyRunner
 
 log = logging.getLogger(__name__)
@@ -59,11 +58,9 @@ def save_crops(path: str | Path, crops: VertebraCrops, mask_source: str = "") ->
         mask_source: which mask produced them ("gt" or "pred"), kept for reports.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # One archive member per vertebra: a training item then decompresses only its own stack.
     arrays = {f"images_{name}": crops.images[i] for i, name in enumerate(VERTEBRAE)}
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
+    with atomic_open(path, "wb") as fh:
         np.savez_compressed(
             fh,
             present=crops.present,
@@ -75,7 +72,6 @@ def save_crops(path: str | Path, crops: VertebraCrops, mask_source: str = "") ->
             mask_source=np.array(mask_source),
             **arrays,
         )
-    os.replace(tmp, path)
     return path
 
 

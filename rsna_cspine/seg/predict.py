@@ -23,7 +23,7 @@ from rsna_cspine.config import config_from_checkpoint
 from rsna_cspine.constants import CERVICAL_LABELS
 from rsna_cspine.engine import autocast, load_checkpoint, resolve_device
 from rsna_cspine.errors import ConfigError, CSpineError
-from rsna_cspine.io.files import atomic_write_text
+from rsna_cspine.io.files import atomic_open, atomic_write_text
 from rsna_cspine.io.volume import Volume
 from rsna_cspine.runner import LEDGER_FOLDER, StudyLedger, StudyRunner, file_fingerprint
 from rsna_cspine.seg.config import SegConfig
@@ -214,10 +214,8 @@ def save_mask(path: str | Path, result: SegmentationResult, volume: Volume) -> P
         volume: the study (for its slice numbers).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, mask=result.mask, slice_numbers=np.asarray(volume.slice_numbers))
-    tmp.replace(path)
+    with atomic_open(path, "wb") as fh:
+        np.savez_compressed(fh, mask=result.mask, slice_numbers=np.asarray(volume.slice_numbers))
     return path
 
 

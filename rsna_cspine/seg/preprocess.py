@@ -6,7 +6,6 @@ top RSNA 2022 teams did; the aspect distortion is the same for training and pred
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rsna_cspine.constants import CERVICAL_LABELS, THORACIC_LABELS
+from rsna_cspine.io.files import atomic_open
 from rsna_cspine.io.volume import Volume
 
 if TYPE_CHECKING:
@@ -190,20 +190,18 @@ def write_cache_file(
     path = Path(path)
     if image.ndim != 4 or image.shape[1:] != labels.shape:
         raise ValueError(f"{path}: image {image.shape} and labels {labels.shape} do not match")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(
-        tmp,
-        image=image.astype(np.float16),
-        labels=labels.astype(np.uint8),
-        original_shape=np.asarray(original_shape, dtype=np.int64),
-        spacing=np.asarray(spacing, dtype=np.float64),
-        grid=np.asarray(labels.shape, dtype=np.int64),
-        hu_window=np.asarray(hu_window, dtype=np.float64),
-        antialias=np.asarray(antialias),
-        version=np.asarray(CACHE_VERSION),
-    )
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as fh:
+        np.savez_compressed(
+            fh,
+            image=image.astype(np.float16),
+            labels=labels.astype(np.uint8),
+            original_shape=np.asarray(original_shape, dtype=np.int64),
+            spacing=np.asarray(spacing, dtype=np.float64),
+            grid=np.asarray(labels.shape, dtype=np.int64),
+            hu_window=np.asarray(hu_window, dtype=np.float64),
+            antialias=np.asarray(antialias),
+            version=np.asarray(CACHE_VERSION),
+        )
     return path
 
 
