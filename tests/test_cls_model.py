@@ -12,6 +12,7 @@ from rsna_cspine.cls.config import ClsConfig
 from rsna_cspine.cls.model import FractureClassifier, build_classifier
 from rsna_cspine.crops.extract import CropConfig
 from rsna_cspine.errors import ConfigError
+from tests.paths import REPO_ROOT
 
 torch.set_num_threads(1)
 
@@ -282,8 +283,7 @@ def test_gpu_configs_need_their_weights_file_and_say_how_to_get_it(tmp_path, mon
     from rsna_cspine.config import load_config
 
     monkeypatch.chdir(tmp_path)  # the configs' relative weights/ path resolves to an empty folder
-    repo = Path(__file__).resolve().parent.parent
-    cfg = load_config(ClsConfig, repo / "configs" / config, [f"data.root={tmp_path / 'absent'}", "device=cpu"])
+    cfg = load_config(ClsConfig, REPO_ROOT / "configs" / config, [f"data.root={tmp_path / 'absent'}", "device=cpu"])
     name, expected = cfg.model.backbone, Path(cfg.model.pretrained_file)
     assert "." in name and expected.name.startswith(name) and expected.suffix == ".safetensors"
     # The data root does not exist either: failing on the weights proves the check comes before any data work.

@@ -13,7 +13,7 @@ from scipy import ndimage
 import rsna_cspine.training.loop as loop_module
 from rsna_cspine.aggregate import PatientCalibration, cross_fit_patient_overall, fit_patient_calibration, patient_overall
 from rsna_cspine.cli import main as cli_main
-from rsna_cspine.cls.config import ClsAugConfig, ClsConfig, ClsTrainConfig
+from rsna_cspine.cls.config import ClsAugConfig, ClsConfig
 from rsna_cspine.cls.data import VertebraDataset, intensity_levels, match_levels, vertebra_items
 from rsna_cspine.cls.loss import fracture_loss
 from rsna_cspine.cls.model import FractureClassifier
@@ -22,77 +22,22 @@ from rsna_cspine.cls.task import OOF_COLUMNS
 from rsna_cspine.cls.train import train_classifier
 from rsna_cspine.config import load_config, save_config
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
-from rsna_cspine.crops import CropConfig, VertebraCrops, load_crops, save_crops
+from rsna_cspine.crops import VertebraCrops, load_crops, save_crops
 from rsna_cspine.engine import fold_of, load_checkpoint
 from rsna_cspine.errors import ConfigError, LayoutError
 from rsna_cspine.training.augment import StackAugment
+from tests.toy_cls import (
+    ABSENT_VERTEBRA,
+    CHANNELS,
+    N_SLICES,
+    SIZE,
+    absent_study,
+    tiny_cls_config,
+    toy_crop_dataset,
+    toy_uid,
+)
 
 torch.set_num_threads(1)
-
-N_SLICES, CHANNELS, SIZE = 6, 3, 32
-CROP = CropConfig(n_slices=N_SLICES, channels=CHANNELS, size=SIZE)
-ABSENT_VERTEBRA = 3  # one study has no C4 in its mask
-
-
-def _uid(i: int) -> str:
-    return f"1.2.826.0.1.3680043.{1000 + i}"
-
-
-def _absent_study(n_studies: int) -> int:
-    """A study of validation fold 0 (3 folds, fold seed 42), so the OOF file shows the prior fallback."""
-    folds = fold_of([_uid(i) for i in range(n_studies)], 3, 42)
-    return min(i for i in range(n_studies) if folds[_uid(i)] == 0)
-
-
-def _toy_dataset(tmp_path, n_studies: int = 14, seed: int = 0) -> tuple[str, str]:
-    """train.csv + a ready crop cache where a fractured vertebra shows a bright square on slices 2..4."""
-    rng = np.random.default_rng(seed)
-    absent_study = _absent_study(n_studies)
-    root, cache = tmp_path / "kaggle", tmp_path / "crops"
-    root.mkdir()
-    rows = []
-    for s in range(n_studies):
-        labels = (rng.random(7) < 0.35).astype(int)
-        images = rng.integers(0, 80, size=(7, N_SLICES, CHANNELS, SIZE, SIZE)).astype(np.uint8)
-        slice_labels = np.zeros((7, N_SLICES), dtype=np.int8)
-        box_maps = np.zeros((7, N_SLICES, SIZE, SIZE), dtype=np.uint8)
-        for v in np.flatnonzero(labels):
-            y, x = rng.integers(4, SIZE - 14, size=2)
-            images[v, 2:5, :, y : y + 10, x : x + 10] = 230
-            slice_labels[v, 2:5] = 1
-            box_maps[v, 2:5, y : y + 10, x : x + 10] = 1
-        present = np.ones(7, dtype=bool)
-        if s == absent_study:
-            present[ABSENT_VERTEBRA] = False
-            images[ABSENT_VERTEBRA] = 0
-        crops = VertebraCrops(
-            images=images,
-            present=present,
-            slice_index=np.tile(np.arange(N_SLICES, dtype=np.int32) * 2, (7, 1)),
-            z_range=np.tile(np.array([0, 2 * N_SLICES - 2], dtype=np.int32), (7, 1)),
-            boxes=np.tile(np.array([0, SIZE, 0, SIZE], dtype=np.int32), (7, 1)),
-            slice_labels=np.where(present[:, None], slice_labels, -1).astype(np.int8),
-            box_maps=box_maps,
-        )
-        save_crops(cache / f"{_uid(s)}.npz", crops, mask_source="gt")
-        rows.append({"StudyInstanceUID": _uid(s), **dict(zip(VERTEBRAE, labels)), "patient_overall": int(labels.max())})
-    pd.DataFrame(rows)[["StudyInstanceUID", *TARGET_COLUMNS]].to_csv(root / "train.csv", index=False)
-    return str(root), str(cache)
-
-
-def _config(tmp_path, root: str, cache: str, run: str, **train) -> ClsConfig:
-    """A tiny CPU run of fold 0 of 3; ``train`` sets fields of the ``train:`` section."""
-    cfg = ClsConfig(run_dir=str(tmp_path / run), fold=0, device="cpu",
-                    train=ClsTrainConfig(n_folds=3, epochs=2, batch_size=8, val_batch_size=16, amp=False, threads=1,
-                                         patience=0, slice_loss_weight=0.3, num_workers=0))
-    cfg.data.root, cfg.data.cache_dir, cfg.data.mask_source = root, cache, "gt"
-    cfg.data.crop = CROP
-    cfg.model.backbone, cfg.model.hidden, cfg.model.head = "test_resnet", 16, "gru"
-    cfg.optim.lr, cfg.optim.warmup_epochs = 2e-3, 0
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
-    return cfg
-
 
 def test_weighted_bce_matches_the_competition_weights() -> None:
     logit = torch.tensor([0.3, -1.2, 2.0])
@@ -155,12 +100,12 @@ def test_augmentation_geometry_is_one_exact_affine_map() -> None:
 
 
 def test_dataset_items_and_known_negative_slices(tmp_path) -> None:
-    root, cache = _toy_dataset(tmp_path, n_studies=4)
+    root, cache = toy_crop_dataset(tmp_path, n_studies=4)
     labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
     items = vertebra_items(labels, {u: f"{cache}/{u}.npz" for u in labels["StudyInstanceUID"]})
     assert len(items) == 4 * 7
     assert items["present"].sum() == 4 * 7 - 1
-    assert not items[(items["StudyInstanceUID"] == _uid(_absent_study(4))) & (items["vertebra"] == ABSENT_VERTEBRA)]["present"].any()
+    assert not items[(items["StudyInstanceUID"] == toy_uid(absent_study(4))) & (items["vertebra"] == ABSENT_VERTEBRA)]["present"].any()
     dataset = VertebraDataset(items[items["present"]])
     for i in range(len(dataset)):
         item = dataset[i]
@@ -183,7 +128,7 @@ def test_dataset_items_and_known_negative_slices(tmp_path) -> None:
 
 
 def test_fracture_paste_copies_a_same_vertebra_donor_box_with_its_labels(tmp_path) -> None:
-    root, cache = _toy_dataset(tmp_path, n_studies=8)
+    root, cache = toy_crop_dataset(tmp_path, n_studies=8)
     labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
     items = vertebra_items(labels, {u: f"{cache}/{u}.npz" for u in labels["StudyInstanceUID"]})
     items = items[items["present"]].reset_index(drop=True)
@@ -254,7 +199,7 @@ def test_level_matching_maps_a_rescaled_stack_back_and_keeps_flat_channels() -> 
 
 def test_loss_falls_on_a_learnable_toy_task(tmp_path) -> None:
     torch.manual_seed(0)
-    root, cache = _toy_dataset(tmp_path, n_studies=4)
+    root, cache = toy_crop_dataset(tmp_path, n_studies=4)
     labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
     items = vertebra_items(labels, {u: f"{cache}/{u}.npz" for u in labels["StudyInstanceUID"]})
     dataset = VertebraDataset(items[items["present"]].head(16))
@@ -290,10 +235,10 @@ def test_vertebra_bias_learns_the_base_rates_through_the_training_loop(tmp_path)
             boxes=np.tile(np.array([0, SIZE, 0, SIZE], dtype=np.int32), (7, 1)),
             slice_labels=np.full((7, N_SLICES), -1, dtype=np.int8),
         )
-        save_crops(cache / f"{_uid(s)}.npz", crops, mask_source="gt")
-        rows.append({"StudyInstanceUID": _uid(s), **dict(zip(VERTEBRAE, labels)), "patient_overall": int(labels.max())})
+        save_crops(cache / f"{toy_uid(s)}.npz", crops, mask_source="gt")
+        rows.append({"StudyInstanceUID": toy_uid(s), **dict(zip(VERTEBRAE, labels)), "patient_overall": int(labels.max())})
     pd.DataFrame(rows)[["StudyInstanceUID", *TARGET_COLUMNS]].to_csv(root / "train.csv", index=False)
-    cfg = _config(tmp_path, str(root), str(cache), "bias", epochs=3)
+    cfg = tiny_cls_config(tmp_path, str(root), str(cache), "bias", epochs=3)
     cfg.model.vertebra_bias, cfg.optim.lr = True, 1e-2
     run = train_classifier(cfg)
     bias = torch.load(run / "last.pt", weights_only=False)["model"]["vertebra_bias.weight"].squeeze(1).numpy()
@@ -313,10 +258,10 @@ def _interrupt_before_epoch(monkeypatch, epoch_to_stop: int) -> None:
 
 
 def test_resume_equals_uninterrupted_and_oof_is_written(tmp_path, monkeypatch) -> None:
-    root, cache = _toy_dataset(tmp_path)
-    straight = train_classifier(_config(tmp_path, root, cache, "straight"))
+    root, cache = toy_crop_dataset(tmp_path)
+    straight = train_classifier(tiny_cls_config(tmp_path, root, cache, "straight"))
 
-    cfg = _config(tmp_path, root, cache, "resumed")
+    cfg = tiny_cls_config(tmp_path, root, cache, "resumed")
     with monkeypatch.context() as patch:
         _interrupt_before_epoch(patch, 1)
         with pytest.raises(KeyboardInterrupt):
@@ -352,7 +297,7 @@ def test_resume_equals_uninterrupted_and_oof_is_written(tmp_path, monkeypatch) -
     val_truth = labels.set_index("StudyInstanceUID").loc[oof["StudyInstanceUID"], "patient_overall"].to_numpy()
     np.testing.assert_allclose(oof["patient_overall"],
                                cross_fit_patient_overall(probs, val_truth, oof["StudyInstanceUID"].tolist()), rtol=1e-9)
-    absent_uid = _uid(_absent_study(len(labels)))
+    absent_uid = toy_uid(absent_study(len(labels)))
     train_labels = labels[labels["StudyInstanceUID"].map(folds) != 0]
     value = oof.loc[oof["StudyInstanceUID"] == absent_uid, VERTEBRAE[ABSENT_VERTEBRA]].item()
     assert value == pytest.approx(train_labels[VERTEBRAE[ABSENT_VERTEBRA]].mean())
@@ -380,8 +325,8 @@ def test_resume_equals_uninterrupted_and_oof_is_written(tmp_path, monkeypatch) -
 
 
 def test_cli_train_cls_with_yaml_and_overrides(tmp_path) -> None:
-    root, cache = _toy_dataset(tmp_path, n_studies=8)
-    cfg = _config(tmp_path, root, cache, "cli", epochs=1)
+    root, cache = toy_crop_dataset(tmp_path, n_studies=8)
+    cfg = tiny_cls_config(tmp_path, root, cache, "cli", epochs=1)
     config_path = save_config(cfg, tmp_path / "cls.yaml")
     assert load_config(ClsConfig, config_path) == cfg
     code = cli_main(["train-cls", "--config", str(config_path), "--fold", "1", "model.head=attention",
@@ -397,9 +342,9 @@ def test_cli_train_cls_with_yaml_and_overrides(tmp_path) -> None:
 
 
 def test_weight_average_resume_equals_uninterrupted(tmp_path, monkeypatch) -> None:
-    root, cache = _toy_dataset(tmp_path)
-    straight = train_classifier(_config(tmp_path, root, cache, "straight", ema_decay=0.9))
-    cfg = _config(tmp_path, root, cache, "resumed", ema_decay=0.9)
+    root, cache = toy_crop_dataset(tmp_path)
+    straight = train_classifier(tiny_cls_config(tmp_path, root, cache, "straight", ema_decay=0.9))
+    cfg = tiny_cls_config(tmp_path, root, cache, "resumed", ema_decay=0.9)
     with monkeypatch.context() as patch:
         _interrupt_before_epoch(patch, 1)
         with pytest.raises(KeyboardInterrupt):
@@ -430,16 +375,16 @@ def test_weight_average_resume_equals_uninterrupted(tmp_path, monkeypatch) -> No
 
 
 def test_torchrun_refuses_an_incomplete_crop_cache_before_joining_a_group(tmp_path, monkeypatch) -> None:
-    root, cache = _toy_dataset(tmp_path, n_studies=6)
-    cfg = _config(tmp_path, root, cache, "ddp", epochs=1)
+    root, cache = toy_crop_dataset(tmp_path, n_studies=6)
+    cfg = tiny_cls_config(tmp_path, root, cache, "ddp", epochs=1)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; no process group may be joined before the check
     with pytest.raises(LayoutError, match="--prepare-only") as info:
         train_classifier(cfg)  # the toy cache was written by hand: no crop_config.yaml yet
     assert "6 of 6 studies" in str(info.value)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert cli_main(["train-cls", "--config", str(save_config(cfg, tmp_path / "c.yaml")), "--prepare-only"]) == 0
-    (tmp_path / "crops" / f"{_uid(2)}.npz").unlink()  # one study lost since
+    (tmp_path / "crops" / f"{toy_uid(2)}.npz").unlink()  # one study lost since
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(LayoutError, match=rf"1 of 6 studies not built.*{_uid(2)}.*train-cls --config CONFIG --prepare-only"):
+    with pytest.raises(LayoutError, match=rf"1 of 6 studies not built.*{toy_uid(2)}.*train-cls --config CONFIG --prepare-only"):
         train_classifier(cfg)
     assert not (tmp_path / "ddp").exists()

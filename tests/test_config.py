@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rsna_cspine.config import load_config, save_config
 from rsna_cspine.errors import ConfigError
+from tests.paths import LEGACY_CONFIGS, REPO_ROOT
 
 
 @dataclass
@@ -90,8 +90,6 @@ def test_typed_values_win_over_file_and_overrides_and_are_not_reparsed(tmp_path)
     assert load_config(RunCfg, yml, section="run").epochs == 9  # a section of a larger file
 
 
-LEGACY = Path(__file__).parent / "fixtures" / "legacy_configs"
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -111,10 +109,10 @@ def test_configs_stored_by_the_old_schema_translate_to_todays(cls_path, stored, 
 
     module, name = cls_path.split(":")
     cls = getattr(importlib.import_module(module), name)
-    old = yaml.safe_load((LEGACY / stored).read_text())
-    assert config_from_checkpoint(cls, old) == load_config(cls, REPO / "configs" / current, values=values)
+    old = yaml.safe_load((LEGACY_CONFIGS / stored).read_text())
+    assert config_from_checkpoint(cls, old) == load_config(cls, REPO_ROOT / "configs" / current, values=values)
     with pytest.raises(ConfigError, match="is now 'train"):  # the old keys in a YAML file or override: refused
-        load_config(cls, LEGACY / stored)
+        load_config(cls, LEGACY_CONFIGS / stored)
 
 
 def test_an_old_stage2_checkpoint_still_predicts_and_a_retired_model_is_refused(tmp_path):
@@ -127,7 +125,7 @@ def test_an_old_stage2_checkpoint_still_predicts_and_a_retired_model_is_refused(
     from rsna_cspine.config import config_from_checkpoint
     from rsna_cspine.engine import save_checkpoint
 
-    old = yaml.safe_load((LEGACY / "cls_cpu.yaml").read_text())
+    old = yaml.safe_load((LEGACY_CONFIGS / "cls_cpu.yaml").read_text())
     model = build_classifier(config_from_checkpoint(ClsConfig, old), load_pretrained=False)
     ensemble = load_classifiers([save_checkpoint(tmp_path / "old.pt", model=model, epoch=3, config=old)],
                                 torch.device("cpu"))

@@ -194,9 +194,8 @@ def test_overlay_colours_only_the_labelled_pixels() -> None:
 
 
 def test_explain_writes_every_picture_with_the_pipeline_probabilities(tmp_path: Path) -> None:
-    from test_pipeline import GOOD, make_tiny_dataset, make_tiny_models
-
     from rsna_cspine.inference import FracturePipeline, PipelineConfig
+    from tests.toy_pipeline import GOOD, make_tiny_dataset, make_tiny_models
 
     models = make_tiny_models(tmp_path / "models")
     study = make_tiny_dataset(tmp_path / "data", uids=GOOD[:1], broken=False) / "test_images" / GOOD[0]

@@ -13,9 +13,9 @@ import pytest
 from rsna_cspine.cls.config import ClsConfig
 from rsna_cspine.config import load_config
 from rsna_cspine.seg.config import SegConfig
+from tests.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "benchmarks" / "gpu_smoke.sh"
+SCRIPT = REPO_ROOT / "benchmarks" / "gpu_smoke.sh"
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
@@ -48,14 +48,14 @@ def test_every_command_uses_existing_configs_and_keys(tmp_path: Path, mode: str)
         command = train
         assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
         rest = command[command.index(name) + 1 :]
-        config = REPO / rest[rest.index("--config") + 1]
+        config = REPO_ROOT / rest[rest.index("--config") + 1]
         overrides = [arg for arg in rest if "=" in arg and not arg.startswith("-")]
         cfg = load_config(schema, config, overrides)  # raises ConfigError on an unknown key
         if name == "train-cls":
             cfg.validate()
         amp = cfg.train.amp
         assert amp is (mode == "gpu") and cfg.device == ("cuda" if mode == "gpu" else "cpu")
-    cls = load_config(ClsConfig, REPO / "configs" / ("cls_resnet50.yaml" if mode == "gpu" else "cls_cpu.yaml"),
+    cls = load_config(ClsConfig, REPO_ROOT / "configs" / ("cls_resnet50.yaml" if mode == "gpu" else "cls_cpu.yaml"),
                       [a for a in command if a.startswith("model.")])  # fmt: skip
     weights = Path(cls.model.pretrained_file)
     assert weights.name == f"{cls.model.backbone}.safetensors"

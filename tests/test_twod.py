@@ -25,10 +25,10 @@ from rsna_cspine.twod.report import METRIC_COLUMNS, classification_metrics, posi
 from rsna_cspine.twod.split import split_indices
 from rsna_cspine.twod.synth import Synth2DConfig, make_radiograph, write_dicom, write_image_folder
 from rsna_cspine.twod.train import train_2d
+from tests.paths import REPO_ROOT
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parent.parent
 SIZE = 64
 PER_CLASS = 90
 N_DICOM = 2  # per class: the DICOM path goes through training too
@@ -44,7 +44,7 @@ def image_folder(tmp_path_factory) -> Path:
 
 def _tiny_config(run_dir: Path, data: Path, **train: object) -> TwoDConfig:
     """The shipped CPU config on the test images; ``train`` sets fields of the ``train:`` section."""
-    cfg = load_config(TwoDConfig, REPO / "configs" / "twod_cpu.yaml", [f"data.image_size={SIZE}", "train.threads=1"],
+    cfg = load_config(TwoDConfig, REPO_ROOT / "configs" / "twod_cpu.yaml", [f"data.image_size={SIZE}", "train.threads=1"],
                       values={"run_dir": run_dir, "data": {"root": data}})
     for key, value in train.items():
         setattr(cfg.train, key, value)
@@ -55,7 +55,7 @@ def _tiny_config(run_dir: Path, data: Path, **train: object) -> TwoDConfig:
 def trained_run(image_folder, tmp_path_factory) -> Path:
     """One CPU training run through the CLI, shared by the learning, report, predict and Grad-CAM tests."""
     run_dir = tmp_path_factory.mktemp("runs") / "learn"
-    code = cli_main(["train-2d", "--config", str(REPO / "configs" / "twod_cpu.yaml"), "--data", str(image_folder),
+    code = cli_main(["train-2d", "--config", str(REPO_ROOT / "configs" / "twod_cpu.yaml"), "--data", str(image_folder),
                      f"run_dir={run_dir}", f"data.image_size={SIZE}", "train.threads=1", "train.epochs=18",
                      "train.patience=0", "train.max_minutes=0"])
     assert code == 0
@@ -320,7 +320,7 @@ def test_config_refuses_bad_values() -> None:
     with pytest.raises(ConfigError, match="'aug.paste_prob' is no longer a setting"):  # stage 2's copy-paste
         load_config(TwoDConfig, None, ["aug.paste_prob=0.5"])
     assert load_config(TwoDConfig, None, ["train.monitor=val_roc_auc"]).monitor_mode == "max"
-    assert load_config(TwoDConfig, REPO / "configs" / "twod_convnext_tiny.yaml").model.backbone == "convnext_tiny"
+    assert load_config(TwoDConfig, REPO_ROOT / "configs" / "twod_convnext_tiny.yaml").model.backbone == "convnext_tiny"
 
 
 def test_local_pretrained_file_loads_the_body_and_resizes_stem_and_head(tmp_path) -> None:

@@ -24,8 +24,8 @@ from rsna_cspine.inference import FracturePipeline, PipelineConfig
 from rsna_cspine.report.explain import StudyExplainer
 from rsna_cspine.report.uploads import UploadRejected, extract_study_zip, list_studies
 from rsna_cspine.report.web import create_app
-from test_pipeline import GOOD, make_tiny_dataset, make_tiny_models
-from web_e2e.browser import chromium, missing_browser, serve_in_thread
+from tests.toy_pipeline import GOOD, make_tiny_dataset, make_tiny_models
+from tests.web_e2e.browser import chromium, missing_browser, serve_in_thread
 
 torch.set_num_threads(1)
 JSON = {"accept": "application/json"}
