@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from rsna_cspine.constants import CERVICAL_LABELS, THORACIC_LABELS
 from rsna_cspine.io.files import atomic_open
 from rsna_cspine.io.volume import Volume
+from rsna_cspine.io.window import window_hu
 
 if TYPE_CHECKING:
     from rsna_cspine.io.kaggle import KaggleLayout
@@ -101,12 +102,11 @@ def preprocess_volume(
         chunk_slices: slices normalised and resized in-plane at a time (bounds memory).
     """
     depth, height, width = (int(g) for g in grid)
-    low, high = float(hu_window[0]), float(hu_window[1])
     hu = volume.hu
     planes = []
     for start in range(0, hu.shape[0], chunk_slices):
-        block = torch.as_tensor(np.asarray(hu[start : start + chunk_slices], dtype=np.float32))
-        block = ((block.clamp(low, high) - low) / (high - low)).unsqueeze(1)  # (n, 1, y, x)
+        block = window_hu(torch.as_tensor(np.asarray(hu[start : start + chunk_slices], dtype=np.float32)), hu_window)
+        block = block.unsqueeze(1)  # (n, 1, y, x)
         planes.append(_resize_axis_pair(block, (height, width), antialias)[:, 0])
     stack = torch.cat(planes, dim=0)  # (z, H, W), small
     # Resize z as the first axis of a 2-D image whose second axis (x) keeps its size.
