@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit, logit
 
 from rsna_cspine.constants import PATIENT_WEIGHTS, PROB_EPS, TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import ConfigError, SubmissionError
@@ -69,9 +69,8 @@ class PatientCalibration:
     n_positive: int
 
     def apply(self, noisy_or: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities from noisy-OR probabilities (any shape)."""
-        z = _logit(np.asarray(noisy_or, dtype=np.float64))
-        return 1.0 / (1.0 + np.exp(-(self.slope * z + self.intercept)))
+        """Calibrated probabilities from noisy-OR probabilities (any shape; clipped to ``PROB_EPS`` first)."""
+        return expit(self.slope * logit(clip_probabilities(noisy_or)) + self.intercept)
 
     def to_dict(self) -> dict[str, float | int]:
         """Plain values, for a checkpoint's ``extra``."""
@@ -81,11 +80,6 @@ class PatientCalibration:
     def from_dict(cls, values: Mapping[str, float | int]) -> PatientCalibration:
         """Inverse of :meth:`to_dict`."""
         return cls(float(values["slope"]), float(values["intercept"]), int(values["n_studies"]), int(values["n_positive"]))
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, PROB_EPS, 1.0 - PROB_EPS)
-    return np.log(p) - np.log1p(-p)
 
 
 def fit_patient_calibration(vertebra_probs: np.ndarray, patient_labels: np.ndarray) -> PatientCalibration:
@@ -112,8 +106,8 @@ def fit_patient_calibration(vertebra_probs: np.ndarray, patient_labels: np.ndarr
     n, positives = len(labels), int(labels.sum())
     if positives in (0, n):
         rate = (positives + 0.5) / (n + 1.0)
-        return PatientCalibration(0.0, math.log(rate / (1.0 - rate)), n, positives)
-    feature = _logit(_noisy_or(probs))[:, None]
+        return PatientCalibration(0.0, float(logit(rate)), n, positives)
+    feature = logit(clip_probabilities(_noisy_or(probs)))[:, None]
     weights = np.where(labels > 0.5, PATIENT_WEIGHTS[1], PATIENT_WEIGHTS[0])
     model = LogisticRegression().fit(feature, labels.astype(int), sample_weight=weights)
     return PatientCalibration(float(model.coef_[0, 0]), float(model.intercept_[0]), n, positives)
