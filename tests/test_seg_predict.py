@@ -206,3 +206,32 @@ def test_evaluate_segmentation_dice_and_slice_error_by_hand() -> None:
     assert scores["z_error"]["C1"] == 1.0 and scores["z_error"]["C2"] == math.inf
     assert scores["found"] == {"C1": 1.0, "C2": 0.0}
     assert scores["dice_mean"] == pytest.approx((0.9 + 0.0) / 2)
+
+
+def test_dice_through_monai_equals_the_confusion_matrix_formula_on_real_labels(real_ct: Volume, real_data) -> None:
+    """MONAI DiceMetric against ``2·TP / (|pred| + |true|)`` from the joint label histogram (the formula it
+    replaced), on the TotalSegmentator example's real vertebra labels and a damaged copy of them: shifted
+    two slices, C5 dropped, C6 relabelled C3 (present in the prediction only), thoracic labels kept."""
+    import warnings
+
+    from rsna_cspine.io.nifti import load_segmentation
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the example's organ labels above 19 are dropped with a warning
+        truth = load_segmentation(real_data / "totalsegmentator" / "example_seg_dicom.nii.gz", real_ct)
+    pred = np.roll(truth, 2, axis=0)
+    pred[pred == 5] = 0
+    pred[pred == 6] = 3
+    assert {1, 5, 6, 7} <= set(np.unique(truth)) and (truth > 7).any()  # C1, C5-C7 and thoracic in view
+    n = 8
+    cervical = lambda m: np.where(m <= 7, m, 0).astype(np.int64)  # noqa: E731
+    confusion = np.bincount((cervical(truth) * n + cervical(pred)).ravel(), minlength=n * n).reshape(n, n)
+    scores = evaluate_segmentation(pred, truth)
+    for label, name in enumerate(["C1", "C2", "C3", "C4", "C5", "C6", "C7"], start=1):
+        total = confusion[label, :].sum() + confusion[:, label].sum()
+        expected = 2.0 * confusion[label, label] / total if total else math.nan
+        if math.isnan(expected):
+            assert math.isnan(scores["dice"][name]), name
+        else:
+            assert scores["dice"][name] == pytest.approx(expected, rel=1e-6, abs=1e-7), name  # MONAI: float32
+    assert scores["dice"]["C3"] == 0.0 and scores["dice"]["C5"] == 0.0 and 0.0 < scores["dice"]["C1"] < 1.0
