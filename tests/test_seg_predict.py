@@ -25,6 +25,7 @@ from rsna_cspine.seg.masks import (
     vertebra_table,
 )
 from rsna_cspine.seg.predict import Segmenter, load_segmenter
+from tests.toy_volume import axial_volume
 
 WINDOW = (-400.0, 1600.0)
 
@@ -40,20 +41,6 @@ class IntensityBands(torch.nn.Module):
         return -((x - self.centres.view(1, -1, 1, 1, 1)) ** 2) * 1000
 
 
-def make_volume(hu: np.ndarray, reversed_numbers: bool = False) -> Volume:
-    n = hu.shape[0]
-    numbers = np.arange(n, 0, -1) if reversed_numbers else np.arange(1, n + 1)
-    return Volume(
-        hu=hu.astype(np.float32),
-        spacing=(1.0, 0.5, 0.5),
-        positions=np.stack([np.zeros(n), np.zeros(n), -np.arange(n, dtype=float)], axis=1),
-        row_cosine=np.array([1.0, 0.0, 0.0]),
-        col_cosine=np.array([0.0, 1.0, 0.0]),
-        slice_numbers=numbers,
-        study_uid="1.2.3.test",
-    )
-
-
 def band_volume(shape: tuple[int, int, int], boxes: dict[int, tuple[slice, slice, slice]]) -> tuple[Volume, np.ndarray]:
     """HU = 200 k − 400 inside box k (windowed value k / 10), −400 elsewhere; returns (volume, labels)."""
     hu = np.full(shape, -400.0)
@@ -61,7 +48,7 @@ def band_volume(shape: tuple[int, int, int], boxes: dict[int, tuple[slice, slice
     for k, box in boxes.items():
         hu[box] = 200.0 * k - 400.0
         labels[box] = k
-    return make_volume(hu), labels
+    return axial_volume(hu, study_uid="1.2.3.test"), labels
 
 
 def band_segmenter(grid: tuple[int, int, int], upsample: str = "nearest") -> Segmenter:
@@ -178,7 +165,7 @@ def test_load_segmenter_rebuilds_a_trained_checkpoint(tmp_path) -> None:
     assert len(segmenter.models) == 2 and segmenter.grid == (16, 16, 16)
     for a, b in zip(segmenter.models[0].state_dict().values(), model.state_dict().values()):
         torch.testing.assert_close(a, b)
-    volume = make_volume(np.random.default_rng(0).normal(0, 300, (21, 30, 30)))
+    volume = axial_volume(np.random.default_rng(0).normal(0, 300, (21, 30, 30)))
     result = segmenter.predict(volume)
     assert result.mask.shape == (21, 30, 30) and result.mask.max() <= 7
 
