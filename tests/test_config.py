@@ -29,13 +29,16 @@ class RunCfg:
 def test_defaults_then_yaml_then_overrides(tmp_path):
     yml = tmp_path / "c.yaml"
     yml.write_text("epochs: 5\ngrid: [32, 48, 64]\noptim:\n  lr: 0.01\n")
-    cfg = load_config(RunCfg, yml, ["optim.betas=[0.5, 0.6]", "name=abc", "lr_unused_is_error=1"][:2])
-    assert cfg.epochs == 5
+    cfg = load_config(RunCfg, yml, ["optim.betas=[0.5, 0.6]", "name=abc", "epochs=6"])
+    assert cfg.epochs == 6  # the override wins over the file
     assert cfg.grid == (32, 48, 64)
     assert cfg.optim.lr == pytest.approx(0.01)
     assert cfg.optim.betas == (0.5, 0.6)
     assert cfg.name == "abc"
     assert cfg.amp is True and cfg.pretrained_file is None
+    assert load_config(RunCfg, yml).epochs == 5 and load_config(RunCfg).epochs == 2  # file over defaults
+    with pytest.raises(ConfigError, match="lr_unused_is_error"):  # an override naming no field is refused
+        load_config(RunCfg, yml, ["name=abc", "lr_unused_is_error=1"])
 
 
 def test_resolved_config_round_trips(tmp_path):
