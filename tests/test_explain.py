@@ -210,13 +210,12 @@ def test_overlay_colours_only_the_labelled_pixels() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_explain_writes_every_picture_with_the_pipeline_probabilities(tmp_path: Path) -> None:
+def test_explain_writes_every_picture_with_the_pipeline_probabilities(tmp_path: Path, tiny_models: Path) -> None:
     from rsna_cspine.inference import FracturePipeline, PipelineConfig
-    from tests.toy_pipeline import GOOD, make_tiny_dataset, make_tiny_models
+    from tests.toy_pipeline import GOOD, make_tiny_dataset
 
-    models = make_tiny_models(tmp_path / "models")
     study = make_tiny_dataset(tmp_path / "data", uids=GOOD[:1], broken=False) / "test_images" / GOOD[0]
-    pipeline = FracturePipeline.from_models_dir(models, PipelineConfig(device="cpu"))
+    pipeline = FracturePipeline.from_models_dir(tiny_models, PipelineConfig(device="cpu"))
     loads: list[Path] = []
     real_load = pipeline.load
     pipeline.load = lambda folder: loads.append(Path(folder)) or real_load(folder)  # counts, still loads
