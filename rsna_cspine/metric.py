@@ -95,7 +95,8 @@ def _reduce(
         return _log_loss(y, p, weight / np.bincount(study_codes, weight)[study_codes])
     if form == "column":
         column_weight = np.bincount(column_codes, weight, minlength=_N_TARGETS)
-        return _log_loss(y, p, weight * (_COLUMN_FACTORS / np.where(column_weight > 0, column_weight, 1.0))[column_codes])
+        per_column = _COLUMN_FACTORS / np.where(column_weight > 0, column_weight, 1.0)  # absent columns: unused
+        return _log_loss(y, p, weight * per_column[column_codes])
     raise ValueError(f"unknown metric form {form!r}; expected one of {FORMS}")
 
 
