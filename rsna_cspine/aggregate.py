@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
-import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit, logit
 
 from rsna_cspine.constants import PATIENT_WEIGHTS, PROB_EPS, TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import ConfigError, SubmissionError
+from rsna_cspine.io.files import atomic_open
 from rsna_cspine.io.kaggle import check_test_frame, test_studies
 from rsna_cspine.metric import prior_predictions
 
@@ -70,9 +69,8 @@ class PatientCalibration:
     n_positive: int
 
     def apply(self, noisy_or: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities from noisy-OR probabilities (any shape)."""
-        z = _logit(np.asarray(noisy_or, dtype=np.float64))
-        return 1.0 / (1.0 + np.exp(-(self.slope * z + self.intercept)))
+        """Calibrated probabilities from noisy-OR probabilities (any shape; clipped to ``PROB_EPS`` first)."""
+        return expit(self.slope * logit(clip_probabilities(noisy_or)) + self.intercept)
 
     def to_dict(self) -> dict[str, float | int]:
         """Plain values, for a checkpoint's ``extra``."""
@@ -82,11 +80,6 @@ class PatientCalibration:
     def from_dict(cls, values: Mapping[str, float | int]) -> PatientCalibration:
         """Inverse of :meth:`to_dict`."""
         return cls(float(values["slope"]), float(values["intercept"]), int(values["n_studies"]), int(values["n_positive"]))
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, PROB_EPS, 1.0 - PROB_EPS)
-    return np.log(p) - np.log1p(-p)
 
 
 def fit_patient_calibration(vertebra_probs: np.ndarray, patient_labels: np.ndarray) -> PatientCalibration:
@@ -113,8 +106,8 @@ def fit_patient_calibration(vertebra_probs: np.ndarray, patient_labels: np.ndarr
     n, positives = len(labels), int(labels.sum())
     if positives in (0, n):
         rate = (positives + 0.5) / (n + 1.0)
-        return PatientCalibration(0.0, math.log(rate / (1.0 - rate)), n, positives)
-    feature = _logit(_noisy_or(probs))[:, None]
+        return PatientCalibration(0.0, float(logit(rate)), n, positives)
+    feature = logit(clip_probabilities(_noisy_or(probs)))[:, None]
     weights = np.where(labels > 0.5, PATIENT_WEIGHTS[1], PATIENT_WEIGHTS[0])
     model = LogisticRegression().fit(feature, labels.astype(int), sample_weight=weights)
     return PatientCalibration(float(model.coef_[0, 0]), float(model.intercept_[0]), n, positives)
@@ -304,17 +297,7 @@ def write_submission(df: pd.DataFrame, path: str | Path, test_csv: pd.DataFrame 
     """
     path = Path(path)
     checked = _check_submission(df, path, test_csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as tmp:
-            checked.to_csv(tmp, index=False)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only; a submission is an ordinary file
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as fh:
+        checked.to_csv(fh, index=False)
     logger.info("wrote %d rows to %s", len(checked), path)
     return path

@@ -3,7 +3,8 @@
 Every row is weighted by its column and its truth: vertebra rows 1 (negative) / 2 (positive),
 patient_overall rows 7 / 14 (``constants.VERTEBRA_WEIGHTS``, ``constants.PATIENT_WEIGHTS``).
 Probabilities are clipped to ``[PROB_EPS, 1 - PROB_EPS]`` before the log. Three reductions are in use
-(DESIGN.md, "The metric"):
+(DESIGN.md, "The metric"), each one weighted mean of the rows' log losses, computed by
+``sklearn.metrics.log_loss`` with the form's row weights:
 
 - ``"study"`` (default, the one graders reproduce): each study's weighted mean loss over its rows,
   then the plain mean over studies.
@@ -21,6 +22,7 @@ import re
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import log_loss
 
 from rsna_cspine.constants import (
     PATIENT_WEIGHTS,
@@ -69,27 +71,32 @@ def competition_weights(y_true: np.ndarray) -> np.ndarray:
     return _NEG_WEIGHTS + y * (_POS_WEIGHTS - _NEG_WEIGHTS)
 
 
-def _binary_cross_entropy(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, PROB_EPS, 1.0 - PROB_EPS)
-    return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
+def _log_loss(y: np.ndarray, p: np.ndarray, weight: np.ndarray) -> float:
+    """``Σ w·bce / Σ w`` of flat 0/1 truths and probabilities, with the competition's clip.
+
+    scikit-learn's own clip (the float64 machine epsilon; its ``eps`` argument is gone since 1.5) never
+    acts after this one.
+    """
+    return float(log_loss(y, np.clip(p, PROB_EPS, 1.0 - PROB_EPS), sample_weight=weight, labels=[0, 1]))
 
 
 def _reduce(
-    loss: np.ndarray, weight: np.ndarray, study_codes: np.ndarray, column_codes: np.ndarray, form: str
+    y: np.ndarray, p: np.ndarray, weight: np.ndarray, study_codes: np.ndarray, column_codes: np.ndarray, form: str
 ) -> float:
-    """Reduce per-row weighted losses to the score of ``form`` (rows in any order, any subset)."""
-    weighted = loss * weight
+    """The score of ``form`` for flat rows (in any order, any subset).
+
+    Every form is one weighted mean of the rows' losses: ``study`` divides each row's weight by its
+    study's total (each study then counts once), ``column`` by its column's total times the column's
+    factor (each column's mean counts with its factor); ``global`` keeps the weights.
+    """
     if form == "global":
-        return float(weighted.sum() / weight.sum())
+        return _log_loss(y, p, weight)
     if form == "study":
-        per_study = np.bincount(study_codes, weighted) / np.bincount(study_codes, weight)
-        return float(per_study.mean())
+        return _log_loss(y, p, weight / np.bincount(study_codes, weight)[study_codes])
     if form == "column":
         column_weight = np.bincount(column_codes, weight, minlength=_N_TARGETS)
-        present = column_weight > 0
-        column_loss = np.bincount(column_codes, weighted, minlength=_N_TARGETS)[present] / column_weight[present]
-        factors = _COLUMN_FACTORS[present]
-        return float((factors * column_loss).sum() / factors.sum())
+        per_column = _COLUMN_FACTORS / np.where(column_weight > 0, column_weight, 1.0)  # absent columns: unused
+        return _log_loss(y, p, weight * per_column[column_codes])
     raise ValueError(f"unknown metric form {form!r}; expected one of {FORMS}")
 
 
@@ -124,7 +131,8 @@ def score_arrays(y_true: np.ndarray, y_pred: np.ndarray, form: str = "study") ->
     y, p = _check_arrays(y_true, y_pred)
     n_studies = y.shape[0]
     return _reduce(
-        _binary_cross_entropy(y, p).ravel(),
+        y.ravel(),
+        p.ravel(),
         competition_weights(y).ravel(),
         np.repeat(np.arange(n_studies), _N_TARGETS),
         np.tile(np.arange(_N_TARGETS), n_studies),
@@ -144,7 +152,7 @@ def column_log_losses(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """
     y, p = _check_arrays(y_true, y_pred)
     weight = competition_weights(y)
-    return (_binary_cross_entropy(y, p) * weight).sum(axis=0) / weight.sum(axis=0)
+    return np.array([_log_loss(y[:, j], p[:, j], weight[:, j]) for j in range(_N_TARGETS)])
 
 
 def weighted_log_loss(y_true: np.ndarray, y_pred: np.ndarray, sample_weight: np.ndarray) -> float:
@@ -160,7 +168,7 @@ def weighted_log_loss(y_true: np.ndarray, y_pred: np.ndarray, sample_weight: np.
     w = np.asarray(sample_weight, dtype=np.float64)
     if not (y.shape == p.shape == w.shape) or y.ndim != 1:
         raise ValueError(f"need three equal 1-D shapes, got {y.shape}, {p.shape}, {w.shape}")
-    return float((_binary_cross_entropy(y, p) * w).sum() / w.sum())
+    return _log_loss(y, p, w)
 
 
 def _check_table(frame: pd.DataFrame, name: str) -> pd.Series:
@@ -228,7 +236,7 @@ def competition_score(solution: pd.DataFrame, submission: pd.DataFrame, form: st
         )
     study_codes, column_codes = _parse_row_ids(truth.index)
     weight = np.where(y == 1.0, _POS_WEIGHTS[column_codes], _NEG_WEIGHTS[column_codes])
-    return _reduce(_binary_cross_entropy(y, p), weight, study_codes, column_codes, form)
+    return _reduce(y, p, weight, study_codes, column_codes, form)
 
 
 def _wide_to_long(frame: pd.DataFrame, dtype: type) -> pd.DataFrame:

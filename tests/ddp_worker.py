@@ -29,14 +29,12 @@ def main() -> int:
 
     loop_module.wrap_model = keep_reference
     if stage == "seg":
-        sys.path.insert(0, str(Path(__file__).parent))
-        from test_seg_train import tiny_config
-
         from rsna_cspine.engine import cleanup_distributed, init_distributed
+        from tests.toy_seg import tiny_seg_config
 
         cache_dir, run_dir, epochs, batch = Path(rest[0]), rest[1], int(rest[2]), int(rest[3])
         paths = sorted(cache_dir.glob("*.npz"))
-        cfg = tiny_config(Path(run_dir), epochs=epochs)
+        cfg = tiny_seg_config(Path(run_dir), epochs=epochs)
         cfg.train.batch_size = batch
         device = torch.device("cpu")
         ctx = init_distributed(device)

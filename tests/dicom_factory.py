@@ -19,8 +19,6 @@ from pydicom.uid import (
 )
 
 AXIAL_ORIENTATION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-#: The real files beside the repository (``../shared/data/real`` from its root); their tests skip without them.
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
 def make_ct_slice(

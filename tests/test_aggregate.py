@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.linear_model import LogisticRegression
 
 from rsna_cspine.aggregate import (
     cross_fit_patient_overall,
@@ -74,6 +77,27 @@ def test_calibration_fitted_on_validation_beats_noisy_or_on_new_studies() -> Non
     # Monotone in noisy-OR: the ranking of studies (patient AUC) is untouched.
     order = np.argsort(patient_overall(test_probs))
     assert np.all(np.diff(calibration.apply(patient_overall(test_probs))[order]) >= 0)
+
+
+def test_calibration_through_scipy_equals_the_written_out_logit_and_sigmoid() -> None:
+    """scipy.special.logit/expit against ``log(p) - log1p(-p)`` and ``1 / (1 + exp(-z))`` (the formulas they
+    replaced): equal to 1e-14 over the whole clipped range, the ends and 0.5 included."""
+    probs, labels = _overconfident_studies(400, seed=1)
+    calibration = fit_patient_calibration(probs, labels)
+    noisy_or = np.concatenate([patient_overall(_overconfident_studies(2000, seed=3)[0]),
+                               np.linspace(0.0, 1.0, 10001), [PROB_EPS / 2, 1.0 - PROB_EPS / 2]])
+    p = np.clip(noisy_or, PROB_EPS, 1.0 - PROB_EPS)
+    z = np.log(p) - np.log1p(-p)
+    expected = 1.0 / (1.0 + np.exp(-(calibration.slope * z + calibration.intercept)))
+    np.testing.assert_allclose(calibration.apply(noisy_or), expected, rtol=0, atol=1e-14)
+    feature = np.clip(patient_overall(probs), PROB_EPS, 1.0 - PROB_EPS)
+    refit = LogisticRegression().fit(np.log(feature / (1.0 - feature))[:, None], labels.astype(int),
+                                     sample_weight=np.where(labels > 0.5, PATIENT_WEIGHTS[1], PATIENT_WEIGHTS[0]))
+    assert calibration.slope == pytest.approx(float(refit.coef_[0, 0]), rel=1e-6)
+    assert calibration.intercept == pytest.approx(float(refit.intercept_[0]), rel=1e-6)
+    one_class = fit_patient_calibration(probs, np.ones(len(probs)))
+    rate = (len(probs) + 0.5) / (len(probs) + 1.0)
+    assert one_class.intercept == pytest.approx(math.log(rate / (1.0 - rate)), rel=1e-14)
 
 
 def test_calibration_of_one_class_is_a_smoothed_constant() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -12,6 +13,7 @@ from rsna_cspine.cls.config import ClsConfig
 from rsna_cspine.cls.model import FractureClassifier, build_classifier
 from rsna_cspine.crops.extract import CropConfig
 from rsna_cspine.errors import ConfigError
+from tests.paths import REPO_ROOT
 
 torch.set_num_threads(1)
 
@@ -110,14 +112,31 @@ def test_build_classifier_takes_channels_from_the_crop_config() -> None:
         build_classifier(cfg)
 
 
-def test_global_max_pool_takes_the_strongest_location() -> None:
-    model = FractureClassifier("test_resnet", 3, head="gru", hidden=8, global_pool="max").eval()
-    x = torch.rand(2, 3, 64, 64)
+def test_global_pool_setting_travels_from_the_config_through_the_checkpoint(tmp_path) -> None:
+    """``model.global_pool`` reaches the backbone and the predictor rebuilds it from the checkpoint: the
+    rebuilt ensemble predicts what the trained model predicts, and the same weights pooled by the default
+    (avg) predict otherwise, so the setting is carried, not defaulted."""
+    from rsna_cspine.cls.predict import load_classifiers
+    from rsna_cspine.config import to_dict
+    from rsna_cspine.engine import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = ClsConfig()
+    cfg.model.backbone, cfg.model.hidden, cfg.model.head, cfg.model.global_pool = "test_resnet", 8, "gru", "max"
+    cfg.data.crop = CropConfig(n_slices=3, channels=3, size=64, add_mask_channel=False)  # a 2×2 last feature map
+    model = build_classifier(cfg, load_pretrained=False).eval()
+    cfg.model.global_pool = "avg"
+    averaged = build_classifier(cfg, load_pretrained=False).eval()
+    averaged.load_state_dict(model.state_dict())
+    cfg.model.global_pool = "max"
+    ensemble = load_classifiers([save_checkpoint(tmp_path / "max.pt", model=model, epoch=1, config=to_dict(cfg))],
+                                torch.device("cpu"))
+    stacks = torch.randint(0, 256, (2, 3, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
-        pooled = model.backbone(x)
-        feature_map = model.backbone.forward_features(x)
-    torch.testing.assert_close(pooled, feature_map.amax(dim=(2, 3)))
-    assert not torch.allclose(pooled, feature_map.mean(dim=(2, 3)))
+        expected = torch.sigmoid(model(stacks.float() / 255)["logit"]).numpy()
+        other = torch.sigmoid(averaged(stacks.float() / 255)["logit"]).numpy()
+    np.testing.assert_allclose(ensemble.predict_stacks(stacks.numpy()), expected, rtol=1e-5)
+    assert not np.allclose(expected, other, rtol=1e-3)
 
 
 def test_vertebra_bias_adds_one_learned_offset_per_vertebra() -> None:
@@ -282,8 +301,7 @@ def test_gpu_configs_need_their_weights_file_and_say_how_to_get_it(tmp_path, mon
     from rsna_cspine.config import load_config
 
     monkeypatch.chdir(tmp_path)  # the configs' relative weights/ path resolves to an empty folder
-    repo = Path(__file__).resolve().parent.parent
-    cfg = load_config(ClsConfig, repo / "configs" / config, [f"data.root={tmp_path / 'absent'}", "device=cpu"])
+    cfg = load_config(ClsConfig, REPO_ROOT / "configs" / config, [f"data.root={tmp_path / 'absent'}", "device=cpu"])
     name, expected = cfg.model.backbone, Path(cfg.model.pretrained_file)
     assert "." in name and expected.name.startswith(name) and expected.suffix == ".safetensors"
     # The data root does not exist either: failing on the weights proves the check comes before any data work.

@@ -13,7 +13,7 @@ from scipy import ndimage
 import rsna_cspine.training.loop as loop_module
 from rsna_cspine.aggregate import PatientCalibration, cross_fit_patient_overall, fit_patient_calibration, patient_overall
 from rsna_cspine.cli import main as cli_main
-from rsna_cspine.cls.config import ClsAugConfig, ClsConfig, ClsTrainConfig
+from rsna_cspine.cls.config import ClsAugConfig, ClsConfig
 from rsna_cspine.cls.data import VertebraDataset, intensity_levels, match_levels, vertebra_items
 from rsna_cspine.cls.loss import fracture_loss
 from rsna_cspine.cls.model import FractureClassifier
@@ -27,81 +27,20 @@ from rsna_cspine.engine import fold_of, load_checkpoint
 from rsna_cspine.errors import ConfigError, LayoutError
 from rsna_cspine.prepare import PrepareConfig, PreparedCache, settings_fingerprint
 from rsna_cspine.training.augment import StackAugment
+from tests.toy_cls import (
+    ABSENT_VERTEBRA,
+    CHANNELS,
+    CROP,
+    N_SLICES,
+    SIZE,
+    absent_study,
+    save_prepared,
+    tiny_cls_config,
+    toy_crop_dataset,
+    toy_uid,
+)
 
 torch.set_num_threads(1)
-
-N_SLICES, CHANNELS, SIZE = 6, 3, 32
-CROP = CropConfig(n_slices=N_SLICES, channels=CHANNELS, size=SIZE)
-ABSENT_VERTEBRA = 3  # one study has no C4 in its mask
-
-
-def _uid(i: int) -> str:
-    return f"1.2.826.0.1.3680043.{1000 + i}"
-
-
-def _absent_study(n_studies: int) -> int:
-    """A study of validation fold 0 (3 folds, fold seed 42), so the OOF file shows the prior fallback."""
-    folds = fold_of([_uid(i) for i in range(n_studies)], 3, 42)
-    return min(i for i in range(n_studies) if folds[_uid(i)] == 0)
-
-
-def _save_prepared(cache, uid: str, crops: VertebraCrops, crop: CropConfig = CROP) -> None:
-    """One study's crops as ``rsna-cspine prepare`` leaves them: the crop file and its ledger record."""
-    prepared = PreparedCache(cache)
-    name = prepared.relative(save_crops(prepared.crop_path(uid), crops, mask_source="gt"))
-    record = {"crop_file": name, "mask_source": "gt", "n_present": int(crops.present.sum()), "outputs": [name]}
-    prepared.ledger(settings_fingerprint(PrepareConfig(crop=crop), [], "train")).save(uid, record)
-
-
-def _toy_dataset(tmp_path, n_studies: int = 14, seed: int = 0) -> tuple[str, str]:
-    """train.csv + a prepared cache whose crops show a bright square on slices 2..4 of a fractured vertebra."""
-    rng = np.random.default_rng(seed)
-    absent_study = _absent_study(n_studies)
-    root, cache = tmp_path / "kaggle", tmp_path / "crops"
-    root.mkdir()
-    rows = []
-    for s in range(n_studies):
-        labels = (rng.random(7) < 0.35).astype(int)
-        images = rng.integers(0, 80, size=(7, N_SLICES, CHANNELS, SIZE, SIZE)).astype(np.uint8)
-        slice_labels = np.zeros((7, N_SLICES), dtype=np.int8)
-        box_maps = np.zeros((7, N_SLICES, SIZE, SIZE), dtype=np.uint8)
-        for v in np.flatnonzero(labels):
-            y, x = rng.integers(4, SIZE - 14, size=2)
-            images[v, 2:5, :, y : y + 10, x : x + 10] = 230
-            slice_labels[v, 2:5] = 1
-            box_maps[v, 2:5, y : y + 10, x : x + 10] = 1
-        present = np.ones(7, dtype=bool)
-        if s == absent_study:
-            present[ABSENT_VERTEBRA] = False
-            images[ABSENT_VERTEBRA] = 0
-        crops = VertebraCrops(
-            images=images,
-            present=present,
-            slice_index=np.tile(np.arange(N_SLICES, dtype=np.int32) * 2, (7, 1)),
-            z_range=np.tile(np.array([0, 2 * N_SLICES - 2], dtype=np.int32), (7, 1)),
-            boxes=np.tile(np.array([0, SIZE, 0, SIZE], dtype=np.int32), (7, 1)),
-            slice_labels=np.where(present[:, None], slice_labels, -1).astype(np.int8),
-            box_maps=box_maps,
-        )
-        _save_prepared(cache, _uid(s), crops)
-        rows.append({"StudyInstanceUID": _uid(s), **dict(zip(VERTEBRAE, labels)), "patient_overall": int(labels.max())})
-    pd.DataFrame(rows)[["StudyInstanceUID", *TARGET_COLUMNS]].to_csv(root / "train.csv", index=False)
-    return str(root), str(cache)
-
-
-def _config(tmp_path, root: str, cache: str, run: str, **train) -> ClsConfig:
-    """A tiny CPU run of fold 0 of 3; ``train`` sets fields of the ``train:`` section."""
-    cfg = ClsConfig(run_dir=str(tmp_path / run), fold=0, device="cpu",
-                    train=ClsTrainConfig(n_folds=3, epochs=2, batch_size=8, val_batch_size=16, amp=False, threads=1,
-                                         patience=0, slice_loss_weight=0.3, num_workers=0))
-    cfg.data.root, cfg.data.cache_dir = root, cache
-    cfg.data.crop = CROP
-    cfg.model.backbone, cfg.model.hidden, cfg.model.head = "test_resnet", 16, "gru"
-    cfg.optim.lr, cfg.optim.warmup_epochs = 2e-3, 0
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
-    return cfg
-
 
 def test_weighted_bce_matches_the_competition_weights() -> None:
     logit = torch.tensor([0.3, -1.2, 2.0])
@@ -164,12 +103,12 @@ def test_augmentation_geometry_is_one_exact_affine_map() -> None:
 
 
 def test_dataset_items_and_known_negative_slices(tmp_path) -> None:
-    root, cache = _toy_dataset(tmp_path, n_studies=4)
+    root, cache = toy_crop_dataset(tmp_path, n_studies=4)
     labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
     items = vertebra_items(labels, {u: f"{cache}/crops/{u}.npz" for u in labels["StudyInstanceUID"]})
     assert len(items) == 4 * 7
     assert items["present"].sum() == 4 * 7 - 1
-    assert not items[(items["StudyInstanceUID"] == _uid(_absent_study(4))) & (items["vertebra"] == ABSENT_VERTEBRA)]["present"].any()
+    assert not items[(items["StudyInstanceUID"] == toy_uid(absent_study(4))) & (items["vertebra"] == ABSENT_VERTEBRA)]["present"].any()
     dataset = VertebraDataset(items[items["present"]])
     for i in range(len(dataset)):
         item = dataset[i]
@@ -192,7 +131,7 @@ def test_dataset_items_and_known_negative_slices(tmp_path) -> None:
 
 
 def test_fracture_paste_copies_a_same_vertebra_donor_box_with_its_labels(tmp_path) -> None:
-    root, cache = _toy_dataset(tmp_path, n_studies=8)
+    root, cache = toy_crop_dataset(tmp_path, n_studies=8)
     labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
     items = vertebra_items(labels, {u: f"{cache}/crops/{u}.npz" for u in labels["StudyInstanceUID"]})
     items = items[items["present"]].reset_index(drop=True)
@@ -263,7 +202,7 @@ def test_level_matching_maps_a_rescaled_stack_back_and_keeps_flat_channels() -> 
 
 def test_loss_falls_on_a_learnable_toy_task(tmp_path) -> None:
     torch.manual_seed(0)
-    root, cache = _toy_dataset(tmp_path, n_studies=4)
+    root, cache = toy_crop_dataset(tmp_path, n_studies=4)
     labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
     items = vertebra_items(labels, {u: f"{cache}/crops/{u}.npz" for u in labels["StudyInstanceUID"]})
     dataset = VertebraDataset(items[items["present"]].head(16))
@@ -299,10 +238,10 @@ def test_vertebra_bias_learns_the_base_rates_through_the_training_loop(tmp_path)
             boxes=np.tile(np.array([0, SIZE, 0, SIZE], dtype=np.int32), (7, 1)),
             slice_labels=np.full((7, N_SLICES), -1, dtype=np.int8),
         )
-        _save_prepared(cache, _uid(s), crops)
-        rows.append({"StudyInstanceUID": _uid(s), **dict(zip(VERTEBRAE, labels)), "patient_overall": int(labels.max())})
+        save_prepared(cache, toy_uid(s), crops)
+        rows.append({"StudyInstanceUID": toy_uid(s), **dict(zip(VERTEBRAE, labels)), "patient_overall": int(labels.max())})
     pd.DataFrame(rows)[["StudyInstanceUID", *TARGET_COLUMNS]].to_csv(root / "train.csv", index=False)
-    cfg = _config(tmp_path, str(root), str(cache), "bias", epochs=3)
+    cfg = tiny_cls_config(tmp_path, str(root), str(cache), "bias", epochs=3)
     cfg.model.vertebra_bias, cfg.optim.lr = True, 1e-2
     run = train_classifier(cfg)
     bias = torch.load(run / "last.pt", weights_only=False)["model"]["vertebra_bias.weight"].squeeze(1).numpy()
@@ -322,10 +261,10 @@ def _interrupt_before_epoch(monkeypatch, epoch_to_stop: int) -> None:
 
 
 def test_resume_equals_uninterrupted_and_oof_is_written(tmp_path, monkeypatch) -> None:
-    root, cache = _toy_dataset(tmp_path)
-    straight = train_classifier(_config(tmp_path, root, cache, "straight"))
+    root, cache = toy_crop_dataset(tmp_path)
+    straight = train_classifier(tiny_cls_config(tmp_path, root, cache, "straight"))
 
-    cfg = _config(tmp_path, root, cache, "resumed")
+    cfg = tiny_cls_config(tmp_path, root, cache, "resumed")
     with monkeypatch.context() as patch:
         _interrupt_before_epoch(patch, 1)
         with pytest.raises(KeyboardInterrupt):
@@ -361,7 +300,7 @@ def test_resume_equals_uninterrupted_and_oof_is_written(tmp_path, monkeypatch) -
     val_truth = labels.set_index("StudyInstanceUID").loc[oof["StudyInstanceUID"], "patient_overall"].to_numpy()
     np.testing.assert_allclose(oof["patient_overall"],
                                cross_fit_patient_overall(probs, val_truth, oof["StudyInstanceUID"].tolist()), rtol=1e-9)
-    absent_uid = _uid(_absent_study(len(labels)))
+    absent_uid = toy_uid(absent_study(len(labels)))
     train_labels = labels[labels["StudyInstanceUID"].map(folds) != 0]
     value = oof.loc[oof["StudyInstanceUID"] == absent_uid, VERTEBRAE[ABSENT_VERTEBRA]].item()
     assert value == pytest.approx(train_labels[VERTEBRAE[ABSENT_VERTEBRA]].mean())
@@ -394,8 +333,8 @@ def test_resume_equals_uninterrupted_and_oof_is_written(tmp_path, monkeypatch) -
 
 
 def test_cli_train_cls_with_yaml_and_overrides(tmp_path) -> None:
-    root, cache = _toy_dataset(tmp_path, n_studies=8)
-    cfg = _config(tmp_path, root, cache, "cli", epochs=1)
+    root, cache = toy_crop_dataset(tmp_path, n_studies=8)
+    cfg = tiny_cls_config(tmp_path, root, cache, "cli", epochs=1)
     config_path = save_config(cfg, tmp_path / "cls.yaml")
     assert load_config(ClsConfig, config_path) == cfg
     code = cli_main(["train-cls", "--config", str(config_path), "--fold", "1", "model.head=attention",
@@ -411,9 +350,9 @@ def test_cli_train_cls_with_yaml_and_overrides(tmp_path) -> None:
 
 
 def test_weight_average_resume_equals_uninterrupted(tmp_path, monkeypatch) -> None:
-    root, cache = _toy_dataset(tmp_path)
-    straight = train_classifier(_config(tmp_path, root, cache, "straight", ema_decay=0.9))
-    cfg = _config(tmp_path, root, cache, "resumed", ema_decay=0.9)
+    root, cache = toy_crop_dataset(tmp_path)
+    straight = train_classifier(tiny_cls_config(tmp_path, root, cache, "straight", ema_decay=0.9))
+    cfg = tiny_cls_config(tmp_path, root, cache, "resumed", ema_decay=0.9)
     with monkeypatch.context() as patch:
         _interrupt_before_epoch(patch, 1)
         with pytest.raises(KeyboardInterrupt):
@@ -444,11 +383,11 @@ def test_weight_average_resume_equals_uninterrupted(tmp_path, monkeypatch) -> No
 
 
 def test_an_incomplete_or_foreign_cache_is_refused_before_joining_a_group(tmp_path, monkeypatch) -> None:
-    root, cache = _toy_dataset(tmp_path, n_studies=6)
-    cfg = _config(tmp_path, root, cache, "ddp", epochs=1)
+    root, cache = toy_crop_dataset(tmp_path, n_studies=6)
+    cfg = tiny_cls_config(tmp_path, root, cache, "ddp", epochs=1)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; no process group may be joined before the check
-    PreparedCache(cache).crop_path(_uid(2)).unlink()  # one study lost since it was prepared
-    with pytest.raises(LayoutError, match=rf"1 of 6 studies neither prepared nor failed.*{_uid(2)}.*rsna-cspine prepare"):
+    PreparedCache(cache).crop_path(toy_uid(2)).unlink()  # one study lost since it was prepared
+    with pytest.raises(LayoutError, match=rf"1 of 6 studies neither prepared nor failed.*{toy_uid(2)}.*rsna-cspine prepare"):
         train_classifier(cfg)
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(LayoutError, match="rsna-cspine prepare"):  # a plain run does not decode either
@@ -462,17 +401,17 @@ def test_an_incomplete_or_foreign_cache_is_refused_before_joining_a_group(tmp_pa
 def test_studies_without_crops_or_excluded_are_left_out(tmp_path) -> None:
     from rsna_cspine.cls.train import classifier_data
 
-    root, cache = _toy_dataset(tmp_path, n_studies=6)
+    root, cache = toy_crop_dataset(tmp_path, n_studies=6)
     prepared = PreparedCache(cache)
     ledger = prepared.ledger(settings_fingerprint(PrepareConfig(crop=CROP), [], "train"))
-    ledger.save_failure(_uid(1), "DicomSeriesError: only 3 of 40 slice file(s) usable")  # its redo failed
-    ledger.save(_uid(4), {"crop_file": "", "reason": "no crops: no segmentation", "outputs": []})
-    cfg = _config(tmp_path, root, cache, "left_out", epochs=1)
-    cfg.data.exclude = (_uid(5),)
+    ledger.save_failure(toy_uid(1), "DicomSeriesError: only 3 of 40 slice file(s) usable")  # its redo failed
+    ledger.save(toy_uid(4), {"crop_file": "", "reason": "no crops: no segmentation", "outputs": []})
+    cfg = tiny_cls_config(tmp_path, root, cache, "left_out", epochs=1)
+    cfg.data.exclude = (toy_uid(5),)
     index = classifier_data(cfg)
-    assert index["StudyInstanceUID"].tolist() == [_uid(k) for k in range(5)]  # the excluded study is not listed
+    assert index["StudyInstanceUID"].tolist() == [toy_uid(k) for k in range(5)]  # the excluded study is not listed
     assert index["status"].tolist() == ["cached", "failed", "cached", "cached", "failed"]
     assert index.loc[1, "error"].startswith("DicomSeriesError") and index.loc[4, "error"] == "no crops: no segmentation"
     split = fold_split(cfg, index)
     used = set(split.train["StudyInstanceUID"]) | set(split.val_labels["StudyInstanceUID"])
-    assert used == {_uid(k) for k in (0, 2, 3)}
+    assert used == {toy_uid(k) for k in (0, 2, 3)}

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rsna_cspine.config import load_config, save_config
 from rsna_cspine.errors import ConfigError
+from tests.paths import LEGACY_CONFIGS, REPO_ROOT
 
 
 @dataclass
@@ -29,13 +29,16 @@ class RunCfg:
 def test_defaults_then_yaml_then_overrides(tmp_path):
     yml = tmp_path / "c.yaml"
     yml.write_text("epochs: 5\ngrid: [32, 48, 64]\noptim:\n  lr: 0.01\n")
-    cfg = load_config(RunCfg, yml, ["optim.betas=[0.5, 0.6]", "name=abc", "lr_unused_is_error=1"][:2])
-    assert cfg.epochs == 5
+    cfg = load_config(RunCfg, yml, ["optim.betas=[0.5, 0.6]", "name=abc", "epochs=6"])
+    assert cfg.epochs == 6  # the override wins over the file
     assert cfg.grid == (32, 48, 64)
     assert cfg.optim.lr == pytest.approx(0.01)
     assert cfg.optim.betas == (0.5, 0.6)
     assert cfg.name == "abc"
     assert cfg.amp is True and cfg.pretrained_file is None
+    assert load_config(RunCfg, yml).epochs == 5 and load_config(RunCfg).epochs == 2  # file over defaults
+    with pytest.raises(ConfigError, match="lr_unused_is_error"):  # an override naming no field is refused
+        load_config(RunCfg, yml, ["name=abc", "lr_unused_is_error=1"])
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -90,8 +93,6 @@ def test_typed_values_win_over_file_and_overrides_and_are_not_reparsed(tmp_path)
     assert load_config(RunCfg, yml, section="run").epochs == 9  # a section of a larger file
 
 
-LEGACY = Path(__file__).parent / "fixtures" / "legacy_configs"
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -113,10 +114,10 @@ def test_configs_stored_by_the_old_schema_translate_to_todays(cls_path, stored, 
 
     module, name = cls_path.split(":")
     cls = getattr(importlib.import_module(module), name)
-    old = yaml.safe_load((LEGACY / stored).read_text())
-    assert config_from_checkpoint(cls, old) == load_config(cls, REPO / "configs" / current, values=values)
+    old = yaml.safe_load((LEGACY_CONFIGS / stored).read_text())
+    assert config_from_checkpoint(cls, old) == load_config(cls, REPO_ROOT / "configs" / current, values=values)
     with pytest.raises(ConfigError, match="is now 'train"):  # the old keys in a YAML file or override: refused
-        load_config(cls, LEGACY / stored)
+        load_config(cls, LEGACY_CONFIGS / stored)
 
 
 def test_an_old_stage2_checkpoint_still_predicts_and_a_retired_model_is_refused(tmp_path):
@@ -129,7 +130,7 @@ def test_an_old_stage2_checkpoint_still_predicts_and_a_retired_model_is_refused(
     from rsna_cspine.config import config_from_checkpoint
     from rsna_cspine.engine import save_checkpoint
 
-    old = yaml.safe_load((LEGACY / "cls_cpu.yaml").read_text())
+    old = yaml.safe_load((LEGACY_CONFIGS / "cls_cpu.yaml").read_text())
     model = build_classifier(config_from_checkpoint(ClsConfig, old), load_pretrained=False)
     ensemble = load_classifiers([save_checkpoint(tmp_path / "old.pt", model=model, epoch=3, config=old)],
                                 torch.device("cpu"))

@@ -215,7 +215,7 @@ def test_save_and_load_round_trip(tmp_path) -> None:
     np.testing.assert_array_equal(images, crops.images[1])
     np.testing.assert_array_equal(slice_labels, crops.slice_labels[1])
     np.testing.assert_array_equal(box_maps, crops.box_maps[1])
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["study.npz"]  # no temporary left behind
 
 
 def test_cache_from_a_synthetic_kaggle_layout_matches_the_phantom(tmp_path) -> None:

@@ -14,15 +14,14 @@ import torch
 import yaml
 
 from rsna_cspine.config import save_config
-
-HERE = Path(__file__).parent
+from tests.paths import REPO_ROOT
 
 
 def _torchrun(args: list[str], tmp_path: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONPATH=str(HERE.parent))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONPATH=str(REPO_ROOT))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", str(HERE / "ddp_worker.py"), *args,
+        "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", str(REPO_ROOT / "tests" / "ddp_worker.py"), *args,
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -48,9 +47,8 @@ def _assert_same_weights(out_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_segmentation_ddp_ranks_agree_and_track_single_process(tmp_path) -> None:
-    from test_seg_train import tiny_config, write_toy_cache
-
     from rsna_cspine.seg.train import fit_segmentation
+    from tests.toy_seg import tiny_seg_config, write_toy_cache
 
     cache = tmp_path / "cache"
     paths = write_toy_cache(cache, 6, seed=0)
@@ -64,7 +62,7 @@ def test_segmentation_ddp_ranks_agree_and_track_single_process(tmp_path) -> None
     assert ddp["epoch"].tolist() == [1, 2, 3, 4]  # one writer: no duplicated rows from rank 1
 
     torch.set_num_threads(1)
-    single_cfg = tiny_config(tmp_path / "single", epochs=4)  # 1 process × batch 2 = 2 processes × batch 1
+    single_cfg = tiny_seg_config(tmp_path / "single", epochs=4)  # 1 process × batch 2 = 2 processes × batch 1
     single = pd.read_csv(fit_segmentation(single_cfg, paths[:4], paths[4:], progress=False) / "summary.csv")
     assert ddp["train_loss"].iloc[-1] < 0.8 * ddp["train_loss"].iloc[0]
     relative_gap = (ddp["train_loss"] - single["train_loss"]).abs() / single["train_loss"]
@@ -72,12 +70,11 @@ def test_segmentation_ddp_ranks_agree_and_track_single_process(tmp_path) -> None
 
 
 def test_classifier_cli_runs_unchanged_under_torchrun_and_resumes(tmp_path) -> None:
-    from test_cls_train import _config, _toy_dataset
-
     from rsna_cspine.cli import main
+    from tests.toy_cls import tiny_cls_config, toy_crop_dataset
 
-    root, cache = _toy_dataset(tmp_path)
-    cfg = _config(tmp_path, root, cache, "ddp_run", epochs=2)
+    root, cache = toy_crop_dataset(tmp_path)
+    cfg = tiny_cls_config(tmp_path, root, cache, "ddp_run", epochs=2)
     cfg.train.batch_size = 4  # per process
     config_path = save_config(cfg, tmp_path / "cls.yaml")
     _torchrun(["cls", str(tmp_path / "weights"), "train-cls", "--config", str(config_path)], tmp_path)

@@ -56,13 +56,16 @@ def test_demo_writes_a_valid_scored_submission_report_and_pictures(tmp_path: Pat
     assert np.isfinite(summary["prior_score"]) and summary["n_test"] == 3
     assert f"model {summary['score']:.4f} vs prior {summary['prior_score']:.4f}" in printed
     assert (out / "cv_report" / "report.md").is_file()
-    assert summary["seconds"]["total"] < 6 * 60
+    assert summary["seconds"]["total"] >= summary["seconds"]["data"] > 0  # the stage clock is kept (the demo's
+    # ten-minute target is a benchmark: README, "Measured figures", `time rsna-cspine demo`)
 
-    # A second run in the same folder reuses the data and replaces the runs.
-    first_data = sorted(p.name for p in (out / "data" / "test_images").iterdir())
+    # A second run in the same folder reuses the data (not one file rewritten) and replaces the runs.
+    data_files = {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*") if p.is_file()}
     result = run_demo(out, config=DemoConfig(**{**TINY, "seed": 3}))
-    assert sorted(p.name for p in (out / "data" / "test_images").iterdir()) == first_data
-    assert result.seconds["data"] < summary["seconds"]["data"]
+    assert "reusing the synthetic dataset" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*") if p.is_file()} == data_files
+    assert result.score == pytest.approx(competition_score(solution, pd.read_csv(out / "submission.csv",
+                                                                                  dtype={"row_id": str})))
 
 
 def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ ImagePositionPatient, with one worker and with two.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +16,10 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, RLELossless
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dicom_factory import axial_positions, make_ct_slice, random_stored, save_slice, write_series  # noqa: E402
-
-import rsna_cspine.io.dicom.series as series_module  # noqa: E402
-from rsna_cspine.io.dicom import load_series, read_slice_header  # noqa: E402
-from rsna_cspine.io.dicom.pool import MIN_FILES_FOR_POOL_COMPRESSED, MIN_FILES_FOR_POOL_UNCOMPRESSED  # noqa: E402
+import rsna_cspine.io.dicom.series as series_module
+from rsna_cspine.io.dicom import load_series, read_slice_header
+from rsna_cspine.io.dicom.pool import MIN_FILES_FOR_POOL_COMPRESSED, MIN_FILES_FOR_POOL_UNCOMPRESSED
+from tests.dicom_factory import axial_positions, make_ct_slice, random_stored, save_slice, write_series
 
 ROWS, COLS = 16, 12
 #: Enough uncompressed files for the header pass to run in worker processes.

@@ -10,7 +10,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from dicom_factory import axial_positions, random_stored, write_series
+from tests.dicom_factory import axial_positions, random_stored, write_series
 from rsna_cspine.errors import DicomSeriesError
 from rsna_cspine.io.dicom import load_series
 from rsna_cspine.io.study import load_study

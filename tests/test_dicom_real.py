@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.pixels import get_decoder
 
-from dicom_factory import REAL_DATA
+from tests.paths import REAL_DATA
 from rsna_cspine.io.dicom import (
     DEFAULT_DECODING_PLUGINS,
     load_series,

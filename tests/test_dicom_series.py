@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pydicom
 import pytest
 from pydicom.pixels import get_decoder
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, RLELossless
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dicom_factory import axial_positions, make_ct_slice, random_stored, save_slice, write_series  # noqa: E402
-
-from rsna_cspine.errors import DicomSeriesError  # noqa: E402
-from rsna_cspine.io.dicom import (  # noqa: E402
+from rsna_cspine.errors import DicomSeriesError
+from rsna_cspine.io.dicom import (
     DEFAULT_DECODING_PLUGINS,
     load_series,
     read_slice_header,
     read_slice_hu,
 )
+from tests.dicom_factory import axial_positions, make_ct_slice, random_stored, save_slice, write_series
 
 ROWS, COLS = 12, 10
 

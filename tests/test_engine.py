@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import random
 
 import numpy as np
 import pytest
@@ -41,6 +42,25 @@ def _step(model, opt, sched):
     loss.backward()
     opt.step()
     sched.step()
+
+
+@pytest.mark.parametrize("seed", [0, 7, 42, 2**31 - 1, 2**32 - 1])
+def test_seeding_through_monai_gives_the_streams_of_the_three_seed_calls(seed: int, monkeypatch) -> None:
+    """seed_everything (MONAI set_determinism) against python, numpy and torch seeded one by one."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+    def draw() -> tuple:
+        return random.random(), np.random.random(4).tolist(), torch.rand(4).tolist(), torch.randint(0, 10**9, (3,)).tolist()
+
+    expected = draw()
+    random.seed(seed + 1), np.random.seed((seed + 1) % 2**32), torch.manual_seed(seed + 1)  # move every stream away
+    seed_everything(seed)
+    assert draw() == expected
+    assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
 
 
 def test_checkpoint_resume_continues_identically(tmp_path):

@@ -67,7 +67,9 @@ def _positive_stack(slice_with_patch: int, seed: int = 1) -> np.ndarray:
 
 
 @pytest.mark.parametrize("slice_with_patch", [0, 2])
-def test_gradcam_peaks_on_the_evidence_slice_and_corner(corner_model: FractureClassifier, slice_with_patch: int) -> None:
+def test_gradcam_peaks_on_the_evidence_slice_and_corner(
+    corner_model: FractureClassifier, slice_with_patch: int
+) -> None:
     result = StackGradCAM([corner_model])(_positive_stack(slice_with_patch))
     cam = result.cam
     assert cam.shape == (N_SLICES, SIZE, SIZE)  # upsampled to the crop size
@@ -88,30 +90,39 @@ def test_gradcam_peaks_on_the_evidence_slice_and_corner(corner_model: FractureCl
         assert quadrant.mean() < 0.5 * top_right, f"Grad-CAM as strong in the {name} quadrant"
 
 
-def test_gradcam_matches_the_definition(corner_model: FractureClassifier) -> None:
-    """Independent Grad-CAM: hook layer4, weight each channel by its mean gradient, ReLU, upsample."""
-    stack = _positive_stack(1, seed=5)
+def _gradcam_by_definition(
+    model: FractureClassifier, layer: torch.nn.Module, stack: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Independent Grad-CAM: hook ``layer``, weight each channel by its mean gradient, ReLU, upsample.
+
+    Returns the raw (unscaled) map ``(N, H, W)`` and the logit.
+    """
     acts: list[torch.Tensor] = []
 
     def keep(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         output.retain_grad()
         acts.append(output)
 
-    handle = corner_model.backbone.layer4.register_forward_hook(keep)
+    handle = layer.register_forward_hook(keep)
     try:
-        logit = corner_model(torch.from_numpy(stack)[None])["logit"]
+        logit = model(torch.from_numpy(stack)[None])["logit"]
         logit.sum().backward()
     finally:
         handle.remove()
-        corner_model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
     activation = acts[0]
     weights = activation.grad.mean(dim=(2, 3), keepdim=True)
-    expected = F.relu((weights * activation).sum(1, keepdim=True))
-    expected = F.interpolate(expected, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0].detach().numpy()
+    raw = F.relu((weights * activation).sum(1, keepdim=True))
+    raw = F.interpolate(raw, size=stack.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return raw.detach().numpy(), float(logit.detach())
 
+
+def test_gradcam_matches_the_definition(corner_model: FractureClassifier) -> None:
+    stack = _positive_stack(1, seed=5)
+    expected, logit = _gradcam_by_definition(corner_model, corner_model.backbone.layer4, stack)
     result = StackGradCAM([corner_model])(stack)
     np.testing.assert_allclose(result.cam * result.peak, expected, rtol=1e-4, atol=1e-5 * expected.max())
-    assert math.isclose(result.logit, float(logit.detach()), rel_tol=1e-5)
+    assert math.isclose(result.logit, logit, rel_tol=1e-5)
 
 
 def test_gradcam_leaves_the_prediction_model_untouched(corner_model: FractureClassifier) -> None:
@@ -135,12 +146,18 @@ def test_target_stage_comes_from_timm_feature_info() -> None:
 
 
 def test_gradcam_works_with_a_gru_head_and_another_backbone() -> None:
+    """A ConvNeXt backbone (target stage ``stages.3``) under a GRU head: the map is the definition's, scaled
+    so that its peak is 1 (an all-zero or unscaled map fails)."""
     torch.manual_seed(1)
     model = FractureClassifier("test_convnext", 5, head="gru", hidden=8).eval()
     stack = np.random.default_rng(0).random((4, 5, 48, 48), dtype=np.float32)
+    expected, logit = _gradcam_by_definition(model, model.backbone.stages[3], stack)
     result = StackGradCAM([model])(stack)
-    assert result.cam.shape == (4, 48, 48)
-    assert np.isfinite(result.cam).all() and result.cam.min() >= 0 and result.cam.max() <= 1
+    assert result.cam.shape == (4, 48, 48) and result.cam.dtype == np.float32
+    assert result.peak > 0 and result.peak == pytest.approx(float(expected.max()), rel=1e-4)
+    assert float(result.cam.max()) == pytest.approx(1.0, rel=1e-6) and float(result.cam.min()) >= 0.0
+    np.testing.assert_allclose(result.cam * result.peak, expected, rtol=1e-4, atol=1e-5 * expected.max())
+    assert math.isclose(result.logit, logit, rel_tol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,14 +210,12 @@ def test_overlay_colours_only_the_labelled_pixels() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_explain_writes_every_picture_with_the_pipeline_probabilities(tmp_path: Path) -> None:
-    from test_pipeline import GOOD, make_tiny_dataset, make_tiny_models
-
+def test_explain_writes_every_picture_with_the_pipeline_probabilities(tmp_path: Path, tiny_models: Path) -> None:
     from rsna_cspine.inference import FracturePipeline, PipelineConfig
+    from tests.toy_pipeline import GOOD, make_tiny_dataset
 
-    models = make_tiny_models(tmp_path / "models")
     study = make_tiny_dataset(tmp_path / "data", uids=GOOD[:1], broken=False) / "test_images" / GOOD[0]
-    pipeline = FracturePipeline.from_models_dir(models, PipelineConfig(device="cpu"))
+    pipeline = FracturePipeline.from_models_dir(tiny_models, PipelineConfig(device="cpu"))
     loads: list[Path] = []
     real_load = pipeline.load
     pipeline.load = lambda folder: loads.append(Path(folder)) or real_load(folder)  # counts, still loads

@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from pydicom.encaps import encapsulate, generate_frames
 
-from dicom_factory import REAL_DATA
+from tests.paths import REAL_DATA
 from rsna_cspine.errors import CSpineError
 from rsna_cspine.io.dicom import load_series
 from rsna_cspine.io.volume import Volume

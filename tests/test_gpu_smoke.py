@@ -14,9 +14,10 @@ from rsna_cspine.cls.config import ClsConfig
 from rsna_cspine.config import load_config, to_dict
 from rsna_cspine.prepare.config import PrepareConfig, training_config_overrides
 from rsna_cspine.seg.config import SegConfig
+from tests.paths import REPO_ROOT
+from tests.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "benchmarks" / "gpu_smoke.sh"
+SCRIPT = REPO_ROOT / "benchmarks" / "gpu_smoke.sh"
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
@@ -48,13 +49,13 @@ def test_every_command_uses_existing_configs_and_keys(tmp_path: Path, mode: str)
     rest = prepare[prepare.index("prepare") + 1 :]
     prepare_overrides = [arg for arg in rest if "=" in arg and not arg.startswith("-")]
     prepared = load_config(PrepareConfig, None, [*training_config_overrides(
-        REPO / rest[rest.index("--seg-config") + 1], REPO / rest[rest.index("--cls-config") + 1]), *prepare_overrides])
+        REPO_ROOT / rest[rest.index("--seg-config") + 1], REPO_ROOT / rest[rest.index("--cls-config") + 1]), *prepare_overrides])
     for name, schema in (("train-seg", SegConfig), ("train-cls", ClsConfig)):
         command = _command(commands, name)
         assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
         rest = command[command.index(name) + 1 :]
         assert rest[rest.index("--cache") + 1] == prepare[prepare.index("--out") + 1]
-        config = REPO / rest[rest.index("--config") + 1]
+        config = REPO_ROOT / rest[rest.index("--config") + 1]
         overrides = [arg for arg in rest if "=" in arg and not arg.startswith("-")]
         cfg = load_config(schema, config, overrides)  # raises ConfigError on an unknown key
         if name == "train-cls":
@@ -64,7 +65,7 @@ def test_every_command_uses_existing_configs_and_keys(tmp_path: Path, mode: str)
             assert list(cfg.data.grid) == list(prepared.stage1.grid)
         amp = cfg.train.amp
         assert amp is (mode == "gpu") and cfg.device == ("cuda" if mode == "gpu" else "cpu")
-    cls = load_config(ClsConfig, REPO / "configs" / ("cls_resnet50.yaml" if mode == "gpu" else "cls_cpu.yaml"),
+    cls = load_config(ClsConfig, REPO_ROOT / "configs" / ("cls_resnet50.yaml" if mode == "gpu" else "cls_cpu.yaml"),
                       [a for a in command if a.startswith("model.")])  # fmt: skip
     weights = Path(cls.model.pretrained_file)
     assert weights.name == f"{cls.model.backbone}.safetensors"

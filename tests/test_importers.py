@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dicom_factory import REAL_DATA
+from tests.paths import REAL_DATA
 from rsna_cspine.cli import main
 from rsna_cspine.importers import CERVICAL_IDS, find_cases, import_labels
 from rsna_cspine.io.kaggle import read_train_labels

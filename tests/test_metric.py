@@ -85,6 +85,33 @@ def test_agrees_with_sklearn_weighted_log_loss() -> None:
     assert weighted_log_loss(y[:, 0], p[:, 0], w[:, 0]) == pytest.approx(per_column[0])
 
 
+def _written_out_score(y: np.ndarray, p: np.ndarray, form: str) -> float:
+    """The metric as it was written by hand before scikit-learn computed it: clipped BCE, bincount reductions."""
+    q = np.clip(p, PROB_EPS, 1.0 - PROB_EPS)
+    loss = -(y * np.log(q) + (1.0 - y) * np.log1p(-q))
+    weight = NEG + y * (POS - NEG)
+    if form == "global":
+        return float((loss * weight).sum() / weight.sum())
+    if form == "study":
+        return float(((loss * weight).sum(axis=1) / weight.sum(axis=1)).mean())
+    columns = (loss * weight).sum(axis=0) / weight.sum(axis=0)
+    return float((columns[:7].sum() + 7 * columns[7]) / 14)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_sklearn_scores_equal_the_written_out_formula(form: str) -> None:
+    """Prevalence-like truths, probabilities from a confident model, and the clip's edge cases (0, 1, 1e-9,
+    exactly PROB_EPS): the score through sklearn.metrics.log_loss equals the hand-written one to 1e-12."""
+    rng = np.random.default_rng(7)
+    y = (rng.random((500, 8)) < np.array([0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.2, 0.48])).astype(float)
+    p = np.clip(np.where(y > 0, rng.beta(5, 2, y.shape), rng.beta(1, 8, y.shape)), 0.0, 1.0)
+    p[:4] = [[0.0] * 8, [1.0] * 8, [1e-9] * 8, [PROB_EPS] * 8]
+    assert score_arrays(y, p, form) == pytest.approx(_written_out_score(y, p, form), rel=1e-12)
+    uids = [f"1.2.{i}" for i in range(len(y))]
+    assert competition_score(*_frames(uids, y.astype(int), p), form) == pytest.approx(_written_out_score(y, p, form),
+                                                                                       rel=1e-12)
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_constant_half_is_ln2_and_perfect_is_zero(form: str) -> None:
     rng = np.random.default_rng(2)

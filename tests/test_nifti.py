@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dicom_factory import REAL_DATA
+from tests.paths import REAL_DATA
 from rsna_cspine.errors import NiftiError
 from rsna_cspine.io.dicom import load_series
 from rsna_cspine.io.nifti import RAS_TO_LPS, SegmentationWarning, load_segmentation, save_segmentation

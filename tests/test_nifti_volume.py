@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dicom_factory import REAL_DATA
+from tests.paths import REAL_DATA
 from rsna_cspine.errors import NiftiError
 from rsna_cspine.io.nifti import RAS_TO_LPS, load_nifti_volume, save_volume_nifti
 from rsna_cspine.io.study import find_studies, load_study
@@ -117,7 +117,7 @@ def test_real_dicom_series_written_as_nifti_reads_back_identically(tmp_path) -> 
 
 
 def test_find_studies_expands_folders_and_names_each_study_once(tmp_path) -> None:
-    from dicom_factory import axial_positions, random_stored, write_series
+    from tests.dicom_factory import axial_positions, random_stored, write_series
 
     write_series(tmp_path / "in" / "dicom_study", random_stored(3, 4, 5), axial_positions(3))
     (tmp_path / "in" / "dicom_study" / "notes.txt").write_text("not a slice")

@@ -17,12 +17,9 @@ import pytest
 from nbclient import NotebookClient
 
 from rsna_cspine.constants import PROB_EPS, REAL_PREVALENCE, TARGET_COLUMNS
-from rsna_cspine.io.kaggle import read_test_csv, read_train_labels
-from rsna_cspine.metric import prior_predictions
 from rsna_cspine.pipeline import PipelineConfig, predict_dataset
-from test_pipeline import GARBAGE, MISSING, make_tiny_dataset, make_tiny_models
-
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "kaggle_submission.ipynb"
+from tests.paths import NOTEBOOK, REPO_ROOT
+from tests.toy_pipeline import GARBAGE, MISSING, assert_prior_submission, make_tiny_dataset, make_tiny_models
 
 
 def _bundle(root: Path) -> Path:
@@ -41,7 +38,7 @@ def _execute(monkeypatch: pytest.MonkeyPatch, env: dict[str, Path | str]) -> nbf
     # The kernel spec runs "python" from PATH and imports rsna_cspine from wherever that install points:
     # make it this interpreter and this checkout, so the notebook runs the code under test.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                                   os.environ.get("PYTHONPATH")])))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     # The kernel inherits this process's environment, so the parameters cell sees the variables above.
@@ -65,23 +62,6 @@ def test_notebook_is_configured_for_kaggle() -> None:
     assert namespace["TARGETS"] == TARGET_COLUMNS
     assert namespace["REAL_PREVALENCE"] == pytest.approx(REAL_PREVALENCE, abs=0, rel=0)
     assert namespace["PROB_EPS"] == PROB_EPS
-
-
-def expected_prior_submission(data: Path) -> pd.DataFrame:
-    """The pipeline's prior (train.csv prevalence, clipped as every submission is) for every test.csv row, in order."""
-    test = read_test_csv(data / "test.csv")
-    prior = prior_predictions(read_train_labels(data / "train.csv")).clip(PROB_EPS, 1 - PROB_EPS)
-    prior = dict(zip(TARGET_COLUMNS, prior))
-    return pd.DataFrame({"row_id": test["row_id"], "fractured": test["prediction_type"].map(prior)})
-
-
-def assert_prior_submission(out: Path, data: Path) -> None:
-    """``out`` holds the training prior for every test.csv row, in test.csv order."""
-    written = pd.read_csv(out, dtype={"row_id": str})
-    expected = expected_prior_submission(data)
-    assert written["row_id"].tolist() == expected["row_id"].tolist()
-    np.testing.assert_allclose(written["fractured"].to_numpy(), expected["fractured"].to_numpy(), rtol=1e-12)
-    assert written["fractured"].nunique() > 1  # per-target prevalence, not one constant
 
 
 def test_notebook_runs_end_to_end_on_a_synthetic_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,8 +2,7 @@
 
 The models are real but tiny and untrained (a MONAI UNet and timm's ``test_resnet`` built through the
 project's factories and saved with ``engine.save_checkpoint``); the studies are real DICOM series
-written with pydicom. The helpers ``make_tiny_models`` and ``make_tiny_dataset`` are reused by the
-CLI, notebook and bundle tests.
+written with pydicom (``tests/toy_pipeline.py``).
 """
 
 from __future__ import annotations
@@ -19,13 +18,8 @@ import pandas as pd
 import pytest
 import torch
 
-from dicom_factory import axial_positions, write_series
 from rsna_cspine.aggregate import PATIENT_RULES, PatientCalibration
-from rsna_cspine.cls.config import ClsConfig
-from rsna_cspine.cls.model import build_classifier
-from rsna_cspine.config import to_dict
 from rsna_cspine.constants import PROB_EPS, TARGET_COLUMNS
-from rsna_cspine.engine import save_checkpoint, seed_everything
 from rsna_cspine.errors import ConfigError, LayoutError, SubmissionError
 from rsna_cspine.inference import (
     STAGES,
@@ -39,87 +33,9 @@ from rsna_cspine.inference import (
     timing_log_path,
 )
 from rsna_cspine.runner import parse_shard, shard_studies
-from rsna_cspine.seg.config import SegConfig
-from rsna_cspine.seg.model import build_model
-from rsna_cspine.seg.preprocess import num_classes
+from tests.toy_pipeline import EXPECTED_PRIOR, GARBAGE, GOOD, MISSING, make_tiny_dataset, make_tiny_models
 
 torch.set_num_threads(1)
-
-GOOD = [f"1.2.826.0.1.3680043.8.{k}" for k in range(1, 6)]
-GARBAGE = "1.2.826.0.1.3680043.8.90"  # a folder of files that are not DICOM
-MISSING = "1.2.826.0.1.3680043.8.91"  # in test.csv, no folder at all
-TRAIN_LABELS = pd.DataFrame(
-    {
-        "StudyInstanceUID": ["t1", "t2", "t3", "t4"],
-        "patient_overall": [1, 1, 0, 0],
-        "C1": [1, 0, 0, 0],
-        "C2": [1, 1, 0, 0],
-        "C3": [0, 0, 0, 0],
-        "C4": [0, 1, 0, 0],
-        "C5": [0, 0, 0, 0],
-        "C6": [0, 1, 0, 0],
-        "C7": [1, 1, 0, 0],
-    }
-)
-#: The prior a dataset with TRAIN_LABELS gets: each column's mean, clipped as in every submission.
-EXPECTED_PRIOR = np.clip(TRAIN_LABELS[list(TARGET_COLUMNS)].mean().to_numpy(), PROB_EPS, 1 - PROB_EPS)
-
-
-def make_tiny_models(
-    root: Path, n_folds: int = 1, seed: int = 0, calibrations: list[PatientCalibration] | None = None
-) -> Path:
-    """A models folder (``seg/fold0/best.pt``, ``cls/fold{k}/best.pt``) of tiny untrained real networks.
-
-    ``calibrations`` (one per fold) go into the checkpoints as training stores them; default none.
-    """
-    seed_everything(seed)
-    seg = SegConfig()
-    seg.data.grid = (16, 32, 32)
-    seg.model.channels, seg.model.strides, seg.model.num_res_units = (4, 8, 16), (2, 2), 1
-    unet = build_model(seg.model, num_classes(seg.data.thoracic))
-    save_checkpoint(root / "seg" / "fold0" / "best.pt", model=unet, epoch=1, config=to_dict(seg))
-    for fold in range(n_folds):
-        cls = ClsConfig(fold=fold)
-        cls.model.backbone, cls.model.hidden = "test_resnet", 8
-        cls.data.crop.n_slices, cls.data.crop.channels, cls.data.crop.size = 4, 3, 32
-        extra = {"patient_calibration": calibrations[fold].to_dict()} if calibrations else None
-        save_checkpoint(root / "cls" / f"fold{fold}" / "best.pt", model=build_classifier(cls), epoch=1, config=to_dict(cls),
-                        extra=extra)
-    return root
-
-
-def make_tiny_dataset(root: Path, uids: list[str] = GOOD, broken: bool = True, seed: int = 0) -> Path:
-    """A Kaggle-layout folder: train.csv (TRAIN_LABELS), test.csv with rows in a shuffled order, test_images/.
-
-    With ``broken``, test.csv also lists GARBAGE (non-DICOM files) and MISSING (no folder).
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    TRAIN_LABELS.to_csv(root / "train.csv", index=False)
-    for k, uid in enumerate(uids):
-        _write_series(root / "test_images", uid, seed + k)
-    listed = list(uids)
-    if broken:
-        garbage = root / "test_images" / GARBAGE
-        garbage.mkdir(parents=True)
-        for n in range(1, 4):
-            (garbage / f"{n}.dcm").write_bytes(b"this is not a DICOM file" * 10)
-        listed = listed[:2] + [GARBAGE] + listed[2:] + [MISSING]
-    rows = [(f"{uid}_{target}", uid, target) for uid in listed for target in TARGET_COLUMNS]
-    # Kaggle's test.csv is not grouped by target order: shuffle the targets within each study.
-    order = np.random.default_rng(seed).permutation(len(TARGET_COLUMNS))
-    rows = [rows[i * len(TARGET_COLUMNS) + j] for i in range(len(listed)) for j in order]
-    pd.DataFrame(rows, columns=["row_id", "StudyInstanceUID", "prediction_type"]).to_csv(root / "test.csv", index=False)
-    return root
-
-
-def _write_series(images: Path, uid: str, seed: int, n_slices: int = 16, size: int = 40) -> None:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    body = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size * 0.4) ** 2
-    spine = (yy - size * 0.6) ** 2 + (xx - size / 2) ** 2 < (size * 0.12) ** 2
-    hu = np.where(body, 40.0, -1000.0) + np.where(spine, 700.0, 0.0)
-    values = hu[None] + rng.normal(0.0, 30.0, size=(n_slices, size, size))
-    write_series(images / uid, np.rint(values).astype(np.int16), axial_positions(n_slices), study_uid=uid, intercepts=[0.0] * n_slices)
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -139,23 +55,18 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_dataset(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def full_run(models: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def full_run(models: Path, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "submission.csv"
-    predict_dataset(data, models, out, cfg=PipelineConfig(device="cpu"), progress=False)
+    predict_dataset(tiny_dataset, models, out, cfg=PipelineConfig(device="cpu"), progress=False)
     return out
 
 
 CPU = PipelineConfig(device="cpu")
 
 
-def test_broken_studies_get_the_prior_and_the_file_is_complete(full_run: Path, data: Path) -> None:
+def test_broken_studies_get_the_prior_and_the_file_is_complete(full_run: Path, tiny_dataset: Path) -> None:
     submission = _read(full_run)
-    test = pd.read_csv(data / "test.csv", dtype=str)
+    test = pd.read_csv(tiny_dataset / "test.csv", dtype=str)
     # Exactly test.csv's rows, in its (shuffled) order, every value a clipped probability.
     assert submission["row_id"].tolist() == test["row_id"].tolist()
     values = submission["fractured"].to_numpy()
@@ -175,19 +86,21 @@ def test_broken_studies_get_the_prior_and_the_file_is_complete(full_run: Path, d
     assert "load failed" in timings.loc[GARBAGE, "reason"]
 
 
-def test_failure_is_logged_with_study_and_cause(models: Path, data: Path, tmp_path: Path, caplog) -> None:
+def test_failure_is_logged_with_study_and_cause(models: Path, tiny_dataset: Path, tmp_path: Path, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="rsna_cspine.runner"):
-        predict_dataset(data, models, tmp_path / "s.csv", cfg=CPU, progress=False)
+        predict_dataset(tiny_dataset, models, tmp_path / "s.csv", cfg=CPU, progress=False)
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(MISSING in m and "does not exist" in m for m in messages)
     assert any(GARBAGE in m and "load failed" in m for m in messages)
 
 
-def test_good_studies_do_not_depend_on_the_broken_ones(full_run: Path, data: Path, models: Path, tmp_path: Path) -> None:
+def test_good_studies_do_not_depend_on_the_broken_ones(
+    full_run: Path, tiny_dataset: Path, models: Path, tmp_path: Path
+) -> None:
     clean = make_tiny_dataset(tmp_path / "clean", uids=[], broken=False)
     shutil.rmtree(clean / "test_images", ignore_errors=True)
-    (clean / "test_images").symlink_to(data / "test_images")
-    test = pd.read_csv(data / "test.csv", dtype=str)
+    (clean / "test_images").symlink_to(tiny_dataset / "test_images")
+    test = pd.read_csv(tiny_dataset / "test.csv", dtype=str)
     test[test["StudyInstanceUID"].isin(GOOD)].to_csv(clean / "test.csv", index=False)
     out = tmp_path / "clean.csv"
     predict_dataset(clean, models, out, cfg=CPU, progress=False)
@@ -233,8 +146,10 @@ def test_default_rule_uses_the_checkpoints_calibrations_or_falls_back_to_noisy_o
     assert "no stage-2 checkpoint carries a patient_overall calibration" in caplog.text
 
 
-def test_fold_ensemble_averages_and_cheap_path_uses_the_first_fold(models: Path, data: Path, tmp_path: Path) -> None:
-    folder = data / "test_images" / GOOD[0]
+def test_fold_ensemble_averages_and_cheap_path_uses_the_first_fold(
+    models: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    folder = tiny_dataset / "test_images" / GOOD[0]
     both = FracturePipeline.from_models_dir(models, CPU)
     assert len(both.classifier_checkpoints) == 2
     single = {}
@@ -251,9 +166,11 @@ def test_fold_ensemble_averages_and_cheap_path_uses_the_first_fold(models: Path,
     np.testing.assert_allclose(cheap.vertebra_probs, single[0], rtol=1e-6)
 
 
-def test_public_steps_compose_to_predict_study_and_intermediates_are_kept_on_request(models: Path, data: Path) -> None:
+def test_public_steps_compose_to_predict_study_and_intermediates_are_kept_on_request(
+    models: Path, tiny_dataset: Path
+) -> None:
     pipeline = FracturePipeline.from_models_dir(models, CPU)
-    folder = data / "test_images" / GOOD[0]
+    folder = tiny_dataset / "test_images" / GOOD[0]
     stages: list[str] = []
     kept = pipeline.predict_study(folder, keep_intermediates=True, on_stage=stages.append)
     assert stages == list(STAGES)
@@ -271,37 +188,42 @@ def test_public_steps_compose_to_predict_study_and_intermediates_are_kept_on_req
     assert pipeline.predict_study(folder).intermediates is None  # by default the big arrays are let go
 
 
-def test_shards_merge_into_the_unsharded_submission(full_run: Path, data: Path, models: Path, tmp_path: Path) -> None:
-    test = pd.read_csv(data / "test.csv", dtype=str)
+def test_shards_merge_into_the_unsharded_submission(
+    full_run: Path, tiny_dataset: Path, models: Path, tmp_path: Path
+) -> None:
+    test = pd.read_csv(tiny_dataset / "test.csv", dtype=str)
     uids = list(dict.fromkeys(test["StudyInstanceUID"]))
     files = []
     for index in range(3):
         shard_uids = shard_studies(uids, (index, 3))
         assert shard_uids == uids[index::3]
         out = tmp_path / f"shard{index}.csv"
-        rows = predict_dataset(data, models, out, shard=(index, 3), cfg=CPU, progress=False)
+        rows = predict_dataset(tiny_dataset, models, out, shard=(index, 3), cfg=CPU, progress=False)
         header, stored = read_shard(out)
         assert header["studies"] == shard_uids and (header["shard"], header["n_shards"]) == (index, 3)
         assert set(stored["row_id"]) == set(test.loc[test["StudyInstanceUID"].isin(shard_uids), "row_id"])
         assert len(rows) == 8 * len(shard_uids)
         files.append(out)
-    merged = merge_shards(files[::-1], data / "test.csv", tmp_path / "merged.csv")
+    merged = merge_shards(files[::-1], tiny_dataset / "test.csv", tmp_path / "merged.csv")
     pd.testing.assert_frame_equal(merged, _read(full_run))
     pd.testing.assert_frame_equal(_read(tmp_path / "merged.csv"), _read(full_run))
 
 
 @pytest.fixture(scope="module")
-def prior_shards(data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def prior_shards(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three shard files made without models (budget 0 → prior): enough to exercise merge's checks."""
     folder = tmp_path_factory.mktemp("shards")
     cfg = PipelineConfig(device="cpu", time_budget_s=0)
     for index in range(3):
-        predict_dataset(data, folder / "no-models", folder / f"s{index}.csv", shard=(index, 3), cfg=cfg, progress=False)
+        predict_dataset(tiny_dataset, folder / "no-models", folder / f"s{index}.csv", shard=(index, 3), cfg=cfg,
+                        progress=False)
     return [folder / f"s{index}.csv" for index in range(3)]
 
 
-def test_merge_refuses_missing_duplicated_and_foreign_shards(prior_shards: list[Path], data: Path, tmp_path: Path) -> None:
-    test_csv = data / "test.csv"
+def test_merge_refuses_missing_duplicated_and_foreign_shards(
+    prior_shards: list[Path], tiny_dataset: Path, tmp_path: Path
+) -> None:
+    test_csv = tiny_dataset / "test.csv"
     out = tmp_path / "m.csv"
     with pytest.raises(SubmissionError, match=r"missing shard\(s\) \[1\]"):
         merge_shards([prior_shards[0], prior_shards[2]], test_csv, out)
@@ -340,12 +262,12 @@ def test_parse_shard() -> None:
             parse_shard(bad)
 
 
-def test_time_budget_zero_gives_the_prior_for_every_study(data: Path, tmp_path: Path) -> None:
+def test_time_budget_zero_gives_the_prior_for_every_study(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "prior.csv"
     # No models are even loaded: the folder need not exist.
-    predict_dataset(data, tmp_path / "absent", out, cfg=PipelineConfig(time_budget_s=0), progress=False)
+    predict_dataset(tiny_dataset, tmp_path / "absent", out, cfg=PipelineConfig(time_budget_s=0), progress=False)
     per_study = _by_study(_read(out))
-    test = pd.read_csv(data / "test.csv", dtype=str)
+    test = pd.read_csv(tiny_dataset / "test.csv", dtype=str)
     assert _read(out)["row_id"].tolist() == test["row_id"].tolist()
     for probs in per_study.values():
         np.testing.assert_allclose(probs, EXPECTED_PRIOR, rtol=1e-12)
@@ -353,12 +275,12 @@ def test_time_budget_zero_gives_the_prior_for_every_study(data: Path, tmp_path: 
     assert timings["path"].eq("prior").all() and timings["status"].eq("budget").all()
 
 
-def test_missing_models_still_write_a_complete_prior_submission(data: Path, tmp_path: Path, caplog) -> None:
+def test_missing_models_still_write_a_complete_prior_submission(tiny_dataset: Path, tmp_path: Path, caplog) -> None:
     out = tmp_path / "s.csv"
     with caplog.at_level(logging.ERROR, logger="rsna_cspine.inference.dataset"):
-        predict_dataset(data, tmp_path / "absent", out, cfg=CPU, progress=False)
+        predict_dataset(tiny_dataset, tmp_path / "absent", out, cfg=CPU, progress=False)
     assert any("could not load the models" in r.getMessage() for r in caplog.records)
-    assert len(_read(out)) == len(pd.read_csv(data / "test.csv"))
+    assert len(_read(out)) == len(pd.read_csv(tiny_dataset / "test.csv"))
     assert pd.read_csv(timing_log_path(out))["reason"].str.startswith("models").all()
 
 
@@ -382,19 +304,21 @@ def test_time_budget_switches_to_cheap_then_prior() -> None:
     assert PredictionBudget(0).choose(1) == "prior"
 
 
-def test_rerun_resumes_from_parts_and_recomputes_after_a_settings_change(full_run: Path, models: Path, data: Path, tmp_path: Path) -> None:
+def test_rerun_resumes_from_parts_and_recomputes_after_a_settings_change(
+    full_run: Path, models: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "submission.csv"
     shutil.copytree(parts_dir(full_run), parts_dir(out))
     # Drop one finished study: only that one is predicted again.
     (parts_dir(out) / f"{GOOD[1]}.json").unlink()
-    predict_dataset(data, models, out, cfg=CPU, progress=False)
+    predict_dataset(tiny_dataset, models, out, cfg=CPU, progress=False)
     timings = pd.read_csv(timing_log_path(out), dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
     assert timings.loc[[u for u in GOOD if u != GOOD[1]], "resumed"].all()
     assert not timings.loc[GOOD[1], "resumed"]
     assert not timings.loc[[GARBAGE, MISSING], "resumed"].any()  # failures are retried
     pd.testing.assert_frame_equal(_read(out), _read(full_run))
     # Another rule: earlier parts do not match the settings, every study is recomputed.
-    predict_dataset(data, models, out, cfg=PipelineConfig(device="cpu", rule="max"), progress=False)
+    predict_dataset(tiny_dataset, models, out, cfg=PipelineConfig(device="cpu", rule="max"), progress=False)
     timings = pd.read_csv(timing_log_path(out))
     assert not timings["resumed"].any()
     for uid, probs in _by_study(_read(out)).items():
@@ -411,10 +335,10 @@ def test_config_validation_and_checkpoint_layout(tmp_path: Path) -> None:
         FracturePipeline.from_models_dir(tmp_path, CPU)
 
 
-def test_cpu_bf16_setting_reaches_both_paths_and_keeps_the_probabilities(models: Path, data: Path) -> None:
+def test_cpu_bf16_setting_reaches_both_paths_and_keeps_the_probabilities(models: Path, tiny_dataset: Path) -> None:
     from rsna_cspine.cls.predict import cpu_has_native_bf16
 
-    folder = data / "test_images" / GOOD[0]
+    folder = tiny_dataset / "test_images" / GOOD[0]
     fp32 = FracturePipeline.from_models_dir(models, CPU)
     bf16 = FracturePipeline.from_models_dir(models, PipelineConfig(device="cpu", cpu_bf16=True, cheap_folds=1))
     # Honoured only where the CPU computes bf16 natively; elsewhere the pipeline stays in fp32.

@@ -15,19 +15,9 @@ import torch
 from rsna_cspine.cli import main
 from rsna_cspine.constants import TARGET_COLUMNS
 from rsna_cspine.inference import timing_log_path
-from test_pipeline import GOOD, make_tiny_dataset, make_tiny_models
+from tests.toy_pipeline import GOOD
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_dataset(tmp_path_factory.mktemp("data"))
 
 
 def _wide(path: Path) -> pd.DataFrame:
@@ -36,9 +26,12 @@ def _wide(path: Path) -> pd.DataFrame:
     return frame.assign(**parts).pivot(index="uid", columns="target", values="fractured")[list(TARGET_COLUMNS)]
 
 
-def test_predict_with_rule_flag_then_shards_and_merge(models: Path, data: Path, tmp_path: Path, capsys) -> None:
+def test_predict_with_rule_flag_then_shards_and_merge(
+    tiny_models: Path, tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "submission.csv"
-    code = main(["predict", "--data", str(data), "--models", str(models), "--out", str(out), "--rule", "max",
+    code = main(["predict", "--data", str(tiny_dataset), "--models", str(tiny_models), "--out", str(out),
+                 "--rule", "max",
                  "--device", "cpu", "--no-progress"])  # fmt: skip
     assert code == 0
     assert f"submission: {out}" in capsys.readouterr().out
@@ -49,15 +42,15 @@ def test_predict_with_rule_flag_then_shards_and_merge(models: Path, data: Path, 
 
     shards = [tmp_path / f"part{i}.csv" for i in range(2)]
     for i, shard in enumerate(shards):
-        assert main(["predict", "--data", str(data), "--models", str(models), "--out", str(shard),
+        assert main(["predict", "--data", str(tiny_dataset), "--models", str(tiny_models), "--out", str(shard),
                      "--shard", f"{i}/2", "--no-progress", "rule=max", "device=cpu"]) == 0  # fmt: skip
     merged = tmp_path / "merged.csv"
-    assert main(["merge", *map(str, shards), "--test-csv", str(data / "test.csv"), "--out", str(merged)]) == 0
+    assert main(["merge", *map(str, shards), "--test-csv", str(tiny_dataset / "test.csv"), "--out", str(merged)]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(merged), pd.read_csv(out))
 
     # A missing shard: refused, nothing written, exit code 1.
     refused = tmp_path / "refused.csv"
-    assert main(["merge", str(shards[0]), "--test-csv", str(data / "test.csv"), "--out", str(refused)]) == 1
+    assert main(["merge", str(shards[0]), "--test-csv", str(tiny_dataset / "test.csv"), "--out", str(refused)]) == 1
     assert not refused.exists()
 
 
@@ -84,25 +77,26 @@ def test_typed_flags_and_overrides_go_through_one_loader(tmp_path: Path) -> None
         load_config(PipelineConfig, None, [], {"tta": "yes"})
 
 
-def test_bad_arguments_exit_with_1(models: Path, data: Path, tmp_path: Path) -> None:
+def test_bad_arguments_exit_with_1(tiny_models: Path, tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.csv"
-    assert main(["predict", "--data", str(data), "--models", str(models), "--out", str(out), "--shard", "2/2"]) == 1
-    assert main(["predict", "--data", str(tmp_path), "--models", str(models), "--out", str(out)]) == 1  # no test.csv
-    assert main(["predict", "--data", str(data), "--models", str(models), "--out", str(out), "rule=nope"]) == 1
+    predict = ["predict", "--models", str(tiny_models), "--out", str(out)]
+    assert main([*predict, "--data", str(tiny_dataset), "--shard", "2/2"]) == 1
+    assert main([*predict, "--data", str(tmp_path)]) == 1  # no test.csv
+    assert main([*predict, "--data", str(tiny_dataset), "rule=nope"]) == 1
     assert not out.exists()
 
 
-def test_console_script_runs_predict_with_a_zero_time_budget(data: Path, tmp_path: Path) -> None:
+def test_console_script_runs_predict_with_a_zero_time_budget(tiny_dataset: Path, tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("rsna-cspine")
     out = tmp_path / "s.csv"
     env = {**os.environ, "MPLBACKEND": "Agg"}
     result = subprocess.run(
-        [str(script), "predict", "--data", str(data), "--models", str(tmp_path / "none"), "--out", str(out),
+        [str(script), "predict", "--data", str(tiny_dataset), "--models", str(tmp_path / "none"), "--out", str(out),
          "--time-budget", "0", "--no-progress"],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert len(pd.read_csv(out)) == len(pd.read_csv(data / "test.csv"))
+    assert len(pd.read_csv(out)) == len(pd.read_csv(tiny_dataset / "test.csv"))
     timings = pd.read_csv(timing_log_path(out))
     assert timings["path"].eq("prior").all() and timings["status"].eq("budget").all()
     assert f"submission: {out}" in result.stdout

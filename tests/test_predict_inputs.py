@@ -17,7 +17,7 @@ from rsna_cspine.inference import PREDICTION_COLUMNS, FracturePipeline, Pipeline
 from rsna_cspine.io.nifti import save_volume_nifti
 from rsna_cspine.io.study import load_study
 from rsna_cspine.synth.enhanced import write_enhanced_ct
-from test_pipeline import _write_series, make_tiny_models
+from tests.toy_pipeline import make_tiny_models, write_toy_series
 
 #: The training prevalence the tiny checkpoints store (fold 0, fold 1): the prior is their mean.
 STORED = np.array([[0.10, 0.20, 0.05, 0.05, 0.10, 0.15, 0.20, 0.50],
@@ -47,8 +47,8 @@ def models(tmp_path_factory) -> Path:
 def studies(tmp_path_factory) -> dict[str, Path]:
     """One study in three forms (DICOM folder, Enhanced CT file, NIfTI file), a second study, a broken file."""
     root = tmp_path_factory.mktemp("studies")
-    _write_series(root / "dicom", "s1", seed=0)
-    _write_series(root / "dicom", "s2", seed=1)
+    write_toy_series(root / "dicom", "s1", seed=0)
+    write_toy_series(root / "dicom", "s2", seed=1)
     enhanced = write_enhanced_ct(root / "dicom" / "s1", root / "files" / "s1_enhanced.dcm")
     nifti = save_volume_nifti(load_study(root / "dicom" / "s1", workers=1), root / "files" / "s1_nifti.nii.gz")
     broken = root / "niftis" / "broken.nii.gz"

@@ -21,8 +21,9 @@ import pytest
 import torch
 from pydicom.encaps import encapsulate, generate_frames
 
-from dicom_factory import REAL_DATA, axial_positions, write_series
-from failure_matrix import CASES, DOC_PATH, ROOT, defined_tests, referenced_files, render
+from tests.dicom_factory import axial_positions, write_series
+from tests.failure_matrix import CASES, DOC_PATH, ROOT, defined_tests, referenced_files, render
+from tests.paths import REAL_DATA
 from rsna_cspine.constants import PROB_EPS, TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.engine import load_checkpoint, save_checkpoint, seed_everything
 from rsna_cspine.errors import CSpineError, NiftiError
@@ -30,7 +31,7 @@ from rsna_cspine.io.kaggle import read_test_csv
 from rsna_cspine.io.nifti import RAS_TO_LPS, SegmentationWarning, load_segmentation
 from rsna_cspine.io.volume import Volume
 from rsna_cspine.inference import FracturePipeline, PipelineConfig, predict_dataset, timing_log_path
-from test_pipeline import EXPECTED_PRIOR, GOOD, make_tiny_dataset, make_tiny_models
+from tests.toy_pipeline import EXPECTED_PRIOR, GOOD, make_tiny_dataset
 
 torch.set_num_threads(1)
 REAL_RLE = REAL_DATA / "pydicom" / "MR_small_RLE.dcm"
@@ -155,11 +156,6 @@ CPU = PipelineConfig(device="cpu")
 PANIC_UID = "1.2.826.0.1.3680043.8.95"
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_models(tmp_path_factory.mktemp("models"))
-
-
 def write_panicking_rle_study(folder: Path) -> None:
     """Three real RLE MR slices 2 mm apart; the middle one has the segment overrun that panics pylibjpeg-rle.
 
@@ -190,12 +186,12 @@ class RunDied(AssertionError):
 
 
 @pytest.mark.skipif(not REAL_RLE.is_file(), reason="real test files not available")
-def test_prediction_run_survives_a_study_whose_decoder_panics(models: Path, tmp_path: Path, caplog) -> None:
+def test_prediction_run_survives_a_study_whose_decoder_panics(tiny_models: Path, tmp_path: Path, caplog) -> None:
     # Once a known bug: the PanicException escaped predict_dataset and no submission was written.
     data = make_tiny_dataset(tmp_path / "data", uids=GOOD[:2], broken=False)
     clean_test = pd.read_csv(data / "test.csv", dtype=str)
     clean = tmp_path / "clean.csv"
-    predict_dataset(data, models, clean, cfg=CPU, progress=False)
+    predict_dataset(data, tiny_models, clean, cfg=CPU, progress=False)
 
     write_panicking_rle_study(data / "test_images" / PANIC_UID)
     panic_rows = pd.DataFrame([(f"{PANIC_UID}_{t}", PANIC_UID, t) for t in TARGET_COLUMNS], columns=clean_test.columns)
@@ -204,7 +200,7 @@ def test_prediction_run_survives_a_study_whose_decoder_panics(models: Path, tmp_
     out = tmp_path / "submission.csv"
     try:
         with caplog.at_level(logging.WARNING, logger="rsna_cspine.runner"):
-            predict_dataset(data, models, out, cfg=CPU, progress=False)
+            predict_dataset(data, tiny_models, out, cfg=CPU, progress=False)
     except BaseException as exc:  # the point: a Rust panic is not an Exception
         if isinstance(exc, KeyboardInterrupt):
             raise
@@ -226,9 +222,9 @@ def test_prediction_run_survives_a_study_whose_decoder_panics(models: Path, tmp_
     assert any(PANIC_UID in r.getMessage() for r in caplog.records)
 
 
-def test_degenerate_studies_are_predicted_with_the_prior_for_absent_vertebrae(models: Path, tmp_path: Path) -> None:
+def test_degenerate_studies_are_predicted_with_the_prior_for_absent_vertebrae(tiny_models: Path, tmp_path: Path) -> None:
     prior = np.array([0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.19, 0.48])
-    pipeline = FracturePipeline.from_models_dir(models, CPU, prior)
+    pipeline = FracturePipeline.from_models_dir(tiny_models, CPU, prior)
     for shape in [(1, 1, 1), (2, 2, 2), (3, 1, 64)]:
         folder = tmp_path / "x".join(map(str, shape))
         write_series(folder, np.zeros(shape, np.int16), axial_positions(shape[0]))
@@ -258,7 +254,8 @@ def test_checkpoint_write_killed_midway_keeps_the_previous_checkpoint(tmp_path: 
     def killed_while_writing(obj, target, *args, **kwargs):
         buffer = io.BytesIO()
         real_save(obj, buffer, *args, **kwargs)
-        Path(target).write_bytes(buffer.getvalue()[:200])  # the first bytes reach the disk, then the kill
+        torn = buffer.getvalue()[:200]  # the first bytes reach the disk, then the kill
+        target.write(torn) if hasattr(target, "write") else Path(target).write_bytes(torn)
         raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(torch, "save", killed_while_writing)
@@ -268,8 +265,9 @@ def test_checkpoint_write_killed_midway_keeps_the_previous_checkpoint(tmp_path: 
     assert state["epoch"] == 1
     for name, tensor in epoch_1.items():
         assert torch.equal(state["model"][name], tensor), name
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the torn temporary file is gone
     monkeypatch.setattr(torch, "save", real_save)
-    save_checkpoint(path, model=model, epoch=2)  # the torn temporary file does not block the next save
+    save_checkpoint(path, model=model, epoch=2)
     assert load_checkpoint(path)["epoch"] == 2
 
 

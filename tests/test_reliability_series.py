@@ -23,7 +23,8 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
 
 import rsna_cspine.io.dicom.series as series_module
-from dicom_factory import REAL_DATA, axial_positions, make_ct_slice, random_stored, save_slice, write_series
+from tests.dicom_factory import axial_positions, make_ct_slice, random_stored, save_slice, write_series
+from tests.paths import REAL_DATA
 from rsna_cspine.errors import DicomSeriesError
 from rsna_cspine.io.dicom import load_series
 

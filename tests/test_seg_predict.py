@@ -25,6 +25,7 @@ from rsna_cspine.seg.masks import (
     vertebra_table,
 )
 from rsna_cspine.seg.predict import Segmenter, load_segmenter
+from tests.toy_volume import axial_volume
 
 WINDOW = (-400.0, 1600.0)
 
@@ -40,20 +41,6 @@ class IntensityBands(torch.nn.Module):
         return -((x - self.centres.view(1, -1, 1, 1, 1)) ** 2) * 1000
 
 
-def make_volume(hu: np.ndarray, reversed_numbers: bool = False) -> Volume:
-    n = hu.shape[0]
-    numbers = np.arange(n, 0, -1) if reversed_numbers else np.arange(1, n + 1)
-    return Volume(
-        hu=hu.astype(np.float32),
-        spacing=(1.0, 0.5, 0.5),
-        positions=np.stack([np.zeros(n), np.zeros(n), -np.arange(n, dtype=float)], axis=1),
-        row_cosine=np.array([1.0, 0.0, 0.0]),
-        col_cosine=np.array([0.0, 1.0, 0.0]),
-        slice_numbers=numbers,
-        study_uid="1.2.3.test",
-    )
-
-
 def band_volume(shape: tuple[int, int, int], boxes: dict[int, tuple[slice, slice, slice]]) -> tuple[Volume, np.ndarray]:
     """HU = 200 k − 400 inside box k (windowed value k / 10), −400 elsewhere; returns (volume, labels)."""
     hu = np.full(shape, -400.0)
@@ -61,7 +48,7 @@ def band_volume(shape: tuple[int, int, int], boxes: dict[int, tuple[slice, slice
     for k, box in boxes.items():
         hu[box] = 200.0 * k - 400.0
         labels[box] = k
-    return make_volume(hu), labels
+    return axial_volume(hu, study_uid="1.2.3.test"), labels
 
 
 def band_segmenter(grid: tuple[int, int, int], upsample: str = "nearest") -> Segmenter:
@@ -178,7 +165,7 @@ def test_load_segmenter_rebuilds_a_trained_checkpoint(tmp_path) -> None:
     assert len(segmenter.models) == 2 and segmenter.grid == (16, 16, 16)
     for a, b in zip(segmenter.models[0].state_dict().values(), model.state_dict().values()):
         torch.testing.assert_close(a, b)
-    volume = make_volume(np.random.default_rng(0).normal(0, 300, (21, 30, 30)))
+    volume = axial_volume(np.random.default_rng(0).normal(0, 300, (21, 30, 30)))
     result = segmenter.predict(volume)
     assert result.mask.shape == (21, 30, 30) and result.mask.max() <= 7
 
@@ -206,3 +193,32 @@ def test_evaluate_segmentation_dice_and_slice_error_by_hand() -> None:
     assert scores["z_error"]["C1"] == 1.0 and scores["z_error"]["C2"] == math.inf
     assert scores["found"] == {"C1": 1.0, "C2": 0.0}
     assert scores["dice_mean"] == pytest.approx((0.9 + 0.0) / 2)
+
+
+def test_dice_through_monai_equals_the_confusion_matrix_formula_on_real_labels(real_ct: Volume, real_data) -> None:
+    """MONAI DiceMetric against ``2·TP / (|pred| + |true|)`` from the joint label histogram (the formula it
+    replaced), on the TotalSegmentator example's real vertebra labels and a damaged copy of them: shifted
+    two slices, C5 dropped, C6 relabelled C3 (present in the prediction only), thoracic labels kept."""
+    import warnings
+
+    from rsna_cspine.io.nifti import load_segmentation
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the example's organ labels above 19 are dropped with a warning
+        truth = load_segmentation(real_data / "totalsegmentator" / "example_seg_dicom.nii.gz", real_ct)
+    pred = np.roll(truth, 2, axis=0)
+    pred[pred == 5] = 0
+    pred[pred == 6] = 3
+    assert {1, 5, 6, 7} <= set(np.unique(truth)) and (truth > 7).any()  # C1, C5-C7 and thoracic in view
+    n = 8
+    cervical = lambda m: np.where(m <= 7, m, 0).astype(np.int64)  # noqa: E731
+    confusion = np.bincount((cervical(truth) * n + cervical(pred)).ravel(), minlength=n * n).reshape(n, n)
+    scores = evaluate_segmentation(pred, truth)
+    for label, name in enumerate(["C1", "C2", "C3", "C4", "C5", "C6", "C7"], start=1):
+        total = confusion[label, :].sum() + confusion[:, label].sum()
+        expected = 2.0 * confusion[label, label] / total if total else math.nan
+        if math.isnan(expected):
+            assert math.isnan(scores["dice"][name]), name
+        else:
+            assert scores["dice"][name] == pytest.approx(expected, rel=1e-6, abs=1e-7), name  # MONAI: float32
+    assert scores["dice"]["C3"] == 0.0 and scores["dice"]["C5"] == 0.0 and 0.0 < scores["dice"]["C1"] < 1.0

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsna_cspine.io.volume import Volume
 from rsna_cspine.seg.preprocess import (
     build_cache,
     fold_labels,
@@ -18,18 +17,7 @@ from rsna_cspine.seg.preprocess import (
     resample_nearest,
     write_cache_file,
 )
-
-
-def make_volume(hu: np.ndarray) -> Volume:
-    n = hu.shape[0]
-    return Volume(
-        hu=hu.astype(np.float32),
-        spacing=(1.0, 0.5, 0.5),
-        positions=np.stack([np.zeros(n), np.zeros(n), -np.arange(n, dtype=float)], axis=1),
-        row_cosine=np.array([1.0, 0.0, 0.0]),
-        col_cosine=np.array([0.0, 1.0, 0.0]),
-        slice_numbers=np.arange(1, n + 1),
-    )
+from tests.toy_volume import axial_volume
 
 
 def test_nearest_indices_take_the_source_voxel_under_each_target_centre() -> None:
@@ -57,7 +45,7 @@ def test_without_antialias_equals_one_trilinear_interpolation_of_the_window() ->
         mode="trilinear",
         align_corners=False,
     )[0].numpy()
-    out = preprocess_volume(make_volume(hu), (16, 24, 20), (low, high), antialias=False, chunk_slices=5)
+    out = preprocess_volume(axial_volume(hu), (16, 24, 20), (low, high), antialias=False, chunk_slices=5)
     assert out.shape == (1, 16, 24, 20) and out.dtype == np.float32
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
@@ -68,15 +56,15 @@ def test_antialias_averages_thin_structures_instead_of_skipping_them() -> None:
     # each 4-voxel period and sees a quarter of it bright.
     hu = np.full((8, 16, 64), -400.0)
     hu[:, :, 0::4] = 1600.0
-    sampled = preprocess_volume(make_volume(hu), (8, 16, 16), antialias=False)
-    smooth = preprocess_volume(make_volume(hu), (8, 16, 16), antialias=True)
+    sampled = preprocess_volume(axial_volume(hu), (8, 16, 16), antialias=False)
+    smooth = preprocess_volume(axial_volume(hu), (8, 16, 16), antialias=True)
     np.testing.assert_allclose(sampled, 0.0, atol=1e-6)
     np.testing.assert_allclose(smooth[0, :, :, 1:-1], 0.25, atol=0.02)
 
 
 def test_chunking_does_not_change_the_result() -> None:
     rng = np.random.default_rng(1)
-    volume = make_volume(rng.normal(300, 500, size=(37, 32, 32)))
+    volume = axial_volume(rng.normal(300, 500, size=(37, 32, 32)))
     a = preprocess_volume(volume, (16, 16, 16), chunk_slices=4)
     b = preprocess_volume(volume, (16, 16, 16), chunk_slices=100)
     np.testing.assert_allclose(a, b, atol=1e-6)
@@ -100,7 +88,7 @@ def test_cache_file_round_trip(tmp_path) -> None:
     assert folded["label"].shape == (1, 4, 6, 8)
     assert folded["label"][0, 1, 2, 3] == 3 and folded["label"][0, 2, 2, 3] == 0
     assert load_cached_study(path, "class")["label"][0, 2, 2, 3] == 8
-    assert not list(tmp_path.glob("*.tmp.npz"))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]  # no temporary left behind
 
 
 def test_build_cache_lists_a_broken_study_and_goes_on(tmp_path) -> None:

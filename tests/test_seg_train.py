@@ -10,60 +10,20 @@ import pytest
 import torch
 import yaml
 
-from rsna_cspine.seg.config import SegAugmentConfig, SegConfig, SegDataConfig, SegModelConfig, SegTrainConfig
-from rsna_cspine.training.config import OptimConfig
+from rsna_cspine.seg.config import SegAugmentConfig, SegConfig, SegDataConfig, SegModelConfig
 from rsna_cspine.seg.data import build_transforms, make_dataset, make_loader
-from rsna_cspine.seg.preprocess import write_cache_file
 from rsna_cspine.seg.train import fit_segmentation, split_studies
-
-GRID = (32, 32, 32)
-
-
-def toy_labels(rng: np.random.Generator, shape: tuple[int, int, int] = GRID) -> np.ndarray:
-    """Seven stacked ellipsoids (C1 on top) and one thoracic one below, at a random offset."""
-    z, y, x = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    labels = np.zeros(shape, np.uint8)
-    top = rng.uniform(1, 3)
-    height = (shape[0] - top - 1) / 8
-    cy, cx = shape[1] / 2 + rng.uniform(-3, 3), shape[2] / 2 + rng.uniform(-3, 3)
-    for k in range(8):
-        zc, radius = top + (k + 0.5) * height, 5 + 0.4 * k
-        inside = ((z - zc) / (0.45 * height)) ** 2 + ((y - cy) / radius) ** 2 + ((x - cx) / radius) ** 2 <= 1
-        labels[inside] = k + 1
-    return labels
-
-
-def write_toy_cache(folder: Path, n: int, seed: int) -> list[Path]:
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        labels = toy_labels(rng)
-        image = (0.1 + 0.4 * (labels > 0) + rng.normal(0, 0.05, GRID)).astype(np.float32)[None]
-        paths.append(write_cache_file(folder / f"toy{i}.npz", image, labels, GRID, (1.0, 1.0, 1.0)))
-    return paths
-
-
-def tiny_config(run_dir: Path, epochs: int, **train: float) -> SegConfig:
-    return SegConfig(
-        run_dir=str(run_dir),
-        device="cpu",
-        seed=7,
-        data=SegDataConfig(grid=GRID),
-        model=SegModelConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1),
-        aug=SegAugmentConfig(affine_prob=0.5, noise_prob=0.5),
-        train=SegTrainConfig(epochs=epochs, batch_size=2, patience=0, **train),
-        optim=OptimConfig(lr=5e-3, weight_decay=1e-5, warmup_epochs=0),
-    )
+from tests.toy_seg import GRID, tiny_seg_config, write_toy_cache
 
 
 @pytest.fixture(scope="module")
-def toy_cache(tmp_path_factory) -> list[Path]:
+def toy_cache(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     torch.set_num_threads(1)
     return write_toy_cache(tmp_path_factory.mktemp("cache"), 6, seed=0)
 
 
 def test_training_lowers_the_loss_and_writes_the_run_folder(toy_cache, tmp_path) -> None:
-    run_dir = fit_segmentation(tiny_config(tmp_path / "run", epochs=6), toy_cache[:4], toy_cache[4:], progress=False)
+    run_dir = fit_segmentation(tiny_seg_config(tmp_path / "run", epochs=6), toy_cache[:4], toy_cache[4:], progress=False)
     summary = pd.read_csv(run_dir / "summary.csv")
     assert summary["epoch"].tolist() == [1, 2, 3, 4, 5, 6]
     expected = {"train_loss", "val_loss", "val_dice_mean", "lr", "time_s"} | {f"val_dice_C{k}" for k in range(1, 8)}
@@ -79,14 +39,14 @@ def test_training_lowers_the_loss_and_writes_the_run_folder(toy_cache, tmp_path)
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(toy_cache, tmp_path) -> None:
-    straight = fit_segmentation(tiny_config(tmp_path / "a", epochs=3), toy_cache[:4], toy_cache[4:], progress=False)
+    straight = fit_segmentation(tiny_seg_config(tmp_path / "a", epochs=3), toy_cache[:4], toy_cache[4:], progress=False)
     # A budget of ~0 stops cleanly after the first epoch; resuming finishes the same 3-epoch schedule.
     part = fit_segmentation(
-        tiny_config(tmp_path / "b", epochs=3, max_minutes=1e-6), toy_cache[:4], toy_cache[4:], progress=False
+        tiny_seg_config(tmp_path / "b", epochs=3, max_minutes=1e-6), toy_cache[:4], toy_cache[4:], progress=False
     )
     assert pd.read_csv(part / "summary.csv")["epoch"].tolist() == [1]
     resumed = fit_segmentation(
-        tiny_config(tmp_path / "b", epochs=3), toy_cache[:4], toy_cache[4:], resume=True, progress=False
+        tiny_seg_config(tmp_path / "b", epochs=3), toy_cache[:4], toy_cache[4:], resume=True, progress=False
     )
     a = torch.load(straight / "last.pt", weights_only=False)
     b = torch.load(resumed / "last.pt", weights_only=False)
@@ -99,9 +59,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(toy_cache, tmp_pa
 def test_a_finished_run_folder_is_not_overwritten_without_resume(toy_cache, tmp_path) -> None:
     from rsna_cspine.errors import ConfigError
 
-    fit_segmentation(tiny_config(tmp_path / "r", epochs=1), toy_cache[:2], [], progress=False)
+    fit_segmentation(tiny_seg_config(tmp_path / "r", epochs=1), toy_cache[:2], [], progress=False)
     with pytest.raises(ConfigError, match="resume"):
-        fit_segmentation(tiny_config(tmp_path / "r", epochs=1), toy_cache[:2], [], progress=False)
+        fit_segmentation(tiny_seg_config(tmp_path / "r", epochs=1), toy_cache[:2], [], progress=False)
 
 
 def test_augmentation_never_flips_z_and_keeps_labels_on_the_image(toy_cache) -> None:
@@ -175,7 +135,7 @@ def test_config_errors_name_the_bad_setting(tmp_path) -> None:
     with pytest.raises(ConfigError, match="data.grid"):
         resolve_config(SegConfig(data=SegDataConfig(grid=(30, 32, 32))))  # the default UNet needs multiples of 16
     with pytest.raises(ConfigError, match="patch_size"):
-        cfg = tiny_config(tmp_path, 1)
+        cfg = tiny_seg_config(tmp_path, 1)
         cfg.train.patch_size = (0, 10, 16)  # 10 is not a multiple of the tiny UNet's divisor (4)
         resolve_config(cfg)
     with pytest.raises(ConfigError, match="thoracic"):

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from rsna_cspine.pipeline import FracturePipeline, PipelineConfig
-from test_pipeline import make_tiny_models
+from tests.paths import NOTEBOOK, REPO_ROOT
+from tests.toy_pipeline import assert_prior_submission, make_tiny_dataset, make_tiny_models
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "submission" / "build_bundle.py"
+SCRIPT = REPO_ROOT / "submission" / "build_bundle.py"
 
 
 def _load_script():
@@ -49,7 +49,7 @@ def test_bundle_holds_wheel_models_configs_and_a_true_manifest(built: tuple[Path
     assert {"models/seg/fold0/best.pt", "models/cls/fold0/best.pt", "models/cls/fold1/best.pt"} <= set(files)
     assert "models/cls/fold0/config.yaml" in files and "models/cls/fold0/last.pt" not in files
     assert "kaggle_submission.ipynb" in files
-    for config in (REPO / "configs").glob("*.yaml"):
+    for config in (REPO_ROOT / "configs").glob("*.yaml"):
         assert f"configs/{config.name}" in files
     # Every listed size and digest is the file's own, recomputed here.
     on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {"SHA256SUMS", "manifest.json"}
@@ -195,9 +195,6 @@ def test_notebook_install_cell_in_a_fresh_venv_installs_only_what_is_missing_the
     are by the venv's Python with ``--no-index``, must upgrade the old one, add the missing one, leave the
     satisfied one alone, install the project wheel without dependencies, and — the project still not
     importable without torch — write the training prior for every row, saying why."""
-    from test_notebook import NOTEBOOK, assert_prior_submission
-    from test_pipeline import make_tiny_dataset
-
     import nbformat
 
     _, bundle_src, manifest = built

@@ -29,6 +29,7 @@ from rsna_cspine.synth.writer import (
     write_dicom_series,
     write_segmentation,
 )
+from tests.paths import REPO_ROOT
 
 UID_PATTERN = re.compile(r"^1\.2\.826\.0\.1\.3680043\.\d+$")
 #: Small, fast studies for the on-disk tests (anatomy is in mm, so it only gets coarser).
@@ -69,7 +70,7 @@ def test_config_coerces_lists_and_rejects_bad_values(tmp_path: Path) -> None:
 
 
 def test_shipped_yaml_matches_defaults() -> None:
-    path = Path(__file__).resolve().parents[1] / "configs" / "synth.yaml"
+    path = REPO_ROOT / "configs" / "synth.yaml"
     assert load_config(path) == SynthConfig()
 
 

@@ -3,6 +3,7 @@ training through the stage-2 loop (learning, resume), reports, predict-2d and Gr
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import rsna_cspine.training.loop as loop_module
@@ -17,6 +19,7 @@ from rsna_cspine.cli import main as cli_main
 from rsna_cspine.config import load_config
 from rsna_cspine.engine import load_checkpoint
 from rsna_cspine.errors import ConfigError, CSpineError, LayoutError
+from rsna_cspine.report.gradcam import last_stage_name
 from rsna_cspine.twod.config import TwoDConfig, TwoDSplitConfig
 from rsna_cspine.twod.data import check_images, index_images, read_image
 from rsna_cspine.twod.gradcam import image_gradcam
@@ -25,10 +28,10 @@ from rsna_cspine.twod.report import METRIC_COLUMNS, classification_metrics, posi
 from rsna_cspine.twod.split import split_indices
 from rsna_cspine.twod.synth import Synth2DConfig, make_radiograph, write_dicom, write_image_folder
 from rsna_cspine.twod.train import train_2d
+from tests.paths import REPO_ROOT
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parent.parent
 SIZE = 64
 PER_CLASS = 90
 N_DICOM = 2  # per class: the DICOM path goes through training too
@@ -44,7 +47,7 @@ def image_folder(tmp_path_factory) -> Path:
 
 def _tiny_config(run_dir: Path, data: Path, **train: object) -> TwoDConfig:
     """The shipped CPU config on the test images; ``train`` sets fields of the ``train:`` section."""
-    cfg = load_config(TwoDConfig, REPO / "configs" / "twod_cpu.yaml", [f"data.image_size={SIZE}", "train.threads=1"],
+    cfg = load_config(TwoDConfig, REPO_ROOT / "configs" / "twod_cpu.yaml", [f"data.image_size={SIZE}", "train.threads=1"],
                       values={"run_dir": run_dir, "data": {"root": data}})
     for key, value in train.items():
         setattr(cfg.train, key, value)
@@ -55,7 +58,7 @@ def _tiny_config(run_dir: Path, data: Path, **train: object) -> TwoDConfig:
 def trained_run(image_folder, tmp_path_factory) -> Path:
     """One CPU training run through the CLI, shared by the learning, report, predict and Grad-CAM tests."""
     run_dir = tmp_path_factory.mktemp("runs") / "learn"
-    code = cli_main(["train-2d", "--config", str(REPO / "configs" / "twod_cpu.yaml"), "--data", str(image_folder),
+    code = cli_main(["train-2d", "--config", str(REPO_ROOT / "configs" / "twod_cpu.yaml"), "--data", str(image_folder),
                      f"run_dir={run_dir}", f"data.image_size={SIZE}", "train.threads=1", "train.epochs=18",
                      "train.patience=0", "train.max_minutes=0"])
     assert code == 0
@@ -320,7 +323,7 @@ def test_config_refuses_bad_values() -> None:
     with pytest.raises(ConfigError, match="'aug.paste_prob' is no longer a setting"):  # stage 2's copy-paste
         load_config(TwoDConfig, None, ["aug.paste_prob=0.5"])
     assert load_config(TwoDConfig, None, ["train.monitor=val_roc_auc"]).monitor_mode == "max"
-    assert load_config(TwoDConfig, REPO / "configs" / "twod_convnext_tiny.yaml").model.backbone == "convnext_tiny"
+    assert load_config(TwoDConfig, REPO_ROOT / "configs" / "twod_convnext_tiny.yaml").model.backbone == "convnext_tiny"
 
 
 def test_local_pretrained_file_loads_the_body_and_resizes_stem_and_head(tmp_path) -> None:
@@ -370,8 +373,27 @@ def test_gradcam_map_has_the_image_shape_and_leaves_the_model_untouched(trained_
     image = predictor.load(next((image_folder / "fracture").glob("*.png")))
     result = image_gradcam(predictor.model, image)
     assert result.cam.shape == (SIZE, SIZE) and result.cam.dtype == np.float32
-    assert np.isfinite(result.cam).all() and result.cam.min() >= 0 and result.cam.max() <= 1
-    assert result.peak >= 0 and (result.peak == 0 or result.cam.max() == pytest.approx(1.0))
+    # The definition, computed here independently: hook the last stage, weight its channels by their mean
+    # gradient of the explained logit, ReLU, upsample. An all-zero or unscaled map fails.
+    model = copy.deepcopy(predictor.model).eval()
+    stage = model.backbone.get_submodule(last_stage_name(model.backbone))
+    kept: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        output.retain_grad()
+        kept.append(output)
+
+    handle = stage.register_forward_hook(keep)
+    try:
+        model(torch.as_tensor(np.asarray(image, dtype=np.float32))[None])[0, result.class_index].backward()
+    finally:
+        handle.remove()
+    activation = kept[0]
+    raw = F.relu((activation.grad.mean(dim=(2, 3), keepdim=True) * activation).sum(1, keepdim=True))
+    expected = F.interpolate(raw, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0].detach().numpy()
+    assert result.peak > 0 and result.peak == pytest.approx(float(expected.max()), rel=1e-4)
+    assert float(result.cam.max()) == pytest.approx(1.0, rel=1e-6) and float(result.cam.min()) >= 0.0
+    np.testing.assert_allclose(result.cam * result.peak, expected, rtol=1e-4, atol=1e-5 * float(expected.max()))
     assert result.probs.sum() == pytest.approx(1.0, abs=1e-5)
     assert result.class_index == int(np.argmax(list(predictor.probabilities(image).values())))
     other = image_gradcam(predictor.model, image, class_index=1 - result.class_index)

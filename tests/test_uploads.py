@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rsna_cspine.report.uploads import UploadLimits, UploadRejected, extract_study_zip, list_studies, unpack_upload
-from web_e2e.viewer import make_zip, renamed_member_zip, repeated_member_zip
+from tests.web_e2e.viewer import make_zip, renamed_member_zip, repeated_member_zip
 
 SMALL = UploadLimits(max_unpacked_bytes=100_000, max_files=3)
 

@@ -21,15 +21,23 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from dicom_factory import axial_positions, write_series
+from tests.dicom_factory import axial_positions, write_series
 from rsna_cspine.constants import TARGET_COLUMNS
 from rsna_cspine.inference import FracturePipeline, PipelineConfig
 from rsna_cspine.report.explain import StudyExplainer, draw_or_note
 from rsna_cspine.report.jobs import JOB_MARKER
 from rsna_cspine.report.web import create_app
-from test_pipeline import GOOD, make_tiny_dataset, make_tiny_models
-from web_e2e.browser import chromium, missing_browser, serve_in_thread
-from web_e2e.viewer import JSON, Viewer, make_zip, renamed_member_zip, repeated_member_zip, running_viewer, study_zip
+from tests.toy_pipeline import GOOD, make_tiny_dataset, make_tiny_models
+from tests.web_e2e.browser import chromium, missing_browser, serve_in_thread
+from tests.web_e2e.viewer import (
+    JSON,
+    Viewer,
+    make_zip,
+    renamed_member_zip,
+    repeated_member_zip,
+    running_viewer,
+    study_zip,
+)
 
 torch.set_num_threads(1)
 

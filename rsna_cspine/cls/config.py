@@ -9,7 +9,7 @@ from rsna_cspine.config import ANY_VALUE
 from rsna_cspine.constants import KNOWN_BROKEN_STUDIES
 from rsna_cspine.crops.extract import CropConfig
 from rsna_cspine.errors import ConfigError
-from rsna_cspine.training.config import ImageAugConfig, OptimConfig, RunConfig, TrainConfig
+from rsna_cspine.training.config import FLAT_TRAIN_KEYS, ImageAugConfig, OptimConfig, RunConfig, TrainConfig
 
 HEADS: tuple[str, ...] = ("gru", "lstm", "attention")
 
@@ -112,19 +112,10 @@ class ClsConfig(RunConfig):
 
     #: Keys of configs written before the common schema (old → new); checkpoints carrying them still load.
     LEGACY_KEYS: ClassVar[dict[str, str]] = {
-        "epochs": "train.epochs",
-        "batch_size": "train.batch_size",
-        "val_batch_size": "train.val_batch_size",
-        "amp": "train.amp",
-        "grad_clip": "train.grad_clip",
-        "early_stopping_patience": "train.patience",
-        "max_minutes": "train.max_minutes",
-        "threads": "train.threads",
-        "ema_decay": "train.ema_decay",
+        **FLAT_TRAIN_KEYS,
         "n_folds": "train.n_folds",
         "fold_seed": "train.fold_seed",
         "slice_loss_weight": "train.slice_loss_weight",
-        "data.num_workers": "train.num_workers",
     }
     #: Settings that were removed (benchmarks/results/evidence.md) and the values under which old
     #: checkpoints still load as trained.

@@ -26,6 +26,7 @@ from rsna_cspine.cls.model import build_classifier
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRA_WEIGHTS, VERTEBRAE
 from rsna_cspine.engine.checkpoints import load_checkpoint
 from rsna_cspine.engine.distributed import DistContext
+from rsna_cspine.io.files import atomic_open
 from rsna_cspine.metric import score_arrays, weighted_log_loss
 from rsna_cspine.training.augment import StackAugment
 from rsna_cspine.training.batches import epoch_loader, predict_batches
@@ -133,9 +134,8 @@ def write_oof(path: Path, oof: pd.DataFrame) -> Path:
         path: destination CSV.
         oof: :data:`OOF_COLUMNS`.
     """
-    tmp = path.with_name(path.name + ".tmp")
-    oof.reindex(columns=list(OOF_COLUMNS)).to_csv(tmp, index=False)
-    tmp.replace(path)
+    with atomic_open(path, "w") as fh:
+        oof.reindex(columns=list(OOF_COLUMNS)).to_csv(fh, index=False)
     return path
 
 

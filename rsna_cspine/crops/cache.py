@@ -12,7 +12,6 @@ file (``crop_config.yaml``) says otherwise.
 from __future__ import annotations
 
 import logging
-import os
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -33,7 +32,7 @@ from rsna_cspine.crops.extract import (
     slice_labels_from_boxes,
 )
 from rsna_cspine.errors import ConfigError, CSpineError, LayoutError
-from rsna_cspine.io.files import atomic_write_text
+from rsna_cspine.io.files import atomic_open, atomic_write_text
 from rsna_cspine.io.volume import Volume
 from rsna_cspine.runner import LEDGER_FOLDER, StudyLedger, StudyRunner
 
@@ -69,15 +68,12 @@ def save_crops(path: str | Path, crops: VertebraCrops, mask_source: str = "") ->
         mask_source: which mask produced them ("gt" or "pred"), kept for reports.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # One archive member per vertebra: a training item then decompresses only its own stack.
     arrays = {f"images_{name}": crops.images[i] for i, name in enumerate(VERTEBRAE)}
     arrays.update(present=crops.present, slice_index=crops.slice_index, z_range=crops.z_range, boxes=crops.boxes,
                   slice_labels=crops.slice_labels, box_maps=crops.box_maps, mask_source=np.array(mask_source))
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
+    with atomic_open(path, "wb") as fh:
         _savez(fh, arrays)
-    os.replace(tmp, path)
     return path
 
 

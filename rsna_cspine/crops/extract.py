@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from rsna_cspine.constants import CERVICAL_LABELS, VERTEBRAE
 from rsna_cspine.errors import ConfigError
+from rsna_cspine.io.window import window_hu
 
 #: Value used outside the image when a crop box reaches past the volume edge (air).
 _PAD_HU = -1024.0
@@ -221,9 +222,8 @@ def extract_vertebra_crops(
         box = _square_box(bbox[1:], cfg, dy, dx)
         block = _cut(hu, unique_z, box, _PAD_HU)
         per_window = []
-        for low, high in cfg.windows:
-            windowed = np.clip((block - low) / (high - low), 0.0, 1.0)
-            resized = _resize(windowed.astype(np.float32), s)  # (U, S, S)
+        for window in cfg.windows:
+            resized = _resize(window_hu(block, window), s)  # (U, S, S)
             per_window.append(resized[torch.from_numpy(inverse.reshape(n, cfg.channels))])  # (N, ch, S, S)
         stack = torch.cat(per_window, dim=1)
         if cfg.add_mask_channel:

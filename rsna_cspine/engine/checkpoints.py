@@ -3,7 +3,6 @@ epoch, best score, every RNG state) and everything a predictor needs (the resolv
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from rsna_cspine.engine.distributed import unwrap_model
+from rsna_cspine.io.files import atomic_open
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -67,9 +67,8 @@ def save_checkpoint(
         "rng": capture_rng_state(),
         "extra": extra or {},
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as fh:
+        torch.save(state, fh)
     return path
 
 

@@ -8,29 +8,25 @@ bfloat16 is asked for explicitly.
 from __future__ import annotations
 
 import os
-import random
 from contextlib import AbstractContextManager, nullcontext
 
-import numpy as np
 import torch
+from monai.utils import set_determinism
 
 #: CUDA compute capability from which bfloat16 runs natively (Ampere, sm_80).
 NATIVE_BF16_CAPABILITY: tuple[int, int] = (8, 0)
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed python, numpy and torch (all devices); optionally ask cuDNN for deterministic kernels.
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) and ask cuDNN for deterministic kernels.
+
+    MONAI's ``set_determinism`` does exactly this (each generator gets ``seed % 2**32``; cuDNN
+    ``deterministic=True, benchmark=False``, which trades some GPU speed for run-to-run identical results).
 
     Args:
         seed: the run's seed.
-        deterministic: trade some GPU speed for run-to-run identical results.
     """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    set_determinism(seed=seed)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

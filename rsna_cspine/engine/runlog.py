@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
+
+from rsna_cspine.io.files import atomic_open
 
 
 class SummaryLog:
@@ -32,12 +33,10 @@ class SummaryLog:
         fields: list[str] = []
         for row in self.rows:
             fields.extend(k for k in row if k not in fields)
-        tmp = self.path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as fh:
+        with atomic_open(self.path, "w") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(self.rows)
-        os.replace(tmp, self.path)
         self.plot()
 
     def plot(self) -> Path | None:

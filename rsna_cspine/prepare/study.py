@@ -99,15 +99,6 @@ def _mask_plan(job: StudyJob, has_labels: bool) -> str:
     return source
 
 
-def _save_mask(path: Path, mask: np.ndarray, slice_numbers: np.ndarray) -> Path:
-    """``mask`` (uint8 ``(z, y, x)``) and the slice numbers, written atomically (the ``predict-seg`` format)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, mask=mask.astype(np.uint8, copy=False), slice_numbers=np.asarray(slice_numbers))
-    tmp.replace(path)
-    return path
-
-
 def prepare_study(uid: str, job: StudyJob) -> Record:
     """Decode one study once and write its stage-1 input, mask and crops; its manifest row (ledger record).
 
@@ -124,6 +115,7 @@ def prepare_study(uid: str, job: StudyJob) -> Record:
     from rsna_cspine.io.kaggle import KaggleLayout
     from rsna_cspine.io.nifti import load_segmentation
     from rsna_cspine.io.study import load_study
+    from rsna_cspine.seg.predict import write_mask
     from rsna_cspine.seg.preprocess import fold_labels, write_stage1_input
 
     started = time.perf_counter()
@@ -154,7 +146,7 @@ def prepare_study(uid: str, job: StudyJob) -> Record:
     del image
     outputs = [seg_path]
     if mask is not None:
-        outputs.append(_save_mask(cache.mask_path(uid), mask, volume.slice_numbers))
+        outputs.append(write_mask(cache.mask_path(uid), mask, volume.slice_numbers))
     seconds["mask"] = time.perf_counter() - tick
 
     tick = time.perf_counter()

@@ -19,6 +19,7 @@ from matplotlib.patches import Patch, Rectangle
 from rsna_cspine.constants import VERTEBRAE
 from rsna_cspine.crops.extract import CropConfig, VertebraCrops, to_unit_float
 from rsna_cspine.io.volume import Volume
+from rsna_cspine.io.window import window_hu
 
 #: One colour per vertebra label 1..7 (C1..C7), shared by every picture and the web page.
 LABEL_COLOURS: np.ndarray = np.asarray(colormaps["tab10"].colors[:7], dtype=np.float32)
@@ -52,8 +53,7 @@ def window_to_unit(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
         hu: any array of HU.
         window: ``(low, high)``.
     """
-    low, high = window
-    return np.clip((np.asarray(hu, dtype=np.float32) - low) / (high - low), 0.0, 1.0)
+    return window_hu(np.asarray(hu), window)
 
 
 def overlay_labels(grey: np.ndarray, labels: np.ndarray, highlight: int | None = None, alpha: float = 0.3) -> np.ndarray:

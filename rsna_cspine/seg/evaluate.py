@@ -5,9 +5,20 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+from monai.metrics import DiceMetric
 from scipy import ndimage
 
 from rsna_cspine.constants import CERVICAL_LABELS, VERTEBRAE
+
+
+def _as_label_tensor(mask: np.ndarray) -> torch.Tensor:
+    """A ``(z, y, x)`` label map as the ``(1, 1, z, y, x)`` integer tensor MONAI's metrics take (no copy for
+    the usual uint8/int16/int32/int64 maps)."""
+    mask = np.ascontiguousarray(mask)
+    if mask.dtype not in (np.uint8, np.int16, np.int32, np.int64):
+        mask = mask.astype(np.int64)
+    return torch.from_numpy(mask)[None, None]
 
 
 def evaluate_segmentation(pred_mask: np.ndarray, true_mask: np.ndarray) -> dict[str, dict[str, float] | float]:
@@ -27,21 +38,20 @@ def evaluate_segmentation(pred_mask: np.ndarray, true_mask: np.ndarray) -> dict[
     """
     if pred_mask.shape != true_mask.shape:
         raise ValueError(f"shapes differ: predicted {pred_mask.shape} vs truth {true_mask.shape}")
-    n = len(CERVICAL_LABELS) + 1
-    pred = np.where(pred_mask <= max(CERVICAL_LABELS), pred_mask, 0).astype(np.int64)
-    true = np.where(true_mask <= max(CERVICAL_LABELS), true_mask, 0).astype(np.int64)
-    # One pass: the joint histogram of (true, pred) labels is the confusion matrix.
-    confusion = np.bincount((true * n + pred).ravel(), minlength=n * n).reshape(n, n)
-    pred_boxes = ndimage.find_objects(pred, max_label=n - 1)
-    true_boxes = ndimage.find_objects(true, max_label=n - 1)
+    # Label maps with num_classes: MONAI compares one class at a time, never one-hot copies of the study.
+    # Classes above C7 are never compared, so thoracic labels count as background. With ignore_empty=False
+    # a vertebra predicted but absent from the truth scores 0; one absent from both is reported as NaN below.
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False,
+                        num_classes=max(CERVICAL_LABELS) + 1)
+    scores = metric(_as_label_tensor(pred_mask), _as_label_tensor(true_mask))[0].tolist()
+    pred_boxes = ndimage.find_objects(np.asarray(pred_mask), max_label=max(CERVICAL_LABELS))
+    true_boxes = ndimage.find_objects(np.asarray(true_mask), max_label=max(CERVICAL_LABELS))
     dice: dict[str, float] = {}
     z_error: dict[str, float] = {}
     found: dict[str, float] = {}
-    for label, name in zip(CERVICAL_LABELS, VERTEBRAE):
-        tp = confusion[label, label]
-        total = confusion[label, :].sum() + confusion[:, label].sum()
-        dice[name] = float(2.0 * tp / total) if total else math.nan
+    for label, name, score in zip(CERVICAL_LABELS, VERTEBRAE, scores):
         true_box, pred_box = true_boxes[label - 1], pred_boxes[label - 1]
+        dice[name] = math.nan if true_box is None and pred_box is None else float(score)
         if true_box is None:
             z_error[name] = math.nan
             continue

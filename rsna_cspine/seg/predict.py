@@ -23,7 +23,7 @@ from rsna_cspine.config import config_from_checkpoint
 from rsna_cspine.constants import CERVICAL_LABELS
 from rsna_cspine.engine import autocast, load_checkpoint, resolve_device
 from rsna_cspine.errors import ConfigError, CSpineError
-from rsna_cspine.io.files import atomic_write_text
+from rsna_cspine.io.files import atomic_open, atomic_write_text
 from rsna_cspine.io.volume import Volume
 from rsna_cspine.runner import LEDGER_FOLDER, StudyLedger, StudyRunner, file_fingerprint
 from rsna_cspine.seg.config import SegConfig
@@ -222,20 +222,30 @@ def study_uids(root: str | Path, split: str) -> list[str]:
     return list(dict.fromkeys(table["StudyInstanceUID"].astype(str)))
 
 
+def write_mask(path: str | Path, mask: np.ndarray, slice_numbers: np.ndarray) -> Path:
+    """Write a label mask (uint8 ``(z, y, x)``) and its slice numbers to a compressed ``.npz``, atomically:
+    the mask format of ``predict-seg`` and ``rsna-cspine prepare``.
+
+    Args:
+        path: destination ``<uid>_mask.npz``.
+        mask: labels at the study's resolution.
+        slice_numbers: the study's slice numbers, one per mask slice.
+    """
+    path = Path(path)
+    with atomic_open(path, "wb") as fh:
+        np.savez_compressed(fh, mask=np.asarray(mask, dtype=np.uint8), slice_numbers=np.asarray(slice_numbers))
+    return path
+
+
 def save_mask(path: str | Path, result: SegmentationResult, volume: Volume) -> Path:
-    """Write ``mask`` (uint8 ``(z, y, x)``) and the volume's ``slice_numbers`` to a compressed ``.npz``, atomically.
+    """Write a study's segmentation with :func:`write_mask`.
 
     Args:
         path: destination ``<uid>_mask.npz``.
         result: the study's segmentation.
         volume: the study (for its slice numbers).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, mask=result.mask, slice_numbers=np.asarray(volume.slice_numbers))
-    tmp.replace(path)
-    return path
+    return write_mask(path, result.mask, volume.slice_numbers)
 
 
 def _json_rows(table: pd.DataFrame) -> list[dict[str, Any]]:

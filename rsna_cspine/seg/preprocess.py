@@ -6,7 +6,6 @@ top RSNA 2022 teams did; the aspect distortion is the same for training and pred
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -17,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from rsna_cspine.constants import CERVICAL_LABELS, THORACIC_LABELS
+from rsna_cspine.io.files import atomic_open
 from rsna_cspine.io.volume import Volume
+from rsna_cspine.io.window import window_hu
 
 if TYPE_CHECKING:
     from rsna_cspine.io.kaggle import KaggleLayout
@@ -101,12 +102,11 @@ def preprocess_volume(
         chunk_slices: slices normalised and resized in-plane at a time (bounds memory).
     """
     depth, height, width = (int(g) for g in grid)
-    low, high = float(hu_window[0]), float(hu_window[1])
     hu = volume.hu
     planes = []
     for start in range(0, hu.shape[0], chunk_slices):
-        block = torch.as_tensor(np.asarray(hu[start : start + chunk_slices], dtype=np.float32))
-        block = ((block.clamp(low, high) - low) / (high - low)).unsqueeze(1)  # (n, 1, y, x)
+        block = window_hu(torch.as_tensor(np.asarray(hu[start : start + chunk_slices], dtype=np.float32)), hu_window)
+        block = block.unsqueeze(1)  # (n, 1, y, x)
         planes.append(_resize_axis_pair(block, (height, width), antialias)[:, 0])
     stack = torch.cat(planes, dim=0)  # (z, H, W), small
     # Resize z as the first axis of a 2-D image whose second axis (x) keeps its size.
@@ -216,20 +216,18 @@ def write_cache_file(
     path = Path(path)
     if image.ndim != 4 or (labels is not None and image.shape[1:] != labels.shape):
         raise ValueError(f"{path}: image {image.shape} and labels {None if labels is None else labels.shape} do not match")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(
-        tmp,
-        image=image.astype(np.float16),
-        **({} if labels is None else {"labels": labels.astype(np.uint8)}),
-        original_shape=np.asarray(original_shape, dtype=np.int64),
-        spacing=np.asarray(spacing, dtype=np.float64),
-        grid=np.asarray(image.shape[1:], dtype=np.int64),
-        hu_window=np.asarray(hu_window, dtype=np.float64),
-        antialias=np.asarray(antialias),
-        version=np.asarray(CACHE_VERSION),
-    )
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as fh:
+        np.savez_compressed(
+            fh,
+            image=image.astype(np.float16),
+            **({} if labels is None else {"labels": labels.astype(np.uint8)}),
+            original_shape=np.asarray(original_shape, dtype=np.int64),
+            spacing=np.asarray(spacing, dtype=np.float64),
+            grid=np.asarray(image.shape[1:], dtype=np.int64),
+            hu_window=np.asarray(hu_window, dtype=np.float64),
+            antialias=np.asarray(antialias),
+            version=np.asarray(CACHE_VERSION),
+        )
     return path
 
 

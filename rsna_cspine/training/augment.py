@@ -23,6 +23,8 @@ class StackAugment:
     into one affine map and applied with a single ``grid_sample`` over all ``N*C`` planes: one
     interpolation instead of torchvision's two, and less time per item (on the 2-core CPU an 8×11×80²
     stack took 12 ms through the torchvision chain; the augmentation ran in series with every step).
+    Hand-written because the MONAI chain that does the same jobs (``RandAffine``, ``RandFlip``, intensity
+    transforms) took 2.6–5× as long on every shipped stack shape (``benchmarks/bench_augment.py``).
 
     Args:
         cfg: augmentation settings.

@@ -14,6 +14,15 @@ from pathlib import Path
 from rsna_cspine.engine.folds import fold_run_dir
 from rsna_cspine.errors import ConfigError
 
+#: Training keys that stage 2 and the 2D mode kept at the top of their configs before the common schema
+#: (old → new); each of those stages' ``LEGACY_KEYS`` starts from these and adds its own.
+FLAT_TRAIN_KEYS: dict[str, str] = {
+    **{key: f"train.{key}" for key in ("epochs", "batch_size", "val_batch_size", "amp", "grad_clip", "max_minutes",
+                                        "threads", "ema_decay")},
+    "early_stopping_patience": "train.patience",
+    "data.num_workers": "train.num_workers",
+}
+
 
 @dataclass
 class TrainConfig:

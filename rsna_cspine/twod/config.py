@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from rsna_cspine.config import ANY_VALUE
 from rsna_cspine.engine.folds import fold_run_dir
 from rsna_cspine.errors import ConfigError
-from rsna_cspine.training.config import ImageAugConfig, OptimConfig, RunConfig, TrainConfig
+from rsna_cspine.training.config import FLAT_TRAIN_KEYS, ImageAugConfig, OptimConfig, RunConfig, TrainConfig
 
 SPLIT_MODES: tuple[str, ...] = ("holdout", "kfold")
 #: Validation metrics a run can monitor (``summary.csv`` columns); losses are minimised, the rest maximised.
@@ -117,21 +117,12 @@ class TwoDConfig(RunConfig):
 
     #: Keys of configs written before the common schema (old → new); checkpoints carrying them still load.
     LEGACY_KEYS: ClassVar[dict[str, str]] = {
-        "epochs": "train.epochs",
-        "batch_size": "train.batch_size",
-        "val_batch_size": "train.val_batch_size",
-        "amp": "train.amp",
-        "grad_clip": "train.grad_clip",
-        "early_stopping_patience": "train.patience",
-        "max_minutes": "train.max_minutes",
-        "threads": "train.threads",
-        "ema_decay": "train.ema_decay",
+        **FLAT_TRAIN_KEYS,
         "label_smoothing": "train.label_smoothing",
         "class_weighted": "train.class_weighted",
         "monitor": "train.monitor",
         "bn_recalibration_images": "train.bn_recalibration_images",
         "positive_class": "data.positive_class",
-        "data.num_workers": "train.num_workers",
         "split.n_folds": "train.n_folds",
         "split.fold": "fold",
         "split.seed": "train.fold_seed",

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from rsna_cspine.errors import CSpineError, LayoutError
 from rsna_cspine.io.dicom import read_slice_hu
+from rsna_cspine.io.window import window_hu
 from rsna_cspine.training.augment import StackAugment, item_seed
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def _window(hu: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
             return np.zeros_like(hu, dtype=np.float32)
     else:
         low, high = window
-    return np.clip((hu - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return window_hu(hu, (low, high))
 
 
 def check_images(

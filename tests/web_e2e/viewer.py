@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from web_e2e.browser import serve_in_thread
+from tests.web_e2e.browser import serve_in_thread
 
 JSON = {"accept": "application/json"}
 
