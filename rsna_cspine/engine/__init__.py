@@ -6,7 +6,13 @@ curves), ``schedules`` (early stopping, time budget, weight average) and ``folds
 fold's run folder). The public names are importable from ``rsna_cspine.engine`` directly.
 """
 
-from rsna_cspine.engine.checkpoints import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from rsna_cspine.engine.checkpoints import (
+    capture_rng_state,
+    find_checkpoints,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from rsna_cspine.engine.devices import amp_dtype, autocast, make_grad_scaler, resolve_device, seed_everything
 from rsna_cspine.engine.distributed import (
     DistContext,
@@ -37,6 +43,7 @@ __all__ = [
     "backend_for",
     "barrier",
     "capture_rng_state",
+    "find_checkpoints",
     "cleanup_distributed",
     "fold_of",
     "fold_run_dir",

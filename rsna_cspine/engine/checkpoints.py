@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from rsna_cspine.engine.distributed import unwrap_model
+from rsna_cspine.errors import CSpineError, LayoutError
 from rsna_cspine.io.files import atomic_open
 
 
@@ -96,7 +97,6 @@ def load_checkpoint(
     Returns:
         The raw checkpoint dictionary (epoch, best_score, config, extra, ...).
     """
-    from rsna_cspine.errors import CSpineError
 
     path = Path(path)
     if not path.is_file():
@@ -117,3 +117,23 @@ def load_checkpoint(
     if restore_rng and state.get("rng") is not None:
         restore_rng_state(state["rng"])
     return state
+
+
+def find_checkpoints(models_dir: str | Path, stage: str) -> list[Path]:
+    """Checkpoints of one stage in a models folder, in a stable (sorted) order.
+
+    Args:
+        models_dir: the models folder.
+        stage: ``seg`` or ``cls``.
+
+    Returns:
+        ``<models>/<stage>/**/best.pt`` and ``<models>/<stage>/*.pt`` (never ``last.pt``), sorted by path.
+    """
+    folder = Path(models_dir) / stage
+    if not folder.is_dir():
+        raise LayoutError(f"no '{stage}' folder (expected {stage}/**/best.pt or {stage}/*.pt)", Path(models_dir))
+    found = set(folder.rglob("best.pt")) | {p for p in folder.glob("*.pt") if p.name != "last.pt"}
+    found = {p for p in found if p.is_file()}
+    if not found:
+        raise LayoutError(f"no checkpoint: expected {stage}/**/best.pt or {stage}/*.pt", folder)
+    return sorted(found)

@@ -36,7 +36,8 @@ import numpy as np
 
 from rsna_cspine.aggregate import clip_probabilities, patient_overall
 from rsna_cspine.constants import VERTEBRAE
-from rsna_cspine.errors import ConfigError, LayoutError
+from rsna_cspine.engine.checkpoints import find_checkpoints
+from rsna_cspine.errors import ConfigError
 from rsna_cspine.inference.config import PipelineConfig
 from rsna_cspine.io.volume import study_name
 from rsna_cspine.metric import prior_predictions
@@ -111,26 +112,6 @@ class StudyFailure(StudyError):
     def __init__(self, message: str, path: str | Path | None = None, stage: str = "") -> None:
         super().__init__(message, path)
         self.stage = stage
-
-
-def find_checkpoints(models_dir: str | Path, stage: str) -> list[Path]:
-    """Checkpoints of one stage in a models folder, in a stable (sorted) order.
-
-    Args:
-        models_dir: the models folder.
-        stage: ``seg`` or ``cls``.
-
-    Returns:
-        ``<models>/<stage>/**/best.pt`` and ``<models>/<stage>/*.pt`` (never ``last.pt``), sorted by path.
-    """
-    folder = Path(models_dir) / stage
-    if not folder.is_dir():
-        raise LayoutError(f"no '{stage}' folder (expected {stage}/**/best.pt or {stage}/*.pt)", Path(models_dir))
-    found = set(folder.rglob("best.pt")) | {p for p in folder.glob("*.pt") if p.name != "last.pt"}
-    found = {p for p in found if p.is_file()}
-    if not found:
-        raise LayoutError(f"no checkpoint: expected {stage}/**/best.pt or {stage}/*.pt", folder)
-    return sorted(found)
 
 
 class FracturePipeline:

@@ -1,10 +1,10 @@
 """Data preparation at scale: one decode per study, every training input written from it, sharded, resumable.
 
 ``rsna-cspine prepare`` (:func:`prepare_dataset`) writes a prepared cache (layout in
-:mod:`rsna_cspine.prepare.cache`) that both trainers read without touching DICOM.
+:mod:`rsna_cspine.training.prepared`) that both trainers read without touching DICOM.
 """
 
-from rsna_cspine.prepare.cache import MANIFEST_COLUMNS, PreparedCache, merge_caches
+from rsna_cspine.training.prepared import MANIFEST_COLUMNS, PreparedCache, merge_caches
 from rsna_cspine.prepare.config import (
     MASK_SOURCES,
     PrepareConfig,

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rsna_cspine.prepare.cache import merge_caches
+    from rsna_cspine.training.prepared import merge_caches
     from rsna_cspine.prepare.config import PrepareConfig, training_config_overrides
     from rsna_cspine.prepare.run import prepare_dataset
     from rsna_cspine.runner import parse_shard

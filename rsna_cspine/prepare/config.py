@@ -155,7 +155,7 @@ def resolve_seg_models(path: str | Path | None) -> list[Path]:
     if not path.is_dir():
         raise LayoutError("stage-1 models not found", path)
     if (path / "seg").is_dir():
-        from rsna_cspine.inference.predictor import find_checkpoints
+        from rsna_cspine.engine.checkpoints import find_checkpoints
 
         return find_checkpoints(path, "seg")
     found = sorted(path.rglob("best.pt"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from rsna_cspine.errors import ConfigError
-from rsna_cspine.prepare.cache import MANIFEST_FILE, PreparedCache
+from rsna_cspine.training.prepared import MANIFEST_FILE, PreparedCache
 from rsna_cspine.prepare.config import PrepareConfig, resolve_seg_models, settings_fingerprint
 from rsna_cspine.prepare.study import StudyJob, prepare_study, study_inputs
 from rsna_cspine.runner import StudyRunner

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from rsna_cspine.prepare.cache import PreparedCache
+from rsna_cspine.training.prepared import PreparedCache
 from rsna_cspine.prepare.config import PrepareConfig
 from rsna_cspine.runner import Record
 
@@ -108,7 +108,7 @@ def prepare_study(uid: str, job: StudyJob) -> Record:
 
     Returns:
         The record: ``outputs`` (files relative to the cache), ``inputs`` (:func:`study_inputs`) and the
-        manifest columns (``prepare.cache.MANIFEST_COLUMNS``); a study without a usable mask gets no crops
+        manifest columns (``training.prepared.MANIFEST_COLUMNS``); a study without a usable mask gets no crops
         and says why in ``reason``.
     """
     from rsna_cspine.crops.cache import save_crops, study_crops

@@ -18,7 +18,7 @@ import pandas as pd
 
 from rsna_cspine.config import to_dict
 from rsna_cspine.errors import ConfigError, LayoutError
-from rsna_cspine.prepare.cache import PreparedCache
+from rsna_cspine.training.prepared import PreparedCache
 
 log = logging.getLogger(__name__)
 

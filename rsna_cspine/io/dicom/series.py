@@ -20,7 +20,8 @@ import numpy as np
 from rsna_cspine.errors import DicomSeriesError
 from rsna_cspine.io.dicom.decode import decode_chunk, decode_series
 from rsna_cspine.io.dicom.geometry import build_volume
-from rsna_cspine.io.dicom.headers import SliceHeader, natural_key, read_header_chunk, read_headers
+from rsna_cspine.io.dicom.headers import SliceHeader, natural_key
+from rsna_cspine.io.dicom.scan import read_header_chunk, read_headers
 from rsna_cspine.io.dicom.pool import Handler, WorkerPool, resolve_workers, worker_pool
 from rsna_cspine.io.dicom.report import LoadReport, quote_names
 from rsna_cspine.io.volume import Volume
