@@ -72,12 +72,14 @@ class DemoConfig:
         rule: patient_overall rule of the submission (``aggregate.PATIENT_RULES``); the CV report shows it
             (``calibrated`` cross-fitted inside the validation fold) beside plain noisy-OR.
         threshold: vertebra probability counted as a detection (sensitivity, specificity, the picture).
+        workers: processes that write the synthetic studies (each study is independent; same files for any
+            number).
     """
 
     minutes: float = 10.0
     seed: int = 0
     device: str = "auto"
-    synth: dict[str, Any] = field(default_factory=lambda: {"n_studies": 40, "image_size": 128, "test_fraction": 0.25})
+    synth: dict[str, Any] = field(default_factory=lambda: {"n_studies": 176, "image_size": 128, "test_fraction": 0.2})
     seg_config: str = "configs/seg_cpu.yaml"
     seg_overrides: list[str] = field(default_factory=list)
     cls_config: str = "configs/cls_cpu.yaml"
@@ -86,6 +88,7 @@ class DemoConfig:
     reserve_s: float = 90.0
     rule: str = "calibrated"
     threshold: float = 0.5
+    workers: int = 2
 
 
 @dataclass
@@ -214,7 +217,7 @@ def run_demo(
     else:
         _banner("1/7 data", f"writing {synth_cfg.n_studies} synthetic studies ({synth_cfg.image_size} px) to {data_dir}")
         shutil.rmtree(data_dir, ignore_errors=True)
-        write_dataset(data_dir, synth_cfg)
+        write_dataset(data_dir, synth_cfg, workers=config.workers)
         (data_dir / _DATA_DONE).write_text(json.dumps(repr(synth_cfg)))
     seconds["data"] = time.monotonic() - tick
     layout = KaggleLayout(data_dir)
