@@ -12,8 +12,11 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
 def split_indices(targets: np.ndarray, cfg: TwoDSplitConfig, fold: int = 0, n_folds: int = 5,
-                  seed: int = 42) -> dict[str, np.ndarray]:
+                  seed: int = 42, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Row numbers of each split, every class in proportion in every split.
+
+    With ``groups`` (the study of each row) the studies are split, not the rows: every image of a study
+    lands in the same split, and the proportions hold for the studies (each counted with its class).
 
     The test split (``cfg.test_fraction``) is carved first and is the same for every fold; ``holdout``
     then takes ``cfg.val_fraction`` of all rows for validation, ``kfold`` makes fold ``fold`` of an
@@ -25,6 +28,7 @@ def split_indices(targets: np.ndarray, cfg: TwoDSplitConfig, fold: int = 0, n_fo
         fold: ``kfold``: the validation fold.
         n_folds: ``kfold``: number of folds of the non-test images.
         seed: shuffles the images before splitting (keep it fixed across folds).
+        groups: study of each row, or None (every row its own study).
 
     Returns:
         ``{"train", "val", "test"}`` → sorted row numbers (``test`` may be empty).
@@ -33,6 +37,12 @@ def split_indices(targets: np.ndarray, cfg: TwoDSplitConfig, fold: int = 0, n_fo
         ConfigError: a class has too few images for the requested split.
     """
     targets = np.asarray(targets)
+    if groups is not None and len(np.unique(groups)) < len(targets):
+        studies, study_of_row = np.unique(np.asarray(groups), return_inverse=True)
+        study_targets = np.zeros(len(studies), dtype=np.int64)
+        np.maximum.at(study_targets, study_of_row, targets)  # one class per study (index_images checks it)
+        by_study = split_indices(study_targets, cfg, fold, n_folds, seed)
+        return {name: np.flatnonzero(np.isin(study_of_row, chosen)) for name, chosen in by_study.items()}
     rows = np.arange(len(targets))
     counts = np.bincount(targets)
     try:
