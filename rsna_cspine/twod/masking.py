@@ -51,7 +51,9 @@ def apply_column_mask(image: np.ndarray, mask: np.ndarray, mode: str = "overlay"
     side = image.shape[-1]
     pixels = int(round(margin * side))
     if mode == "overlay":
-        keep = ndimage.binary_dilation(mask, iterations=pixels) if pixels > 0 and mask.any() else mask
+        # A square structuring element: the mask grows by ``pixels`` in every direction, corners included.
+        square = np.ones((3, 3), dtype=bool)
+        keep = ndimage.binary_dilation(mask, square, iterations=pixels) if pixels > 0 and mask.any() else mask
         return image * keep[None].astype(np.float32)
     if mode != "crop":
         raise ConfigError(f"mask mode must be overlay or crop, got {mode!r}")

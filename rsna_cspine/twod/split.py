@@ -12,7 +12,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
 def split_indices(targets: np.ndarray, cfg: TwoDSplitConfig, fold: int = 0, n_folds: int = 5,
-                  seed: int = 42, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                  seed: int = 42, groups: np.ndarray | None = None, _unit: str = "images") -> dict[str, np.ndarray]:
     """Row numbers of each split, every class in proportion in every split.
 
     With ``groups`` (the study of each row) the studies are split, not the rows: every image of a study
@@ -41,7 +41,7 @@ def split_indices(targets: np.ndarray, cfg: TwoDSplitConfig, fold: int = 0, n_fo
         studies, study_of_row = np.unique(np.asarray(groups), return_inverse=True)
         study_targets = np.zeros(len(studies), dtype=np.int64)
         np.maximum.at(study_targets, study_of_row, targets)  # one class per study (index_images checks it)
-        by_study = split_indices(study_targets, cfg, fold, n_folds, seed)
+        by_study = split_indices(study_targets, cfg, fold, n_folds, seed, _unit="studies")
         return {name: np.flatnonzero(np.isin(study_of_row, chosen)) for name, chosen in by_study.items()}
     rows = np.arange(len(targets))
     counts = np.bincount(targets)
@@ -57,10 +57,10 @@ def split_indices(targets: np.ndarray, cfg: TwoDSplitConfig, fold: int = 0, n_fo
             smallest = int(np.bincount(targets[rest]).min())
             if smallest < n_folds:
                 # sklearn only warns here and leaves a class out of some validation folds.
-                raise ValueError(f"the least populated class has {smallest} images for {n_folds} folds")
+                raise ValueError(f"the least populated class has {smallest} {_unit} for {n_folds} folds")
             folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
             train_pos, val_pos = list(folds.split(rest, targets[rest]))[fold]
             train, val = rest[train_pos], rest[val_pos]
     except ValueError as exc:
-        raise ConfigError(f"cannot split {len(rows)} images with class counts {counts.tolist()} this way ({exc})") from exc
+        raise ConfigError(f"cannot split {len(rows)} {_unit} with class counts {counts.tolist()} this way ({exc})") from exc
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
