@@ -102,6 +102,8 @@ def check_image_bounds(path: Path, max_pixels: int = MAX_PIXELS) -> None:
                 pixels = image.width * image.height
     except UploadRejected:
         raise
+    except Image.DecompressionBombError as exc:  # Pillow refuses to even open it
+        raise UploadRejected(f"image too large to decode ({exc})", status=413) from exc
     except (OSError, UnidentifiedImageError, pydicom.errors.InvalidDicomError, ValueError) as exc:
         raise UploadRejected(f"not a readable {suffix or 'image'} file ({exc.__class__.__name__})") from exc
     if pixels > max_pixels:
@@ -298,13 +300,15 @@ def mount_twod(app: FastAPI, predictor: ImagePredictor, work_dir: str | Path | N
     return tab
 
 
-def create_twod_app(predictor: ImagePredictor, work_dir: str | Path | None = None, max_upload_mb: float = 64.0) -> FastAPI:
+def create_twod_app(predictor: ImagePredictor, work_dir: str | Path | None = None, max_upload_mb: float = 64.0,
+                    keep_results: int = 32) -> FastAPI:
     """A viewer with the 2D tab only (``rsna-cspine serve --twod-checkpoint PT`` without ``--models``).
 
     Args:
         predictor: the loaded 2D classifier.
         work_dir: where uploads and pictures go (default: a temporary folder removed when the server stops).
         max_upload_mb: largest upload in MB.
+        keep_results: results kept.
     """
     owned = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="rsna-cspine-2d-")) if owned else Path(work_dir)
@@ -317,7 +321,7 @@ def create_twod_app(predictor: ImagePredictor, work_dir: str | Path | None = Non
 
     app = FastAPI(title="rsna-cspine 2D viewer", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.work_dir = work
-    mount_twod(app, predictor, max_upload_mb=max_upload_mb)
+    mount_twod(app, predictor, max_upload_mb=max_upload_mb, keep_results=keep_results)
 
     @app.get("/")
     def home() -> Response:
