@@ -131,8 +131,10 @@ def test_studies_come_from_the_csv_or_from_sub_folders(tmp_path: Path) -> None:
     assert index.classes == ["absent", "mild", "severe"]
     assert index.frame.loc[index.frame["study"] == "p1", "slice"].tolist() == [2.0, 1.0, 0.0]
     assert (index.frame["study"] == index.frame["path"]).sum() == 1  # no study given: the image is its own
-    with pytest.raises(LayoutError, match="class_order"):
+    with pytest.raises(LayoutError, match="not in data.class_order"):
         index_images(tmp_path / "labels.csv", label_column="grade", class_order=["absent", "severe"])
+    wider = index_images(tmp_path / "labels.csv", label_column="grade", class_order=["absent", "mild", "moderate", "severe"])
+    assert wider.classes[2] == "moderate" and (wider.frame["target"] != 2).all()  # an output without images
     with pytest.raises(LayoutError, match="missing column"):
         index_images(tmp_path / "labels.csv", label_column="label")
     table.loc[0, "grade"] = "mild"  # one study, two labels

@@ -68,12 +68,13 @@ def index_images(source: str | Path, label_column: str = "label",
             file with columns ``path`` and ``label_column`` and optionally ``study`` and ``slice``
             (relative paths are relative to the CSV's folder).
         label_column: the CSV column holding the class.
-        class_order: the classes in output order; None sorts them by name.
+        class_order: the classes in output order (a class without images stays an output, with a warning);
+            None sorts them by name.
 
     Raises:
         LayoutError: the source is missing, a CSV lacks its columns or names missing files, fewer than two
-            classes have images, ``class_order`` does not name exactly the classes found, or a study's
-            images carry different classes.
+            classes have images, a label is missing from ``class_order``, or a study's images carry
+            different classes.
     """
     source = Path(source)
     if source.is_file():
@@ -84,14 +85,17 @@ def index_images(source: str | Path, label_column: str = "label",
         raise LayoutError("image source not found (expected a folder of class folders or a path,label CSV)", source)
     found = sorted(frame["label"].unique().tolist())
     if class_order is not None:
-        if sorted(class_order) != found:
-            raise LayoutError(f"data.class_order {list(class_order)} does not name exactly the classes found {found}",
-                              source)
+        unknown = sorted(set(found) - set(class_order))
+        if unknown:
+            raise LayoutError(f"labels {unknown} are not in data.class_order {list(class_order)}", source)
+        unused = [c for c in class_order if c not in found]
+        if unused:
+            log.warning("%s: no image of class(es) %s of data.class_order (they stay model outputs)", source, unused)
         classes = list(class_order)
     else:
         classes = found
-    if len(classes) < 2:
-        raise LayoutError(f"need images of at least two classes, found {classes}", source)
+    if len(found) < 2:
+        raise LayoutError(f"need images of at least two classes, found {found}", source)
     frame["target"] = frame["label"].map({name: i for i, name in enumerate(classes)}).astype(np.int64)
     mixed = frame.groupby("study")["target"].nunique()
     if (mixed > 1).any():
@@ -260,7 +264,8 @@ def check_images(
         new = skipped[len(index.skipped):]
         log.warning("skipped %d unreadable image(s): %s", len(new), "; ".join(f"{p} ({r})" for p, r in new))
     frame = index.frame.iloc[ok].reset_index(drop=True)
-    empty = [c for i, c in enumerate(index.classes) if not (frame["target"] == i).any()]
+    had = set(index.frame["target"].tolist())
+    empty = [c for i, c in enumerate(index.classes) if i in had and not (frame["target"] == i).any()]
     if empty:
         raise LayoutError(f"class(es) {empty} have no readable image")
     return ImageIndex(frame=frame, classes=index.classes, skipped=skipped), (decoded if keep else None)

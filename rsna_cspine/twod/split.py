@@ -54,7 +54,7 @@ def split_indices(targets: np.ndarray, cfg: TwoDSplitConfig, fold: int = 0, n_fo
             val_share = cfg.val_fraction / (1.0 - cfg.test_fraction)
             train, val = train_test_split(rest, test_size=val_share, stratify=targets[rest], random_state=seed)
         else:
-            smallest = int(np.bincount(targets[rest]).min())
+            smallest = int(np.unique(targets[rest], return_counts=True)[1].min())
             if smallest < n_folds:
                 # sklearn only warns here and leaves a class out of some validation folds.
                 raise ValueError(f"the least populated class has {smallest} {_unit} for {n_folds} folds")
