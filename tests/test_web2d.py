@@ -127,3 +127,8 @@ def test_only_the_latest_results_are_kept(client, images) -> None:
     assert client.get(f"/2d/results/{ids[0]}", headers=JSON).status_code == 404
     assert client.get(f"/2d/results/{ids[2]}", headers=JSON).status_code == 200
     assert client.get("/", follow_redirects=False).headers["location"] == "/2d"
+
+
+def test_serve_needs_models_or_a_2d_checkpoint(caplog) -> None:
+    assert cli_main(["serve"]) == 1
+    assert "--models, --twod-checkpoint or both" in caplog.text
