@@ -259,7 +259,7 @@ def create_app(
 
 
 def serve(
-    models_dir: str | Path,
+    models_dir: str | Path | None,
     studies_dir: str | Path | None = None,
     port: int = 8765,
     work_dir: str | Path | None = None,
@@ -267,6 +267,7 @@ def serve(
     max_upload_mb: float = 2048.0,
     max_unpacked_mb: float = 3072.0,
     keep_jobs: int = 20,
+    twod_checkpoint: str | Path | None = None,
 ) -> None:
     """Load the models and serve the viewer on ``http://127.0.0.1:<port>/`` until interrupted.
 
@@ -279,13 +280,25 @@ def serve(
         max_upload_mb: largest upload in MB.
         max_unpacked_mb: largest unpacked study in MB.
         keep_jobs: most finished jobs kept with their pictures.
+        twod_checkpoint: a ``train-2d`` checkpoint for the 2D tab (:mod:`rsna_cspine.report.web2d`); alone
+            (``models_dir`` None) the viewer shows that tab only.
     """
     import uvicorn
 
     from rsna_cspine.inference import FracturePipeline, PipelineConfig
+    from rsna_cspine.report.web2d import create_twod_app, mount_twod
+    from rsna_cspine.twod.predict import load_image_classifier
 
-    pipeline = FracturePipeline.from_models_dir(models_dir, PipelineConfig(device=device))
-    app = create_app(StudyExplainer(pipeline), studies_dir, work_dir, max_upload_mb, max_unpacked_mb, keep_jobs)
+    twod = load_image_classifier(twod_checkpoint, device) if twod_checkpoint else None
+    if models_dir is None:
+        if twod is None:
+            raise CSpineError("serve needs --models, --twod-checkpoint or both")
+        app = create_twod_app(twod, work_dir)
+    else:
+        pipeline = FracturePipeline.from_models_dir(models_dir, PipelineConfig(device=device))
+        app = create_app(StudyExplainer(pipeline), studies_dir, work_dir, max_upload_mb, max_unpacked_mb, keep_jobs)
+        if twod is not None:
+            mount_twod(app, twod)
     logger.info("serving on http://%s:%d/", HOST, port)
     uvicorn.run(app, host=HOST, port=port, log_level="info")
 
@@ -296,7 +309,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: the subcommand's parser.
     """
-    parser.add_argument("--models", type=Path, required=True, help="models folder (seg/ and cls/ checkpoints)")
+    parser.add_argument("--models", type=Path, default=None, help="models folder (seg/ and cls/ checkpoints)")
+    parser.add_argument("--twod-checkpoint", type=Path, default=None,
+                        help="train-2d best.pt for the 2D image tab (alone: the 2D tab only)")
     parser.add_argument("--studies-dir", type=Path, default=None, help="folder of study folders to pick from")
     parser.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765)")
     parser.add_argument("--work-dir", type=Path, default=None, help="uploads and pictures (default: a temp folder)")
@@ -319,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     """
     try:
         serve(args.models, args.studies_dir, args.port, args.work_dir, args.device, args.max_upload_mb,
-              args.max_unpacked_mb, args.keep_jobs)
+              args.max_unpacked_mb, args.keep_jobs, args.twod_checkpoint)
     except CSpineError as exc:
         logger.error("%s", exc)
         return 1

@@ -1,7 +1,10 @@
 """Grad-CAM of a 2D classifier for one image, and its overlay picture.
 
 MONAI's :class:`monai.visualize.GradCAM` does the work on the backbone's last feature stage, found the
-same way as for stage 2 (:func:`rsna_cspine.report.gradcam.last_stage_name`), so any timm CNN works.
+same way as for stage 2 (:func:`rsna_cspine.report.gradcam.last_stage_name`), so any timm CNN works, and the
+torchvision trunks, which list their last stage the same way. A backbone whose stages give channels-last
+maps (timm's Swin) has, in the explained copy only, a pair of transposes after that stage, so the hooked
+output is the ``(B, C, H, W)`` map MONAI expects and the network computes what it did before.
 """
 
 from __future__ import annotations
@@ -15,8 +18,30 @@ import torch
 from matplotlib.figure import Figure
 from monai.visualize import GradCAM
 
+from torch import nn
+
 from rsna_cspine.report.gradcam import last_stage_name
-from rsna_cspine.twod.model import ImageClassifier
+from rsna_cspine.twod.model import ExplainScores, ImageClassifier
+
+
+class _Permute(nn.Module):
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+def _target_layer(model: ImageClassifier) -> str:
+    """The hooked layer's name inside :class:`ExplainScores` (adapting a channels-last stage in place)."""
+    stage = last_stage_name(model.backbone)
+    if getattr(model.backbone, "output_fmt", "NCHW") == "NHWC":
+        parent_name, _, child = stage.rpartition(".")
+        parent = model.backbone.get_submodule(parent_name) if parent_name else model.backbone
+        setattr(parent, child, nn.Sequential(getattr(parent, child), _Permute(0, 3, 1, 2), _Permute(0, 2, 3, 1)))
+        stage = f"{stage}.1"  # the channels-first view between the two transposes
+    return f"model.backbone.{stage}"
 
 
 @dataclass
@@ -53,10 +78,11 @@ def image_gradcam(model: ImageClassifier, image: np.ndarray | torch.Tensor, clas
         parameter.requires_grad_(True)
     x = x[None].to(device)
     with torch.no_grad():
-        probs = torch.softmax(hooked(x).float(), dim=1)[0].cpu().numpy()
+        probs = hooked.class_probs(hooked(x))[0].cpu().numpy()
     target = int(probs.argmax()) if class_index is None else int(class_index)
+    layer = _target_layer(hooked)
     # Identity post-processing: MONAI's default rescales (and inverts) the map; keep the raw values.
-    cam = GradCAM(hooked, target_layers=f"backbone.{last_stage_name(hooked.backbone)}", postprocessing=lambda m: m)
+    cam = GradCAM(ExplainScores(hooked), target_layers=layer, postprocessing=lambda m: m)
     with torch.enable_grad():
         raw = cam(x, class_idx=target).detach()[0, 0]
     peak = float(raw.max())
