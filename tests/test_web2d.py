@@ -110,6 +110,8 @@ def test_refusals(client, images, predictor) -> None:
     with TestClient(client.app, base_url="http://evil.example") as foreign:
         assert foreign.get("/2d").status_code == 400  # DNS rebinding: a foreign Host is not answered
     assert client.get("/2d/results/nothing", headers=JSON).status_code == 404
+    headers = client.get("/2d").headers  # the viewer's guard answers for the tab too
+    assert "script-src 'nonce-" in headers["content-security-policy"] and headers["x-frame-options"] == "DENY"
     ok = _post(client, "a.png", png, token, JSON).json()
     assert client.get(f"/2d/results/{ok['id']}/files/upload.png").status_code == 404  # only its pictures are served
     assert client.get(f"/2d/results/{ok['id']}/files/..%2F..%2Fconfig.yaml").status_code == 404
