@@ -64,7 +64,7 @@ TOKEN_FIELD = "token"
 #: Largest body of the study-folder form (a token and a folder name).
 _MAX_FORM_BYTES = 16 * 2**10
 
-__all__ = ["HOST", "Job", "JobQueue", "add_arguments", "create_app", "run", "serve"]
+__all__ = ["HOST", "Job", "JobQueue", "add_arguments", "create_app", "error_response", "run", "serve", "wants_json"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,12 +72,14 @@ __all__ = ["HOST", "Job", "JobQueue", "add_arguments", "create_app", "run", "ser
 # ----------------------------------------------------------------------------------------------
 
 
-def _wants_json(request: Request) -> bool:
+def wants_json(request: Request) -> bool:
+    """The client asked for JSON (the viewer's scripts and API clients), not a page."""
     return "application/json" in request.headers.get("accept", "")
 
 
-def _error(request: Request, status: int, message: str) -> Response:
-    if _wants_json(request):
+def error_response(request: Request, status: int, message: str) -> Response:
+    """A refusal or failure as JSON or as the error page, whichever the client asked for."""
+    if wants_json(request):
         return JSONResponse({"error": message}, status_code=status)
     return TEMPLATES.TemplateResponse(request, "error.html", {"status": status, "message": message}, status_code=status)
 
@@ -154,13 +156,13 @@ def create_app(
 
     # No API documentation: the routes are for the viewer's own pages.
     app = FastAPI(title="rsna-cspine viewer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(RequestGuard, refuse=_error)
+    app.add_middleware(RequestGuard, refuse=error_response)
     app.state.queue = queue
     app.state.work_dir = work
     app.state.token = token
 
     def started(request: Request, job: Job) -> Response:
-        if _wants_json(request):
+        if wants_json(request):
             return JSONResponse(job.to_json(), status_code=201)
         return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
@@ -196,7 +198,7 @@ def create_app(
             job = queue.submit(name, folder, job_dir / "pictures", job_id=job_id, root=job_dir, scratch=job_dir / "study")
         except UploadRejected as exc:
             await run_in_threadpool(shutil.rmtree, job_dir, True)
-            return _error(request, exc.status, f"{short(filename, 80)}: {exc.reason}" if filename else exc.reason)
+            return error_response(request, exc.status, f"{short(filename, 80)}: {exc.reason}" if filename else exc.reason)
         except ClientDisconnect:
             await run_in_threadpool(shutil.rmtree, job_dir, True)
             logger.info("upload %s: the client went away before the upload was complete", job_id)
@@ -212,24 +214,24 @@ def create_app(
     async def from_folder(request: Request) -> Response:
         length = request.headers.get("content-length", "")
         if not length.isdigit() or int(length) > _MAX_FORM_BYTES:
-            return _error(request, 413 if length.isdigit() else 411, "the study form must be small and state its size")
+            return error_response(request, 413 if length.isdigit() else 411, "the study form must be small and state its size")
         form = await request.form(max_files=0, max_fields=3)
         try:
             check_token({key: str(value) for key, value in form.items()})
         except UploadRejected as exc:
-            return _error(request, exc.status, exc.reason)
+            return error_response(request, exc.status, exc.reason)
         name = str(form.get("study", ""))
         # Only names from the listing are accepted: a typed path can never reach outside studies_dir.
         folder = list_studies(studies_dir).get(name)
         if folder is None:
-            return _error(request, 404, f"no study folder named {name!r} under the studies folder")
+            return error_response(request, 404, f"no study folder named {name!r} under the studies folder")
         job_id = uuid.uuid4().hex
         try:
             root = await run_in_threadpool(make_job_folder, work / job_id)
             job = queue.submit(name, folder, root / "pictures", job_id=job_id, root=root)
         except UploadRejected as exc:
             await run_in_threadpool(shutil.rmtree, work / job_id, True)
-            return _error(request, exc.status, exc.reason)
+            return error_response(request, exc.status, exc.reason)
         logger.info("job %s: study folder %s", job.id, folder)
         return started(request, job)
 
@@ -244,7 +246,7 @@ def create_app(
     def job_page(request: Request, job_id: str) -> Response:
         job = queue.get(job_id)
         if job is None:
-            return _error(request, 404, f"no job {job_id!r} (the viewer keeps the latest {keep_jobs} finished jobs)")
+            return error_response(request, 404, f"no job {job_id!r} (the viewer keeps the latest {keep_jobs} finished jobs)")
         return TEMPLATES.TemplateResponse(request, "job.html", {"job": job, **_result_context(job)})
 
     @app.get("/jobs/{job_id}/files/{name}")
@@ -252,7 +254,7 @@ def create_app(
         job = queue.get(job_id)
         path = None if job is None else job.files().get(name)
         if path is None or not path.is_file():
-            return _error(request, 404, f"no file {name!r} for job {job_id!r}")
+            return error_response(request, 404, f"no file {name!r} for job {job_id!r}")
         return FileResponse(path)
 
     return app

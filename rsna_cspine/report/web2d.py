@@ -40,6 +40,7 @@ from rsna_cspine.errors import CSpineError
 from rsna_cspine.report.guard import RequestGuard
 from rsna_cspine.report.receive import receive_upload
 from rsna_cspine.report.uploads import UploadRejected, short
+from rsna_cspine.report.web import error_response, wants_json
 from rsna_cspine.twod.gradcam import save_cam_overlay
 from rsna_cspine.twod.predict import ImagePredictor
 from rsna_cspine.twod.saliency import save_saliency_overlay
@@ -162,16 +163,6 @@ class TwoDTab:
         return result
 
 
-def _wants_json(request: Request) -> bool:
-    return "application/json" in request.headers.get("accept", "")
-
-
-def _error(request: Request, status: int, message: str) -> Response:
-    if _wants_json(request):
-        return JSONResponse({"error": message}, status_code=status)
-    return TEMPLATES.TemplateResponse(request, "error.html", {"status": status, "message": message}, status_code=status)
-
-
 def mount_twod(app: FastAPI, predictor: ImagePredictor, work_dir: str | Path | None = None,
                max_upload_mb: float = 64.0, keep_results: int = 32) -> TwoDTab:
     """Add the 2D tab's routes to ``app`` (the CT viewer's, or :func:`create_twod_app`'s).
@@ -225,7 +216,7 @@ def mount_twod(app: FastAPI, predictor: ImagePredictor, work_dir: str | Path | N
             result = await run_in_threadpool(tab.analyse, target, filename, folder)
         except UploadRejected as exc:
             await run_in_threadpool(shutil.rmtree, folder, True)
-            return _error(request, exc.status, f"{short(filename, 80)}: {exc.reason}" if filename else exc.reason)
+            return error_response(request, exc.status, f"{short(filename, 80)}: {exc.reason}" if filename else exc.reason)
         except ClientDisconnect:
             await run_in_threadpool(shutil.rmtree, folder, True)
             return Response(status_code=400)
@@ -233,7 +224,7 @@ def mount_twod(app: FastAPI, predictor: ImagePredictor, work_dir: str | Path | N
             await run_in_threadpool(shutil.rmtree, folder, True)
             raise
         logger.info("2D result %s: %s → %s", result.id, result.name, result.predicted)
-        if _wants_json(request):
+        if wants_json(request):
             return JSONResponse(result.to_json(), status_code=201)
         return RedirectResponse(f"/2d/results/{result.id}", status_code=303)
 
@@ -241,15 +232,15 @@ def mount_twod(app: FastAPI, predictor: ImagePredictor, work_dir: str | Path | N
     def twod_result(request: Request, result_id: str) -> Response:
         result = tab.results.get(result_id)
         if result is None:
-            return _error(request, 404, f"no 2D result {result_id!r} (only the latest {keep_results} are kept)")
-        return JSONResponse(result.to_json()) if _wants_json(request) else page(request, result)
+            return error_response(request, 404, f"no 2D result {result_id!r} (only the latest {keep_results} are kept)")
+        return JSONResponse(result.to_json()) if wants_json(request) else page(request, result)
 
     @app.get("/2d/results/{result_id}/files/{name}")
     def twod_file(request: Request, result_id: str, name: str) -> Response:
         result = tab.results.get(result_id)
         path = None if result is None else result.files.get(name)
         if path is None or not path.is_file():
-            return _error(request, 404, f"no file {name!r} for 2D result {result_id!r}")
+            return error_response(request, 404, f"no file {name!r} for 2D result {result_id!r}")
         return FileResponse(path)
 
     return tab
@@ -275,7 +266,7 @@ def create_twod_app(predictor: ImagePredictor, work_dir: str | Path | None = Non
             shutil.rmtree(work, ignore_errors=True)
 
     app = FastAPI(title="rsna-cspine 2D viewer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(RequestGuard, refuse=_error)
+    app.add_middleware(RequestGuard, refuse=error_response)
     app.state.work_dir = work
     mount_twod(app, predictor, max_upload_mb=max_upload_mb, keep_results=keep_results)
 

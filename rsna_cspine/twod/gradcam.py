@@ -90,14 +90,17 @@ def image_gradcam(model: ImageClassifier, image: np.ndarray | torch.Tensor, clas
     return ImageCam(cam=scaled.cpu().numpy().astype(np.float32), class_index=target, probs=probs, peak=peak)
 
 
-def save_cam_overlay(image: np.ndarray, result: ImageCam, classes: list[str], path: str | Path) -> Path:
-    """Write the image and its Grad-CAM side by side (PNG).
+def save_map_overlay(image: np.ndarray, heat: np.ndarray, title: str, path: str | Path, cmap: str = "jet",
+                     alpha: float = 0.45) -> Path:
+    """Write the image and a [0, 1] map over it side by side (PNG); Grad-CAM and saliency share it.
 
     Args:
         image: ``(C, H, W)`` in [0, 1] (its channel mean is shown).
-        result: from :func:`image_gradcam`.
-        classes: class names (the title names the explained class and its probability).
+        heat: ``(H, W)`` map in [0, 1].
+        title: the right panel's title.
         path: destination PNG.
+        cmap: the map's colours.
+        alpha: the map's opacity.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,11 +110,24 @@ def save_cam_overlay(image: np.ndarray, result: ImageCam, classes: list[str], pa
     left.imshow(grey, cmap="gray", vmin=0, vmax=1)
     left.set_title("image")
     right.imshow(grey, cmap="gray", vmin=0, vmax=1)
-    right.imshow(result.cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-    name = classes[result.class_index]
-    right.set_title(f"Grad-CAM: {name} (p={result.probs[result.class_index]:.3f})")
+    right.imshow(heat, cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+    right.set_title(title)
     for ax in (left, right):
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
+
+
+def save_cam_overlay(image: np.ndarray, result: ImageCam, classes: list[str], path: str | Path) -> Path:
+    """Write the image and its Grad-CAM side by side (PNG).
+
+    Args:
+        image: ``(C, H, W)`` in [0, 1] (its channel mean is shown).
+        result: from :func:`image_gradcam`.
+        classes: class names (the title names the explained class and its probability).
+        path: destination PNG.
+    """
+    name = classes[result.class_index]
+    title = f"Grad-CAM: {name} (p={result.probs[result.class_index]:.3f})"
+    return save_map_overlay(image, result.cam, title, path)

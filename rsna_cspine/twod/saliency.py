@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from monai.visualize import VanillaGrad
 
+from rsna_cspine.twod.gradcam import save_map_overlay
 from rsna_cspine.twod.model import ExplainScores, ImageClassifier
 
 
@@ -70,19 +70,6 @@ def save_saliency_overlay(image: np.ndarray, result: ImageSaliency, classes: lis
         classes: class names (the title names the explained class and its probability).
         path: destination PNG.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grey = np.asarray(image, dtype=np.float32).mean(0)
-    fig = Figure(figsize=(8, 4.3))
-    left, right = fig.subplots(1, 2)
-    left.imshow(grey, cmap="gray", vmin=0, vmax=1)
-    left.set_title("image")
-    right.imshow(grey, cmap="gray", vmin=0, vmax=1)
-    right.imshow(result.saliency, cmap="hot", alpha=0.6, vmin=0, vmax=1)
     name = classes[result.class_index]
-    right.set_title(f"saliency: {name} (p={result.probs[result.class_index]:.3f})")
-    for ax in (left, right):
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    title = f"saliency: {name} (p={result.probs[result.class_index]:.3f})"
+    return save_map_overlay(image, result.saliency, title, path, cmap="hot", alpha=0.6)
