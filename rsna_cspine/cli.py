@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-2d": ("rsna_cspine.twod.commands", "train a 2D image-folder classifier"),
     "predict-2d": ("rsna_cspine.twod.predict_commands", "class probabilities for one 2D image"),
     "synth-2d": ("rsna_cspine.twod.synth_commands", "write a synthetic 2D image folder (normal/fracture/dislocation)"),
+    "synth-sagittal": ("rsna_cspine.twod.sagittal_commands",
+                       "sagittal CT images, column masks and fracture grades from phantoms"),
+    "import-sagittal": ("rsna_cspine.twod.import_commands", "sagittal images and column masks from a labelled real CT"),
+    "train-2d-seg": ("rsna_cspine.twod.seg_commands", "train the 2D column U-Net on sagittal slices and masks"),
 }
 
 

@@ -133,6 +133,7 @@ def create_backbone(
     drop_path_rate: float = 0.0,
     global_pool: str = "avg",
     drop_rate: float = 0.0,
+    img_size: int | None = None,
 ) -> nn.Module:
     """A timm model from a local weights file or random init; nothing is ever downloaded.
 
@@ -145,11 +146,14 @@ def create_backbone(
         drop_path_rate: stochastic depth (0 = off, and not passed to models without it).
         global_pool: spatial pooling (timm name: ``avg``, ``max``, ``avgmax``, ...).
         drop_rate: dropout before the classifier (0 = off).
+        img_size: input side, for models built for one size (Swin); None = the model's default.
 
     Raises:
         ConfigError: the file is absent, or its weights do not fit the model.
     """
     kwargs: dict[str, object] = {"in_chans": in_chans, "num_classes": num_classes, "global_pool": global_pool}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
     if drop_path_rate > 0:
         kwargs["drop_path_rate"] = drop_path_rate
     if drop_rate > 0:

@@ -64,7 +64,7 @@ TOKEN_FIELD = "token"
 #: Largest body of the study-folder form (a token and a folder name).
 _MAX_FORM_BYTES = 16 * 2**10
 
-__all__ = ["HOST", "Job", "JobQueue", "add_arguments", "create_app", "run", "serve"]
+__all__ = ["HOST", "Job", "JobQueue", "add_arguments", "create_app", "error_response", "run", "serve", "wants_json"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,12 +72,14 @@ __all__ = ["HOST", "Job", "JobQueue", "add_arguments", "create_app", "run", "ser
 # ----------------------------------------------------------------------------------------------
 
 
-def _wants_json(request: Request) -> bool:
+def wants_json(request: Request) -> bool:
+    """The client asked for JSON (the viewer's scripts and API clients), not a page."""
     return "application/json" in request.headers.get("accept", "")
 
 
-def _error(request: Request, status: int, message: str) -> Response:
-    if _wants_json(request):
+def error_response(request: Request, status: int, message: str) -> Response:
+    """A refusal or failure as JSON or as the error page, whichever the client asked for."""
+    if wants_json(request):
         return JSONResponse({"error": message}, status_code=status)
     return TEMPLATES.TemplateResponse(request, "error.html", {"status": status, "message": message}, status_code=status)
 
@@ -154,13 +156,13 @@ def create_app(
 
     # No API documentation: the routes are for the viewer's own pages.
     app = FastAPI(title="rsna-cspine viewer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(RequestGuard, refuse=_error)
+    app.add_middleware(RequestGuard, refuse=error_response)
     app.state.queue = queue
     app.state.work_dir = work
     app.state.token = token
 
     def started(request: Request, job: Job) -> Response:
-        if _wants_json(request):
+        if wants_json(request):
             return JSONResponse(job.to_json(), status_code=201)
         return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
@@ -196,7 +198,7 @@ def create_app(
             job = queue.submit(name, folder, job_dir / "pictures", job_id=job_id, root=job_dir, scratch=job_dir / "study")
         except UploadRejected as exc:
             await run_in_threadpool(shutil.rmtree, job_dir, True)
-            return _error(request, exc.status, f"{short(filename, 80)}: {exc.reason}" if filename else exc.reason)
+            return error_response(request, exc.status, f"{short(filename, 80)}: {exc.reason}" if filename else exc.reason)
         except ClientDisconnect:
             await run_in_threadpool(shutil.rmtree, job_dir, True)
             logger.info("upload %s: the client went away before the upload was complete", job_id)
@@ -212,24 +214,24 @@ def create_app(
     async def from_folder(request: Request) -> Response:
         length = request.headers.get("content-length", "")
         if not length.isdigit() or int(length) > _MAX_FORM_BYTES:
-            return _error(request, 413 if length.isdigit() else 411, "the study form must be small and state its size")
+            return error_response(request, 413 if length.isdigit() else 411, "the study form must be small and state its size")
         form = await request.form(max_files=0, max_fields=3)
         try:
             check_token({key: str(value) for key, value in form.items()})
         except UploadRejected as exc:
-            return _error(request, exc.status, exc.reason)
+            return error_response(request, exc.status, exc.reason)
         name = str(form.get("study", ""))
         # Only names from the listing are accepted: a typed path can never reach outside studies_dir.
         folder = list_studies(studies_dir).get(name)
         if folder is None:
-            return _error(request, 404, f"no study folder named {name!r} under the studies folder")
+            return error_response(request, 404, f"no study folder named {name!r} under the studies folder")
         job_id = uuid.uuid4().hex
         try:
             root = await run_in_threadpool(make_job_folder, work / job_id)
             job = queue.submit(name, folder, root / "pictures", job_id=job_id, root=root)
         except UploadRejected as exc:
             await run_in_threadpool(shutil.rmtree, work / job_id, True)
-            return _error(request, exc.status, exc.reason)
+            return error_response(request, exc.status, exc.reason)
         logger.info("job %s: study folder %s", job.id, folder)
         return started(request, job)
 
@@ -244,7 +246,7 @@ def create_app(
     def job_page(request: Request, job_id: str) -> Response:
         job = queue.get(job_id)
         if job is None:
-            return _error(request, 404, f"no job {job_id!r} (the viewer keeps the latest {keep_jobs} finished jobs)")
+            return error_response(request, 404, f"no job {job_id!r} (the viewer keeps the latest {keep_jobs} finished jobs)")
         return TEMPLATES.TemplateResponse(request, "job.html", {"job": job, **_result_context(job)})
 
     @app.get("/jobs/{job_id}/files/{name}")
@@ -252,14 +254,14 @@ def create_app(
         job = queue.get(job_id)
         path = None if job is None else job.files().get(name)
         if path is None or not path.is_file():
-            return _error(request, 404, f"no file {name!r} for job {job_id!r}")
+            return error_response(request, 404, f"no file {name!r} for job {job_id!r}")
         return FileResponse(path)
 
     return app
 
 
 def serve(
-    models_dir: str | Path,
+    models_dir: str | Path | None,
     studies_dir: str | Path | None = None,
     port: int = 8765,
     work_dir: str | Path | None = None,
@@ -267,6 +269,7 @@ def serve(
     max_upload_mb: float = 2048.0,
     max_unpacked_mb: float = 3072.0,
     keep_jobs: int = 20,
+    twod_checkpoint: str | Path | None = None,
 ) -> None:
     """Load the models and serve the viewer on ``http://127.0.0.1:<port>/`` until interrupted.
 
@@ -279,13 +282,25 @@ def serve(
         max_upload_mb: largest upload in MB.
         max_unpacked_mb: largest unpacked study in MB.
         keep_jobs: most finished jobs kept with their pictures.
+        twod_checkpoint: a ``train-2d`` checkpoint for the 2D tab (:mod:`rsna_cspine.report.web2d`); alone
+            (``models_dir`` None) the viewer shows that tab only.
     """
     import uvicorn
 
     from rsna_cspine.inference import FracturePipeline, PipelineConfig
+    from rsna_cspine.report.web2d import create_twod_app, mount_twod
+    from rsna_cspine.twod.predict import load_image_classifier
 
-    pipeline = FracturePipeline.from_models_dir(models_dir, PipelineConfig(device=device))
-    app = create_app(StudyExplainer(pipeline), studies_dir, work_dir, max_upload_mb, max_unpacked_mb, keep_jobs)
+    twod = load_image_classifier(twod_checkpoint, device) if twod_checkpoint else None
+    if models_dir is None:
+        if twod is None:
+            raise CSpineError("serve needs --models, --twod-checkpoint or both")
+        app = create_twod_app(twod, work_dir)
+    else:
+        pipeline = FracturePipeline.from_models_dir(models_dir, PipelineConfig(device=device))
+        app = create_app(StudyExplainer(pipeline), studies_dir, work_dir, max_upload_mb, max_unpacked_mb, keep_jobs)
+        if twod is not None:
+            mount_twod(app, twod)
     logger.info("serving on http://%s:%d/", HOST, port)
     uvicorn.run(app, host=HOST, port=port, log_level="info")
 
@@ -296,7 +311,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: the subcommand's parser.
     """
-    parser.add_argument("--models", type=Path, required=True, help="models folder (seg/ and cls/ checkpoints)")
+    parser.add_argument("--models", type=Path, default=None, help="models folder (seg/ and cls/ checkpoints)")
+    parser.add_argument("--twod-checkpoint", type=Path, default=None,
+                        help="train-2d best.pt for the 2D image tab (alone: the 2D tab only)")
     parser.add_argument("--studies-dir", type=Path, default=None, help="folder of study folders to pick from")
     parser.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765)")
     parser.add_argument("--work-dir", type=Path, default=None, help="uploads and pictures (default: a temp folder)")
@@ -319,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
     """
     try:
         serve(args.models, args.studies_dir, args.port, args.work_dir, args.device, args.max_upload_mb,
-              args.max_unpacked_mb, args.keep_jobs)
+              args.max_unpacked_mb, args.keep_jobs, args.twod_checkpoint)
     except CSpineError as exc:
         logger.error("%s", exc)
         return 1

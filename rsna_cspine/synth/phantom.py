@@ -13,7 +13,7 @@ from rsna_cspine.synth.artefacts import metal_streaks, narrow_blur
 from rsna_cspine.synth.config import SynthConfig
 from rsna_cspine.synth.face import paint_face, plan_teeth
 from rsna_cspine.synth.fov import draw_fov_kind
-from rsna_cspine.synth.fractures import apply_fracture, fracture_mask, plan_fracture
+from rsna_cspine.synth.fractures import FracturePlan, apply_fracture, fracture_mask, plan_fracture
 from rsna_cspine.synth.head import paint_cranium, plan_head
 from rsna_cspine.synth.labels import sample_fracture_labels
 from rsna_cspine.synth.neck import airway, paint_neck
@@ -46,6 +46,8 @@ class Phantom:
             where a defect is visible; pixel box of the defect with a small margin.
         fracture_masks: bool ``(z, y, x)`` defect voxels per fractured vertebra.
         fracture_kinds: per fractured vertebra, what was done (``"break:body"``, ``"displaced"``, …).
+        fracture_plans: per fractured vertebra, the drawn defects, displacement and height loss (what a
+            severity grade is read from).
         circular_fov: True when pixels outside the reconstruction circle hold ``PADDING_HU``.
         tissue: uint8 ``(z, y, x)`` ``tissues.Tissue`` of every voxel (before artefacts; None if absent).
         fov: the scan window's kind (``fov.FOV_KINDS``).
@@ -59,6 +61,7 @@ class Phantom:
     fracture_boxes: list[dict]
     fracture_masks: dict[str, np.ndarray] | None
     fracture_kinds: dict[str, list[str]] = field(default_factory=dict)
+    fracture_plans: dict[str, FracturePlan] = field(default_factory=dict)
     circular_fov: bool = False
     tissue: np.ndarray | None = None
     fov: str = "neck"
@@ -129,6 +132,7 @@ def make_phantom(cfg: SynthConfig, rng: np.random.Generator,
     blocks: list[BoneBlock] = []
     masks: dict[str, np.ndarray] = {}
     kinds: dict[str, list[str]] = {}
+    plans: dict[str, FracturePlan] = {}
     for spec in skeleton.vertebrae:
         block = build_vertebra(spec, grid)
         if block is None:
@@ -141,6 +145,7 @@ def make_phantom(cfg: SynthConfig, rng: np.random.Generator,
             full[block.box.index] = fracture_mask(block, broken)
             masks[spec.name] = full
             kinds[spec.name] = plan.kinds
+            plans[spec.name] = plan
             block = broken
         blocks.append(block)
     for block in blocks:  # ribs first: where a rib touches a vertebra, the vertebra wins
@@ -177,9 +182,10 @@ def make_phantom(cfg: SynthConfig, rng: np.random.Generator,
         fractured[name] = 0
         masks.pop(name, None)
         kinds.pop(name, None)
+        plans.pop(name, None)
     return Phantom(hu=out, labels=labels, spacing=grid.spacing, fractured=fractured,
                    fracture_boxes=_boxes(masks, grid.ps), fracture_masks=masks, fracture_kinds=kinds,
-                   circular_fov=circular, tissue=painter.tissue, fov=skeleton.window.kind,
+                   fracture_plans=plans,                   circular_fov=circular, tissue=painter.tissue, fov=skeleton.window.kind,
                    scan_top_mm=skeleton.window.top)
 
 

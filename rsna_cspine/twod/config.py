@@ -15,10 +15,18 @@ from rsna_cspine.errors import ConfigError
 from rsna_cspine.training.config import FLAT_TRAIN_KEYS, ImageAugConfig, OptimConfig, RunConfig, TrainConfig
 
 SPLIT_MODES: tuple[str, ...] = ("holdout", "kfold")
+#: How a study's image probabilities become the study's (``data.study_agg``).
+STUDY_RULES: tuple[str, ...] = ("mean", "max")
+#: What ``data.mask_with`` does with the predicted column mask (``data.mask_mode``).
+MASK_MODES: tuple[str, ...] = ("overlay", "crop")
+#: Classifier heads (``model.head``): the backbone's own linear layer, or two new fully connected layers.
+HEADS: tuple[str, ...] = ("linear", "fc2")
+#: Validation metrics of one view of the predictions.
+METRICS: tuple[str, ...] = ("loss", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+#: Views: per image, per image as fracture present / absent (``data.negative_class``), per study, per study binary.
+VIEWS: tuple[str, ...] = ("", "binary_", "study_", "study_binary_")
 #: Validation metrics a run can monitor (``summary.csv`` columns); losses are minimised, the rest maximised.
-MONITORS: tuple[str, ...] = (
-    "val_loss", "val_accuracy", "val_precision", "val_recall", "val_specificity", "val_f1", "val_roc_auc",
-)
+MONITORS: tuple[str, ...] = tuple(f"val_{view}{metric}" for view in VIEWS for metric in METRICS)
 
 
 @dataclass
@@ -26,8 +34,9 @@ class TwoDDataConfig:
     """Where the images come from and how they become tensors.
 
     Attributes:
-        root: a folder with one sub-folder per class, or a CSV file of ``path,label`` (paths relative to
-            the CSV's folder).
+        root: a folder with one sub-folder per class (images directly in it, or in one sub-folder per
+            study), or a CSV file of ``path,label`` (paths relative to the CSV's folder; optional ``study``
+            and ``slice`` columns).
         in_chans: 1 (grey) or 3 (the grey image repeated, or RGB files kept in colour).
         image_size: square side the images are resized to.
         dicom_window: ``(low, high)`` HU window mapped to [0, 1] for DICOM files; None scales each DICOM
@@ -39,6 +48,23 @@ class TwoDDataConfig:
         positive_class: the class binary metrics (precision, recall, specificity, F1, AUC) are about;
             None → the class that is not named like a negative (``normal``, ``negative``, ...), else the
             last one in sorted order.
+        label_column: the CSV column that holds the class (e.g. ``label`` for a grade, ``fracture`` for
+            fracture / normal in ``synth-sagittal``'s table).
+        class_order: the classes in output order (required for ``model.ordinal``: least to most severe);
+            None = sorted names.
+        negative_class: in a problem of more than two classes, the class meaning "no finding": the reports and
+            ``val_binary_*`` metrics then also judge fracture present (any other class) vs absent. None = the
+            one class named like a negative (``normal``, ``absent``, ...) if there is exactly one.
+        study_agg: how a study's probabilities follow from its images': ``mean`` of their class
+            probabilities, or ``max``: those of its most suspicious image (highest probability of the positive
+            class; with a negative class, lowest probability of it; otherwise the most confident image).
+        middle_k: use only the middle ``k`` images of each study (ordered by the ``slice`` column, else by
+            path); 0 = all.
+        mask_with: a ``train-2d-seg`` checkpoint whose column mask is applied to every image before
+            classification (training and prediction); its weights are stored in the classifier's checkpoint.
+        mask_mode: ``overlay``: pixels outside the (widened) column set to 0; ``crop``: the image cut to the
+            column's bounding box (plus the margin) and resized back.
+        mask_margin: widening of the mask, and the crop's margin, as a share of the image side.
     """
 
     root: str = "data/images"
@@ -48,11 +74,21 @@ class TwoDDataConfig:
     skip_unreadable: bool = False
     in_memory: bool = False
     positive_class: str | None = None
+    label_column: str = "label"
+    class_order: tuple[str, ...] | None = None
+    negative_class: str | None = None
+    study_agg: str = "mean"
+    middle_k: int = 0
+    mask_with: str | None = None
+    mask_mode: str = "overlay"
+    mask_margin: float = 0.03
 
 
 @dataclass
 class TwoDSplitConfig:
     """Stratified, seeded split of the images (the folds themselves: ``fold``, ``train.n_folds``, ``train.fold_seed``).
+
+    Images of one study (``study`` column or sub-folder) always land in the same split.
 
     Attributes:
         mode: ``holdout`` (train / val / test fractions) or ``kfold`` (StratifiedKFold; ``fold`` is validation).
@@ -67,14 +103,21 @@ class TwoDSplitConfig:
 
 @dataclass
 class TwoDModelConfig:
-    """The timm classifier.
+    """The classifier.
 
     Attributes:
-        backbone: any timm model name (``resnet18``, ``convnext_tiny``, ``mobilenetv3_large_100``, ...).
-        pretrained_file: local timm weights file; None = random init (nothing is ever downloaded).
-        drop_rate: dropout before the classifier.
+        backbone: any timm model name (``resnet18``, ``convnext_tiny``, ``mobilenetv3_large_100``, ...) or a
+            torchvision one: ``tv/alexnet``, ``tv/googlenet`` (3 input channels; ImageNet statistics).
+        pretrained_file: local weights file (timm's, or a torchvision state dict); None = random init
+            (nothing is ever downloaded).
+        drop_rate: dropout before the classifier (``fc2``: before each of its two layers).
         drop_path_rate: stochastic depth (where the backbone supports it).
-        global_pool: spatial pooling (timm name).
+        global_pool: spatial pooling (timm name; timm backbones only).
+        head: ``linear`` (the backbone's own classifier layer, resized) or ``fc2`` (two new fully connected
+            layers with ReLU and dropout, as in transfer learning on AlexNet / GoogLeNet features).
+        head_hidden: width of ``fc2``'s first layer.
+        ordinal: one shared score with ordered thresholds (CORAL) instead of one logit per class, trained
+            with binary cross-entropy on "grade > k"; needs ``data.class_order`` from least to most severe.
     """
 
     backbone: str = "resnet18"
@@ -82,6 +125,9 @@ class TwoDModelConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     global_pool: str = "avg"
+    head: str = "linear"
+    head_hidden: int = 256
+    ordinal: bool = False
 
 
 @dataclass
@@ -172,3 +218,20 @@ class TwoDConfig(RunConfig):
             raise ConfigError(f"train.bn_recalibration_images must be ≥ 0, got {self.train.bn_recalibration_images}")
         if self.train.monitor not in MONITORS:
             raise ConfigError(f"train.monitor must be one of {MONITORS}, got {self.train.monitor!r}")
+        d, m = self.data, self.model
+        if d.study_agg not in STUDY_RULES:
+            raise ConfigError(f"data.study_agg must be one of {STUDY_RULES}, got {d.study_agg!r}")
+        if d.middle_k < 0:
+            raise ConfigError(f"data.middle_k must be ≥ 0 (0 = every image of a study), got {d.middle_k}")
+        if d.mask_mode not in MASK_MODES:
+            raise ConfigError(f"data.mask_mode must be one of {MASK_MODES}, got {d.mask_mode!r}")
+        if not 0.0 <= d.mask_margin < 0.5:
+            raise ConfigError(f"data.mask_margin must be in [0, 0.5), got {d.mask_margin}")
+        if d.class_order is not None and len(set(d.class_order)) != len(d.class_order):
+            raise ConfigError(f"data.class_order names a class twice: {d.class_order}")
+        if m.head not in HEADS:
+            raise ConfigError(f"model.head must be one of {HEADS}, got {m.head!r}")
+        if m.head_hidden < 1 or not 0.0 <= m.drop_rate < 1.0:
+            raise ConfigError("model.head_hidden must be ≥ 1 and model.drop_rate in [0, 1)")
+        if m.ordinal and d.class_order is None:
+            raise ConfigError("model.ordinal needs data.class_order (the classes from least to most severe)")

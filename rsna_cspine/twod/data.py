@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,9 @@ log = logging.getLogger(__name__)
 PILLOW_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
 IMAGE_SUFFIXES: frozenset[str] = PILLOW_SUFFIXES | DICOM_SUFFIXES
-INDEX_COLUMNS: tuple[str, ...] = ("path", "label", "target")
+#: A step applied to every decoded ``(C, S, S)`` image (e.g. the column mask).
+ImageTransform = Callable[[np.ndarray], np.ndarray]
+INDEX_COLUMNS: tuple[str, ...] = ("path", "label", "target", "study", "slice")
 
 
 @dataclass
@@ -39,8 +42,10 @@ class ImageIndex:
     """The images of a dataset and their classes.
 
     Attributes:
-        frame: one row per image: ``path`` (absolute), ``label`` (class name), ``target`` (class number).
-        classes: class names in sorted order; ``target`` indexes this list.
+        frame: one row per image: ``path`` (absolute), ``label`` (class name), ``target`` (class number),
+            ``study`` (the study it belongs to; an image without one is its own study) and ``slice`` (its
+            place in the study: the CSV's ``slice`` column, else the order of the paths).
+        classes: class names in output order (``data.class_order``, else sorted); ``target`` indexes this list.
         skipped: ``(path, reason)`` of images left out because they could not be read.
     """
 
@@ -48,29 +53,58 @@ class ImageIndex:
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
+    @property
+    def has_studies(self) -> bool:
+        """Whether some study holds more than one image (then per-study predictions and metrics are made)."""
+        return bool(self.frame["study"].duplicated().any())
 
-def index_images(source: str | Path) -> ImageIndex:
+
+def index_images(source: str | Path, label_column: str = "label",
+                 class_order: tuple[str, ...] | list[str] | None = None) -> ImageIndex:
     """List the images of a class-folder tree or of a ``path,label`` CSV.
 
     Args:
-        source: a folder holding one sub-folder per class (images anywhere below it), or a CSV file with
-            columns ``path`` and ``label`` (relative paths are relative to the CSV's folder).
+        source: a folder holding one sub-folder per class (images directly in it are studies of their own;
+            images in a sub-folder of a class folder form the study named after that sub-folder), or a CSV
+            file with columns ``path`` and ``label_column`` and optionally ``study`` and ``slice``
+            (relative paths are relative to the CSV's folder).
+        label_column: the CSV column holding the class.
+        class_order: the classes in output order (a class without images stays an output, with a warning);
+            None sorts them by name.
 
     Raises:
-        LayoutError: the source is missing, a CSV lacks its columns or names missing files, or fewer
-            than two classes have images.
+        LayoutError: the source is missing, a CSV lacks its columns or names missing files, fewer than two
+            classes have images, a label is missing from ``class_order``, or a study's images carry
+            different classes.
     """
     source = Path(source)
     if source.is_file():
-        frame = _index_csv(source)
+        frame = _index_csv(source, label_column)
     elif source.is_dir():
         frame = _index_folders(source)
     else:
         raise LayoutError("image source not found (expected a folder of class folders or a path,label CSV)", source)
-    classes = sorted(frame["label"].unique().tolist())
-    if len(classes) < 2:
-        raise LayoutError(f"need images of at least two classes, found {classes}", source)
+    found = sorted(frame["label"].unique().tolist())
+    if class_order is not None:
+        unknown = sorted(set(found) - set(class_order))
+        if unknown:
+            raise LayoutError(f"labels {unknown} are not in data.class_order {list(class_order)}", source)
+        unused = [c for c in class_order if c not in found]
+        if unused:
+            log.warning("%s: no image of class(es) %s of data.class_order (they stay model outputs)", source, unused)
+        classes = list(class_order)
+    else:
+        classes = found
+    if len(found) < 2:
+        raise LayoutError(f"need images of at least two classes, found {found}", source)
     frame["target"] = frame["label"].map({name: i for i, name in enumerate(classes)}).astype(np.int64)
+    mixed = frame.groupby("study")["target"].nunique()
+    if (mixed > 1).any():
+        raise LayoutError(f"{int((mixed > 1).sum())} studies hold images of several classes, e.g. "
+                          f"{mixed[mixed > 1].index[:3].tolist()} (a study has one label)", source)
+    if "slice" not in frame.columns:
+        frame = frame.sort_values("path", kind="stable")
+        frame["slice"] = frame.groupby("study").cumcount()
     frame = frame.sort_values(["target", "path"], kind="stable").reset_index(drop=True)
     return ImageIndex(frame=frame[list(INDEX_COLUMNS)], classes=classes)
 
@@ -80,21 +114,24 @@ def _index_folders(root: Path) -> pd.DataFrame:
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in sorted(class_dir.rglob("*")):
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                rows.append((str(path.resolve()), class_dir.name))
+                parts = path.relative_to(class_dir).parts
+                study = f"{class_dir.name}/{parts[0]}" if len(parts) > 1 else str(path.resolve())
+                rows.append((str(path.resolve()), class_dir.name, study))
     if not rows:
         raise LayoutError(f"no class sub-folder with images ({', '.join(sorted(IMAGE_SUFFIXES))})", root)
-    return pd.DataFrame(rows, columns=["path", "label"])
+    return pd.DataFrame(rows, columns=["path", "label", "study"])
 
 
-def _index_csv(csv_path: Path) -> pd.DataFrame:
+def _index_csv(csv_path: Path, label_column: str = "label") -> pd.DataFrame:
     try:
-        frame = pd.read_csv(csv_path, dtype={"path": str, "label": str}, keep_default_na=False)
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise LayoutError(f"not a readable CSV ({exc})", csv_path) from exc
-    missing = [c for c in ("path", "label") if c not in frame.columns]
+    missing = [c for c in ("path", label_column) if c not in frame.columns]
     if missing:
         raise LayoutError(f"missing column(s) {missing}; found {list(frame.columns)}", csv_path)
-    frame = frame[["path", "label"]].copy()
+    kept = ["path", label_column] + [c for c in ("study", "slice") if c in frame.columns]
+    frame = frame[kept].rename(columns={label_column: "label"}).copy()
     frame["label"] = frame["label"].str.strip()
     if (frame["label"] == "").any() or (frame["path"].str.strip() == "").any():
         raise LayoutError("rows with an empty path or label", csv_path)
@@ -106,6 +143,16 @@ def _index_csv(csv_path: Path) -> pd.DataFrame:
     duplicated = frame["path"][frame["path"].duplicated()].unique()
     if len(duplicated):
         raise LayoutError(f"images listed more than once, e.g. {list(duplicated[:3])}", csv_path)
+    if "study" in frame.columns:
+        frame["study"] = frame["study"].str.strip()
+        frame.loc[frame["study"] == "", "study"] = frame["path"]  # no study: the image is its own
+    else:
+        frame["study"] = frame["path"]
+    if "slice" in frame.columns:
+        try:
+            frame["slice"] = pd.to_numeric(frame["slice"]).astype(np.float64)
+        except ValueError as exc:
+            raise LayoutError(f"the slice column must hold numbers ({exc})", csv_path) from exc
     return frame
 
 
@@ -178,6 +225,7 @@ def check_images(
     dicom_window: tuple[float, float] | None,
     skip_unreadable: bool = False,
     keep: bool = False,
+    transform: ImageTransform | None = None,
 ) -> tuple[ImageIndex, list[np.ndarray] | None]:
     """Decode every image once: stop at the first unreadable one, or list and drop them.
 
@@ -188,6 +236,7 @@ def check_images(
         dicom_window: HU window for DICOM files (see :func:`read_image`).
         skip_unreadable: drop unreadable images with a warning that names them instead of raising.
         keep: also return the decoded images (in the returned index's row order).
+        transform: applied to each decoded image before it is kept (the column mask of ``data.mask_with``).
 
     Returns:
         The index without unreadable images (``skipped`` lists them) and the decoded images when ``keep``.
@@ -202,6 +251,8 @@ def check_images(
     for i, path in enumerate(tqdm(index.frame["path"], desc="check images", leave=False, disable=None)):
         try:
             image = read_image(path, in_chans, size, dicom_window)
+            if keep and transform is not None:
+                image = transform(image)
         except CSpineError as exc:
             if not skip_unreadable:
                 raise
@@ -214,7 +265,8 @@ def check_images(
         new = skipped[len(index.skipped):]
         log.warning("skipped %d unreadable image(s): %s", len(new), "; ".join(f"{p} ({r})" for p, r in new))
     frame = index.frame.iloc[ok].reset_index(drop=True)
-    empty = [c for i, c in enumerate(index.classes) if not (frame["target"] == i).any()]
+    had = set(index.frame["target"].tolist())
+    empty = [c for i, c in enumerate(index.classes) if i in had and not (frame["target"] == i).any()]
     if empty:
         raise LayoutError(f"class(es) {empty} have no readable image")
     return ImageIndex(frame=frame, classes=index.classes, skipped=skipped), (decoded if keep else None)
@@ -234,6 +286,7 @@ class ImageDataset(Dataset):
         augment: training augmentation, or None.
         seed: run seed.
         images: already decoded images in row order (skips decoding), or None.
+        transform: applied to each image decoded here (not to ``images``, which come transformed).
     """
 
     def __init__(
@@ -245,6 +298,7 @@ class ImageDataset(Dataset):
         augment: StackAugment | None = None,
         seed: int = 0,
         images: list[np.ndarray] | None = None,
+        transform: ImageTransform | None = None,
     ) -> None:
         self.frame = frame.reset_index(drop=True)
         if images is not None and len(images) != len(self.frame):
@@ -254,6 +308,7 @@ class ImageDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.images = images
+        self.transform = transform
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose augmentation draws are used."""
@@ -267,6 +322,8 @@ class ImageDataset(Dataset):
             array = self.images[index]
         else:
             array = read_image(self.frame.at[index, "path"], self.in_chans, self.size, self.dicom_window)
+            if self.transform is not None:
+                array = self.transform(array)
         image = torch.from_numpy(array.copy())
         if self.augment is not None:
             with torch.random.fork_rng(devices=[]):

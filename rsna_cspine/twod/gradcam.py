@@ -1,7 +1,10 @@
 """Grad-CAM of a 2D classifier for one image, and its overlay picture.
 
 MONAI's :class:`monai.visualize.GradCAM` does the work on the backbone's last feature stage, found the
-same way as for stage 2 (:func:`rsna_cspine.report.gradcam.last_stage_name`), so any timm CNN works.
+same way as for stage 2 (:func:`rsna_cspine.report.gradcam.last_stage_name`), so any timm CNN works, and the
+torchvision trunks, which list their last stage the same way. A backbone whose stages give channels-last
+maps (timm's Swin) has, in the explained copy only, a pair of transposes after that stage, so the hooked
+output is the ``(B, C, H, W)`` map MONAI expects and the network computes what it did before.
 """
 
 from __future__ import annotations
@@ -15,8 +18,30 @@ import torch
 from matplotlib.figure import Figure
 from monai.visualize import GradCAM
 
+from torch import nn
+
 from rsna_cspine.report.gradcam import last_stage_name
-from rsna_cspine.twod.model import ImageClassifier
+from rsna_cspine.twod.model import ExplainScores, ImageClassifier
+
+
+class _Permute(nn.Module):
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+def _target_layer(model: ImageClassifier) -> str:
+    """The hooked layer's name inside :class:`ExplainScores` (adapting a channels-last stage in place)."""
+    stage = last_stage_name(model.backbone)
+    if getattr(model.backbone, "output_fmt", "NCHW") == "NHWC":
+        parent_name, _, child = stage.rpartition(".")
+        parent = model.backbone.get_submodule(parent_name) if parent_name else model.backbone
+        setattr(parent, child, nn.Sequential(getattr(parent, child), _Permute(0, 3, 1, 2), _Permute(0, 2, 3, 1)))
+        stage = f"{stage}.1"  # the channels-first view between the two transposes
+    return f"model.backbone.{stage}"
 
 
 @dataclass
@@ -53,15 +78,45 @@ def image_gradcam(model: ImageClassifier, image: np.ndarray | torch.Tensor, clas
         parameter.requires_grad_(True)
     x = x[None].to(device)
     with torch.no_grad():
-        probs = torch.softmax(hooked(x).float(), dim=1)[0].cpu().numpy()
+        probs = hooked.class_probs(hooked(x))[0].cpu().numpy()
     target = int(probs.argmax()) if class_index is None else int(class_index)
+    layer = _target_layer(hooked)
     # Identity post-processing: MONAI's default rescales (and inverts) the map; keep the raw values.
-    cam = GradCAM(hooked, target_layers=f"backbone.{last_stage_name(hooked.backbone)}", postprocessing=lambda m: m)
+    cam = GradCAM(ExplainScores(hooked), target_layers=layer, postprocessing=lambda m: m)
     with torch.enable_grad():
         raw = cam(x, class_idx=target).detach()[0, 0]
     peak = float(raw.max())
     scaled = raw / peak if peak > 0 else torch.zeros_like(raw)
     return ImageCam(cam=scaled.cpu().numpy().astype(np.float32), class_index=target, probs=probs, peak=peak)
+
+
+def save_map_overlay(image: np.ndarray, heat: np.ndarray, title: str, path: str | Path, cmap: str = "jet",
+                     alpha: float = 0.45) -> Path:
+    """Write the image and a [0, 1] map over it side by side (PNG); Grad-CAM and saliency share it.
+
+    Args:
+        image: ``(C, H, W)`` in [0, 1] (its channel mean is shown).
+        heat: ``(H, W)`` map in [0, 1].
+        title: the right panel's title.
+        path: destination PNG.
+        cmap: the map's colours.
+        alpha: the map's opacity.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grey = np.asarray(image, dtype=np.float32).mean(0)
+    fig = Figure(figsize=(8, 4.3))
+    left, right = fig.subplots(1, 2)
+    left.imshow(grey, cmap="gray", vmin=0, vmax=1)
+    left.set_title("image")
+    right.imshow(grey, cmap="gray", vmin=0, vmax=1)
+    right.imshow(heat, cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+    right.set_title(title)
+    for ax in (left, right):
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def save_cam_overlay(image: np.ndarray, result: ImageCam, classes: list[str], path: str | Path) -> Path:
@@ -73,19 +128,6 @@ def save_cam_overlay(image: np.ndarray, result: ImageCam, classes: list[str], pa
         classes: class names (the title names the explained class and its probability).
         path: destination PNG.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grey = np.asarray(image, dtype=np.float32).mean(0)
-    fig = Figure(figsize=(8, 4.3))
-    left, right = fig.subplots(1, 2)
-    left.imshow(grey, cmap="gray", vmin=0, vmax=1)
-    left.set_title("image")
-    right.imshow(grey, cmap="gray", vmin=0, vmax=1)
-    right.imshow(result.cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
     name = classes[result.class_index]
-    right.set_title(f"Grad-CAM: {name} (p={result.probs[result.class_index]:.3f})")
-    for ax in (left, right):
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    title = f"Grad-CAM: {name} (p={result.probs[result.class_index]:.3f})"
+    return save_map_overlay(image, result.cam, title, path)

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 #: Class names that mean "nothing found"; the other class of a binary problem is the positive one.
 NEGATIVE_NAMES: frozenset[str] = frozenset(
-    {"normal", "negative", "neg", "healthy", "no_fracture", "nofracture", "no-fracture", "non_fracture", "none", "0", "no"}
+    {"normal", "negative", "neg", "healthy", "no_fracture", "nofracture", "no-fracture", "non_fracture", "none", "0", "no",
+     "absent"}
 )
 METRIC_COLUMNS: tuple[str, ...] = (
     "loss", "accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "roc_auc", "n",
@@ -54,6 +55,28 @@ def positive_index(classes: list[str], positive_class: str | None = None) -> int
         return classes.index(positive_class)
     not_negative = [i for i, c in enumerate(classes) if c.lower() not in NEGATIVE_NAMES]
     return not_negative[0] if len(classes) == 2 and len(not_negative) == 1 else len(classes) - 1
+
+
+def negative_index(classes: list[str], negative_class: str | None = None) -> int | None:
+    """In a problem of more than two classes, the class meaning "no finding" (for the present/absent view).
+
+    Args:
+        classes: class names in output order.
+        negative_class: explicit choice; None → the one class named like a negative (see
+            :data:`NEGATIVE_NAMES`), if exactly one is.
+
+    Returns:
+        Its index, or None (two classes, or no negative class).
+
+    Raises:
+        ConfigError: ``negative_class`` is not one of ``classes``.
+    """
+    if negative_class is not None:
+        if negative_class not in classes:
+            raise ConfigError(f"negative_class {negative_class!r} is not one of the classes {classes}")
+        return classes.index(negative_class) if len(classes) > 2 else None
+    named = [i for i, c in enumerate(classes) if c.lower() in NEGATIVE_NAMES]
+    return named[0] if len(classes) > 2 and len(named) == 1 else None
 
 
 def _rate(numerator: float, denominator: float) -> float:
@@ -163,20 +186,24 @@ def write_split_report(
     probs: np.ndarray,
     classes: list[str],
     positive_class: str | None = None,
+    id_column: str = "path",
+    title: str | None = None,
 ) -> dict[str, object]:
     """Write one split's report files into ``out_dir`` (names start with the split).
 
-    Files: ``{split}_predictions.csv`` (path, label, predicted, prob_<class>...), ``{split}_metrics.csv``,
+    Files: ``{split}_predictions.csv`` (id, label, predicted, prob_<class>...), ``{split}_metrics.csv``,
     ``{split}_per_class.csv``, ``{split}_confusion_matrix.csv``, ``{split}_classification_report.txt``,
     ``{split}_confusion.png``, ``{split}_roc.png`` and ``{split}_report.md``.
 
     Args:
         out_dir: report folder (created).
-        split: ``val``, ``test``, ...
-        frame: the split's rows (``path``, ``label``, ``target``), in ``probs`` order.
+        split: ``val``, ``test``, ... (file name prefix; ``val_study`` for a split's studies).
+        frame: the split's rows (``id_column``, ``label``, ``target``), in ``probs`` order.
         probs: ``(n, K)`` probabilities.
         classes: class names.
         positive_class: see :func:`positive_index`.
+        id_column: the column naming each row (``path`` for images, ``study`` for studies).
+        title: the report's heading (default: ``{split} split (n images)``).
 
     Returns:
         ``{"metrics": {...}, "files": {name: Path}}``.
@@ -192,7 +219,7 @@ def write_split_report(
     text_report = classification_report(
         y_true, probs.argmax(1), labels=list(range(k)), target_names=classes, digits=4, zero_division=0
     )
-    predictions = frame[["path", "label"]].reset_index(drop=True).copy()
+    predictions = frame[[id_column, "label"]].reset_index(drop=True).copy()
     predictions["predicted"] = [classes[i] for i in probs.argmax(1)]
     for i, name in enumerate(classes):
         predictions[f"prob_{name}"] = probs[:, i]
@@ -213,7 +240,7 @@ def write_split_report(
     summary = (f"binary metrics about the positive class `{positive}`" if positive
                else "precision / recall / specificity / F1: macro means over the classes; ROC AUC: one-vs-rest macro")
     sections = [
-        f"## {split} split ({len(y_true)} images)",
+        f"## {title or f'{split} split ({len(y_true)} images)'}",
         f"Classes: {', '.join(f'`{c}`' for c in classes)}; {summary}.",
         _markdown(pd.DataFrame([metrics])),
         "### Per class\n\n" + _markdown(per_class),

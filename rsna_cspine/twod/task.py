@@ -1,5 +1,7 @@
 """The 2D image-folder mode as a :class:`~rsna_cspine.training.loop.TrainingTask`: the image splits, the
-model, a cross-entropy loss, validation metrics, and the val/test reports written from ``best.pt`` at the end."""
+model, its loss (cross-entropy, or binary cross-entropy on "class > k" for an ordinal model), validation
+metrics of every view (per image, per study, present vs absent), and the val/test reports written from
+``best.pt`` at the end."""
 
 from __future__ import annotations
 
@@ -16,20 +18,37 @@ from torch.utils.data import DataLoader, Subset
 
 from rsna_cspine.engine.checkpoints import load_checkpoint
 from rsna_cspine.engine.distributed import DistContext
+from rsna_cspine.errors import ConfigError
 from rsna_cspine.training.augment import StackAugment
 from rsna_cspine.training.batches import epoch_loader, predict_batches
 from rsna_cspine.training.loop import TrainingTask
-from rsna_cspine.twod.config import MONITORS, TwoDConfig
-from rsna_cspine.twod.data import ImageDataset, ImageIndex
-from rsna_cspine.twod.model import build_image_classifier
-from rsna_cspine.twod.report import classification_metrics, positive_index, write_split_report
+from rsna_cspine.twod.config import METRICS, MONITORS, VIEWS, TwoDConfig
+from rsna_cspine.twod.data import ImageDataset, ImageIndex, ImageTransform
+from rsna_cspine.twod.model import ImageClassifier, build_image_classifier
+from rsna_cspine.twod.report import classification_metrics, negative_index, positive_index, write_split_report
+from rsna_cspine.twod.studies import prediction_views
 
 log = logging.getLogger(__name__)
 
 
-def class_probs(logits: torch.Tensor) -> torch.Tensor:
-    """An image classifier's batch logits → class probabilities (softmax)."""
-    return torch.softmax(logits.float(), dim=1)
+#: What each view's report is called, after the split's name.
+_VIEW_FILES: dict[str, str] = {"": "", "binary_": "_binary", "study_": "_study", "study_binary_": "_study_binary"}
+_VIEW_TITLES: dict[str, str] = {"": "images", "binary_": "images, fracture present vs absent", "study_": "studies",
+                                "study_binary_": "studies, fracture present vs absent"}
+
+
+def monitor_view(monitor: str) -> str:
+    """The view (``""``, ``binary_``, ``study_``, ``study_binary_``) a ``val_...`` metric belongs to."""
+    for view in sorted(VIEWS, key=len, reverse=True):
+        if monitor.startswith(f"val_{view}") and monitor[len(f"val_{view}"):] in METRICS:
+            return view
+    raise ConfigError(f"train.monitor must be one of {MONITORS}, got {monitor!r}")
+
+
+def ordinal_targets(target: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``(B,)`` class numbers → ``(B, K-1)`` 0/1 targets of "class > k" (an ordinal model's outputs)."""
+    thresholds = torch.arange(n_classes - 1, device=target.device)
+    return (target[:, None] > thresholds[None]).float()
 
 
 class _Images:
@@ -53,6 +72,8 @@ class ImageTask(TrainingTask):
         images: decoded images in ``index.frame`` order, or None (decoded on the fly).
         device: the training device.
         run_dir: the run folder (reports go to ``run_dir/report``).
+        transform: the column mask applied to images decoded on the fly (``images`` come masked), or None.
+        extra: facts stored in every checkpoint (the column U-Net of ``data.mask_with``).
     """
 
     def __init__(
@@ -63,10 +84,25 @@ class ImageTask(TrainingTask):
         images: list[np.ndarray] | None,
         device: torch.device,
         run_dir: Path,
+        transform: ImageTransform | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.index, self.device, self.run_dir = cfg, index, device, run_dir
         self.classes = index.classes
+        self.extra = dict(extra or {})
         self.monitor, self.mode = cfg.train.monitor, cfg.monitor_mode
+        self.has_studies = index.has_studies
+        available = {""} | ({"study_"} if self.has_studies else set())
+        if negative_index(self.classes, cfg.data.negative_class) is not None:
+            available |= {f"{view}binary_" for view in available}
+        view = monitor_view(self.monitor)
+        if view not in available:
+            need = [n for n, wanted, there in (
+                ("studies of several images", "study" in view, self.has_studies),
+                ("a negative class among three or more classes", "binary" in view, "binary_" in available),
+            ) if wanted and not there]
+            raise ConfigError(f"train.monitor {self.monitor!r} needs {' and '.join(need)}; this dataset's views give "
+                              f"{sorted(f'val_{v}loss' for v in available)} and the other metrics of each")
         d = cfg.data
         self.frames = {name: index.frame.iloc[rows].reset_index(drop=True) for name, rows in splits.items()}
         augment = StackAugment(cfg.aug, d.image_size, d.in_chans) if cfg.aug.enabled else None
@@ -74,13 +110,13 @@ class ImageTask(TrainingTask):
             name: ImageDataset(
                 self.frames[name], d.in_chans, d.image_size, d.dicom_window,
                 augment=augment if name == "train" else None, seed=cfg.seed,
-                images=None if images is None else [images[i] for i in rows],
+                images=None if images is None else [images[i] for i in rows], transform=transform,
             )
             for name, rows in splits.items()
         }
         self.datasets["train_clean"] = ImageDataset(
             self.frames["train"], d.in_chans, d.image_size, d.dicom_window, seed=cfg.seed,
-            images=self.datasets["train"].images,
+            images=self.datasets["train"].images, transform=transform,
         )
         self.train_set = self.datasets["train"]
         self.has_validation = len(self.frames["val"]) > 0
@@ -96,15 +132,24 @@ class ImageTask(TrainingTask):
         return epoch_loader(self.train_set, t.batch_size, self.cfg.seed, epoch, t.num_workers, ctx)
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        target = batch["target"].to(self.device)
+        if self.cfg.model.ordinal:
+            # CORAL's loss: binary cross-entropy of every "class > k" output; class weights weigh the items.
+            per_item = F.binary_cross_entropy_with_logits(
+                outputs.float(), ordinal_targets(target, len(self.classes)), reduction="none").sum(1)
+            if self.class_weights is None:
+                return per_item.mean()
+            weights = self.class_weights[target]
+            return (per_item * weights).sum() / weights.sum()
         return F.cross_entropy(
-            outputs.float(), batch["target"].to(self.device), weight=self.class_weights,
-            label_smoothing=self.cfg.train.label_smoothing,
+            outputs.float(), target, weight=self.class_weights, label_smoothing=self.cfg.train.label_smoothing,
         )
 
     def _probs(self, model: torch.nn.Module, split: str) -> np.ndarray:
         t = self.cfg.train
+        to_probs = unwrap_classifier(model).class_probs
         return predict_batches(model, self.datasets[split], t.val_batch_size, self.device, t.amp, self.inputs,
-                               class_probs, t.num_workers)
+                               to_probs, t.num_workers)
 
     def _recalibrate_batchnorm(self, model: torch.nn.Module) -> None:
         """Re-estimate BatchNorm running statistics on clean training images (see ``bn_recalibration_images``).
@@ -124,10 +169,14 @@ class ImageTask(TrainingTask):
 
     def validate(self, model: torch.nn.Module) -> dict[str, float]:
         self._recalibrate_batchnorm(model)
-        probs = self._probs(model, "val")
-        metrics = classification_metrics(self.frames["val"]["target"].to_numpy(), probs, self.classes,
-                                         self.cfg.data.positive_class)
-        return {f"val_{k}": float(v) for k, v in metrics.items() if f"val_{k}" in MONITORS}
+        views = prediction_views(self.frames["val"], self._probs(model, "val"), self.classes, self.cfg.data,
+                                 self.has_studies)
+        out: dict[str, float] = {}
+        for prefix, view in views.items():
+            metrics = classification_metrics(view.frame["target"].to_numpy(), view.probs, view.classes,
+                                             view.positive_class)
+            out.update({f"val_{prefix}{k}": float(v) for k, v in metrics.items() if f"val_{prefix}{k}" in MONITORS})
+        return out
 
     def on_best(self) -> None:
         """Nothing to keep per epoch: the reports are written from ``best.pt`` in :meth:`finish`."""
@@ -140,14 +189,22 @@ class ImageTask(TrainingTask):
         report_dir = self.run_dir / "report"
         results = {}
         for split in ("val", "test"):
-            if len(self.frames[split]):
-                results[split] = write_split_report(
-                    report_dir, split, self.frames[split], self._probs(model, split), self.classes,
-                    self.cfg.data.positive_class,
+            if not len(self.frames[split]):
+                continue
+            views = prediction_views(self.frames[split], self._probs(model, split), self.classes, self.cfg.data,
+                                     self.has_studies)
+            for prefix, view in views.items():
+                name = f"{split}{_VIEW_FILES[prefix]}"
+                results[name] = write_split_report(
+                    report_dir, name, view.frame, view.probs, view.classes, view.positive_class,
+                    id_column=view.id_column, title=f"{split} split: {len(view.frame)} {_VIEW_TITLES[prefix]}",
                 )
+        d = self.cfg.data
+        study_rule = (f"; a study's probabilities: the {d.study_agg} over its "
+                      f"{f'middle {d.middle_k}' if d.middle_k else 'every'} image(s)" if self.has_studies else "")
         sections = [f"# 2D classifier report\n\nRun `{self.run_dir}`; model from `{best_path.name}`; backbone "
-                    f"`{self.cfg.model.backbone}`; classes {', '.join(f'`{c}`' for c in self.classes)}."]
-        sections += [(report_dir / f"{split}_report.md").read_text(encoding="utf-8") for split in results]
+                    f"`{self.cfg.model.backbone}`; classes {', '.join(f'`{c}`' for c in self.classes)}{study_rule}."]
+        sections += [(report_dir / f"{name}_report.md").read_text(encoding="utf-8") for name in results]
         sections.append("## Training curves\n\n![curves](../curves.png)")
         (report_dir / "report.md").write_text("\n\n".join(sections) + "\n", encoding="utf-8")
         for split, result in results.items():
@@ -160,4 +217,12 @@ class ImageTask(TrainingTask):
             "positive_class": self.classes[positive_index(self.classes, self.cfg.data.positive_class)],
             "split": self.cfg.split.mode,
             "fold": self.cfg.fold if self.cfg.split.mode == "kfold" else None,
+            **self.extra,
         }
+
+
+def unwrap_classifier(model: torch.nn.Module) -> ImageClassifier:
+    """The :class:`ImageClassifier` inside a DDP wrapper or a weight average (``module``), or the model itself."""
+    while not isinstance(model, ImageClassifier) and hasattr(model, "module"):
+        model = model.module
+    return model  # type: ignore[return-value]
