@@ -77,7 +77,7 @@ def run_set(demo: Path, work: Path, values: dict[str, Any], device: str) -> dict
     cfg = load_config(SynthConfig, values=values)
     marker = work / "synth_done.json"
     if not (marker.is_file() and json.loads(marker.read_text()) == cfg.to_dict()):
-        write_dataset(data, cfg, overwrite=True)
+        write_dataset(data, cfg, overwrite=True, workers=2)
         marker.write_text(json.dumps(cfg.to_dict()))
     summary = json.loads((demo / "demo_summary.json").read_text())
     rule = yaml.safe_load((demo / "demo_config.yaml").read_text()).get("rule", "calibrated") \

@@ -382,7 +382,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser: the subcommand's parser.
     """
     parser.add_argument("--out", type=Path, default=Path("demo"), help="demo folder (default ./demo)")
-    parser.add_argument("--minutes", type=float, default=None, help="time target (default 10)")
+    parser.add_argument("--minutes", type=float, default=None, help="time target in minutes (default: the config's, 9 in configs/demo.yaml)")
     parser.add_argument("--seed", type=int, default=None, help="dataset and training seed (default 0)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="demo YAML (default configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="DemoConfig settings, e.g. synth.n_studies=30")
