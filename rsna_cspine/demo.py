@@ -361,7 +361,8 @@ def format_summary(result: DemoResult) -> str:
         f"  sensitivity at p >= {h.threshold:g}: {h.sensitivity:.3f}",
         f"  specificity at p >= {h.threshold:g}: {h.specificity:.3f}",
         f"  competition score (weighted log loss, lower is better): model {h.score:.4f} vs prior "
-        f"{h.prior_score:.4f} ({h.below_prior:.1%} below the prior)",
+        f"{h.prior_score:.4f} ("
+        + (f"{h.below_prior:.1%} below the prior)" if h.below_prior >= 0 else f"{-h.below_prior:.1%} above the prior: worse)"),
         f"stage 1 best validation Dice: {result.seg_dice:.3f}; stage 2 out-of-fold score: {result.cv_score:.4f}",
         "detected fracture beside a cleared vertebra (Grad-CAM): "
         + (str(result.detection_picture) if result.detection_picture else "not drawn (see the log)"),

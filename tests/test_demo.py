@@ -79,7 +79,7 @@ def test_demo_writes_a_valid_scored_submission_report_and_pictures(tmp_path: Pat
         assert held["auc"] == pytest.approx(roc_auc_score(y, vert["fractured"]))
     assert (held["sensitivity"], held["specificity"]) == (1.0, 0.0)
     for line in (f"per-vertebra ROC AUC:  {held['auc']:.3f}", "sensitivity at p >= 0: 1.000", "specificity at p >= 0: 0.000",
-                 f"({held['below_prior']:.1%} below the prior)"):
+                 f"{abs(held['below_prior']):.1%} {'below' if held['below_prior'] >= 0 else 'above'} the prior"):
         assert line in printed
     picture = Path(summary["detection_picture"])
     assert picture.read_bytes()[:4] == b"\x89PNG" and str(picture) in printed

@@ -63,11 +63,16 @@ def test_scoring_needs_a_row_for_every_labelled_vertebra_and_ignores_other_studi
         vertebra_table(extra[extra["row_id"] != "s3_C5"], labels)
 
 
-def test_examples_are_the_most_confident_hit_and_the_most_clearly_intact_vertebra() -> None:
+def test_examples_are_the_most_confident_hit_and_a_clearly_intact_vertebra_of_its_study() -> None:
     table = vertebra_table(_submission(PROBS), _labels())
     detected, cleared = pick_examples(table, 0.5)
     assert (detected["StudyInstanceUID"], detected["vertebra"], detected["probability"]) == ("s1", "C1", 0.9)
-    assert cleared["label"] == 0 and cleared["probability"] == pytest.approx(0.05)
+    # Beside it, the detected study's own most clearly intact vertebra (s1: C3-C6 at 0.1, the first of them).
+    assert (cleared["StudyInstanceUID"], cleared["vertebra"], cleared["label"]) == ("s1", "C3", 0)
+    # Without an intact vertebra below the threshold in that study, the most clearly intact one anywhere.
+    elsewhere = table.assign(probability=np.where(table["StudyInstanceUID"] == "s1", 0.95, table["probability"]))
+    detected, cleared = pick_examples(elsewhere, 0.5)
+    assert detected["StudyInstanceUID"] == "s1" and (cleared["StudyInstanceUID"], cleared["probability"]) == ("s2", 0.05)
     none_hit, _ = pick_examples(table, 0.95)
     assert none_hit is None
 

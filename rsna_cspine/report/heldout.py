@@ -116,7 +116,10 @@ def score_heldout(
 
 
 def pick_examples(table: pd.DataFrame, threshold: float = 0.5) -> tuple[pd.Series | None, pd.Series | None]:
-    """The most confident true positive and the most confidently cleared intact vertebra.
+    """The most confident true positive and, beside it, the most confidently cleared intact vertebra.
+
+    The cleared vertebra comes from the detected one's study when that study has one (the same patient,
+    the same scan: the picture then differs only by the fracture); otherwise from any study.
 
     Args:
         table: :func:`vertebra_table`.
@@ -129,6 +132,8 @@ def pick_examples(table: pd.DataFrame, threshold: float = 0.5) -> tuple[pd.Serie
     hits = table[(table["label"] == 1) & (table["probability"] >= threshold)]
     clear = table[(table["label"] == 0) & (table["probability"] < threshold)]
     detected = hits.loc[hits["probability"].idxmax()] if len(hits) else None
+    if detected is not None and (clear["StudyInstanceUID"] == detected["StudyInstanceUID"]).any():
+        clear = clear[clear["StudyInstanceUID"] == detected["StudyInstanceUID"]]
     cleared = clear.loc[clear["probability"].idxmin()] if len(clear) else None
     return detected, cleared
 
