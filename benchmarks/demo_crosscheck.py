@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         results[str(seed)] = r
         print(f"seed {seed} {r['knobs']}: {r['n_studies']} studies, pooled AUC {r['auc']:.3f}, sensitivity "
               f"{r['sensitivity']:.3f}, specificity {r['specificity']:.3f}, score {r['score']:.4f} vs prior "
-              f"{r['prior_score']:.4f} ({r['below_prior']:.1%} below)", flush=True)
+              f"{r['prior_score']:.4f} ({abs(r['below_prior']):.1%} {'below' if r['below_prior'] >= 0 else 'above'})",
+              flush=True)
     met = {s: bool(r["auc"] >= TARGET_AUC and r["below_prior"] >= TARGET_BELOW_PRIOR) for s, r in results.items()}
     out = {"demo": str(args.demo), "seeds": seeds, "studies": studies, "spread": args.spread,
            "targets": {"auc": TARGET_AUC, "below_prior": TARGET_BELOW_PRIOR}, "met": met, "results": results}
