@@ -15,11 +15,17 @@ pytest.importorskip("rsna_cspine.io.nifti")
 
 from rsna_cspine.cli import main  # noqa: E402
 from rsna_cspine.seg.masks import VERTEBRA_COLUMNS  # noqa: E402
+from rsna_cspine.seg.qc import QC_COLUMNS  # noqa: E402
 
 TINY = [
     "data.grid=[16,32,32]", "model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0",
     "train.epochs=1", "train.batch_size=2", "train.n_folds=2", "optim.warmup_epochs=0", "device=cpu",
     "aug.enabled=false",
+]
+#: The cascade at the same tiny size: a 2-level localiser on a 16×16×16 coarse grid of 6×4×4 mm.
+CASCADE = [
+    "data.spacing=[4.0,3.0,3.0]", "localiser.enabled=true", "localiser.grid=[16,16,16]", "localiser.epochs=1",
+    "localiser.model.channels=[4,8]", "localiser.model.strides=[2]",
 ]
 
 
@@ -34,13 +40,18 @@ def tiny_layout(tmp_path_factory) -> Path:
     return root
 
 
-def test_train_then_predict_from_the_command_line(tiny_layout, tmp_path) -> None:
+@pytest.mark.parametrize("cascade", [False, True], ids=["whole-volume", "cascade"])
+def test_train_then_predict_from_the_command_line(tiny_layout, tmp_path, cascade) -> None:
     run_dir = tmp_path / "run" / "fold0"  # run_dir/fold{K}
     args = ["train-seg", "--fold", "0", "--no-progress", f"data.root={tiny_layout}",
-            f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={run_dir.parent}", *TINY]
+            f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={run_dir.parent}", *TINY, *(CASCADE if cascade else [])]
     assert main(args) == 0
     assert (run_dir / "best.pt").is_file() and (run_dir / "config.yaml").is_file()
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # the four segmented train studies
+    stored = torch.load(run_dir / "best.pt", weights_only=False)["extra"]
+    assert ("localiser" in stored) == cascade  # the checkpoint carries its localiser
+    if cascade:
+        assert (run_dir / "localiser" / "best.pt").is_file()
     # Resuming a finished 1-epoch run is a no-op that still succeeds.
     assert main([*args, "--resume"]) == 0
     assert pd.read_csv(run_dir / "summary.csv")["epoch"].tolist() == [1]
@@ -51,7 +62,7 @@ def test_train_then_predict_from_the_command_line(tiny_layout, tmp_path) -> None
     assert main(predict) == 0
     table = pd.read_csv(out / "vertebrae.csv", dtype={"StudyInstanceUID": str})
     uid = pd.read_csv(tiny_layout / "test.csv", dtype=str)["StudyInstanceUID"].iloc[0]
-    assert table.columns.tolist() == ["StudyInstanceUID", *VERTEBRA_COLUMNS]
+    assert table.columns.tolist() == ["StudyInstanceUID", *VERTEBRA_COLUMNS, *QC_COLUMNS]
     assert table["StudyInstanceUID"].tolist() == [uid] * 7
     n_files = len(list((tiny_layout / "test_images" / uid).glob("*.dcm")))
     with np.load(out / f"{uid}_mask.npz") as npz:

@@ -74,7 +74,7 @@ def require_crop_cache(cache_dir: str | Path, uids: Sequence[str], crop_cfg: obj
 
 def require_seg_cache(
     cache_dir: str | Path, uids: Sequence[str], grid: Sequence[int], hu_window: Sequence[float], antialias: bool,
-    command: str,
+    command: str, cascade: object | None = None,
 ) -> dict[str, Path]:
     """uid → stage-1 cache file of every study of ``uids`` that was built (what ``seg.build_cache`` returns),
     without building or writing; studies a build listed in ``cache_failures.csv`` are left out.
@@ -86,6 +86,7 @@ def require_seg_cache(
         hu_window: the run's HU window.
         antialias: the run's antialias setting.
         command: the command line that builds the cache, for the error message.
+        cascade: the run's ``seg.boxes.CascadeGeometry`` (None: whole-volume grid).
 
     Raises:
         LayoutError: a study has neither a cache file nor a recorded failure.
@@ -94,7 +95,7 @@ def require_seg_cache(
     from rsna_cspine.seg.preprocess import cache_fingerprint
 
     cache_dir = Path(cache_dir)
-    built = read_ledger(cache_dir / LEDGER_FOLDER, cache_fingerprint(grid, hu_window, antialias))
+    built = read_ledger(cache_dir / LEDGER_FOLDER, cache_fingerprint(grid, hu_window, antialias, cascade))  # type: ignore[arg-type]
     failed = _failed(cache_dir / "cache_failures.csv")
     done = {uid: Path(built[uid]["outputs"][0]) for uid in uids if uid in built}
     missing = [uid for uid in uids if uid not in done and uid not in failed]
