@@ -38,6 +38,7 @@ TIMING_COLUMNS: tuple[str, ...] = (
     "total_s",
     "n_slices",
     "vertebrae_found",
+    "qc",
     "resumed",
     "reason",
 )
@@ -72,6 +73,7 @@ def _record(uid: str, path: str, status: str, reason: str = "", prediction: Stud
     record["total_s"] = round(timings["total"], 4) if "total" in timings else None
     record["n_slices"] = prediction.n_slices if prediction is not None else None
     record["vertebrae_found"] = prediction.vertebrae_found if prediction is not None else None
+    record["qc"] = prediction.qc if prediction is not None else ""
     if prediction is not None:
         record["probs"] = [float(v) for v in prediction.probs]
     return record
