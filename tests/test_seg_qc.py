@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dicom_factory import REAL_DATA
-from rsna_cspine.constants import VERTEBRAE
+from rsna_cspine.constants import PROB_EPS, VERTEBRAE
 from rsna_cspine.seg.masks import mask_table
 from rsna_cspine.seg.preprocess import fold_labels
 from rsna_cspine.seg.qc import (
@@ -195,3 +195,24 @@ def test_no_labelling_of_a_real_partial_series_passes(study) -> None:
         table = check_vertebrae(mask_table(labels), volume.spacing, volume.shape)
         assert len(kept_vertebrae(table)) <= 1, (name, qc_summary(table))
         assert table.loc[table["found"], "qc"].str.contains("cut by the edge").any()
+
+
+def test_the_timing_log_holds_each_studys_qc_and_dropped_vertebrae_take_the_prior(tmp_path) -> None:
+    from test_pipeline import GOOD, make_tiny_dataset, make_tiny_models
+
+    from rsna_cspine.inference import FracturePipeline, PipelineConfig, predict_dataset, timing_log_path
+
+    models = make_tiny_models(tmp_path / "models")
+    data = make_tiny_dataset(tmp_path / "data", uids=GOOD[:2], broken=False)
+    pipeline = FracturePipeline.from_models_dir(models, PipelineConfig(device="cpu"))
+    out = tmp_path / "submission.csv"
+    predict_dataset(data, models, out, pipeline=pipeline, progress=False)
+    timings = pd.read_csv(timing_log_path(out), dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+    for uid in GOOD[:2]:
+        prediction = pipeline.predict_study(data / "test_images" / uid)
+        assert timings.loc[uid, "qc"] == prediction.qc and prediction.qc.startswith("kept ")
+        segmentation = pipeline.segment(pipeline.load(data / "test_images" / uid))
+        dropped = [i for i, q in enumerate(segmentation.vertebrae["qc"]) if q.startswith("dropped")]
+        assert dropped  # the untrained network's labels do not all pass
+        np.testing.assert_allclose(prediction.probs[dropped], np.clip(pipeline.prior[dropped], PROB_EPS, 1 - PROB_EPS))
+        assert all(f"{VERTEBRAE[i]} dropped by stage 1's quality check" in " ".join(prediction.warnings) for i in dropped)
