@@ -180,6 +180,21 @@ def test_predict_removes_dropped_vertebrae_from_the_mask_and_logs_why(head, capl
 
 
 @pytest.mark.skipif(not PARTIAL.is_dir(), reason="real test files not available")
+def test_a_vertebra_on_a_single_slice_cannot_pass_even_with_a_wide_slice_step(tmp_path) -> None:
+    """693_UNCI.dcm is one 5-mm CT slice whose header gives a 20-mm slice step: 20 mm "in view" is not a vertebra."""
+    from rsna_cspine.io.dicom import load_series
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "1.dcm").symlink_to((REAL_DATA / "pydicom" / "693_UNCI.dcm").resolve())
+    volume = load_series(tmp_path / "one")
+    assert volume.shape[0] == 1 and volume.spacing[0] == pytest.approx(20.0)
+    bone = volume.hu > 250
+    for label in range(1, 8):
+        table = check_vertebrae(mask_table(np.where(bone, label, 0).astype(np.uint8)), volume.spacing, volume.shape)
+        assert kept_vertebrae(table) == [] and "1 slice only" in table.loc[label - 1, "qc"]
+
+
+@pytest.mark.skipif(not PARTIAL.is_dir(), reason="real test files not available")
 @pytest.mark.parametrize("study", sorted(p.name for p in PARTIAL.glob("1.2.826.*")) if PARTIAL.is_dir() else [])
 def test_no_labelling_of_a_real_partial_series_passes(study) -> None:
     """Whatever a network labels in a few millimetres of skull base or thorax, at most one vertebra survives."""

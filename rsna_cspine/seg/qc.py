@@ -7,6 +7,8 @@ A vertebra the network labelled is kept only when
 * enough of it is in view: a vertebra that touches the first or last slice of the scan (or a face of
   the cascade's fine box inside the scan) is cut; it must still show ``min_in_view`` of its level's
   typical height, and one touching an in-plane face of the fine box is dropped (the box missed it);
+  a vertebra on fewer than ``min_slices`` slices cannot be measured at all (a single slice's "height"
+  is only the slice step, 20 mm in some real series);
 * it sits on one column with its neighbours: C1..C7 in cranio-caudal order without gaps, consecutive
   centroids a plausible distance apart along the scan axis (absolutely, and relative to the study's
   own median step when there are enough of them) and in-plane, and no centroid far off the line
@@ -82,6 +84,7 @@ class QCLimits:
 
     Attributes:
         levels: size limits per vertebra.
+        min_slices: slices a vertebra must span for its height to mean anything.
         min_in_view: share of the typical height a vertebra cut by the scan's (or the box's) edge must show.
         step_mm: distance of consecutive centroids along the scan axis (low, high).
         step_ratio: the same distance relative to the study's median step per level (the median over
@@ -92,6 +95,7 @@ class QCLimits:
     """
 
     levels: dict[str, LevelLimits] = field(default_factory=lambda: dict(LEVEL_LIMITS))
+    min_slices: int = 2
     min_in_view: float = 0.7
     step_mm: tuple[float, float] = (5.0, 45.0)
     step_ratio: tuple[float, float] = (0.4, 1.6)
@@ -106,6 +110,9 @@ def _size_problem(name: str, height: float, volume: float, cut: bool, dz: float,
     A height counted in slices is uncertain by one slice (the vertebra's ends fall anywhere inside its
     first and last slice), so each height limit is given one slice of slack.
     """
+    slices = int(round(height / dz))
+    if slices < limits.min_slices:
+        return f"on {slices} slice{'s' if slices != 1 else ''} only, too few to measure it"
     level = limits.levels[name]
     low, high = level.height_mm
     if cut:
