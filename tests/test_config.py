@@ -97,10 +97,9 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(
     "cls_path, stored, current, values",
     [
-        # A checkpoint from before the cascade is a whole-volume model on its 64×128×128 grid: today's config
-        # with the cascade off.
+        # A checkpoint from before the cascade is a whole-volume model: today's config with the cascade off.
         ("rsna_cspine.seg.config:SegConfig", "seg_cpu.yaml", "seg_cpu.yaml",
-         {"data": {"spacing": (), "grid": (64, 128, 128)}, "localiser": {"enabled": False}}),
+         {"data": {"spacing": ()}, "localiser": {"enabled": False}}),
         ("rsna_cspine.cls.config:ClsConfig", "cls_cpu.yaml", "cls_cpu.yaml", {}),
         ("rsna_cspine.twod.config:TwoDConfig", "twod_convnext_tiny.yaml", "twod_convnext_tiny.yaml", {"fold": 2}),
     ],
