@@ -171,18 +171,20 @@ def measure_seg(config: str, overrides: list[str], data: Path, work: Path, steps
     from rsna_cspine.seg.config import SegConfig
     from rsna_cspine.seg.preprocess import build_cache
     from rsna_cspine.seg.task import SegmentationTask
-    from rsna_cspine.seg.train import labelled_studies, resolve_config
+    from rsna_cspine.seg.train import cascade_geometry, labelled_studies, resolve_config
 
     cfg = resolve_config(load_config(SegConfig, common.REPO_ROOT / config, overrides))
     if num_workers is not None:
         cfg.train.num_workers = num_workers
     uids = labelled_studies(data)
-    grid_name = "x".join(str(int(g)) for g in cfg.data.grid)
+    cascade = cascade_geometry(cfg)  # the fine network's steps (the localiser's are a fraction of them)
+    grid_name = "x".join(str(int(g)) for g in cfg.data.grid) + ("_cascade" if cascade else "")
     cache = build_cache(KaggleLayout(data), uids, work / "seg_cache" / f"{data.name}_{grid_name}", cfg.data.grid,
-                        cfg.data.hu_window, antialias=cfg.data.antialias, progress=False)
+                        cfg.data.hu_window, antialias=cfg.data.antialias, progress=False, cascade=cascade)
     paths = [cache[u] for u in uids if u in cache]
     seed_everything(cfg.seed)
-    task = SegmentationTask(cfg, paths, [], torch.device("cpu"), progress=False)
+    task = SegmentationTask(cfg, paths, [], torch.device("cpu"), progress=False,
+                            source="fine" if cascade else "grid")
     timed, alone = _time_steps(task, cfg, steps, warmup)
     patch = tuple(int(p) if p else int(g) for p, g in zip(cfg.train.patch_size, cfg.data.grid))
     return {

@@ -343,7 +343,14 @@ def random_models(work: Path, spec: ModelSpec) -> Path:
         return root
     seed_everything(spec.seed)
     seg = load_config(SegConfig, REPO_ROOT / spec.seg_config, list(spec.seg_overrides))
-    save_checkpoint(seg_path, model=build_model(seg.model, num_classes(seg.data.thoracic)), epoch=0, config=to_dict(seg))
+    extra = {}
+    if seg.data.cascade:  # the fine network's checkpoint carries its (here untrained) localiser
+        from rsna_cspine.seg.localise import LOCALISER_CLASSES, localiser_checkpoint_entry, localiser_config
+
+        loc = localiser_config(seg)
+        extra["localiser"] = localiser_checkpoint_entry(loc, build_model(loc.model, LOCALISER_CLASSES))
+    save_checkpoint(seg_path, model=build_model(seg.model, num_classes(seg.data.thoracic)), epoch=0, config=to_dict(seg),
+                    extra=extra)
     cls = load_config(ClsConfig, REPO_ROOT / spec.cls_config, list(spec.cls_overrides))
     # Random init: the pretrained file (if any) is never read, so nothing is needed on disk.
     save_checkpoint(cls_path, model=build_classifier(cls, load_pretrained=False), epoch=0, config=to_dict(cls))

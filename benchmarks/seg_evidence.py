@@ -1,14 +1,24 @@
-"""Evidence for stage 1 on synthetic data: train on CPU within a time budget, score held-out studies.
+"""Evidence for stage 1: train on CPU within a time budget, score held-out synthetic studies, and run the
+trained model on every real file of ``../shared/data/real``.
 
-Two jobs:
+Three jobs:
 
 ``accuracy`` (default): writes two synthetic Kaggle-layout datasets with different seeds (one to train
-on, one held out, both fully segmented), trains ``train-seg`` on fold 0 of the first with a time budget,
-predicts every held-out study at its original resolution and prints the mean Dice and the share of
-vertebrae whose slice range is within ``--tolerance`` slices of the truth::
+on, one held out, both fully segmented, the generator's default field-of-view mix), trains
+``train-seg`` on fold 0 of the first with a time budget, predicts every held-out study at its original
+resolution and prints the mean Dice (of the network's labels, and of what the anatomical QC keeps),
+the share of vertebrae whose slice range is within ``--tolerance`` slices of the truth, how often
+the localiser's box held the whole cervical spine, and what the QC kept and dropped. Resumable: the
+data, the cache and (with ``--resume``) the training pick up where they stopped::
 
     .venv/bin/python benchmarks/seg_evidence.py --config configs/seg_cpu.yaml \
-        --train-studies 40 --train-seed 101 --heldout-studies 12 --heldout-seed 202 --max-minutes 15
+        --train-studies 60 --train-seed 101 --heldout-studies 24 --heldout-seed 202 --max-minutes 15
+
+``real``: the QC verdicts of a trained stage-1 checkpoint on every real file (the partial RSNA series,
+TotalSegmentator's abdominal CT, pydicom's single slices, each as a one-slice series) and one overview
+picture per real series with the predicted labels (``results/seg_real_*.png``)::
+
+    .venv/bin/python benchmarks/seg_evidence.py real --checkpoint work/seg_evidence/run/fold0/best.pt
 
 ``memory``: peak resident memory of ``load_series`` + ``Segmenter.predict`` for one large study
 (default 700 slices of 512×512) in a fresh process::
@@ -22,15 +32,21 @@ import argparse
 import json
 import logging
 import math
+import os
 import resource
 import subprocess
 import sys
+import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 import pandas as pd
 
 log = logging.getLogger("seg_evidence")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The shared real files, beside the repository (never copied into it).
+REAL_DIR = REPO_ROOT.parent / "shared" / "data" / "real"
 
 
 def peak_rss_mib() -> float:
@@ -54,31 +70,95 @@ def write_synthetic(out_dir: Path, n_studies: int, seed: int, image_size: int) -
 
 
 def score_heldout(checkpoint: Path, data_dir: Path, tolerance: int) -> pd.DataFrame:
-    """Predict every study of ``data_dir`` and compare with its segmentation; one row per vertebra."""
+    """Predict every study of ``data_dir`` and compare with its segmentation; one row per true vertebra.
+
+    Each row holds the Dice of the network's labels (``dice``, before the QC) and of what the QC kept
+    (``dice_qc``), the slice-range error, whether the vertebra is whole in the truth (not cut by the
+    scan's first or last slice), the QC's verdict, whether a kept vertebra's centroid lies within 9 mm of
+    the true one, and whether the localiser's box held the study's whole cervical spine.
+    """
+    import numpy as np
+
     from rsna_cspine.io.dicom import load_series
     from rsna_cspine.io.kaggle import KaggleLayout, read_train_labels
     from rsna_cspine.io.nifti import load_segmentation
     from rsna_cspine.seg import evaluate_segmentation, load_segmenter
+    from rsna_cspine.seg.masks import mask_table
+    from rsna_cspine.seg.preprocess import fold_labels
 
     layout = KaggleLayout(data_dir)
+    fov = {}
+    if (data_dir / "synth_studies.csv").is_file():
+        meta = pd.read_csv(data_dir / "synth_studies.csv", dtype={"StudyInstanceUID": str})
+        fov = dict(zip(meta["StudyInstanceUID"], meta["fov"]))
     segmenter = load_segmenter(checkpoint, "cpu")
     rows = []
     for uid in read_train_labels(layout.train_csv)["StudyInstanceUID"].astype(str):
         volume = load_series(layout.study_dir(uid, "train"))
-        truth = load_segmentation(layout.segmentation_path(uid), volume)
+        truth = fold_labels(load_segmentation(layout.segmentation_path(uid), volume))
         t0 = time.perf_counter()
-        result = segmenter.predict(volume)
+        raw = segmenter.segment(volume)
+        raw_scores = evaluate_segmentation(raw.mask, truth)
+        result = segmenter.check(raw, volume)
         seconds = time.perf_counter() - t0
         scores = evaluate_segmentation(result.mask, truth)
-        for name, dice in scores["dice"].items():
-            if math.isnan(scores["z_error"][name]):
-                continue  # not in the truth (cannot happen with the synthetic C1..C7, kept for safety)
-            rows.append({"StudyInstanceUID": uid, "vertebra": name, "dice": dice,
-                         "z_error": scores["z_error"][name], "shape": "x".join(map(str, volume.shape)),
-                         "predict_s": seconds})
+        true_table = mask_table(truth).set_index("vertebra")
+        table = result.vertebrae.set_index("vertebra")
+        spacing = np.asarray(volume.spacing)
+        in_box = False
+        if result.box is not None:
+            inside = np.zeros(volume.shape, bool)
+            inside[tuple(slice(max(a, 0), a + n) for a, n in zip(result.box.start, result.box.size))] = True
+            in_box = bool(not (truth[~inside] > 0).any())
+        for name, dice in raw_scores["dice"].items():
+            if math.isnan(raw_scores["z_error"][name]):
+                continue  # not in the truth (a slab above or below it)
+            t, p = true_table.loc[name], table.loc[name]
+            kept = p["qc"] == "ok"
+            offset = float("nan")
+            if kept:
+                offset = float(np.linalg.norm(
+                    (np.array([p[f"centroid_{k}"] for k in "zyx"]) - np.array([t[f"centroid_{k}"] for k in "zyx"])) * spacing))
+            rows.append({"StudyInstanceUID": uid, "fov": fov.get(uid, ""), "vertebra": name, "dice": dice,
+                         "dice_qc": scores["dice"][name], "z_error": raw_scores["z_error"][name],
+                         "whole": bool(int(t["z_min"]) > 0 and int(t["z_max"]) < volume.shape[0] - 1),
+                         "qc": p["qc"], "kept": kept, "centroid_offset_mm": offset, "neck_in_box": in_box,
+                         "shape": "x".join(map(str, volume.shape)), "predict_s": seconds})
     table = pd.DataFrame(rows)
     table["within_tolerance"] = table["z_error"] <= tolerance
     return table
+
+
+def summarise(table: pd.DataFrame, tolerance: int) -> dict:
+    """The held-out figures of :func:`score_heldout`'s table."""
+    per_study = table.groupby("StudyInstanceUID")[["dice", "dice_qc"]].mean()
+    whole = table[table["whole"]]
+    cut = table[~table["whole"]]
+    kept = table[table["kept"]]
+    studies = table.groupby("StudyInstanceUID").first()
+    by_fov = {fov: {"studies": int(len(group.groupby("StudyInstanceUID"))),
+                    "dice": round(float(group.groupby("StudyInstanceUID")["dice"].mean().mean()), 4),
+                    "whole_vertebrae_kept": round(float(group.loc[group["whole"], "kept"].mean()), 4)
+                    if group["whole"].any() else None}
+              for fov, group in table.groupby("fov")}
+    return {
+        "heldout_studies": int(per_study.shape[0]),
+        "heldout_mean_dice": round(float(per_study["dice"].mean()), 4),
+        "heldout_min_study_dice": round(float(per_study["dice"].min()), 4),
+        "heldout_mean_dice_after_qc": round(float(per_study["dice_qc"].mean()), 4),
+        "heldout_dice_per_vertebra": table.groupby("vertebra")["dice"].mean().round(4).to_dict(),
+        f"share_within_{tolerance}_slices": round(float(table["within_tolerance"].mean()), 4),
+        "vertebrae_scored": int(len(table)),
+        "max_z_error": float(table["z_error"].max()),
+        "neck_in_localiser_box": round(float(studies["neck_in_box"].mean()), 4),
+        "qc_whole_vertebrae_kept": round(float(whole["kept"].mean()), 4) if len(whole) else None,
+        "qc_cut_vertebrae_dropped": round(float(1 - cut["kept"].mean()), 4) if len(cut) else None,
+        "qc_cut_vertebrae": int(len(cut)),
+        "kept_within_9mm_of_true_centroid": round(float((kept["centroid_offset_mm"] <= 9.0).mean()), 4)
+        if len(kept) else None,
+        "by_fov": by_fov,
+        "predict_s_per_study": round(float(studies["predict_s"].mean()), 2),
+    }
 
 
 def accuracy(args: argparse.Namespace) -> int:
@@ -90,6 +170,7 @@ def accuracy(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
+    load_before = os.getloadavg()
     train_dir = write_synthetic(work / "train_data", args.train_studies, args.train_seed, args.image_size)
     heldout_dir = write_synthetic(work / "heldout_data", args.heldout_studies, args.heldout_seed, args.image_size)
     run_dir = work / "run" / "fold0"
@@ -99,41 +180,186 @@ def accuracy(args: argparse.Namespace) -> int:
                               "fold": 0})
     if (run_dir / "last.pt").exists() and not args.resume:
         raise SystemExit(f"{run_dir} already holds a run; delete it or pass --resume")
+    # The cache first, so that --max-minutes is spent on training alone (both networks); its time is reported.
     t0 = time.perf_counter()
     prepare_dataset(train_dir, cfg.data.cache_dir, prepare_config_for(cfg, segmented_only=True),
                     progress=not args.no_progress)  # the trainer reads the prepared cache only
+    cache_min = (time.perf_counter() - t0) / 60
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     train_segmentation(cfg, resume=args.resume, progress=not args.no_progress)
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     wall_min = (time.perf_counter() - t0) / 60
+    load_after_training = os.getloadavg()
     summary = pd.read_csv(run_dir / "summary.csv")
     train_min = summary["time_s"].sum() / 60
+    localiser_min = 0.0
+    if (run_dir / "localiser" / "summary.csv").is_file():
+        localiser_summary = pd.read_csv(run_dir / "localiser" / "summary.csv")
+        localiser_min = localiser_summary["time_s"].sum() / 60
     table = score_heldout(run_dir / "best.pt", heldout_dir, args.tolerance)
     table.to_csv(work / "heldout_scores.csv", index=False)
-    per_study = table.groupby("StudyInstanceUID")["dice"].mean()
     best = summary.loc[summary["val_dice_mean"].idxmax()]
     report = {
         "config": str(args.config),
         "train_studies": args.train_studies,
         "fold0_train_val": None,
-        "heldout_studies": int(per_study.size),
         "epochs_run": int(summary["epoch"].max()),
         "best_epoch": int(best["epoch"]),
         "best_val_dice_mean_grid": round(float(best["val_dice_mean"]), 4),
-        "training_minutes": round(float(train_min), 2),
+        "training_minutes": round(float(train_min + localiser_min), 2),
+        "localiser_training_minutes": round(float(localiser_min), 2),
+        "cache_minutes": round(float(cache_min), 2),
+        # CPU time of the training (both networks), comparable between runs on a loaded machine.
+        "training_cpu_minutes": round((cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime
+                                       - cpu_before.ru_stime) / 60, 2),
         "wall_minutes_incl_cache": round(float(wall_min), 2),
         "torch_threads": args.threads,
-        "heldout_mean_dice": round(float(per_study.mean()), 4),
-        "heldout_min_study_dice": round(float(per_study.min()), 4),
-        "heldout_dice_per_vertebra": table.groupby("vertebra")["dice"].mean().round(4).to_dict(),
-        f"share_within_{args.tolerance}_slices": round(float(table["within_tolerance"].mean()), 4),
-        "vertebrae_scored": int(len(table)),
-        "max_z_error": float(table["z_error"].max()),
-        "predict_s_per_study": round(float(table.groupby("StudyInstanceUID")["predict_s"].first().mean()), 2),
+        **summarise(table, args.tolerance),
+        "loadavg_before": [round(v, 2) for v in load_before],
+        "loadavg_after_training": [round(v, 2) for v in load_after_training],
+        "cpu_cores": os.cpu_count(),
     }
     import torch as _torch
 
     extra = _torch.load(run_dir / "last.pt", weights_only=False)["extra"]
     report["fold0_train_val"] = [len(extra.get("train_uids", [])), len(extra.get("val_uids", []))]
     print(json.dumps(report, indent=2))
+    (work / "report.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def real_series(real_dir: Path, scratch: Path) -> list[tuple[str, Path | None, str]]:
+    """``(name, folder, note)`` for every real file: each series folder as is, each single DICOM file as a
+    one-slice series (a folder holding a link to it), other files with the reason they are not images."""
+    out: list[tuple[str, Path | None, str]] = []
+    for folder in sorted((real_dir / "rsna_partial").glob("1.2.826.*")):
+        out.append((f"rsna_partial/{folder.name}", folder, "partial RSNA series (skull base or upper thorax)"))
+    ts = real_dir / "totalsegmentator"
+    if (ts / "example_ct_dicom").is_dir():
+        out.append(("totalsegmentator/example_ct_dicom", ts / "example_ct_dicom", "abdominal CT, 20 slices"))
+    for path in sorted(ts.glob("*.nii*")):
+        out.append((f"totalsegmentator/{path.name}", None, "a label map, not an image"))
+    for path in sorted((real_dir / "pydicom").glob("*.dcm")):
+        folder = scratch / path.stem
+        folder.mkdir(parents=True, exist_ok=True)
+        link = folder / path.name
+        if not link.exists():
+            link.symlink_to(path.resolve())
+        out.append((f"pydicom/{path.name}", folder, "single slice"))
+    return out
+
+
+def draw_real_series(volume, raw, result, name: str, out_path: Path) -> Path:
+    """Sagittal (through the labels or the middle) and axial views with the network's labels, the fine box
+    and the QC's verdict; saved small (the figures go into the repository)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from rsna_cspine.report.pictures import display_flips, overlay_labels, window_to_unit
+
+    labels = raw.mask
+    shape = volume.shape
+    found = np.nonzero(labels)
+    if len(found[0]):
+        z, y, x = (int(np.median(a)) for a in found)
+    elif result.box is not None:
+        z, y, x = (int(np.clip(a + n // 2, 0, s - 1)) for a, n, s in zip(result.box.start, result.box.size, shape))
+    else:
+        z, y, x = (s // 2 for s in shape)
+    flip_rows, flip_cols = display_flips(volume)
+    dz, dy, dx = volume.spacing
+    fig = Figure(figsize=(10, 5.4))
+    ax_sag, ax_ax = fig.subplots(1, 2)
+    sag, sag_labels = volume.hu[:, :, x], labels[:, :, x]
+    axial, ax_labels = volume.hu[z], labels[z]
+    if flip_rows:
+        sag, sag_labels, axial, ax_labels = sag[:, ::-1], sag_labels[:, ::-1], axial[::-1], ax_labels[::-1]
+    if flip_cols:
+        axial, ax_labels = axial[:, ::-1], ax_labels[:, ::-1]
+    ax_sag.imshow(overlay_labels(window_to_unit(sag, (-400, 1500)), sag_labels, alpha=0.5), aspect=dz / dy,
+                  interpolation="nearest")
+    ax_ax.imshow(overlay_labels(window_to_unit(axial, (-400, 1500)), ax_labels, alpha=0.5), aspect=dy / dx,
+                 interpolation="nearest")
+    if result.box is not None:
+        b0, b1 = result.box.start, result.box.size
+        y0 = shape[1] - b0[1] - b1[1] if flip_rows else b0[1]
+        x0 = shape[2] - b0[2] - b1[2] if flip_cols else b0[2]
+        ax_sag.add_patch(Rectangle((y0 - 0.5, b0[0] - 0.5), b1[1], b1[0], fill=False, edgecolor="yellow", linestyle="--"))
+        ax_ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), b1[2], b1[1], fill=False, edgecolor="yellow", linestyle="--"))
+        ax_sag.set_xlim(-0.5, shape[1] - 0.5)
+        ax_sag.set_ylim(shape[0] - 0.5, -0.5)
+        ax_ax.set_xlim(-0.5, shape[2] - 0.5)
+        ax_ax.set_ylim(shape[1] - 0.5, -0.5)
+    ax_sag.set_title(f"sagittal, column {x} (anterior left, superior up)", fontsize=9)
+    ax_ax.set_title(f"axial, slice {z} of {shape[0]} (R on left)", fontsize=9)
+    for ax in (ax_sag, ax_ax):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    found_names = ", ".join(v for v, f in zip(raw.vertebrae["vertebra"], raw.vertebrae["found"]) if f) or "none"
+    fig.suptitle(f"{name}: {shape[0]}×{shape[1]}×{shape[2]} at {dz:.2f}×{dy:.2f}×{dx:.2f} mm", fontsize=11)
+    neck = "no cervical spine found by the localiser" if result.neck is None and result.box is None else \
+        "fine box (dashed)" if result.neck is not None else "whole volume"
+    fig.text(0.5, 0.02, textwrap.fill(f"labelled by the network: {found_names}; {neck}. QC: {result.qc}", 140),
+             ha="center", va="bottom", fontsize=8)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.88, bottom=0.14, wspace=0.05)
+    fig.savefig(out_path, dpi=70)
+    return out_path
+
+
+def real(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
+    from rsna_cspine.io.dicom import load_series
+    from rsna_cspine.seg import load_segmenter
+
+    torch.set_num_threads(args.threads)
+    if not args.checkpoint:
+        raise SystemExit("real: --checkpoint (a trained stage-1 best.pt) is required")
+    real_dir = Path(args.real_dir)
+    if not real_dir.is_dir():
+        raise SystemExit(f"real files not found: {real_dir}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    segmenter = load_segmenter(args.checkpoint, "cpu")
+    rows, series = [], {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, folder, note in real_series(real_dir, Path(scratch)):
+            row = {"file": name, "note": note, "slices": None, "kept": "", "qc": "", "neck_found": None, "seconds": None}
+            if folder is None:
+                row["qc"] = "not run: " + note
+                rows.append(row)
+                continue
+            try:
+                volume = load_series(folder)
+            except Exception as exc:  # noqa: BLE001 - a real file the loader refuses is a verdict too
+                row["qc"] = f"not loaded: {exc.__class__.__name__}: {exc}"[:200]
+                rows.append(row)
+                continue
+            t0 = time.perf_counter()
+            raw = segmenter.segment(volume)
+            result = segmenter.check(copy.deepcopy(raw), volume)
+            row.update({"slices": volume.shape[0], "seconds": round(time.perf_counter() - t0, 2), "qc": result.qc,
+                        "kept": ",".join(v for v, q in zip(result.vertebrae["vertebra"], result.vertebrae["qc"]) if q == "ok"),
+                        "neck_found": result.neck is not None or segmenter.localiser is None,
+                        "network_labelled": ",".join(v for v, f in zip(raw.vertebrae["vertebra"], raw.vertebrae["found"]) if f)})
+            rows.append(row)
+            if volume.shape[0] > 1:  # a one-slice file has no sagittal view worth a picture
+                stem = name.split("/")[0] + "_" + (folder.name.rsplit(".", 1)[-1] if "rsna" in name else "ct")
+                picture = draw_real_series(volume, raw, result, name, out / f"seg_real_{stem}.png").resolve()
+                series[name] = str(picture.relative_to(REPO_ROOT) if picture.is_relative_to(REPO_ROOT) else picture)
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "seg_real_qc.csv", index=False)
+    report = {"checkpoint": str(args.checkpoint), "files": len(rows),
+              "series_with_a_kept_vertebra": int((table["kept"].fillna("") != "").sum()),
+              "most_kept_in_one_file": int(table["kept"].fillna("").map(lambda k: len(k.split(",")) if k else 0).max()),
+              "pictures": series, "loadavg": [round(v, 2) for v in os.getloadavg()],
+              "date": time.strftime("%Y-%m-%d")}
+    print(table.to_string(index=False))
+    print(json.dumps(report, indent=2))
+    (out / "seg_real_qc.json").write_text(json.dumps(report, indent=1))
     return 0
 
 
@@ -186,10 +412,16 @@ def memory(args: argparse.Namespace) -> int:
     uid = pd.read_csv(data / "train.csv")["StudyInstanceUID"].astype(str).iloc[0]
     checkpoint = Path(args.checkpoint) if args.checkpoint else work / "memory_model.pt"
     if not args.checkpoint:
+        from rsna_cspine.seg.localise import LOCALISER_CLASSES, localiser_checkpoint_entry, localiser_config
+
         cfg = load_config(SegConfig, args.config)
         torch.manual_seed(0)  # weights do not change the memory footprint; the architecture does
+        extra = {}
+        if cfg.data.cascade:  # an untrained localiser finds "a neck" somewhere: the fine pass still runs
+            loc = localiser_config(cfg)
+            extra["localiser"] = localiser_checkpoint_entry(loc, build_model(loc.model, LOCALISER_CLASSES))
         save_checkpoint(checkpoint, model=build_model(cfg.model, num_classes(cfg.data.thoracic)), epoch=0,
-                        config=to_dict(cfg))
+                        config=to_dict(cfg), extra=extra)
     cmd = [sys.executable, __file__, "memory-child", "--study", str(data / "train_images" / uid),
            "--checkpoint", str(checkpoint), "--threads", str(args.threads)]
     return subprocess.call(cmd)
@@ -197,7 +429,7 @@ def memory(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("job", nargs="?", default="accuracy", choices=("accuracy", "memory", "memory-child"))
+    parser.add_argument("job", nargs="?", default="accuracy", choices=("accuracy", "real", "memory", "memory-child"))
     parser.add_argument("--config", default="configs/seg_cpu.yaml")
     parser.add_argument("--work", default="work/seg_evidence")
     parser.add_argument("--train-studies", type=int, default=40)
@@ -212,13 +444,16 @@ def main() -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--slices", type=int, default=700, help="memory: slices of the big study")
     parser.add_argument("--size", type=int, default=512, help="memory: in-plane size of the big study")
-    parser.add_argument("--checkpoint", default=None, help="memory: model to use (default: untrained, --config)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="real: the trained stage-1 best.pt; memory: model to use (default: untrained, --config)")
+    parser.add_argument("--real-dir", default=str(REAL_DIR), help="real: the shared real files")
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"), help="real: where results go")
     parser.add_argument("--study", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override (repeatable), e.g. --set train.epochs=20")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return {"accuracy": accuracy, "memory": memory, "memory-child": memory_child}[args.job](args)
+    return {"accuracy": accuracy, "real": real, "memory": memory, "memory-child": memory_child}[args.job](args)
 
 
 if __name__ == "__main__":

@@ -303,6 +303,21 @@ CASES: tuple[Case, ...] = (
     Case(RUN, "Degenerate studies that do load (one 1×1 slice, 2×2×2 voxels, 1-pixel-high slices)",
          "Predicted; vertebrae not found take their prior; patient_overall follows the rule; notes logged.",
          (_RI + "test_degenerate_studies_are_predicted_with_the_prior_for_absent_vertebrae",)),
+    Case(RUN, "A scan with no cervical spine in view (a few slices of skull base or thorax, an abdomen), or one "
+              "stage 1 labels implausibly (swapped labels, a vertebra in the brain or the tongue, one cut by the "
+              "scan's edge, one of lumbar size)",
+         "Stage 1's anatomical QC (`seg.qc`) drops every vertebra that does not fit its level's size, is cut by the "
+         "scan or the fine box, or is off the one ordered column; a dropped vertebra leaves the mask, is never "
+         "cropped and takes the prior; its reason is logged and written to `vertebrae.csv`, the `qc` column of "
+         "`<submission>.timings.csv` and the explain pictures.",
+         ("tests/test_seg_qc.py::test_swapped_labels_are_dropped_and_what_is_kept_is_in_its_true_place",
+          "tests/test_seg_qc.py::test_c1_and_c2_in_the_brain_are_dropped_and_c3_to_c7_kept",
+          "tests/test_seg_qc.py::test_a_vertebra_moved_into_the_tongue_is_dropped",
+          "tests/test_seg_qc.py::test_a_vertebra_cut_by_the_edge_of_the_scan_needs_most_of_its_height_in_view",
+          "tests/test_seg_qc.py::test_a_vertebra_of_lumbar_size_is_dropped",
+          "tests/test_seg_qc.py::test_no_labelling_of_a_real_partial_series_passes",
+          "tests/test_seg_cascade.py::test_no_cervical_spine_found_means_an_empty_mask_and_every_vertebra_absent",
+          "tests/test_seg_cascade.py::test_the_cascade_runs_on_real_series_and_claims_at_most_one_vertebra")),
     Case(RUN, "No usable models", "Every study gets the prior; the submission is complete; the cause is logged.",
          (_PI + "test_missing_models_still_write_a_complete_prior_submission",)),
     Case(RUN, "Kaggle notebook: a bundle file truncated, changed or missing (fails `SHA256SUMS`)",
@@ -365,7 +380,8 @@ CASES: tuple[Case, ...] = (
     Case(RUN, "Missing, incomplete or foreign prepared cache (train-seg, train-cls, with or without torchrun)",
          "The trainers never decode DICOM: every rank stops before joining the process group with a `LayoutError` "
          "naming the cache folder, how many studies are neither prepared nor failed and the `rsna-cspine prepare` "
-         "command, or a `ConfigError` naming each stage-1 input or crop setting that differs from the config; "
+         "command, or a `ConfigError` naming each stage-1 input (grid, window, the cascade's spacings and margin) or "
+         "crop setting that differs from the config; "
          "nothing is written. Studies whose preparation failed, without crops or in `data.exclude` are left out, logged.",
          ("tests/test_cls_train.py::test_an_incomplete_or_foreign_cache_is_refused_before_joining_a_group",
           "tests/test_cls_train.py::test_studies_without_crops_or_excluded_are_left_out",
@@ -380,6 +396,11 @@ CASES: tuple[Case, ...] = (
          ("tests/test_prepare.py::test_a_killed_run_resumes_where_it_stopped_and_equals_an_uninterrupted_one",
           "tests/test_prepare.py::test_a_corrupt_study_is_listed_as_failed_and_the_rest_are_prepared",
           "tests/test_prepare.py::test_shards_and_merged_shard_folders_equal_one_unsharded_run")),
+    Case(RUN, "Stage-1 checkpoint written before the cascade (whole study on the grid)",
+         "Predicts as it was trained (no localiser, the whole volume resampled to the grid); a checkpoint whose "
+         "config asks for the cascade but carries no localiser is refused with a `CSpineError` naming the file.",
+         ("tests/test_seg_cascade.py::"
+          "test_an_old_whole_volume_checkpoint_predicts_as_before_and_a_cascade_one_without_localiser_is_refused",)),
     Case(RUN, "Killed while writing a checkpoint",
          "The previous checkpoint stays intact and loadable; the next save succeeds.",
          (_RI + "test_checkpoint_write_killed_midway_keeps_the_previous_checkpoint",)),

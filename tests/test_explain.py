@@ -235,4 +235,11 @@ def test_explain_writes_every_picture_with_the_pipeline_probabilities(tmp_path: 
             assert image.ndim == 3 and min(image.shape[:2]) > 200 and image[..., :3].std() > 0.05
     assert imread(result.overview).shape[0] > 300
     table = result.table.read_text().splitlines()
-    assert table[0] == "target,probability,found" and len(table) == 9
+    assert table[0] == "target,probability,found,qc" and len(table) == 9
+    # Stage 1's quality-check verdicts travel with the pictures; a dropped vertebra is never cropped.
+    verdicts = result.prediction.qc
+    for item in result.vertebrae:
+        assert item.qc in ("ok", "absent") or item.qc.startswith("dropped: ")
+        assert item.found == (item.qc == "ok")
+        if item.qc.startswith("dropped"):
+            assert f"{item.vertebra} dropped" in verdicts

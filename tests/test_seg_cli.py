@@ -15,12 +15,21 @@ pytest.importorskip("rsna_cspine.io.nifti")
 
 from rsna_cspine.cli import main  # noqa: E402
 from rsna_cspine.seg.masks import VERTEBRA_COLUMNS  # noqa: E402
+from rsna_cspine.seg.qc import QC_COLUMNS  # noqa: E402
 
 TINY = [
     "data.grid=[16,32,32]", "model.channels=[4,8]", "model.strides=[2]", "model.num_res_units=0",
     "train.epochs=1", "train.batch_size=2", "train.n_folds=2", "optim.warmup_epochs=0", "device=cpu",
     "aug.enabled=false",
 ]
+#: The cascade at the same tiny size: a 2-level localiser on a 16×16×16 coarse grid of 6×4×4 mm.
+CASCADE = [
+    "data.spacing=[4.0,3.0,3.0]", "localiser.enabled=true", "localiser.grid=[16,16,16]", "localiser.epochs=1",
+    "localiser.model.channels=[4,8]", "localiser.model.strides=[2]",
+]
+#: The stage-1 input ``prepare`` writes for :data:`CASCADE` (data.box_margin_mm and localiser.spacing at their defaults).
+PREPARE_CASCADE = ["stage1.spacing=[4.0,3.0,3.0]", "stage1.box_margin_mm=[30.0,20.0,20.0]",
+                   "stage1.localiser_spacing=[6.0,4.0,4.0]"]
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +43,22 @@ def tiny_layout(tmp_path_factory) -> Path:
     return root
 
 
-def test_prepare_train_then_predict_from_the_command_line(tiny_layout, tmp_path) -> None:
+@pytest.mark.parametrize("cascade", [False, True], ids=["whole-volume", "cascade"])
+def test_prepare_train_then_predict_from_the_command_line(tiny_layout, tmp_path, cascade) -> None:
     run_dir = tmp_path / "run" / "fold0"  # run_dir/fold{K}
     cache = tmp_path / "cache"
     assert main(["prepare", "--data", str(tiny_layout), "--out", str(cache), "--segmented-only", "--workers", "1",
-                 "--no-progress", "stage1.grid=[16,32,32]", "crop.size=16", "crop.n_slices=2"]) == 0
+                 "--no-progress", "stage1.grid=[16,32,32]", "crop.size=16", "crop.n_slices=2",
+                 *(PREPARE_CASCADE if cascade else [])]) == 0
     assert len(list((cache / "seg").glob("*.npz"))) == 4  # the four segmented train studies
     args = ["train-seg", "--fold", "0", "--no-progress", f"data.root={tiny_layout}", "--cache", str(cache),
-            f"run_dir={run_dir.parent}", *TINY]
+            f"run_dir={run_dir.parent}", *TINY, *(CASCADE if cascade else [])]
     assert main(args) == 0
     assert (run_dir / "best.pt").is_file() and (run_dir / "config.yaml").is_file()
+    stored = torch.load(run_dir / "best.pt", weights_only=False)["extra"]
+    assert ("localiser" in stored) == cascade  # the checkpoint carries its localiser
+    if cascade:
+        assert (run_dir / "localiser" / "best.pt").is_file()
     # Resuming a finished 1-epoch run is a no-op that still succeeds.
     assert main([*args, "--resume"]) == 0
     assert pd.read_csv(run_dir / "summary.csv")["epoch"].tolist() == [1]
@@ -54,7 +69,7 @@ def test_prepare_train_then_predict_from_the_command_line(tiny_layout, tmp_path)
     assert main(predict) == 0
     table = pd.read_csv(out / "vertebrae.csv", dtype={"StudyInstanceUID": str})
     uid = pd.read_csv(tiny_layout / "test.csv", dtype=str)["StudyInstanceUID"].iloc[0]
-    assert table.columns.tolist() == ["StudyInstanceUID", *VERTEBRA_COLUMNS]
+    assert table.columns.tolist() == ["StudyInstanceUID", *VERTEBRA_COLUMNS, *QC_COLUMNS]
     assert table["StudyInstanceUID"].tolist() == [uid] * 7
     n_files = len(list((tiny_layout / "test_images" / uid).glob("*.dcm")))
     with np.load(out / f"{uid}_mask.npz") as npz:
@@ -107,6 +122,9 @@ def test_train_seg_refuses_a_missing_or_foreign_cache_and_prepare_fills_it(tiny_
     other = load_config(SegConfig, None, [*overrides, "data.grid=[32,32,32]"])
     with pytest.raises(ConfigError, match=r"other stage-1 input settings.*grid: cache \[16, 32, 32\], config \[32, 32, 32\]"):
         train_segmentation(other, progress=False)
+    cascade = load_config(SegConfig, None, [*overrides, *CASCADE])  # a whole-volume cache cannot train the cascade
+    with pytest.raises(ConfigError, match=r"spacing: cache \[\], config \[4.0, 3.0, 3.0\]"):
+        train_segmentation(cascade, progress=False)
     assert not (tmp_path / "run").exists()
 
 

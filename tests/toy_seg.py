@@ -1,16 +1,29 @@
-"""Toy stage-1 studies at grid resolution and a tiny stage-1 run config (training and DDP tests)."""
+"""Toy stage-1 studies at grid resolution, a tiny stage-1 run config (training and DDP tests) and a stand-in
+network whose answer is known (prediction tests)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from rsna_cspine.seg.config import SegAugmentConfig, SegConfig, SegDataConfig, SegModelConfig, SegTrainConfig
 from rsna_cspine.seg.preprocess import write_cache_file
 from rsna_cspine.training.config import OptimConfig
 
 GRID = (32, 32, 32)
+
+
+class IntensityBands(torch.nn.Module):
+    """A stand-in network whose answer is known: class k wherever the windowed intensity is k / 10."""
+
+    def __init__(self, n_classes: int = 8) -> None:
+        super().__init__()
+        self.register_buffer("centres", torch.arange(n_classes, dtype=torch.float32) / 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -((x - self.centres.view(1, -1, 1, 1, 1)) ** 2) * 1000
 
 
 def toy_labels(rng: np.random.Generator, shape: tuple[int, int, int] = GRID) -> np.ndarray:

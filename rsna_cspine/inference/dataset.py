@@ -39,6 +39,7 @@ TIMING_COLUMNS: tuple[str, ...] = (
     "total_s",
     "n_slices",
     "vertebrae_found",
+    "qc",
     "resumed",
     "reason",
 )
@@ -79,6 +80,7 @@ def _record(uid: str, path: str, status: str, reason: str = "", prediction: Stud
     record["total_s"] = round(timings["total"], 4) if "total" in timings else None
     record["n_slices"] = prediction.n_slices if prediction is not None else None
     record["vertebrae_found"] = prediction.vertebrae_found if prediction is not None else None
+    record["qc"] = prediction.qc if prediction is not None else ""
     if prediction is not None:
         record["probs"] = [float(v) for v in prediction.probs]
     return record
@@ -124,7 +126,7 @@ def predict_studies(
         for note in prediction.warnings:
             logger.info("study %s: %s", uid, note)
         budget.record(path, prediction.timings["total"])
-        return {**_record(uid, path, "ok", "; ".join(prediction.warnings), prediction), "qc": prediction.qc}
+        return _record(uid, path, "ok", "; ".join(prediction.warnings), prediction)
 
     return _timing_records(runner.run(plan, predict_one), chosen)
 

@@ -37,7 +37,8 @@ PREDICTION_COLUMN_HELP: dict[str, str] = {
     "input": "the folder or file it was read from",
     "C1..C7": "probability that the vertebra is fractured (the prior where it was not found or the study failed)",
     "patient_overall": "probability of any cervical fracture (the configured rule, default calibrated)",
-    "qc": "filled by the anatomical QC (verdicts on the stage-1 segmentation); empty until it runs",
+    "qc": "stage 1's anatomical quality check in one line: the vertebrae kept, absent, and dropped with the "
+          "reason (a dropped vertebra takes the prior); empty for a study not predicted",
     "status": "ok (predicted), failed (could not be read or predicted: prior) or budget (out of time: prior)",
     "reason": "why a study failed or was skipped, or the loader's notes about repairs",
 }

@@ -56,7 +56,7 @@ STAGES: tuple[str, ...] = ("load", "segment", "crop", "classify")
 #: ``full``: every fold (+ TTA if configured); ``cheap``: the first stage-1 model and ``cheap_folds`` folds.
 PREDICTION_PATHS: tuple[str, ...] = ("full", "cheap")
 #: Bumped when the meaning of a stored prediction changes, so earlier parts are not resumed.
-PREDICTION_VERSION = 1
+PREDICTION_VERSION = 2
 
 
 @dataclass
@@ -86,9 +86,10 @@ class StudyPrediction:
         path: ``full`` or ``cheap``.
         timings: seconds per stage (``load``, ``segment``, ``crop``, ``classify``) and ``total``.
         n_slices: slices in the loaded series.
-        warnings: notes about the study (loader repairs, vertebrae not found and given the prior).
+        warnings: notes about the study (loader repairs, vertebrae not found or dropped by stage 1's quality
+            check and given the prior).
         intermediates: the steps' results, when ``predict_study`` was asked to keep them.
-        qc: the anatomical QC's verdicts on the segmentation (filled by the anatomical QC; empty until it runs).
+        qc: stage 1's quality check in one line (``seg.qc.qc_summary``: kept, absent, dropped and why).
     """
 
     uid: str
@@ -263,7 +264,9 @@ class FracturePipeline:
         return load_study(folder)
 
     def segment(self, volume: Volume, path: str = "full") -> SegmentationResult:
-        """Stage 1: the C1..C7 mask at the volume's resolution and the per-vertebra table.
+        """Stage 1: the C1..C7 mask at the volume's resolution and the per-vertebra table, after the anatomical
+        quality check (``seg.qc``): a vertebra it dropped is not in the mask, so it is never cropped and takes
+        the prior; the table's ``qc`` says why.
 
         Args:
             volume: the loaded study.
@@ -351,6 +354,11 @@ class FracturePipeline:
             segmentation = self.segment(volume, path)
             timings["segment"] = time.perf_counter() - tick
 
+            qc, table = segmentation.qc, segmentation.vertebrae
+            verdicts = table["qc"] if "qc" in table else [""] * len(table)
+            dropped = {str(v): str(q).partition(": ")[2] for v, q in zip(table["vertebra"], verdicts)
+                       if str(q).startswith("dropped")}
+
             stage, tick = "crop", time.perf_counter()
             announce(stage)
             crops = self.crop(volume, segmentation)
@@ -373,9 +381,10 @@ class FracturePipeline:
         broken = present & ~np.isfinite(raw)
         if broken.any():
             notes.append(f"non-finite classifier output for {[VERTEBRAE[i] for i in np.flatnonzero(broken)]}: prior used")
-        absent = [VERTEBRAE[i] for i in np.flatnonzero(~present)]
+        absent = [VERTEBRAE[i] for i in np.flatnonzero(~present) if VERTEBRAE[i] not in dropped]
         if absent:
             notes.append(f"vertebrae not found: {absent}: prior used")
+        notes += [f"{name} dropped by stage 1's quality check ({reason}): prior used" for name, reason in dropped.items()]
         timings["total"] = time.perf_counter() - start
         return StudyPrediction(
             uid=study_name(folder),
@@ -386,4 +395,5 @@ class FracturePipeline:
             n_slices=n_slices,
             warnings=notes,
             intermediates=kept,
+            qc=qc,
         )

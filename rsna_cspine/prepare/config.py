@@ -1,9 +1,10 @@
 """Typed settings of ``rsna-cspine prepare`` (defaults ← YAML ← ``key=value`` ← typed values) and what
 of them decides a prepared study (the cache's fingerprint).
 
-The stage-1 input settings must equal the stage-1 training config's ``data.grid``, ``data.hu_window`` and
-``data.antialias``, the crop settings stage 2's ``data.crop``: the trainers refuse a cache prepared
-otherwise. :func:`prepare_config_for` copies them from the training configs, so the two cannot drift.
+The stage-1 input settings must equal the stage-1 training config's ``data.grid``, ``data.hu_window``,
+``data.antialias`` and the cascade's ``data.spacing``, ``data.box_margin_mm`` and ``localiser.spacing``, the
+crop settings stage 2's ``data.crop``: the trainers refuse a cache prepared otherwise.
+:func:`prepare_config_for` copies them from the training configs, so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rsna_cspine.runner import split_cpus, usable_cpus
 
 if TYPE_CHECKING:
     from rsna_cspine.cls.config import ClsConfig
+    from rsna_cspine.seg.boxes import CascadeGeometry
     from rsna_cspine.seg.config import SegConfig
 
 #: Bumped when what a prepared study holds changes meaning, so older caches are refused.
@@ -34,17 +36,33 @@ STUDY_MEMORY_GIB = 3.0
 
 @dataclass
 class Stage1InputConfig:
-    """The volume every study gets on the stage-1 network grid (as ``seg.preprocess.preprocess_volume``).
+    """The volume every study gets on the stage-1 network grid (``seg.preprocess.write_stage1_input``).
 
     Attributes:
         grid: ``(D, H, W)``; must equal the stage-1 training config's ``data.grid``.
         hu_window: HU range mapped to [0, 1]; its ``data.hu_window``.
         antialias: its ``data.antialias``.
+        spacing: its ``data.spacing``: mm per fine-grid voxel of the cascade (empty: the whole volume on
+            the grid, no cascade).
+        box_margin_mm: its ``data.box_margin_mm`` (the cascade only; empty without it).
+        localiser_spacing: its ``localiser.spacing`` (the cascade only; empty without it).
     """
 
     grid: tuple[int, int, int] = (128, 128, 128)
     hu_window: tuple[float, float] = (-400.0, 1600.0)
     antialias: bool = True
+    spacing: tuple[float, ...] = ()
+    box_margin_mm: tuple[float, ...] = ()
+    localiser_spacing: tuple[float, ...] = ()
+
+    def cascade(self) -> CascadeGeometry | None:
+        """The cascade's spacings and margins (None: whole-volume grid)."""
+        from rsna_cspine.seg.boxes import CascadeGeometry
+
+        if not self.spacing:
+            return None
+        return CascadeGeometry(tuple(self.spacing), tuple(self.box_margin_mm),  # type: ignore[arg-type]
+                               tuple(self.localiser_spacing))
 
 
 @dataclass
@@ -78,6 +96,15 @@ class PrepareConfig:
         if any(int(g) < 1 for g in self.stage1.grid) or self.stage1.hu_window[1] <= self.stage1.hu_window[0]:
             raise ConfigError(f"stage1.grid must be positive and stage1.hu_window (low, high) with high > low; got "
                               f"{self.stage1.grid}, {self.stage1.hu_window}")
+        s1 = self.stage1
+        cascade = (s1.spacing, s1.box_margin_mm, s1.localiser_spacing)
+        if s1.spacing and (any(len(v) != 3 for v in cascade) or min(s1.spacing) <= 0 or min(s1.localiser_spacing) <= 0
+                           or min(s1.box_margin_mm) < 0):
+            raise ConfigError(f"stage1.spacing, box_margin_mm and localiser_spacing (the cascade) need 3 values "
+                              f"each (spacings > 0, margin ≥ 0); got {[list(v) for v in cascade]}")
+        if not s1.spacing and (s1.box_margin_mm or s1.localiser_spacing):
+            raise ConfigError("stage1.box_margin_mm and localiser_spacing belong to the cascade: set stage1.spacing "
+                              "too, or leave them empty")
         if self.workers < 0 or self.cpus < 0:
             raise ConfigError(f"workers and cpus must be ≥ 0 (0 = fit the machine), got {self.workers}, {self.cpus}")
 
@@ -100,18 +127,32 @@ def prepare_config_for(seg: SegConfig | None = None, cls: ClsConfig | None = Non
     """A :class:`PrepareConfig` whose stage-1 input and crops are those of the training configs given.
 
     Args:
-        seg: stage-1 training config (its ``data.grid``, ``hu_window``, ``antialias``).
+        seg: stage-1 training config (its ``data.grid``, ``hu_window``, ``antialias``; the cascade's
+            ``data.spacing``, ``data.box_margin_mm``, ``localiser.spacing``).
         cls: stage-2 training config (its ``data.crop``).
         values: other fields (``workers=2``, ``mask_source="gt"``, ...).
     """
     cfg = PrepareConfig(**values)
     if seg is not None:
-        d = seg.data
-        grid, window = tuple(int(g) for g in d.grid), tuple(float(h) for h in d.hu_window)
-        cfg.stage1 = Stage1InputConfig(grid, window, bool(d.antialias))  # type: ignore[arg-type]
+        cfg.stage1 = Stage1InputConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                          for k, v in stage1_settings(seg).items()})
     if cls is not None:
         cfg.crop = CropConfig(**to_dict(cls.data.crop))
     return cfg
+
+
+def stage1_settings(seg: SegConfig) -> dict[str, Any]:
+    """The :class:`Stage1InputConfig` fields of a stage-1 training config (JSON-able; the cascade's only with it).
+
+    Args:
+        seg: stage-1 training config.
+    """
+    d = seg.data
+    cascade = bool(d.spacing)
+    return {"grid": [int(g) for g in d.grid], "hu_window": [float(h) for h in d.hu_window],
+            "antialias": bool(d.antialias), "spacing": [float(v) for v in d.spacing],
+            "box_margin_mm": [float(v) for v in d.box_margin_mm] if cascade else [],
+            "localiser_spacing": [float(v) for v in seg.localiser.spacing] if cascade else []}
 
 
 def training_config_overrides(seg_config: str | Path | None, cls_config: str | Path | None) -> list[str]:
@@ -130,8 +171,7 @@ def training_config_overrides(seg_config: str | Path | None, cls_config: str | P
     if seg_config is not None:
         from rsna_cspine.seg.config import SegConfig
 
-        d = load_config(SegConfig, seg_config).data
-        stage1 = {"grid": list(d.grid), "hu_window": list(d.hu_window), "antialias": d.antialias}
+        stage1 = stage1_settings(load_config(SegConfig, seg_config))
         overrides.append(f"stage1={json.dumps(stage1)}")  # JSON is YAML: one override carries the section
     if cls_config is not None:
         from rsna_cspine.cls.config import ClsConfig

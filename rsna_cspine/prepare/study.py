@@ -1,10 +1,11 @@
 """One study, decoded once, turned into everything training needs (the per-study function of ``prepare``).
 
 :func:`prepare_study` loads the series once and writes, from that one volume: the stage-1 input (the
-volume on the network grid, plus its labels where ``segmentations/<uid>.nii`` exists), the mask the crops
-are cut from (the stage-1 models' or the true one), the seven 2.5D stacks with slice labels and box maps,
-and returns the study's manifest row (geometry, timings, warnings). It runs in worker processes, so it is
-a module-level function of a picklable :class:`StudyJob`.
+volume on the network grid, or the cascade's fine box and coarse whole-study image, plus labels where
+``segmentations/<uid>.nii`` exists), the mask the crops are cut from (the stage-1 models' or the true
+one), the seven 2.5D stacks with slice labels and box maps, and returns the study's manifest row
+(geometry, timings, warnings). It runs in worker processes, so it is a module-level function of a
+picklable :class:`StudyJob`.
 """
 
 from __future__ import annotations
@@ -132,14 +133,15 @@ def prepare_study(uid: str, job: StudyJob) -> Record:
     tick = time.perf_counter()
     s1 = cfg.stage1
     seg_path, image = write_stage1_input(cache.seg_path(uid), volume, labels, s1.grid, s1.hu_window,
-                                         antialias=s1.antialias)
+                                         antialias=s1.antialias, cascade=s1.cascade())
     seconds["stage1"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     source, mask, vertebrae = _mask_plan(job, labels is not None), None, None
     if source == "pred":
         segmenter = _segmenter(job)
-        result = segmenter.predict(volume, image if segmenter.accepts(s1.grid, s1.hu_window, s1.antialias) else None)
+        reuse = image is not None and segmenter.accepts(s1.grid, s1.hu_window, s1.antialias)
+        result = segmenter.predict(volume, image if reuse else None)
         mask, vertebrae = result.mask, result.vertebrae
     elif source == "gt":
         mask = fold_labels(labels)  # type: ignore[arg-type]

@@ -8,9 +8,11 @@ For every vertebra C1..C7 of one study, :class:`StudyExplainer` writes three PNG
 * ``<V>_gradcam.png``: the same stack with the classifier's Grad-CAM on top;
 
 each titled with the vertebra's fracture probability, plus ``overview.png`` (mid-sagittal plane of the
-whole cervical spine, every vertebra labelled with its probability) and ``probabilities.csv``.
-A picture that cannot be drawn does not fail the study (its numbers are already computed): the
-explanation lists it under ``missing`` with the reason.
+whole cervical spine, every vertebra labelled with its probability) and ``probabilities.csv``. A
+vertebra stage 1's quality check dropped (``seg.qc``) is drawn where the network had put it, with the
+reason it took the prior; ``probabilities.csv`` holds every verdict (``qc``). A picture that cannot be
+drawn does not fail the study (its numbers are already computed): the explanation lists it under
+``missing`` with the reason.
 
 The pictures themselves are drawn by :mod:`rsna_cspine.report.pictures`.
 """
@@ -52,9 +54,11 @@ class VertebraExplanation:
     Attributes:
         vertebra: ``C1``..``C7``.
         probability: the probability the pipeline reports for it (the prior when it was not found).
-        found: stage 1 found the vertebra (else only ``views`` is drawn, without it).
+        found: stage 1 found the vertebra and its quality check kept it (else only ``views`` is drawn,
+            without it).
         pictures: picture kind (``views``, ``crops``, ``gradcam``) → PNG path.
         missing: picture kind → why it was not drawn.
+        qc: stage 1's quality-check verdict: ``ok``, ``absent`` or ``dropped: <reason>``.
     """
 
     vertebra: str
@@ -62,6 +66,7 @@ class VertebraExplanation:
     found: bool
     pictures: dict[str, Path] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
+    qc: str = ""
 
 
 @dataclass
@@ -154,15 +159,18 @@ class StudyExplainer:
         mask = parts.segmentation.mask
         probs = prediction.probs
         probabilities = {column: float(probs[j]) for j, column in enumerate(TARGET_COLUMNS)}
+        stage1 = parts.segmentation.vertebrae
+        verdicts = [str(v) for v in stage1["qc"]] if "qc" in stage1 else [""] * len(VERTEBRAE)
         table = out_dir / "probabilities.csv"
         pd.DataFrame(
             {"target": list(TARGET_COLUMNS), "probability": probs,
-             "found": [bool(f) for f in parts.crops.present] + [True]}
+             "found": [bool(f) for f in parts.crops.present] + [True], "qc": verdicts + [parts.segmentation.qc]}
         ).to_csv(table, index=False)
         report("drawing the overview", 0.6)
         missing: dict[str, str] = {}
         overview = draw_or_note(
-            partial(render_overview, parts.volume, mask, parts.crops, probs, out_dir / "overview.png", self.window),
+            partial(render_overview, parts.volume, mask, parts.crops, probs, out_dir / "overview.png", self.window,
+                    vertebrae=stage1),
             f"study {prediction.uid}", "overview", missing,
         )
 
@@ -173,11 +181,11 @@ class StudyExplainer:
             vertebra = VERTEBRAE[i]
             report(f"pictures of {vertebra}", 0.6 + 0.4 * k / max(len(chosen), 1))
             found = bool(parts.crops.present[i])
-            item = VertebraExplanation(vertebra, float(probs[i]), found)
-            title = probability_text(vertebra, float(probs[i]), found)
+            item = VertebraExplanation(vertebra, float(probs[i]), found, qc=verdicts[i])
+            title = probability_text(vertebra, float(probs[i]), found, verdicts[i])
             what = f"study {prediction.uid}, {vertebra}"
             views = partial(render_views, parts.volume, mask, parts.crops, i, float(probs[i]),
-                            out_dir / f"{vertebra}_views.png", self.window)
+                            out_dir / f"{vertebra}_views.png", self.window, verdict=verdicts[i])
             draw_or_note(views, what, "views", item.missing, item.pictures)
             if found:
                 stack, where = parts.crops.images[i], parts.crops.slice_index[i]
@@ -186,7 +194,8 @@ class StudyExplainer:
                 cam = partial(self._gradcam_picture, stack, where, title, out_dir / f"{vertebra}_gradcam.png", channel)
                 draw_or_note(cam, what, "gradcam", item.missing, item.pictures)
             else:
-                item.missing["crops"] = item.missing["gradcam"] = f"stage 1 did not find {vertebra}: no crops to show"
+                why = verdicts[i] if verdicts[i].startswith("dropped") else f"stage 1 did not find {vertebra}"
+                item.missing["crops"] = item.missing["gradcam"] = f"{why}: no crops to show"
             explained.append(item)
         report("done", 1.0)
         drawn = (overview is not None) + sum(len(v.pictures) for v in explained)

@@ -8,10 +8,12 @@ received them, so the heat map lies where the network looked.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
@@ -79,10 +81,13 @@ def overlay_labels(grey: np.ndarray, labels: np.ndarray, highlight: int | None =
     return rgb
 
 
-def probability_text(vertebra: str, probability: float, found: bool) -> str:
-    """Picture title: the vertebra and its probability, or that it was not found and took the prior."""
+def probability_text(vertebra: str, probability: float, found: bool, verdict: str = "") -> str:
+    """Picture title: the vertebra and its probability, or that it was not found (or dropped by stage 1's
+    quality check, with the reason on a second line) and took the prior."""
     if found:
         return f"{vertebra}: p(fracture) = {probability:.3f}"
+    if verdict.startswith("dropped"):
+        return f"{vertebra}: dropped by the QC, prior p = {probability:.3f}\n({verdict.partition(': ')[2]})"
     return f"{vertebra}: not found, prior p = {probability:.3f}"
 
 
@@ -163,6 +168,7 @@ def render_views(
     probability: float,
     out_path: str | Path,
     window: tuple[float, float] = (-400.0, 1500.0),
+    verdict: str = "",
 ) -> Path:
     """Mid-sagittal and axial views through one vertebra with the segmentation overlay.
 
@@ -174,6 +180,7 @@ def render_views(
         probability: printed in the title.
         out_path: PNG to write.
         window: HU display window.
+        verdict: stage 1's quality-check verdict (``ok``, ``absent`` or ``dropped: reason``), for the title.
     """
     vertebra = VERTEBRAE[index]
     found = bool(crops.present[index])
@@ -219,8 +226,9 @@ def render_views(
     ax_ax.set_xticks([])
     ax_ax.set_yticks([])
     fig.legend(handles=_legend(), loc="lower center", ncol=7, fontsize=8, frameon=False)
-    fig.suptitle(probability_text(vertebra, probability, found), fontsize=14, fontweight="bold")
-    fig.subplots_adjust(left=0.06, right=0.98, top=0.88, bottom=0.1, wspace=0.08)
+    title = probability_text(vertebra, probability, found, verdict)
+    fig.suptitle(title, fontsize=14, fontweight="bold")
+    fig.subplots_adjust(left=0.06, right=0.98, top=0.84 if "\n" in title else 0.88, bottom=0.1, wspace=0.08)
     return _save(fig, out_path)
 
 
@@ -322,8 +330,12 @@ def render_overview(
     probabilities: Sequence[float],
     out_path: str | Path,
     window: tuple[float, float] = (-400.0, 1500.0),
+    vertebrae: pd.DataFrame | None = None,
 ) -> Path:
     """Mid-sagittal plane of the cervical spine, each vertebra labelled with its probability.
+
+    With stage 1's table (``vertebrae``, holding the quality check's ``qc``), a vertebra the check dropped
+    is marked where the network had put it (a red cross) and its label says why it took the prior.
 
     Args:
         volume: the study.
@@ -332,13 +344,21 @@ def render_overview(
         probabilities: ``(8,)`` in ``TARGET_COLUMNS`` order.
         out_path: PNG to write.
         window: HU display window.
+        vertebrae: stage 1's per-vertebra table with ``qc`` (optional).
     """
     n_z, n_y, n_x = volume.shape
     dz, dy, _ = (float(s) for s in volume.spacing)
     flips = display_flips(volume)
+    verdicts = [str(v) for v in vertebrae["qc"]] if vertebrae is not None and "qc" in vertebrae else [""] * len(VERTEBRAE)
+    dropped = {i: (float(vertebrae.iloc[i]["centroid_z"]), float(vertebrae.iloc[i]["centroid_y"]))
+               for i, v in enumerate(verdicts) if v.startswith("dropped")}
     x = _spine_column(crops, n_x)
     sag, labels = sagittal_view(volume, mask, x)
     z0, z1, y0, y1 = _cervical_extent(crops, volume.shape, 25.0, volume.spacing)
+    if dropped:  # show where the dropped ones were, however far from the kept ones
+        zs, ys = np.array(list(dropped.values())).T
+        z0, z1 = max(min(z0, int(zs.min() - 25.0 / dz)), 0), min(max(z1, int(zs.max() + 25.0 / dz)), n_z)
+        y0, y1 = max(min(y0, int(ys.min() - 25.0 / dy)), 0), min(max(y1, int(ys.max() + 25.0 / dy)), n_y)
     y0, y1 = _flip_interval(y0, y1, n_y, flips[0])
     # The figure takes the shape of the shown region in mm, so the title sits on the image.
     height_in = float(np.clip(6.0 * (z1 - z0) * dz / max((y1 - y0) * dy, 1e-6), 3.0, 10.0))
@@ -349,9 +369,12 @@ def render_overview(
     ax.set_ylim(z1 - 0.5, z0 - 0.5)
     present = np.asarray(crops.present, dtype=bool)
     centres = np.where(present, crops.z_range.mean(axis=1), np.nan)
+    for i, (cz, _) in dropped.items():
+        centres[i] = cz
     label_z = _label_positions(centres, z0, z1)
     for i, vertebra in enumerate(VERTEBRAE):
-        text = f"{vertebra} {probabilities[i]:.3f}" + ("" if present[i] else " (not found)")
+        text = f"{vertebra} {probabilities[i]:.3f}" + ("" if present[i] else " (QC: dropped)" if i in dropped
+                                                      else " (not found)")
         style = {"facecolor": LABEL_COLOURS[i], "alpha": 0.85 if present[i] else 0.4, "edgecolor": "none", "pad": 2}
         # Labels sit in a column at the right edge, behind the spine, with a leader to their vertebra.
         arrow = None
@@ -360,12 +383,22 @@ def render_overview(
             box_y = _flip_interval(crops.boxes[i, 0], crops.boxes[i, 1], n_y, flips[0])
             target = (float(np.mean(box_y)), float(centres[i]))
             arrow = {"arrowstyle": "-", "color": LABEL_COLOURS[i], "linewidth": 1.0}
+        elif i in dropped:
+            cz, cy = dropped[i]
+            target = (n_y - 1 - cy if flips[0] else cy, cz)
+            ax.plot(*target, marker="x", color="red", markersize=12, markeredgewidth=2.5)
+            style = {**style, "edgecolor": "red", "linewidth": 1.5}
+            arrow = {"arrowstyle": "-", "color": "red", "linewidth": 1.0, "linestyle": "--"}
         ax.annotate(text, xy=target, xytext=(y1 - 2, label_z[i]), color="white", fontsize=10, va="center",
                     ha="right", bbox=style, arrowprops=arrow)
     ax.set_xticks([])
     ax.set_ylabel("slice (superior at top)")
     ax.set_title(_sagittal_title(x, n_z), fontsize=9)
     fig.suptitle(f"patient_overall: p(fracture) = {probabilities[-1]:.3f}", fontsize=14, fontweight="bold")
+    reasons = [f"{VERTEBRAE[i]} {verdicts[i]}" for i in sorted(dropped)]
+    if reasons:  # why each red cross took the prior, under the picture
+        fig.text(0.5, 0.0, "\n".join(textwrap.shorten(r, 110) for r in reasons), ha="center", va="top", fontsize=8,
+                 color="darkred")
     fig.subplots_adjust(left=0.12, right=0.98, top=0.92, bottom=0.03)
     return _save(fig, out_path, tight=True)
 

@@ -15,9 +15,17 @@ class SegDataConfig:
 
     Attributes:
         root: Kaggle-layout folder (train.csv, segmentations/; the images are read by ``prepare`` only).
-        cache_dir: the prepared cache (``rsna-cspine prepare``) whose ``seg/<uid>.npz`` hold each study at
-            ``grid`` resolution; it must have been prepared with this ``grid``, ``hu_window`` and ``antialias``.
-        grid: network input size ``(D, H, W)``; every study is resampled to it (aspect is not kept).
+        cache_dir: the prepared cache (``rsna-cspine prepare``) whose ``seg/<uid>.npz`` hold each study's
+            stage-1 input; it must have been prepared with this ``grid``, ``hu_window``, ``antialias`` (and,
+            with the cascade, ``spacing``, ``box_margin_mm`` and ``localiser.spacing``).
+        grid: network input size ``(D, H, W)``.
+        spacing: mm per grid voxel ``(z, y, x)`` of the cascade's fine pass: the grid covers a box of
+            ``grid × spacing`` mm around the neck that the localiser found (``localiser``), so every scan
+            is seen at the same scale. Empty: the whole study is resampled to the grid (aspect not kept),
+            as checkpoints written before the cascade were trained.
+        box_margin_mm: the prepared cache stores the fine box this much larger on each side ``(z, y, x)``;
+            training crops the grid from it at random, as if the localiser had missed the neck's centre
+            by up to this much.
         hu_window: HU range clipped and mapped to [0, 1]; bone-friendly by default.
         antialias: average (rather than point-sample) voxels when shrinking a study to the grid.
         thoracic: ``background`` folds T1.. into label 0; ``class`` gives them one extra class (8).
@@ -32,12 +40,19 @@ class SegDataConfig:
     root: str = "data/rsna"
     cache_dir: str = "work/prepared"
     grid: tuple[int, int, int] = (128, 128, 128)
+    spacing: tuple[float, ...] = ()
+    box_margin_mm: tuple[float, float, float] = (30.0, 20.0, 20.0)
     hu_window: tuple[float, float] = (-400.0, 1600.0)
     antialias: bool = True
     thoracic: str = "background"
     max_studies: int = 0
     extra: list[str] = field(default_factory=list)
     exclude: tuple[str, ...] = KNOWN_BROKEN_STUDIES
+
+    @property
+    def cascade(self) -> bool:
+        """The fine pass covers a fixed box in mm around the localised neck (``spacing`` is set)."""
+        return len(self.spacing) > 0
 
 
 @dataclass
@@ -53,6 +68,35 @@ class SegModelConfig:
     init_filters: int = 16
     blocks_down: tuple[int, ...] = (1, 2, 2, 4)
     blocks_up: tuple[int, ...] = (1, 1, 1)
+
+
+@dataclass
+class SegLocaliserConfig:
+    """The cascade's coarse pass: a small network that finds the cervical spine in the whole scan.
+
+    It sees the whole study at ``spacing`` mm per voxel (windows of ``grid`` voxels slide over scans
+    larger than that) and labels "cervical spine" against everything else; the fine pass then covers
+    ``data.grid × data.spacing`` mm around what it found. It trains in the same run as the fine network,
+    before it, on the same studies, and travels inside the fine network's checkpoints.
+
+    Attributes:
+        enabled: use the cascade (needs ``data.spacing``).
+        spacing: mm per voxel ``(z, y, x)`` of the coarse pass.
+        grid: coarse network input ``(D, H, W)`` (training crops and sliding windows).
+        model: its network (small: a few voxels per vertebra is all it needs).
+        epochs: planned epochs (a time budget shortens them).
+        time_share: share of ``train.max_minutes`` left after data preparation that it may use.
+        patch_foreground: share of training crops centred on a cervical voxel.
+    """
+
+    enabled: bool = False
+    spacing: tuple[float, float, float] = (6.0, 4.0, 4.0)
+    grid: tuple[int, int, int] = (48, 64, 64)
+    model: SegModelConfig = field(default_factory=lambda: SegModelConfig(
+        channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=0))
+    epochs: int = 60
+    time_share: float = 0.2
+    patch_foreground: float = 0.5
 
 
 @dataclass
@@ -170,6 +214,7 @@ class SegConfig(RunConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=1e-5, warmup_epochs=2,
                                                                    warmup_lr=1e-4, min_lr=1e-5))
     predict: SegPredictConfig = field(default_factory=SegPredictConfig)
+    localiser: SegLocaliserConfig = field(default_factory=SegLocaliserConfig)
 
     @staticmethod
     def upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:

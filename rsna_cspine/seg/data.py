@@ -1,4 +1,9 @@
-"""Training data for stage 1: cached grid-resolution studies → MONAI dictionary transforms → loaders.
+"""Training data for stage 1: cached studies → MONAI dictionary transforms → loaders.
+
+Three inputs come from the cache (:func:`~rsna_cspine.seg.preprocess.cache_training_study`): ``grid``,
+the whole study on the grid (no cascade); ``fine``, the cascade's box around the neck, stored larger than
+the grid so that training crops it at a random offset (a localiser that missed the centre); and
+``localiser``, the whole study at the coarse spacing, cervical spine against the rest.
 
 Data order and augmentation depend only on (seed, epoch): each epoch gets a fresh loader whose
 ``torch.Generator`` is seeded from them; MONAI's DataLoader derives the random state of every
@@ -11,9 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from monai.data import DataLoader, Dataset
+import numpy as np
+from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import (
+    CastToTyped,
+    CenterSpatialCropd,
     Compose,
+    DivisiblePadd,
     EnsureTyped,
     MapTransform,
     RandAffined,
@@ -22,6 +31,7 @@ from monai.transforms import (
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    SpatialPadd,
 )
 from torch.utils.data import DistributedSampler
 
@@ -31,16 +41,22 @@ from rsna_cspine.seg.randomise import randomisation_transforms
 
 
 class LoadCachedStudyd(MapTransform):
-    """Replace ``{"path": file}`` by the cached ``image`` and folded ``label`` arrays."""
+    """Replace ``{"path": file}`` by the cached float16 ``image`` and folded ``label`` arrays (of the localiser's
+    input when ``localiser``)."""
 
-    def __init__(self, thoracic: str = "background") -> None:
+    def __init__(self, thoracic: str = "background", localiser: bool = False) -> None:
         super().__init__(keys=["path"])
         self.thoracic = thoracic
+        self.localiser = localiser
 
     def __call__(self, data: dict) -> dict:
         out = dict(data)
-        out.update(load_cached_study(out.pop("path"), self.thoracic))
+        out.update(load_cached_study(out.pop("path"), self.thoracic, localiser=self.localiser, dtype=np.float16))
         return out
+
+
+#: The network inputs a cache file holds (see the module docstring).
+INPUTS: tuple[str, ...] = ("grid", "fine", "localiser")
 
 
 def build_transforms(
@@ -51,6 +67,8 @@ def build_transforms(
     patch_size: Sequence[int] | None = None,
     patch_foreground: float = 0.75,
     hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
+    source: str = "grid",
+    divisor: int = 16,
 ) -> Compose:
     """Loading plus, for training, a random patch and MONAI augmentations applied alike to image and label.
 
@@ -62,10 +80,23 @@ def build_transforms(
         patch_size: train on this sub-volume (0 on an axis = the whole axis); None = the whole grid.
         patch_foreground: share of patches centred on a vertebra voxel (the rest on background).
         hu_window: HU window of the cached images (the randomisation's HU bands are placed with it).
+        source: which cached input (``INPUTS``): ``grid`` is used whole (or patched), ``fine`` is cropped to
+            ``grid`` (centred for validation, at random for training), ``localiser`` is padded to ``grid``,
+            cropped to it at random for training and used whole (padded to ``divisor``) for validation.
+        divisor: what every side of a validation input of the localiser must be divisible by (the network's).
     """
-    steps: list = [LoadCachedStudyd(thoracic)]
+    if source not in INPUTS:
+        raise ValueError(f"source must be one of {INPUTS}, got {source!r}")
+    steps: list = [LoadCachedStudyd(thoracic, localiser=source == "localiser")]
     patch = tuple(int(p) if p else int(g) for p, g in zip(patch_size, grid)) if patch_size else tuple(grid)
-    if train and patch != tuple(grid):
+    if source == "localiser":
+        # Air (0 after the window) around a scan smaller than the grid, as the sliding window pads it.
+        steps.append(SpatialPadd(keys=["image", "label"], spatial_size=tuple(grid), value=0))
+        if not train:
+            steps.append(DivisiblePadd(keys=["image", "label"], k=divisor, value=0))
+    elif source == "fine" and not train:
+        steps.append(CenterSpatialCropd(keys=["image", "label"], roi_size=tuple(grid)))  # a perfect localiser
+    if train and (patch != tuple(grid) or source != "grid"):
         # The spine fills a small part of each slice: patches around it spend the (CPU) budget where the
         # labels are, while background patches keep teaching what is not a vertebra.
         steps.append(
@@ -74,6 +105,8 @@ def build_transforms(
                 pos=patch_foreground, neg=1.0 - patch_foreground, num_samples=1,
             )
         )
+    # Float32 from here on (the cropped image only): the loaded studies stay float16 in the dataset's cache.
+    steps.append(CastToTyped(keys=["image"], dtype=np.float32))
     if train and aug.enabled:
         steps += [
             RandAffined(
@@ -101,8 +134,12 @@ def build_transforms(
 
 
 def make_dataset(paths: Sequence[Path], transform: Compose) -> Dataset:
-    """A MONAI Dataset over cache files (items are ``{"path": file}``)."""
-    return Dataset(data=[{"path": str(p)} for p in paths], transform=transform)
+    """A MONAI ``CacheDataset`` over cache files (items are ``{"path": file}``).
+
+    The loaded arrays (the deterministic first step) stay in memory, so each epoch pays only for the
+    random crop and augmentations, not for decompressing every file again.
+    """
+    return CacheDataset(data=[{"path": str(p)} for p in paths], transform=transform, num_workers=0, progress=False)
 
 
 def make_loader(

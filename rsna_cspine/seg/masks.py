@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rsna_cspine.constants import CERVICAL_LABELS, VERTEBRAE
-from rsna_cspine.seg.preprocess import nearest_indices
+from rsna_cspine.seg.boxes import VoxelBox, nearest_indices
 
 #: Columns of the per-vertebra table (``z``/``y``/``x`` bounds are inclusive array indices).
 VERTEBRA_COLUMNS: tuple[str, ...] = (
@@ -307,3 +307,40 @@ def upsample_linear(
             block[:, y0:y1, x0:x1] = dense
         mask[start:stop] = block
     return mask, histograms
+
+
+def place_box(
+    box_mask: np.ndarray, histograms: Sequence[np.ndarray], box: VoxelBox, shape: Sequence[int]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A box's mask and axis histograms placed in a volume of ``shape`` (0 outside the box).
+
+    The cascade's fine pass labels only its box; every other voxel of the study is background. Labels
+    that fall outside the volume (the box may reach beyond the scan) are dropped.
+
+    Args:
+        box_mask: uint8 ``box.size`` labels.
+        histograms: ``axis_histograms(box_mask)`` (e.g. from :func:`upsample_linear`).
+        box: where the box lies, in the volume's voxels.
+        shape: the volume's ``(z, y, x)``.
+
+    Returns:
+        uint8 ``shape`` mask and its ``axis_histograms``.
+    """
+    shape = tuple(int(n) for n in shape)
+    mask = np.zeros(shape, dtype=np.uint8)
+    parts = box.overlap(shape)
+    out = [np.zeros((N_MASK_LABELS, n), dtype=np.int64) for n in shape]
+    if parts is None:
+        for axis, n in enumerate(shape):
+            out[axis][0] = mask.size // n
+        return mask, out
+    inside, in_box = parts
+    mask[inside] = box_mask[in_box]
+    # Inside the volume the box's own histograms only need shifting; a box reaching beyond it is counted again.
+    placed = list(histograms) if box.inside(shape) else axis_histograms(mask[inside])
+    for axis, n in enumerate(shape):
+        lo, hi = inside[axis].start, inside[axis].stop
+        source = placed[axis] if not box.inside(shape) else placed[axis][:, in_box[axis]]
+        out[axis][1:, lo:hi] = source[1:]
+        out[axis][0] = mask.size // n - out[axis][1:].sum(axis=0)
+    return mask, out

@@ -1,8 +1,10 @@
 """Stage-1 inference: Volume → vertebra mask at the original resolution + a per-vertebra table.
 
-:class:`Segmenter` runs the network(s) on the grid and hands the result to :mod:`rsna_cspine.seg.masks`
-for the full-resolution mask and the table; :func:`predict_studies` does it for every study of a split
-through the project's :class:`~rsna_cspine.runner.StudyRunner` (``rsna-cspine predict-seg``).
+:class:`Segmenter` finds the neck (the cascade's localiser, :mod:`rsna_cspine.seg.localise`), runs the
+network(s) on the grid, hands the result to :mod:`rsna_cspine.seg.masks` for the full-resolution mask
+and the table, and checks the anatomy (:mod:`rsna_cspine.seg.qc`); :func:`predict_studies` does it for
+every study of a split through the project's :class:`~rsna_cspine.runner.StudyRunner`
+(``rsna-cspine predict-seg``).
 """
 
 from __future__ import annotations
@@ -27,22 +29,27 @@ from rsna_cspine.io.files import atomic_open, atomic_write_text
 from rsna_cspine.io.volume import Volume
 from rsna_cspine.runner import LEDGER_FOLDER, StudyLedger, StudyRunner, file_fingerprint
 from rsna_cspine.seg.config import SegConfig
+from rsna_cspine.seg.boxes import VoxelBox, box_size
+from rsna_cspine.seg.localise import Localiser, NeckLocation
 from rsna_cspine.seg.masks import (
     UPSAMPLE_MODES,
     VERTEBRA_COLUMNS,
+    mask_table,
+    nearest_histograms,
+    place_box,
     table_from_histograms,
     upsample_linear,
     upsample_mask,
-    vertebra_table,
     with_vertebra_dtypes,
 )
 from rsna_cspine.seg.model import build_model
 from rsna_cspine.seg.preprocess import num_classes, preprocess_volume
+from rsna_cspine.seg.qc import DROPPED, QC_COLUMNS, QCLimits, check_vertebrae, dropped_labels, qc_summary
 
 log = logging.getLogger(__name__)
 
 #: Bumped when the masks or tables predict-seg writes change meaning, so earlier results are not resumed.
-MASK_VERSION = 1
+MASK_VERSION = 2
 
 
 @dataclass
@@ -50,33 +57,56 @@ class SegmentationResult:
     """What stage 1 says about one study.
 
     Attributes:
-        mask: uint8 ``(z, y, x)`` at the volume's resolution; 1..7 = C1..C7, 0 elsewhere.
-        vertebrae: one row per vertebra (``VERTEBRA_COLUMNS``); ``found`` False and empty bounds when absent.
-        grid_mask: uint8 ``(D, H, W)`` label map on the network grid (what ``mask`` was expanded from).
+        mask: uint8 ``(z, y, x)`` at the volume's resolution; 1..7 = C1..C7, 0 elsewhere. After the
+            quality check only the vertebrae it kept are in it.
+        vertebrae: one row per vertebra (``VERTEBRA_COLUMNS``, plus ``QC_COLUMNS`` after the check):
+            ``found`` and the bounds say what the network labelled, ``qc`` whether it is used.
+        grid_mask: uint8 ``(D, H, W)`` label map on the network grid (of the fine box with the cascade).
+        box: the region the network saw, in the volume's voxels (the whole volume without the cascade;
+            None when the localiser found no cervical spine).
+        neck: what the cascade's localiser found (None without the cascade or when it found nothing).
     """
 
     mask: np.ndarray
     vertebrae: pd.DataFrame
     grid_mask: np.ndarray
+    box: VoxelBox | None = None
+    neck: NeckLocation | None = None
+
+    @property
+    def qc(self) -> str:
+        """One-line verdict of the quality check ('' before it ran)."""
+        return qc_summary(self.vertebrae) if "qc" in self.vertebrae else ""
 
 
 class Segmenter:
     """One or more trained stage-1 networks (probabilities averaged) with their preprocessing settings.
 
+    Public steps: :meth:`locate` (the cascade's coarse pass: where the fine grid goes), :meth:`segment`
+    (the network's labels at the volume's resolution), :meth:`check` (the anatomical quality check);
+    :meth:`predict` runs the three.
+
     Args:
         models: networks sharing one config (e.g. the folds of one run).
-        cfg: the config they were trained with (grid, HU window, thoracic mode, inference settings).
+        cfg: the config they were trained with (grid, HU window, thoracic mode, cascade, inference settings).
         device: where to run.
         amp: mixed precision on GPU.
+        localiser: the cascade's coarse pass (needed when ``cfg.data.spacing`` is set).
+        qc_limits: thresholds of the quality check (default ``qc.QCLimits()``).
     """
 
-    def __init__(self, models: Sequence[torch.nn.Module], cfg: SegConfig, device: torch.device, amp: bool = True):
+    def __init__(self, models: Sequence[torch.nn.Module], cfg: SegConfig, device: torch.device, amp: bool = True,
+                 localiser: Localiser | None = None, qc_limits: QCLimits | None = None):
         if not models:
             raise ValueError("Segmenter needs at least one model")
+        if cfg.data.cascade and localiser is None:
+            raise ConfigError("data.spacing is set (the cascade) but no localiser was given")
         self.models = [m.to(device).eval() for m in models]
         self.cfg = cfg
         self.device = device
         self.amp = amp
+        self.localiser = localiser if cfg.data.cascade else None
+        self.qc_limits = qc_limits or QCLimits()
         self._keep_largest = KeepLargestConnectedComponent(applied_labels=list(CERVICAL_LABELS), independent=True)
 
     @property
@@ -131,6 +161,7 @@ class Segmenter:
 
     def accepts(self, grid: Sequence[int], hu_window: Sequence[float], antialias: bool) -> bool:
         """Whether an image preprocessed with these settings is this segmenter's input (so it can be reused).
+        Never for the cascade: its fine box goes where its own localiser finds the neck.
 
         Args:
             grid: ``(D, H, W)``.
@@ -138,14 +169,29 @@ class Segmenter:
             antialias: see ``preprocess_volume``.
         """
         d = self.cfg.data
-        return ([int(g) for g in grid], [float(h) for h in hu_window], bool(antialias)) == (
+        return not d.cascade and ([int(g) for g in grid], [float(h) for h in hu_window], bool(antialias)) == (
             [int(g) for g in d.grid], [float(h) for h in d.hu_window], bool(d.antialias))
 
-    def predict(self, volume: Volume, image: np.ndarray | None = None) -> SegmentationResult:
-        """Segment C1..C7 in one study at its own resolution.
+    def locate(self, volume: Volume) -> tuple[VoxelBox | None, NeckLocation | None]:
+        """The region the network looks at: the whole volume, or with the cascade ``data.grid × data.spacing``
+        mm centred on the neck the localiser found (``(None, None)`` when it found none).
+
+        Args:
+            volume: the loaded study.
+        """
+        if self.localiser is None:
+            return VoxelBox.whole(volume.shape), None
+        neck = self.localiser.locate(volume)
+        if neck is None:
+            return None, None
+        return VoxelBox.centred(neck.centre, box_size(volume.spacing, self.grid, self.cfg.data.spacing)), neck
+
+    def segment(self, volume: Volume, image: np.ndarray | None = None) -> SegmentationResult:
+        """The network's C1..C7 labels at the volume's resolution, before the quality check.
 
         ``predict.upsample`` = ``linear`` takes the argmax of trilinearly interpolated probabilities
         (smooth boundaries, a few slices at a time); ``nearest`` expands the grid label map (fastest).
+        With the cascade the labels are mapped back into the fine box and every voxel outside it is 0.
 
         Args:
             volume: the loaded study.
@@ -153,29 +199,77 @@ class Segmenter:
                 e.g. by the stage-1 cache; None computes it here.
         """
         d = self.cfg.data
+        if image is not None and not self.accepts(image.shape[1:], d.hu_window, d.antialias):
+            raise ValueError(f"image {image.shape} is not this segmenter's input (see accepts())")
+        box, neck = self.locate(volume)
+        if box is None:
+            log.info("study %s: the localiser found no cervical spine", volume.study_uid or "?")
+            mask = np.zeros(volume.shape, dtype=np.uint8)
+            return SegmentationResult(mask=mask, vertebrae=mask_table(mask[:1, :1, :1]),
+                                      grid_mask=np.zeros(self.grid, dtype=np.uint8))
         if image is None:
-            image = preprocess_volume(volume, d.grid, d.hu_window, antialias=d.antialias)
+            image = preprocess_volume(volume, d.grid, d.hu_window, antialias=d.antialias, box=box)
         grid_mask, probs = self.clean(self.predict_probabilities(image))
         mode = self.cfg.predict.upsample
         if mode == "nearest":
-            mask = upsample_mask(grid_mask, volume.shape)
-            table = vertebra_table(grid_mask, volume.shape, volume.slice_numbers)
+            box_mask = upsample_mask(grid_mask, box.size)
+            histograms = nearest_histograms(grid_mask, box.size)
         elif mode == "linear":
             with torch.inference_mode():
-                mask, histograms = upsample_linear(probs, volume.shape, self.cfg.predict.chunk_slices)
-            table = table_from_histograms(histograms, volume.slice_numbers)
+                box_mask, histograms = upsample_linear(probs, box.size, self.cfg.predict.chunk_slices)
         else:
             raise ConfigError(f"predict.upsample must be one of {UPSAMPLE_MODES}, got {mode!r}")
-        missing = table.loc[~table["found"], "vertebra"].tolist()
+        if box == VoxelBox.whole(volume.shape):
+            mask = box_mask
+        else:
+            mask, histograms = place_box(box_mask, histograms, box, volume.shape)
+        table = table_from_histograms(histograms, volume.slice_numbers)
+        return SegmentationResult(mask=mask, vertebrae=table, grid_mask=grid_mask, box=box, neck=neck)
+
+    def check(self, result: SegmentationResult, volume: Volume) -> SegmentationResult:
+        """The anatomical quality check (``seg.qc``): verdicts in the table, dropped vertebrae out of the masks.
+
+        Args:
+            result: :meth:`segment`'s output (its arrays are modified in place).
+            volume: the study it describes.
+        """
+        box = None
+        if result.box is not None and result.box != VoxelBox.whole(volume.shape):
+            box = (result.box.start, result.box.size)
+        table = check_vertebrae(result.vertebrae, volume.spacing, volume.shape, box=box, limits=self.qc_limits)
+        for label in dropped_labels(table):
+            row = table.iloc[label - 1]
+            region = tuple(slice(int(row[f"{k}_min"]), int(row[f"{k}_max"]) + 1) for k in "zyx")
+            part = result.mask[region]
+            part[part == label] = 0
+            result.grid_mask[result.grid_mask == label] = 0
+        result.vertebrae = table
+        return result
+
+    def predict(self, volume: Volume, image: np.ndarray | None = None) -> SegmentationResult:
+        """Segment C1..C7 in one study at its own resolution and keep only what passes the quality check.
+
+        Args:
+            volume: the loaded study.
+            image: the volume already preprocessed with this segmenter's settings (see :meth:`accepts`),
+                e.g. by the stage-1 cache; None computes it here.
+        """
+        result = self.check(self.segment(volume, image), volume)
+        uid = volume.study_uid or "?"
+        missing = result.vertebrae.loc[~result.vertebrae["found"], "vertebra"].tolist()
         if missing:
-            log.warning("study %s: vertebrae not found: %s", volume.study_uid or "?", ", ".join(missing))
-        return SegmentationResult(mask=mask, vertebrae=table, grid_mask=grid_mask)
+            log.warning("study %s: vertebrae not found: %s", uid, ", ".join(missing))
+        for name, verdict in zip(result.vertebrae["vertebra"], result.vertebrae["qc"]):
+            if str(verdict).startswith(DROPPED):
+                log.warning("study %s: %s %s", uid, name, verdict)
+        return result
 
 
 def load_segmenter(
     checkpoint: str | Path | Sequence[str | Path], device: str | torch.device = "auto", amp: bool = True
 ) -> Segmenter:
-    """Rebuild the network(s) from ``best.pt``-style checkpoints (the config travels inside each file).
+    """Rebuild the network(s) from ``best.pt``-style checkpoints (the config travels inside each file; with the
+    cascade, the localiser too).
 
     Args:
         checkpoint: one checkpoint, or several trained with the same grid/window (an ensemble).
@@ -184,21 +278,27 @@ def load_segmenter(
     """
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    models, cfg = [], None
+    models, cfg, extras = [], None, []
     for path in paths:
         state = load_checkpoint(path, map_location="cpu")
         if not state.get("config"):
             raise CSpineError("not a stage-1 checkpoint (it carries no config)", path)
         this = config_from_checkpoint(SegConfig, state["config"], path)
-        if cfg is not None and (tuple(this.data.grid), tuple(this.data.hu_window), this.data.antialias) != (
-            tuple(cfg.data.grid), tuple(cfg.data.hu_window), cfg.data.antialias
-        ):
-            raise CSpineError("checkpoints disagree on grid/HU window; they cannot be ensembled", path)
+        if cfg is not None and _geometry(this) != _geometry(cfg):
+            raise CSpineError("checkpoints disagree on grid/spacing/HU window; they cannot be ensembled", path)
         cfg = cfg or this
         model = build_model(this.model, num_classes(this.data.thoracic))
         model.load_state_dict(state["model"])
         models.append(model)
-    return Segmenter(models, cfg, device, amp=amp)
+        extras.append(state.get("extra") or {})
+    assert cfg is not None
+    localiser = Localiser.from_checkpoint_extra(extras, device, paths, amp=amp) if cfg.data.cascade else None
+    return Segmenter(models, cfg, device, amp=amp, localiser=localiser)
+
+
+def _geometry(cfg: SegConfig) -> tuple:
+    d = cfg.data
+    return tuple(d.grid), tuple(d.spacing), tuple(d.hu_window), d.antialias
 
 
 def study_uids(root: str | Path, split: str) -> list[str]:
@@ -266,7 +366,9 @@ def predict_studies(
     progress: bool = True,
     shard: tuple[int, int] | None = None,
 ) -> pd.DataFrame:
-    """Segment many studies: ``<out>/<uid>_mask.npz`` each and the table of all of them, ``<out>/vertebrae.csv``.
+    """Segment many studies: ``<out>/<uid>_mask.npz`` each and the table of all of them, ``<out>/vertebrae.csv``
+    (with the quality check's ``height_mm``, ``volume_ml`` and ``qc`` per vertebra; the masks hold only the
+    vertebrae it kept).
 
     Resumable: a study finished by an earlier run with the same checkpoints and data (the ledger in
     ``<out>/finished/``) whose mask file exists is skipped. A study that fails is logged and listed in
@@ -285,8 +387,8 @@ def predict_studies(
     Returns:
         The whole ``vertebrae.csv`` table after this run (every finished study of the folder).
     """
-    from rsna_cspine.io.dicom import load_series
     from rsna_cspine.io.kaggle import KaggleLayout
+    from rsna_cspine.io.study import load_study
 
     layout = KaggleLayout(root)
     out_dir = Path(out_dir)
@@ -300,7 +402,7 @@ def predict_studies(
     segmenter = load_segmenter(paths, device) if plan.todo else None
 
     def segment_one(uid: str) -> dict[str, Any]:
-        volume = load_series(layout.study_dir(uid, split))
+        volume = load_study(layout.study_path(uid, split))  # a DICOM folder, or an imported NIfTI / Enhanced CT file
         result = segmenter.predict(volume)  # type: ignore[union-attr]
         mask_path = save_mask(out_dir / f"{uid}_mask.npz", result, volume)
         return {"outputs": [str(mask_path)], "vertebrae": _json_rows(result.vertebrae)}
@@ -310,6 +412,6 @@ def predict_studies(
     selected = set(plan.selected)
     order = [u for u in plan.selected if u in finished] + [u for u in finished if u not in selected]
     rows = [{"StudyInstanceUID": uid, **row} for uid in order for row in finished[uid]["vertebrae"]]
-    table = with_vertebra_dtypes(pd.DataFrame(rows, columns=["StudyInstanceUID", *VERTEBRA_COLUMNS]))
+    table = with_vertebra_dtypes(pd.DataFrame(rows, columns=["StudyInstanceUID", *VERTEBRA_COLUMNS, *QC_COLUMNS]))
     atomic_write_text(out_dir / "vertebrae.csv", table.to_csv(index=False))
     return pd.read_csv(out_dir / "vertebrae.csv", dtype={"StudyInstanceUID": str})

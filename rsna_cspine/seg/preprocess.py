@@ -1,7 +1,9 @@
 """Volume → network input: HU window, resampling to a fixed grid, and the per-study training cache.
 
-Every study is resampled to one grid (e.g. 128³) whatever its slice count and in-plane size, as the
-top RSNA 2022 teams did; the aspect distortion is the same for training and prediction.
+Without the cascade every study is resampled to one grid (e.g. 128³) whatever its slice count and
+in-plane size, as the top RSNA 2022 teams did; the aspect distortion is the same for training and
+prediction. With it (``data.spacing``, :mod:`rsna_cspine.seg.boxes`), the grid covers a box of fixed
+size in mm around the neck, and the coarse pass sees the whole study at a fixed coarse spacing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,16 @@ from rsna_cspine.constants import CERVICAL_LABELS, THORACIC_LABELS
 from rsna_cspine.io.files import atomic_open
 from rsna_cspine.io.volume import Volume
 from rsna_cspine.io.window import window_hu
+from rsna_cspine.seg.boxes import (
+    CascadeGeometry,
+    VoxelBox,
+    box_size,
+    coarse_shape,
+    label_centre,
+    nearest_indices,
+    read_box,
+    sample_labels,
+)
 
 if TYPE_CHECKING:
     from rsna_cspine.io.kaggle import KaggleLayout
@@ -26,22 +38,7 @@ if TYPE_CHECKING:
 DEFAULT_HU_WINDOW: tuple[float, float] = (-400.0, 1600.0)
 THORACIC_MODES: tuple[str, ...] = ("background", "class")
 #: Bumped when the cache format or the preprocessing changes, so stale files are rebuilt.
-CACHE_VERSION: int = 1
-
-
-def nearest_indices(n_source: int, n_target: int) -> np.ndarray:
-    """Source index sampled by each target index under centre-aligned nearest-neighbour resampling.
-
-    Target voxel ``i`` covers ``[i, i+1) * n_source / n_target`` in source units; it takes the source
-    voxel containing its centre. The same rule maps labels down to the grid and masks back up, so a
-    mask predicted on the grid lands where its image came from.
-
-    Args:
-        n_source: length of the axis being sampled.
-        n_target: length of the resampled axis.
-    """
-    idx = np.floor((np.arange(n_target) + 0.5) * (n_source / n_target)).astype(np.int64)
-    return np.clip(idx, 0, n_source - 1)
+CACHE_VERSION: int = 2
 
 
 def resample_nearest(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -86,6 +83,7 @@ def preprocess_volume(
     *,
     antialias: bool = True,
     chunk_slices: int = 32,
+    box: VoxelBox | None = None,
 ) -> np.ndarray:
     """HU → window clipped to [0, 1] → resampled to ``grid``; returns float32 ``(1, D, H, W)``.
 
@@ -100,13 +98,16 @@ def preprocess_volume(
         hu_window: ``(low, high)`` HU mapped to 0 and 1.
         antialias: area-like averaging when shrinking an axis.
         chunk_slices: slices normalised and resized in-plane at a time (bounds memory).
+        box: resample only this box of the volume (the cascade's fine pass); voxels outside the
+            volume read as the window's low end (air). Default: the whole volume.
     """
     depth, height, width = (int(g) for g in grid)
-    hu = volume.hu
+    box = box or VoxelBox.whole(volume.shape)
     planes = []
-    for start in range(0, hu.shape[0], chunk_slices):
-        block = window_hu(torch.as_tensor(np.asarray(hu[start : start + chunk_slices], dtype=np.float32)), hu_window)
-        block = block.unsqueeze(1)  # (n, 1, y, x)
+    for start in range(0, box.size[0], chunk_slices):
+        stop = min(start + chunk_slices, box.size[0])
+        hu = read_box(volume.hu, box, float(hu_window[0]), (start, stop))  # outside the scan: air
+        block = window_hu(torch.as_tensor(np.asarray(hu, dtype=np.float32)), hu_window).unsqueeze(1)  # (n, 1, y, x)
         planes.append(_resize_axis_pair(block, (height, width), antialias)[:, 0])
     stack = torch.cat(planes, dim=0)  # (z, H, W), small
     # Resize z as the first axis of a 2-D image whose second axis (x) keeps its size.
@@ -115,13 +116,22 @@ def preprocess_volume(
     return out.unsqueeze(0).contiguous().numpy().astype(np.float32, copy=False)
 
 
+def _stored_settings(npz: np.lib.npyio.NpzFile) -> dict[str, object]:
+    """The preprocessing settings a cache file records (the form of :func:`cache_fingerprint`)."""
+    stored: dict[str, object] = {"version": int(npz["version"]), "grid": [int(v) for v in npz["grid"]],
+                                 "hu_window": [float(v) for v in npz["hu_window"]], "antialias": bool(npz["antialias"])}
+    for key in ("spacing", "box_margin_mm", "localiser_spacing"):
+        if f"cascade_{key}" in npz:
+            stored[key] = [float(v) for v in npz[f"cascade_{key}"]]
+    return stored
+
+
 def _adopt_cache_file(cache_dir: Path, settings: dict[str, object], uid: str) -> dict[str, list[str]] | None:
     """A cache file written outside the ledger (an earlier version): kept when it records these settings."""
     path = cache_dir / f"{uid}.npz"
     try:
         with np.load(path) as npz:
-            stored = {"version": int(npz["version"]), "grid": [int(v) for v in npz["grid"]],
-                      "hu_window": [float(v) for v in npz["hu_window"]], "antialias": bool(npz["antialias"])}
+            stored = _stored_settings(npz)
     except Exception:  # noqa: BLE001 - missing, partial or unreadable: build it again
         return None
     return {"outputs": [str(path)]} if stored == settings else None
@@ -135,20 +145,19 @@ def cache_training_study(
     hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
     *,
     antialias: bool = True,
+    cascade: CascadeGeometry | None = None,
 ) -> Path:
-    """Decode one labelled training study and store it at grid resolution as ``<cache_dir>/<uid>.npz``.
-
-    The file holds ``image`` (float16 ``(1, D, H, W)``), ``labels`` (uint8 ``(D, H, W)``, RSNA values so
-    the thoracic option can change without re-decoding), ``original_shape``, ``spacing`` and the
-    preprocessing settings. Which files are current is :func:`build_cache`'s ledger's business.
+    """Decode one labelled training study and store its stage-1 inputs (:func:`write_stage1_input`) as
+    ``<cache_dir>/<uid>.npz``. Which files are current is :func:`build_cache`'s ledger's business.
 
     Args:
         layout: the Kaggle-layout dataset.
         uid: StudyInstanceUID with a segmentation.
         cache_dir: output folder.
-        grid: target ``(D, H, W)``.
+        grid: network input ``(D, H, W)`` (of the fine pass with ``cascade``).
         hu_window: HU window of :func:`preprocess_volume`.
         antialias: see :func:`preprocess_volume`.
+        cascade: the cascade's spacings and margins; None for the whole-volume grid.
     """
     from rsna_cspine.errors import LayoutError
     from rsna_cspine.io.nifti import load_segmentation
@@ -159,7 +168,7 @@ def cache_training_study(
         raise LayoutError(f"study {uid} has no segmentation", layout.segmentations)
     volume = load_study(layout.study_path(uid, "train"))  # a DICOM folder, or an imported NIfTI / Enhanced CT file
     return write_stage1_input(Path(cache_dir) / f"{uid}.npz", volume, load_segmentation(seg_path, volume), grid,
-                              hu_window, antialias=antialias)[0]
+                              hu_window, antialias=antialias, cascade=cascade)[0]
 
 
 def write_stage1_input(
@@ -170,25 +179,55 @@ def write_stage1_input(
     hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
     *,
     antialias: bool = True,
-) -> tuple[Path, np.ndarray]:
-    """One study's stage-1 input (the volume on the grid, and its labels there when it has any), written
-    as a cache file; the same per-study step for :func:`build_cache` and ``rsna-cspine prepare``.
+    cascade: CascadeGeometry | None = None,
+) -> tuple[Path, np.ndarray | None]:
+    """One study's stage-1 input, written as a cache file: the same per-study step for :func:`build_cache`
+    and ``rsna-cspine prepare``.
+
+    Without ``cascade``: the volume on the grid, and its labels there when it has any. With it, the
+    cascade's two inputs: ``image``/``labels`` are the fine box (``grid`` plus ``cascade.margin_mm`` on each
+    side, at ``cascade.spacing``) centred on the labelled cervical spine (on the volume's centre when none
+    is in view or the study has no labels), ``box`` its ``[start, size]`` in original voxels, and
+    ``loc_image``/``loc_labels`` the whole study at ``cascade.localiser_spacing``.
 
     Args:
         path: destination ``.npz``.
         volume: the decoded study.
         labels: RSNA label map aligned with the volume, or None (a study without a segmentation).
-        grid: target ``(D, H, W)``.
+        grid: network input ``(D, H, W)`` (of the fine pass with ``cascade``).
         hu_window: HU window of :func:`preprocess_volume`.
         antialias: see :func:`preprocess_volume`.
+        cascade: the cascade's spacings and margins; None for the whole-volume grid.
 
     Returns:
-        The file, and the preprocessed image (float32 ``(1, D, H, W)``; stage-1 prediction can reuse it).
+        The file, and the preprocessed image a whole-volume stage-1 model can reuse (float32
+        ``(1, D, H, W)``); None with ``cascade``, whose fine box is placed on the true labels, not where a
+        localiser would put it.
     """
-    image = preprocess_volume(volume, grid, hu_window, antialias=antialias)
-    grid_labels = None if labels is None else resample_nearest(labels, grid)
-    written = write_cache_file(path, image, grid_labels, volume.shape, volume.spacing, hu_window, antialias=antialias)
-    return written, image
+    if cascade is None:
+        image = preprocess_volume(volume, grid, hu_window, antialias=antialias)
+        grid_labels = None if labels is None else resample_nearest(labels, grid)
+        written = write_cache_file(path, image, grid_labels, volume.shape, volume.spacing, hu_window,
+                                   antialias=antialias)
+        return written, image
+    stored = tuple(int(g) + 2 * m for g, m in zip(grid, cascade.margin_voxels()))
+    centre = None if labels is None else label_centre(labels, CERVICAL_LABELS)
+    centre = centre or tuple((n - 1) / 2.0 for n in volume.shape)
+    box = VoxelBox.centred(centre, box_size(volume.spacing, stored, cascade.spacing))
+    coarse = coarse_shape(volume.shape, volume.spacing, cascade.localiser_spacing)
+    extra = {
+        "grid": np.asarray(grid, dtype=np.int64), "box": np.asarray(box.to_list(), dtype=np.int64),
+        "loc_image": preprocess_volume(volume, coarse, hu_window, antialias=antialias).astype(np.float16),
+        **{f"cascade_{key}": np.asarray(value, dtype=np.float64) for key, value in cascade.settings().items()},
+    }
+    if labels is not None:
+        extra["loc_labels"] = resample_nearest(labels, coarse).astype(np.uint8)
+    written = write_cache_file(
+        path, preprocess_volume(volume, stored, hu_window, antialias=antialias, box=box),
+        None if labels is None else sample_labels(labels, box, stored), volume.shape, volume.spacing, hu_window,
+        antialias=antialias, **extra,
+    )
+    return written, None
 
 
 def write_cache_file(
@@ -200,47 +239,53 @@ def write_cache_file(
     hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
     *,
     antialias: bool = True,
+    **extra: np.ndarray,
 ) -> Path:
-    """Atomically write one grid-resolution study in the cache format read by :func:`load_cached_study`.
+    """Atomically write one study in the cache format read by :func:`load_cached_study`.
 
     Args:
         path: destination ``.npz``.
         image: float ``(1, D, H, W)`` preprocessed image.
-        labels: ``(D, H, W)`` RSNA label values at grid resolution; None for a study without a
+        labels: ``(D, H, W)`` RSNA label values at the image's resolution; None for a study without a
             segmentation (the file then has no ``labels`` and cannot train stage 1).
         original_shape: ``(z, y, x)`` of the source volume.
         spacing: ``(dz, dy, dx)`` of the source volume in mm.
         hu_window: window the image was made with.
         antialias: whether the image was resampled with antialiasing.
+        **extra: further arrays (the cascade's; ``grid`` replaces the image's shape as the recorded grid).
     """
     path = Path(path)
     if image.ndim != 4 or (labels is not None and image.shape[1:] != labels.shape):
         raise ValueError(f"{path}: image {image.shape} and labels {None if labels is None else labels.shape} do not match")
+    arrays = {
+        "image": image.astype(np.float16),
+        **({} if labels is None else {"labels": labels.astype(np.uint8)}),
+        "original_shape": np.asarray(original_shape, dtype=np.int64),
+        "spacing": np.asarray(spacing, dtype=np.float64),
+        "grid": np.asarray(image.shape[1:], dtype=np.int64),
+        "hu_window": np.asarray(hu_window, dtype=np.float64),
+        "antialias": np.asarray(antialias),
+        "version": np.asarray(CACHE_VERSION),
+    }
     with atomic_open(path, "wb") as fh:
-        np.savez_compressed(
-            fh,
-            image=image.astype(np.float16),
-            **({} if labels is None else {"labels": labels.astype(np.uint8)}),
-            original_shape=np.asarray(original_shape, dtype=np.int64),
-            spacing=np.asarray(spacing, dtype=np.float64),
-            grid=np.asarray(image.shape[1:], dtype=np.int64),
-            hu_window=np.asarray(hu_window, dtype=np.float64),
-            antialias=np.asarray(antialias),
-            version=np.asarray(CACHE_VERSION),
-        )
+        np.savez_compressed(fh, **{**arrays, **extra})
     return path
 
 
-def cache_fingerprint(grid: Sequence[int], hu_window: Sequence[float], antialias: bool) -> dict[str, object]:
+def cache_fingerprint(
+    grid: Sequence[int], hu_window: Sequence[float], antialias: bool, cascade: CascadeGeometry | None = None
+) -> dict[str, object]:
     """What decides a stage-1 cache file (its ledger fingerprint).
 
     Args:
-        grid: target ``(D, H, W)``.
+        grid: network input ``(D, H, W)``.
         hu_window: HU window of :func:`preprocess_volume`.
         antialias: see :func:`preprocess_volume`.
+        cascade: the cascade's spacings and margins (None: whole-volume grid).
     """
-    return {"version": CACHE_VERSION, "grid": [int(g) for g in grid], "hu_window": [float(h) for h in hu_window],
-            "antialias": bool(antialias)}
+    settings: dict[str, object] = {"version": CACHE_VERSION, "grid": [int(g) for g in grid],
+                                   "hu_window": [float(h) for h in hu_window], "antialias": bool(antialias)}
+    return {**settings, **(cascade.settings() if cascade is not None else {})}
 
 
 def build_cache(
@@ -252,6 +297,7 @@ def build_cache(
     *,
     antialias: bool = True,
     progress: bool = True,
+    cascade: CascadeGeometry | None = None,
 ) -> dict[str, Path]:
     """Cache every study through the project's :class:`~rsna_cspine.runner.StudyRunner`.
 
@@ -268,6 +314,7 @@ def build_cache(
         hu_window: HU window of :func:`preprocess_volume`.
         antialias: see :func:`preprocess_volume`.
         progress: show a tqdm bar.
+        cascade: the cascade's spacings and margins (None: whole-volume grid).
 
     Returns:
         uid → cached file, for the studies that are cached (now or before).
@@ -275,29 +322,41 @@ def build_cache(
     from rsna_cspine.runner import LEDGER_FOLDER, StudyLedger, StudyRunner
 
     cache_dir = Path(cache_dir)
-    settings = cache_fingerprint(grid, hu_window, antialias)
+    settings = cache_fingerprint(grid, hu_window, antialias, cascade)
     ledger = StudyLedger(cache_dir / LEDGER_FOLDER, settings, adopt=partial(_adopt_cache_file, cache_dir, settings))
     runner = StudyRunner(ledger, desc="seg cache", progress=progress, failures_csv=cache_dir / "cache_failures.csv")
 
     def cache_one(uid: str) -> dict[str, list[str]]:
-        return {"outputs": [str(cache_training_study(layout, uid, cache_dir, grid, hu_window, antialias=antialias))]}
+        path = cache_training_study(layout, uid, cache_dir, grid, hu_window, antialias=antialias, cascade=cascade)
+        return {"outputs": [str(path)]}
 
     report = runner.run(uids, cache_one)
     return {uid: Path(record["outputs"][0]) for uid, record in report.records.items()}
 
 
-def load_cached_study(path: str | Path, thoracic: str = "background") -> dict[str, np.ndarray]:
-    """Read one cache file as float32 ``image`` (1, D, H, W) and folded uint8 ``label`` (1, D, H, W).
+def load_cached_study(
+    path: str | Path, thoracic: str = "background", localiser: bool = False, dtype: type = np.float32
+) -> dict[str, np.ndarray]:
+    """Read one cache file as ``image`` (1, D, H, W) and folded uint8 ``label`` (1, D, H, W).
 
     Args:
         path: a file written by :func:`cache_training_study`.
         thoracic: how thoracic labels are folded (see :func:`fold_labels`).
+        localiser: read the cascade's coarse input instead, labelled 1 for any cervical vertebra.
+        dtype: of the image (float16, as stored, halves what a loader keeps in memory).
     """
     from rsna_cspine.errors import CSpineError
 
     with np.load(path) as npz:
-        if "labels" not in npz:
-            raise CSpineError("holds no label map (the study has no segmentation), so it cannot train stage 1", path)
-        image = npz["image"].astype(np.float32)
-        label = fold_labels(npz["labels"], thoracic)[None]
+        wanted = "loc_labels" if localiser else "labels"
+        if wanted not in npz:
+            what = ("no localiser input (written without the cascade, or for a study without a segmentation)"
+                    if localiser else "no label map (the study has no segmentation), so it cannot train stage 1")
+            raise CSpineError(f"holds {what}", path)
+        if localiser:
+            image = npz["loc_image"].astype(dtype)
+            label = np.isin(npz["loc_labels"], CERVICAL_LABELS).astype(np.uint8)[None]
+        else:
+            image = npz["image"].astype(dtype)
+            label = fold_labels(npz["labels"], thoracic)[None]
     return {"image": image, "label": label}

@@ -1,5 +1,5 @@
 """Stage 1 as a :class:`~rsna_cspine.training.loop.TrainingTask`: cached studies → MONAI network → Dice + CE,
-validated by the mean Dice of C1–C7 at grid resolution."""
+validated by the mean Dice of C1–C7 at grid resolution (the localiser: of the cervical spine)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,19 @@ from rsna_cspine.engine.devices import autocast
 from rsna_cspine.engine.distributed import DistContext
 from rsna_cspine.seg.config import SegConfig
 from rsna_cspine.seg.data import build_transforms, make_dataset, make_loader
-from rsna_cspine.seg.model import build_model
-from rsna_cspine.seg.preprocess import num_classes
+from rsna_cspine.seg.model import build_model, grid_divisor
 from rsna_cspine.training.loop import TrainingTask
 
 
-def class_names(thoracic: str) -> list[str]:
-    """Names of the foreground classes in channel order (C1..C7 [+ thoracic])."""
+def class_names(thoracic: str, source: str = "grid") -> list[str]:
+    """Names of the foreground classes in channel order (C1..C7 [+ thoracic]; the localiser's one class).
+
+    Args:
+        thoracic: label folding (see ``preprocess.fold_labels``).
+        source: the network's input (``data.INPUTS``).
+    """
+    if source == "localiser":
+        return ["cervical"]
     return list(VERTEBRAE) + (["thoracic"] if thoracic == "class" else [])
 
 
@@ -72,32 +78,35 @@ def validate(
 
 
 class SegmentationTask(TrainingTask):
-    """One fold of stage 1 over cached studies.
+    """One fold of stage 1 over cached studies: the vertebra network, or the cascade's localiser.
 
     Args:
-        cfg: the resolved run config.
+        cfg: the resolved run config (the localiser's own, ``localise.localiser_config``, for it).
         train_paths: cache files to train on.
         val_paths: cache files to validate on (empty: every epoch's weights are kept as best).
         device: the training device.
-        extra: facts stored in every checkpoint (e.g. the study split).
+        extra: facts stored in every checkpoint (e.g. the study split, the localiser).
         progress: tqdm bar of the validation pass.
+        source: the cached input trained on (``data.INPUTS``): ``grid`` (whole study on the grid),
+            ``fine`` (the cascade's box around the neck) or ``localiser`` (cervical spine vs the rest).
     """
 
     monitor = "val_dice_mean"
     mode = "max"
 
     def __init__(self, cfg: SegConfig, train_paths: Sequence[Path], val_paths: Sequence[Path], device: torch.device,
-                 extra: dict[str, Any] | None = None, progress: bool = True) -> None:
+                 extra: dict[str, Any] | None = None, progress: bool = True, source: str = "grid") -> None:
         self.cfg, self.device, self.extra, self.progress = cfg, device, dict(extra or {}), progress
-        self.n_classes = num_classes(cfg.data.thoracic)
-        self.names = class_names(cfg.data.thoracic)
+        self.names = class_names(cfg.data.thoracic, source)
+        self.n_classes = len(self.names) + 1
         d, t = cfg.data, cfg.train
         self.model = build_model(cfg.model, self.n_classes).to(device)
         self.loss_fn = make_loss(cfg)
+        common = {"hu_window": d.hu_window, "source": source, "divisor": grid_divisor(cfg.model)}
         train_tf = build_transforms(cfg.aug, d.grid, d.thoracic, train=True, patch_size=t.patch_size,
-                                    patch_foreground=t.patch_foreground, hu_window=d.hu_window)
+                                    patch_foreground=t.patch_foreground, **common)
         self.train_set = make_dataset(train_paths, train_tf)
-        self.val_set = make_dataset(val_paths, build_transforms(cfg.aug, d.grid, d.thoracic, train=False))
+        self.val_set = make_dataset(val_paths, build_transforms(cfg.aug, d.grid, d.thoracic, train=False, **common))
         self.has_validation = bool(val_paths)
 
     def train_loader(self, epoch: int, ctx: DistContext) -> torch.utils.data.DataLoader:
@@ -115,7 +124,7 @@ class SegmentationTask(TrainingTask):
                              num_workers=t.num_workers)
         val_loss, dice = validate(model, loader, self.loss_fn, self.device, self.n_classes, amp=t.amp,
                                   progress=self.progress)
-        vertebra_dice = dice[: len(VERTEBRAE)]
+        vertebra_dice = dice[: len(VERTEBRAE)] if self.names[0] == VERTEBRAE[0] else dice[:1]
         score = float(np.nanmean(vertebra_dice)) if np.isfinite(vertebra_dice).any() else 0.0
         return {"val_loss": val_loss, "val_dice_mean": score, **{f"val_dice_{n}": float(v) for n, v in zip(self.names, dice)}}
 

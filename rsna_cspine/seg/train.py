@@ -14,7 +14,9 @@ from rsna_cspine.engine.distributed import DistContext, barrier, run_seeded_dist
 from rsna_cspine.engine.folds import fold_of
 from rsna_cspine.engine.runlog import prepare_run_dir
 from rsna_cspine.errors import ConfigError, LayoutError
+from rsna_cspine.seg.boxes import CascadeGeometry
 from rsna_cspine.seg.config import SegConfig, SegDataConfig
+from rsna_cspine.seg.localise import CHECKPOINT_KEY, localiser_checkpoint_entry, localiser_config
 from rsna_cspine.seg.model import grid_divisor
 from rsna_cspine.seg.preprocess import THORACIC_MODES
 from rsna_cspine.seg.task import SegmentationTask
@@ -52,9 +54,34 @@ def resolve_config(cfg: SegConfig) -> SegConfig:
     patch = cfg.train.patch_size
     if any(int(p) % divisor or int(p) > int(g) or int(p) < 0 for p, g in zip(patch, cfg.data.grid)):
         raise ConfigError(f"train.patch_size {tuple(patch)} must be 0 or a multiple of {divisor} within the grid")
+    d, loc = cfg.data, cfg.localiser
+    if d.cascade != loc.enabled:
+        raise ConfigError("the cascade needs both data.spacing (mm per fine-grid voxel) and localiser.enabled: true; "
+                          f"got data.spacing={list(d.spacing)}, localiser.enabled={loc.enabled}")
+    if d.cascade:
+        if len(d.spacing) != 3 or min(d.spacing) <= 0 or min(loc.spacing) <= 0 or min(d.box_margin_mm) < 0:
+            raise ConfigError(f"data.spacing and localiser.spacing need 3 positive values and data.box_margin_mm "
+                              f"3 values ≥ 0; got {list(d.spacing)}, {list(loc.spacing)}, {list(d.box_margin_mm)}")
+        if any(int(g) % grid_divisor(loc.model) for g in loc.grid):
+            raise ConfigError(f"localiser.grid {tuple(loc.grid)} must be divisible by {grid_divisor(loc.model)}")
+        if not 0.0 < loc.time_share < 1.0 or loc.epochs < 1:
+            raise ConfigError(f"localiser.time_share must be in (0, 1) and localiser.epochs ≥ 1; got "
+                              f"{loc.time_share}, {loc.epochs}")
     cfg.train.validate()
     cfg.check_run(cfg.train.n_folds)
     return cfg
+
+
+def cascade_geometry(cfg: SegConfig) -> CascadeGeometry | None:
+    """The cascade's spacings and margins of a config (what its cache files depend on); None without it.
+
+    Args:
+        cfg: the run config.
+    """
+    d = cfg.data
+    if not d.cascade:
+        return None
+    return CascadeGeometry(tuple(d.spacing), tuple(d.box_margin_mm), tuple(cfg.localiser.spacing))  # type: ignore[arg-type]
 
 
 def labelled_studies(root: str | Path, max_studies: int = 0) -> list[str]:
@@ -130,14 +157,16 @@ def segmentation_data(cfg: SegConfig) -> dict[str, Path]:
 
     Raises:
         LayoutError: no prepared cache, or a segmented study it has neither prepared nor failed.
-        ConfigError: the cache was prepared with another grid, HU window or antialias setting.
+        ConfigError: the cache was prepared with another grid, HU window, antialias or cascade setting.
     """
     d = resolve_config(cfg).data
     sources = study_sources(d)
+    cascade = cascade_geometry(cfg)
     cached: dict[str, Path] = {}
     for root, cache in dict.fromkeys(sources.values()):
         uids = [u for u, source in sources.items() if source == (root, cache)]
-        cached |= prepared_seg_studies(cache, uids, d.grid, d.hu_window, d.antialias, prepare_command(cfg, root, cache))
+        cached |= prepared_seg_studies(cache, uids, d.grid, d.hu_window, d.antialias, prepare_command(cfg, root, cache),
+                                       cascade=None if cascade is None else cascade.settings())
     return cached
 
 
@@ -147,6 +176,8 @@ def train_segmentation(cfg: SegConfig, resume: bool = False, progress: bool = Tr
     Writes ``config.yaml`` (resolved), ``summary.csv``/``curves.png`` per epoch (losses, val Dice mean and
     per vertebra, lr, time), ``last.pt`` every epoch and ``best.pt`` on the best validation mean Dice.
     The studies come from the prepared cache (:func:`segmentation_data`): nothing is decoded here.
+    With the cascade the localiser trains first, in ``run_dir/fold{K}/localiser`` (same files), and
+    the vertebra network's checkpoints carry it.
 
     Args:
         cfg: the run config.
@@ -158,6 +189,8 @@ def train_segmentation(cfg: SegConfig, resume: bool = False, progress: bool = Tr
     d = cfg.data
     cached = segmentation_data(cfg)
     usable = sorted(cached)
+    if not usable:
+        raise LayoutError("the prepared cache holds no usable segmented study (see its manifest.csv)", d.cache_dir)
     train_uids, val_uids = split_studies(usable, cfg.fold, cfg.train.n_folds, cfg.train.fold_seed)
     if not train_uids:
         raise LayoutError(f"fold {cfg.fold} leaves no training study", d.root)
@@ -185,6 +218,9 @@ def fit_segmentation(
 ) -> Path:
     """Train on already cached studies (``train_segmentation`` without the data set-up).
 
+    With the cascade the localiser trains first, for ``localiser.time_share`` of the budget left after
+    data preparation; a run resumed after the vertebra network started keeps the localiser it has.
+
     Args:
         cfg: the run config.
         train_paths: cache files to train on.
@@ -201,10 +237,46 @@ def fit_segmentation(
     cfg = resolve_config(cfg)
     device = device or resolve_device(cfg.device)
     ctx = ctx or DistContext()
+    started = time.monotonic() if started is None else started
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
     run_dir = prepare_run_dir(cfg.fold_dir(), cfg, resume, write=ctx.is_main)
     barrier(ctx)
-    task = SegmentationTask(cfg, train_paths, val_paths, device, extra=extra, progress=progress and ctx.is_main)
+    extra = dict(extra or {})
+    if cfg.data.cascade:
+        extra[CHECKPOINT_KEY] = _fit_localiser(cfg, run_dir, train_paths, val_paths, resume=resume, progress=progress,
+                                               ctx=ctx, device=device, started=started)
+        seed_everything(cfg.seed)
+    source = "fine" if cfg.data.cascade else "grid"
+    task = SegmentationTask(cfg, train_paths, val_paths, device, extra=extra, progress=progress and ctx.is_main,
+                            source=source)
     return fit(task, cfg, run_dir, device=device, ctx=ctx, resume=resume, started=started, progress=progress)
+
+
+def _fit_localiser(
+    cfg: SegConfig, fold_dir: Path, train_paths: Sequence[Path], val_paths: Sequence[Path], *, resume: bool,
+    progress: bool, ctx: DistContext, device: Any, started: float,
+) -> dict[str, Any]:
+    """Train (or, resuming after the vertebra network started, reload) the cascade's localiser; its checkpoint entry."""
+    from rsna_cspine.engine import load_checkpoint
+
+    loc_cfg = localiser_config(cfg)
+    loc_dir = fold_dir / "localiser"
+    finished = resume and (fold_dir / "last.pt").is_file() and (loc_dir / "best.pt").is_file()
+    task = SegmentationTask(loc_cfg, train_paths, val_paths, device, progress=progress and ctx.is_main,
+                            source="localiser")
+    if not finished:
+        if cfg.train.max_minutes > 0:
+            # Its share of what data preparation left; the budget counts from the command's start.
+            spent_min = (time.monotonic() - started) / 60.0
+            left = max(cfg.train.max_minutes - spent_min, 0.0)
+            loc_cfg.train.max_minutes = spent_min + cfg.localiser.time_share * left
+        prepare_run_dir(loc_dir, loc_cfg, resume, write=ctx.is_main)
+        barrier(ctx)
+        log.info("localiser: %d train / %d val studies, coarse grid %s at %s mm", len(train_paths), len(val_paths),
+                 tuple(loc_cfg.data.grid), tuple(loc_cfg.data.spacing))
+        fit(task, loc_cfg, loc_dir, device=device, ctx=ctx, resume=resume, started=started, progress=progress)
+        barrier(ctx)
+    load_checkpoint(loc_dir / "best.pt", model=task.model, map_location=device)
+    return localiser_checkpoint_entry(loc_cfg, task.model)

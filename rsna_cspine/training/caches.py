@@ -22,6 +22,8 @@ from rsna_cspine.training.prepared import PreparedCache
 
 log = logging.getLogger(__name__)
 
+#: The cascade's stage-1 input settings (empty lists without it), as a prepared cache records them.
+CASCADE_KEYS: tuple[str, ...] = ("spacing", "box_margin_mm", "localiser_spacing")
 #: Columns of the crop index the stage-2 trainer reads (one row per study).
 INDEX_COLUMNS: tuple[str, ...] = ("StudyInstanceUID", "path", "status", "mask_source", "n_present", "has_boxes", "error")
 
@@ -66,9 +68,10 @@ def _without_excluded(uids: Sequence[str], exclude: Sequence[str]) -> list[str]:
 
 def prepared_seg_studies(
     cache_dir: str | Path, uids: Sequence[str], grid: Sequence[int], hu_window: Sequence[float], antialias: bool,
-    command: str, exclude: Sequence[str] = (),
+    command: str, exclude: Sequence[str] = (), cascade: dict[str, list[float]] | None = None,
 ) -> dict[str, Path]:
-    """uid → stage-1 cache file (grid volume + labels) of every study of ``uids`` the cache prepared.
+    """uid → stage-1 cache file (grid volume + labels; with the cascade its fine box and coarse input) of
+    every study of ``uids`` the cache prepared.
 
     Args:
         cache_dir: the prepared cache.
@@ -78,14 +81,18 @@ def prepared_seg_studies(
         antialias: the run's ``data.antialias``.
         command: the command that prepares the cache, for the error messages.
         exclude: studies never used for training.
+        cascade: the run's cascade settings (``seg.boxes.CascadeGeometry.settings()``: ``spacing``,
+            ``box_margin_mm``, ``localiser_spacing``); None without the cascade.
 
     Raises:
         LayoutError: no cache, or a study neither prepared nor failed.
-        ConfigError: the cache was prepared with another grid, HU window or antialias setting.
+        ConfigError: the cache was prepared with another grid, HU window, antialias or cascade setting.
     """
     cache, settings = _open(cache_dir, command)
-    wanted = {"grid": [int(g) for g in grid], "hu_window": [float(h) for h in hu_window], "antialias": bool(antialias)}
-    _compare(cache, settings.get("stage1", {}), wanted, "stage-1 input", "data.grid/hu_window/antialias", command)
+    wanted = {"grid": [int(g) for g in grid], "hu_window": [float(h) for h in hu_window], "antialias": bool(antialias),
+              **{key: [float(v) for v in (cascade or {}).get(key, [])] for key in CASCADE_KEYS}}
+    _compare(cache, settings.get("stage1", {}), wanted, "stage-1 input",
+             "data.grid/hu_window/antialias/spacing/box_margin_mm, localiser.spacing", command)
     uids = _without_excluded(uids, exclude)
     records = cache.records()
     failures = cache.failures(records)
