@@ -188,7 +188,7 @@ def run_demo(
     from rsna_cspine.metric import prior_predictions
     from rsna_cspine.pipeline import PipelineConfig, predict_dataset, timing_log_path
     from rsna_cspine.report.cv import cv_report, load_oof
-    from rsna_cspine.report.heldout import draw_detection_picture, pick_examples, score_heldout, vertebra_table
+    from rsna_cspine.report.heldout import draw_detection_picture, score_heldout, vertebra_table
     from rsna_cspine.seg.config import SegConfig
     from rsna_cspine.prepare import prepare_config_for, prepare_dataset
     from rsna_cspine.seg.train import train_segmentation
@@ -288,16 +288,14 @@ def run_demo(
     # 7. What a newcomer should see: one detected fracture beside one cleared vertebra, and the CV report.
     tick = time.monotonic()
     _banner("7/7 report", "Grad-CAM of the most confident detected fracture; CV report of the out-of-fold predictions")
-    detected, cleared = pick_examples(vertebra_table(submission, test_labels), config.threshold)
     detection: Path | None = None
-    if detected is None:
-        logger.warning("no fractured test vertebra reached p >= %.2f: no detection picture", config.threshold)
-    else:
-        try:
-            detection = draw_detection_picture(models_dir, layout.test_images, detected, cleared,
-                                               out_dir / "detection", device=config.device)
-        except Exception as exc:  # noqa: BLE001 - the scores stand without the picture; say why it is missing
-            logger.warning("detection picture not drawn (%s: %s)", exc.__class__.__name__, exc)
+    try:
+        detection = draw_detection_picture(models_dir, layout.test_images, vertebra_table(submission, test_labels),
+                                           out_dir / "detection", config.threshold, device=config.device)
+    except Exception as exc:  # noqa: BLE001 - the scores stand without the picture; say why it is missing
+        logger.warning("detection picture not drawn (%s: %s)", exc.__class__.__name__, exc)
+    if detection is None:
+        logger.warning("no detection picture: no fractured test vertebra with crops reached p >= %.2f", config.threshold)
     report = cv_report(load_oof(Path(cls_cfg.run_dir)), train_labels, out_dir / "cv_report", rule=config.rule)
     seconds["report"] = time.monotonic() - tick
     seconds["total"] = time.monotonic() - started

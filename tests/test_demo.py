@@ -81,9 +81,14 @@ def test_demo_writes_a_valid_scored_submission_report_and_pictures(tmp_path: Pat
     for line in (f"per-vertebra ROC AUC:  {held['auc']:.3f}", "sensitivity at p >= 0: 1.000", "specificity at p >= 0: 0.000",
                  f"{abs(held['below_prior']):.1%} {'below' if held['below_prior'] >= 0 else 'above'} the prior"):
         assert line in printed
-    picture = Path(summary["detection_picture"])
-    assert picture.read_bytes()[:4] == b"\x89PNG" and str(picture) in printed
-    assert list((out / "detection").glob("detected_*/C?_gradcam.png"))
+    if summary["detection_picture"] is None:
+        # The tiny stage 1 and its anatomical QC can leave no test vertebra with crops (nothing to draw
+        # Grad-CAM on): the summary says the picture is missing rather than naming a file.
+        assert "(Grad-CAM): not drawn" in printed
+    else:
+        picture = Path(summary["detection_picture"])
+        assert picture.read_bytes()[:4] == b"\x89PNG" and str(picture) in printed
+        assert list((out / "detection").glob("detected_*/C?_gradcam.png"))
     assert yaml.safe_load((out / "demo_config.yaml").read_text())["seed"] == 3
 
     # The cross-check script runs on this demo: fresh studies, moved knobs, the demo's models.

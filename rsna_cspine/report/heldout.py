@@ -115,48 +115,65 @@ def score_heldout(
     )
 
 
-def pick_examples(table: pd.DataFrame, threshold: float = 0.5) -> tuple[pd.Series | None, pd.Series | None]:
-    """The most confident true positive and, beside it, the most confidently cleared intact vertebra.
+def example_candidates(table: pd.DataFrame, threshold: float = 0.5,
+                       study: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Candidates for the detection picture, best first.
 
-    The cleared vertebra comes from the detected one's study when that study has one (the same patient,
-    the same scan: the picture then differs only by the fracture); otherwise from any study.
+    Args:
+        table: :func:`vertebra_table`.
+        threshold: the detection threshold.
+        study: the study of the detection shown; its intact vertebrae come first among the cleared ones
+            (the same patient and scan: the two pictures then differ by the fracture).
+
+    Returns:
+        ``(detected, cleared)``: true positives by falling probability; intact vertebrae below the
+        threshold by rising probability (``study``'s first).
+    """
+    hits = table[(table["label"] == 1) & (table["probability"] >= threshold)]
+    clear = table[(table["label"] == 0) & (table["probability"] < threshold)]
+    clear = clear.assign(_other=clear["StudyInstanceUID"] != study).sort_values(["_other", "probability"], kind="stable")
+    return hits.sort_values("probability", ascending=False, kind="stable"), clear.drop(columns="_other")
+
+
+def pick_examples(table: pd.DataFrame, threshold: float = 0.5) -> tuple[pd.Series | None, pd.Series | None]:
+    """The most confident true positive and, beside it, the most confidently cleared intact vertebra
+    (of the detected vertebra's study when it has one, else of any study).
 
     Args:
         table: :func:`vertebra_table`.
         threshold: the detection threshold.
 
     Returns:
-        ``(detected, cleared)`` rows of ``table``; ``None`` where no vertebra qualifies (no fractured
-        vertebra reached the threshold, or no intact one stayed below it).
+        ``(detected, cleared)`` rows of ``table``; ``None`` where no vertebra qualifies.
     """
-    hits = table[(table["label"] == 1) & (table["probability"] >= threshold)]
-    clear = table[(table["label"] == 0) & (table["probability"] < threshold)]
-    detected = hits.loc[hits["probability"].idxmax()] if len(hits) else None
-    if detected is not None and (clear["StudyInstanceUID"] == detected["StudyInstanceUID"]).any():
-        clear = clear[clear["StudyInstanceUID"] == detected["StudyInstanceUID"]]
-    cleared = clear.loc[clear["probability"].idxmin()] if len(clear) else None
-    return detected, cleared
+    hits, _ = example_candidates(table, threshold)
+    detected = hits.iloc[0] if len(hits) else None
+    _, clear = example_candidates(table, threshold, None if detected is None else str(detected["StudyInstanceUID"]))
+    return detected, (clear.iloc[0] if len(clear) else None)
 
 
 def draw_detection_picture(
-    models_dir: str | Path, images_dir: str | Path, detected: pd.Series, cleared: pd.Series | None,
-    out_dir: str | Path, device: str = "auto",
-) -> Path:
+    models_dir: str | Path, images_dir: str | Path, table: pd.DataFrame, out_dir: str | Path,
+    threshold: float = 0.5, device: str = "auto", tries: int = 5,
+) -> Path | None:
     """``explain``'s Grad-CAM picture of a detected fracture beside one of a correctly cleared vertebra.
 
     Both studies go through ``explain`` (the whole pipeline again: stage-1 mask, crops, classifier), so
     the pictures show what ``predict`` computed; their folders hold the other ``explain`` pictures too.
+    A candidate without crops (stage 1 or its QC dropped the vertebra: its probability is the prior) has
+    no Grad-CAM; the next candidate of :func:`example_candidates` is tried, up to ``tries`` of each kind.
 
     Args:
         models_dir: the models folder ``predict`` read.
         images_dir: the folder holding the studies (``test_images``).
-        detected: a :func:`pick_examples` row (study, vertebra, label, probability).
-        cleared: another such row, or ``None`` (the picture then shows the detection alone).
+        table: :func:`vertebra_table` of the scored studies.
         out_dir: where ``detection.png`` and the ``explain`` folders go.
+        threshold: the detection threshold.
         device: ``auto``, ``cpu`` or ``cuda[:k]``.
+        tries: candidates tried per kind.
 
     Returns:
-        The path of ``detection.png``.
+        The path of ``detection.png``; None when no true positive with crops was found.
     """
     from matplotlib.figure import Figure
     from matplotlib.image import imread
@@ -166,18 +183,31 @@ def draw_detection_picture(
 
     out_dir = Path(out_dir)
     explainer = StudyExplainer(FracturePipeline.from_models_dir(models_dir, PipelineConfig(device=device)))
+
+    def first_drawn(candidates: pd.DataFrame, kind: str) -> tuple[pd.Series, Any, Path] | None:
+        for _, row in candidates.head(tries).iterrows():
+            uid, vertebra = str(row["StudyInstanceUID"]), str(row["vertebra"])
+            explanation = explainer.explain(Path(images_dir) / uid, out_dir / f"{kind}_{uid}", vertebrae=[vertebra])
+            picture = explanation.vertebrae[0].pictures.get("gradcam")
+            if picture is not None:
+                return row, explanation.vertebrae[0], picture
+            logger.info("%s %s: no Grad-CAM (%s); trying the next candidate", uid, vertebra, explanation.vertebrae[0].missing)
+        return None
+
+    hits, _ = example_candidates(table, threshold)
+    detected = first_drawn(hits, "detected")
+    if detected is None:
+        return None
+    _, clear = example_candidates(table, threshold, str(detected[0]["StudyInstanceUID"]))
+    cleared = first_drawn(clear, "cleared")
     panels = []
-    for kind, row in (("detected fracture", detected), ("correctly cleared", cleared)):
-        if row is None:
+    for kind, found in (("detected fracture", detected), ("correctly cleared", cleared)):
+        if found is None:
             continue
-        uid, vertebra = str(row["StudyInstanceUID"]), str(row["vertebra"])
-        explanation = explainer.explain(Path(images_dir) / uid, out_dir / f"{kind.split()[0]}_{uid}", vertebrae=[vertebra])
-        picture = explanation.vertebrae[0].pictures.get("gradcam")
-        if picture is None:
-            raise RuntimeError(f"explain drew no Grad-CAM for {uid} {vertebra}: {explanation.vertebrae[0].missing}")
+        row, vertebra, picture = found
         truth = "fractured" if int(row["label"]) else "intact"
-        panels.append((imread(picture), f"{kind}: {vertebra} of study …{uid[-8:]} ({truth}), "
-                                        f"p = {explanation.vertebrae[0].probability:.2f}"))
+        panels.append((imread(picture), f"{kind}: {vertebra.vertebra} of study …{str(row['StudyInstanceUID'])[-8:]} "
+                                        f"({truth}), p = {vertebra.probability:.2f}"))
     fig = Figure(figsize=(9.0 * len(panels), 6.5))
     for ax, (image, title) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels):
         ax.imshow(image)
