@@ -326,6 +326,34 @@ def test_a_cascade_segmenter_never_takes_a_whole_volume_image() -> None:
         cascade.predict(volume, preprocess_volume(volume, d.grid, d.hu_window, antialias=d.antialias))
 
 
+def test_the_fine_training_crop_is_a_localiser_miss_drawn_uniformly_over_the_margin(tmp_path) -> None:
+    """Training takes the grid from the stored fine box at an offset drawn uniformly per axis (a localiser
+    that missed by up to the margin), not wherever a label voxel pulls it: a crop centred on a label
+    voxel clamps most offsets to the margin's ends, which a centred box at prediction never shows."""
+    from rsna_cspine.seg.config import SegAugmentConfig
+    from rsna_cspine.seg.data import build_transforms
+
+    grid, margin = (8, 16, 16), 4
+    stored = (grid[0] + 2 * margin, grid[1] + 2 * margin, grid[2] + 2 * margin)
+    image = np.broadcast_to(np.arange(stored[0], dtype=np.float32)[:, None, None] / 100, stored)[None]
+    labels = np.zeros(stored, np.uint8)
+    labels[2:14, 10:14, 10:14] = 3  # a neck filling most of the box's height, as in the cache
+    path = write_cache_file(tmp_path / "fine.npz", image, labels, stored, (3.0, 1.2, 1.2))
+    transform = build_transforms(SegAugmentConfig(enabled=False), grid, "background", train=True,
+                                 patch_size=(0, 8, 8), patch_foreground=0.8, source="fine")
+    transform.set_random_state(seed=0)
+    offsets = []
+    for _ in range(450):
+        item = transform({"path": str(path)})
+        item = item[0] if isinstance(item, list) else item  # the patch crop returns its samples as a list
+        assert tuple(item["image"].shape) == (1, 8, 8, 8) and tuple(item["label"].shape) == (1, 8, 8, 8)
+        offsets.append(int(round(float(item["image"][0, 0, 0, 0]) * 100)))
+    counts = np.bincount(offsets, minlength=2 * margin + 1)
+    assert len(counts) == 2 * margin + 1 and (counts > 0).all()  # every miss up to the margin, both ways
+    share = counts / counts.sum()
+    assert share.max() < 1 / (2 * margin + 1) + 0.06  # about uniform: no offset (an end) dominates
+
+
 # ------------------------------------------------------------------------------------------------
 # Real files
 # ------------------------------------------------------------------------------------------------
@@ -346,3 +374,4 @@ def test_the_cascade_runs_on_real_series_and_claims_at_most_one_vertebra(folder)
     kept = result.vertebrae["qc"] == "ok"
     assert kept.sum() <= 1, result.qc
     assert not np.isin(result.mask, [i + 1 for i in np.flatnonzero(~kept.to_numpy())]).any()
+

@@ -140,3 +140,25 @@ def test_config_errors_name_the_bad_setting(tmp_path) -> None:
         resolve_config(cfg)
     with pytest.raises(ConfigError, match="thoracic"):
         resolve_config(SegConfig(data=SegDataConfig(thoracic="drop")))
+
+
+def test_the_dice_term_is_the_batchs_so_a_vertebra_missing_from_one_patch_is_scored_with_the_others() -> None:
+    """The loss's Dice sums over the whole batch (as nnU-Net's batch Dice), checked against the written-out
+    formula: C5, absent from the second patch, gets one Dice over both patches, not a Dice of its own in a
+    patch that holds none of it (the per-item form, which the loss must differ from)."""
+    import torch.nn.functional as F
+
+    from rsna_cspine.seg.task import make_loss
+
+    rng = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 8, 4, 6, 6, generator=rng)
+    labels = torch.randint(0, 8, (2, 1, 4, 6, 6), generator=rng)
+    labels[1][labels[1] == 5] = 0  # the second patch holds no C5
+    loss = make_loss(SegConfig())(logits, labels)
+    probs, onehot = torch.softmax(logits, 1), F.one_hot(labels[:, 0], 8).permute(0, 4, 1, 2, 3).float()
+    dims = (0, 2, 3, 4)  # batch and space: one Dice per class over the batch
+    dice = 1 - (2 * (probs * onehot).sum(dims) + 1e-5) / (probs.sum(dims) + onehot.sum(dims) + 1e-5)
+    expected = dice.mean() + F.cross_entropy(logits, labels[:, 0])
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    per_item = 1 - (2 * (probs * onehot).sum((2, 3, 4)) + 1e-5) / (probs.sum((2, 3, 4)) + onehot.sum((2, 3, 4)) + 1e-5)
+    assert float(loss) != pytest.approx(float(per_item.mean() + F.cross_entropy(logits, labels[:, 0])), rel=1e-3)

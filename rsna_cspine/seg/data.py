@@ -31,6 +31,7 @@ from monai.transforms import (
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSpatialCropd,
     SpatialPadd,
 )
 from torch.utils.data import DistributedSampler
@@ -96,7 +97,12 @@ def build_transforms(
             steps.append(DivisiblePadd(keys=["image", "label"], k=divisor, value=0))
     elif source == "fine" and not train:
         steps.append(CenterSpatialCropd(keys=["image", "label"], roi_size=tuple(grid)))  # a perfect localiser
-    if train and (patch != tuple(grid) or source != "grid"):
+    elif source == "fine":
+        # The grid where a localiser that missed the neck's centre by up to the stored margin would put it:
+        # an offset drawn uniformly per axis, whatever the labels. (A patch crop centred on a label voxel
+        # would instead clamp most offsets to the margin's ends, a shift the localiser seldom makes.)
+        steps.append(RandSpatialCropd(keys=["image", "label"], roi_size=tuple(grid), random_size=False))
+    if train and (patch != tuple(grid) or source == "localiser"):
         # The spine fills a small part of each slice: patches around it spend the (CPU) budget where the
         # labels are, while background patches keep teaching what is not a vertebra.
         steps.append(

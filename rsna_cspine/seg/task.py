@@ -36,8 +36,15 @@ def class_names(thoracic: str, source: str = "grid") -> list[str]:
 
 
 def make_loss(cfg: SegConfig) -> DiceCELoss:
-    """Dice + cross-entropy over softmax outputs, labels given as class indices."""
-    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.train.lambda_dice, lambda_ce=cfg.train.lambda_ce)
+    """Dice + cross-entropy over softmax outputs, labels given as class indices.
+
+    The Dice term is the batch's (sums over every item of the batch, as nnU-Net's batch Dice): a training
+    patch holds only some of the seven vertebrae, and a per-item Dice of a class absent from the patch
+    is 0 or 1 on a handful of voxels, which made the held-out Dice lower and the validation curve noisier
+    (benchmarks/results/evidence.md, "Stage 1 cascade").
+    """
+    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.train.lambda_dice, lambda_ce=cfg.train.lambda_ce,
+                      batch=True)
 
 
 @torch.inference_mode()
