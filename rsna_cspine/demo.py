@@ -2,8 +2,10 @@
 
 Generates a small synthetic Kaggle-layout dataset, trains stage 1 (3D UNet) and stage 2 (2.5D
 classifier, crops from the ground-truth masks) briefly, predicts the held-out test studies through the
-same pipeline as a real submission, scores the submission against the held-out labels next to the prior
-baseline, writes the CV report of the stage-2 out-of-fold predictions, and prints where everything is.
+same pipeline as a real submission (stage-1 predicted masks → crops → stage 2), scores it on the held-out
+labels (pooled per-vertebra ROC AUC, sensitivity and specificity at 0.5, competition score next to the
+prior baseline), draws one detected fracture beside one cleared vertebra, writes the CV report of the
+stage-2 out-of-fold predictions, and prints where everything is.
 
 Output folder::
 
@@ -14,6 +16,9 @@ Output folder::
     OUT/models/          the models folder predict reads (seg/fold0/best.pt, cls/fold0/best.pt)
     OUT/submission.csv   plus submission.timings.csv
     OUT/cv_report/       report.md, scores.csv, roc.png, reliability.png, confusion.png, ...
+    OUT/detection/       detection.png: Grad-CAM of the most confident detected fracture beside a cleared
+                         vertebra (plus the ``explain`` pictures of both studies)
+    OUT/demo_config.yaml the resolved demo settings
     OUT/demo_summary.json
 """
 
@@ -25,14 +30,18 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import yaml
 
 from rsna_cspine.config import load_config
 from rsna_cspine.errors import ConfigError, CSpineError
+
+if TYPE_CHECKING:
+    from rsna_cspine.report.heldout import HeldoutScores
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 _MARKER = "demo_summary.json"
 _DATA_DONE = ".demo_data_complete"
+_CONFIG_FILE = "demo_config.yaml"
 
 
 @dataclass
@@ -61,12 +71,15 @@ class DemoConfig:
         reserve_s: seconds kept for prediction, scoring and the report.
         rule: patient_overall rule of the submission (``aggregate.PATIENT_RULES``); the CV report shows it
             (``calibrated`` cross-fitted inside the validation fold) beside plain noisy-OR.
+        threshold: vertebra probability counted as a detection (sensitivity, specificity, the picture).
+        workers: processes that write the synthetic studies (each study is independent; same files for any
+            number).
     """
 
     minutes: float = 10.0
     seed: int = 0
     device: str = "auto"
-    synth: dict[str, Any] = field(default_factory=lambda: {"n_studies": 40, "image_size": 128, "test_fraction": 0.25})
+    synth: dict[str, Any] = field(default_factory=lambda: {"n_studies": 176, "image_size": 128, "test_fraction": 0.2})
     seg_config: str = "configs/seg_cpu.yaml"
     seg_overrides: list[str] = field(default_factory=list)
     cls_config: str = "configs/cls_cpu.yaml"
@@ -74,6 +87,8 @@ class DemoConfig:
     seg_share: float = 0.55
     reserve_s: float = 90.0
     rule: str = "calibrated"
+    threshold: float = 0.5
+    workers: int = 2
 
 
 @dataclass
@@ -89,6 +104,9 @@ class DemoResult:
         models_dir: the models folder used for prediction.
         score: competition score (study form) of the submission on the held-out labels.
         prior_score: the same score of the prior (training prevalence) submission.
+        heldout: every held-out figure (pooled per-vertebra AUC, sensitivity, specificity, scores).
+        detection_picture: Grad-CAM of the most confident detected fracture beside a cleared vertebra
+            (None when no fractured test vertebra reached the threshold or the picture failed).
         seg_dice: best validation mean Dice of stage 1 (NaN when unknown).
         cv_score: stage-2 out-of-fold competition score (study form).
         n_test: held-out test studies.
@@ -103,6 +121,8 @@ class DemoResult:
     models_dir: Path
     score: float
     prior_score: float
+    heldout: HeldoutScores
+    detection_picture: Path | None
     seg_dice: float
     cv_score: float
     n_test: int
@@ -124,7 +144,8 @@ def _clean_previous(out_dir: Path) -> None:
         raise ConfigError("folder exists and is not a previous demo's; choose a new folder", out_dir)
     for name in ("runs", "models", "cv_report", "submission.csv.parts"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
-    for name in ("submission.csv", "submission.timings.csv", _MARKER):
+    shutil.rmtree(out_dir / "detection", ignore_errors=True)
+    for name in ("submission.csv", "submission.timings.csv", _MARKER, _CONFIG_FILE):
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -161,13 +182,13 @@ def run_demo(
         Paths of the artefacts and the scores.
     """
     started = time.monotonic()  # before the heavy imports below: they are part of the demo's ten minutes
-    from rsna_cspine.aggregate import build_submission
     from rsna_cspine.cls.config import ClsConfig
     from rsna_cspine.cls.train import train_classifier
     from rsna_cspine.io.kaggle import KaggleLayout, read_test_csv, read_train_labels
-    from rsna_cspine.metric import competition_score, labels_to_solution, prior_predictions
+    from rsna_cspine.metric import prior_predictions
     from rsna_cspine.pipeline import PipelineConfig, predict_dataset, timing_log_path
     from rsna_cspine.report.cv import cv_report, load_oof
+    from rsna_cspine.report.heldout import draw_detection_picture, score_heldout, vertebra_table
     from rsna_cspine.seg.config import SegConfig
     from rsna_cspine.prepare import prepare_config_for, prepare_dataset
     from rsna_cspine.seg.train import train_segmentation
@@ -184,6 +205,8 @@ def run_demo(
     _clean_previous(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
+    # The resolved settings beside the results (the cross-check reads the rule and threshold from it).
+    (out_dir / _CONFIG_FILE).write_text(yaml.safe_dump({**asdict(config), "minutes": minutes, "seed": seed}, sort_keys=False))
     data_dir, work_dir, runs_dir, models_dir = out_dir / "data", out_dir / "work", out_dir / "runs", out_dir / "models"
 
     # 1. Data.
@@ -194,7 +217,7 @@ def run_demo(
     else:
         _banner("1/7 data", f"writing {synth_cfg.n_studies} synthetic studies ({synth_cfg.image_size} px) to {data_dir}")
         shutil.rmtree(data_dir, ignore_errors=True)
-        write_dataset(data_dir, synth_cfg)
+        write_dataset(data_dir, synth_cfg, workers=config.workers)
         (data_dir / _DATA_DONE).write_text(json.dumps(repr(synth_cfg)))
     seconds["data"] = time.monotonic() - tick
     layout = KaggleLayout(data_dir)
@@ -255,20 +278,24 @@ def run_demo(
 
     # 6. Score against the held-out truth, next to the prior every model must beat.
     tick = time.monotonic()
-    _banner("6/7 score", "competition metric on the held-out test labels")
+    _banner("6/7 score", "held-out test labels: per-vertebra ROC AUC, sensitivity/specificity, competition metric")
     test = read_test_csv(layout.test_csv)
     test_labels = read_train_labels(data_dir / "test_labels.csv")
-    solution = labels_to_solution(test_labels)
-    solution = solution[solution["row_id"].isin(test["row_id"])]
-    score = competition_score(solution, submission)
-    prior = prior_predictions(train_labels)
-    prior_rows, _ = build_submission(test, {uid: prior for uid in test["StudyInstanceUID"]})
-    prior_score = competition_score(solution, prior_rows)
+    test_labels = test_labels[test_labels["StudyInstanceUID"].isin(set(test["StudyInstanceUID"]))]
+    heldout = score_heldout(submission, test_labels, prior_predictions(train_labels), config.threshold)
     seconds["score"] = time.monotonic() - tick
 
-    # 7. CV report of stage 2's out-of-fold predictions.
+    # 7. What a newcomer should see: one detected fracture beside one cleared vertebra, and the CV report.
     tick = time.monotonic()
-    _banner("7/7 report", "CV report of the stage-2 out-of-fold predictions")
+    _banner("7/7 report", "Grad-CAM of the most confident detected fracture; CV report of the out-of-fold predictions")
+    detection: Path | None = None
+    try:
+        detection = draw_detection_picture(models_dir, layout.test_images, vertebra_table(submission, test_labels),
+                                           out_dir / "detection", config.threshold, device=config.device)
+    except Exception as exc:  # noqa: BLE001 - the scores stand without the picture; say why it is missing
+        logger.warning("detection picture not drawn (%s: %s)", exc.__class__.__name__, exc)
+    if detection is None:
+        logger.warning("no detection picture: no fractured test vertebra with crops reached p >= %.2f", config.threshold)
     report = cv_report(load_oof(Path(cls_cfg.run_dir)), train_labels, out_dir / "cv_report", rule=config.rule)
     seconds["report"] = time.monotonic() - tick
     seconds["total"] = time.monotonic() - started
@@ -282,21 +309,29 @@ def run_demo(
         cv_report=Path(report["files"]["report"]),
         pictures=pictures,
         models_dir=models_dir,
-        score=float(score),
-        prior_score=float(prior_score),
+        score=heldout.score,
+        prior_score=heldout.prior_score,
+        heldout=heldout,
+        detection_picture=detection,
         seg_dice=_best(seg_run / "summary.csv", "val_dice_mean", "max"),
         cv_score=float(report["scores"]["study"]["model"]),
-        n_test=len(test["StudyInstanceUID"].unique()),
+        n_test=heldout.n_studies,
         seconds={k: round(v, 1) for k, v in seconds.items()},
     )
     (out_dir / _MARKER).write_text(json.dumps(_as_json(result), indent=2) + "\n")
     return result
 
 
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not np.isfinite(value) else value
+
+
 def _as_json(result: DemoResult) -> dict[str, Any]:
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in vars(result).items():
-        if isinstance(value, Path):
+        if key == "heldout":
+            value = {k: _finite(v) for k, v in value.to_dict().items()}
+        elif isinstance(value, Path):
             value = str(value)
         elif isinstance(value, list):
             value = [str(v) for v in value]
@@ -312,15 +347,23 @@ def format_summary(result: DemoResult) -> str:
     Args:
         result: what ``run_demo`` returned.
     """
-    gain = 1.0 - result.score / result.prior_score if result.prior_score > 0 else float("nan")
+    h = result.heldout
     lines = [
         "",
         "=== demo finished in {:.1f} min ({})".format(
             result.seconds["total"] / 60, ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items() if k != "total")
         ),
-        f"held-out score ({result.n_test} test studies, weighted log loss, lower is better): "
-        f"model {result.score:.4f} vs prior {result.prior_score:.4f} ({gain:+.1%})",
+        f"held-out test set: {h.n_studies} studies, {h.n_vertebrae} vertebrae ({h.n_fractured} fractured), "
+        "predicted through the whole pipeline (stage-1 masks → crops → stage 2)",
+        f"  per-vertebra ROC AUC:  {h.auc:.3f}",
+        f"  sensitivity at p >= {h.threshold:g}: {h.sensitivity:.3f}",
+        f"  specificity at p >= {h.threshold:g}: {h.specificity:.3f}",
+        f"  competition score (weighted log loss, lower is better): model {h.score:.4f} vs prior "
+        f"{h.prior_score:.4f} ("
+        + (f"{h.below_prior:.1%} below the prior)" if h.below_prior >= 0 else f"{-h.below_prior:.1%} above the prior: worse)"),
         f"stage 1 best validation Dice: {result.seg_dice:.3f}; stage 2 out-of-fold score: {result.cv_score:.4f}",
+        "detected fracture beside a cleared vertebra (Grad-CAM): "
+        + (str(result.detection_picture) if result.detection_picture else "not drawn (see the log)"),
         f"submission:   {result.submission}",
         f"timings:      {result.timings}",
         f"CV report:    {result.cv_report}",
@@ -338,7 +381,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser: the subcommand's parser.
     """
     parser.add_argument("--out", type=Path, default=Path("demo"), help="demo folder (default ./demo)")
-    parser.add_argument("--minutes", type=float, default=None, help="time target (default 10)")
+    parser.add_argument("--minutes", type=float, default=None, help="time target in minutes (default: the config's, 9 in configs/demo.yaml)")
     parser.add_argument("--seed", type=int, default=None, help="dataset and training seed (default 0)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="demo YAML (default configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="DemoConfig settings, e.g. synth.n_studies=30")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,17 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from sklearn.metrics import roc_auc_score
 
 from rsna_cspine.cli import main
 from rsna_cspine.demo import DemoConfig, run_demo
 from rsna_cspine.errors import ConfigError
 from rsna_cspine.io.kaggle import read_test_csv
 from rsna_cspine.metric import competition_score, labels_to_solution
+from tests.paths import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from demo_crosscheck import main as crosscheck_main  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -29,6 +35,9 @@ TINY = {
     "cls_overrides": ["train.epochs=1", "train.n_folds=3", "data.crop.n_slices=4", "data.crop.size=32",
                       "model.backbone=test_resnet", "model.hidden=8"],
     "reserve_s": 10.0,
+    "workers": 2,
+    # Every fractured vertebra counts as detected, so the tiny models always have a detection to draw.
+    "threshold": 0.0,
 }
 
 
@@ -55,7 +64,39 @@ def test_demo_writes_a_valid_scored_submission_report_and_pictures(tmp_path: Pat
     assert summary["score"] == pytest.approx(competition_score(solution, submission))
     assert np.isfinite(summary["prior_score"]) and summary["n_test"] == 3
     assert f"model {summary['score']:.4f} vs prior {summary['prior_score']:.4f}" in printed
+    assert summary["score"] == pytest.approx(summary["heldout"]["score"])
     assert (out / "cv_report" / "report.md").is_file()
+
+    # The held-out figures: AUC over every test vertebra from the submission itself, the threshold's counts,
+    # and the picture of a detected fracture (every vertebra is "detected" at threshold 0: none is cleared).
+    held = summary["heldout"]
+    parts = submission["row_id"].str.extract(r"^(?P<uid>.+)_(?P<col>C[1-7])$")
+    vert = pd.concat([submission, parts], axis=1).dropna(subset=["col"])
+    truth = pd.read_csv(out / "data" / "test_labels.csv", dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+    y = np.array([truth.at[u, c] for u, c in zip(vert["uid"], vert["col"])])
+    assert held["n_vertebrae"] == 7 * 3 and held["n_fractured"] == int(y.sum()) > 0
+    if 0 < y.sum() < len(y):
+        assert held["auc"] == pytest.approx(roc_auc_score(y, vert["fractured"]))
+    assert (held["sensitivity"], held["specificity"]) == (1.0, 0.0)
+    for line in (f"per-vertebra ROC AUC:  {held['auc']:.3f}", "sensitivity at p >= 0: 1.000", "specificity at p >= 0: 0.000",
+                 f"{abs(held['below_prior']):.1%} {'below' if held['below_prior'] >= 0 else 'above'} the prior"):
+        assert line in printed
+    if summary["detection_picture"] is None:
+        # The tiny stage 1 and its anatomical QC can leave no test vertebra with crops (nothing to draw
+        # Grad-CAM on): the summary says the picture is missing rather than naming a file.
+        assert "(Grad-CAM): not drawn" in printed
+    else:
+        picture = Path(summary["detection_picture"])
+        assert picture.read_bytes()[:4] == b"\x89PNG" and str(picture) in printed
+        assert list((out / "detection").glob("detected_*/C?_gradcam.png"))
+    assert yaml.safe_load((out / "demo_config.yaml").read_text())["seed"] == 3
+
+    # The cross-check script runs on this demo: fresh studies, moved knobs, the demo's models.
+    xcheck = tmp_path / "xcheck"
+    assert crosscheck_main(["--demo", str(out), "--work", str(xcheck), "--quick", "--device", "cpu"]) == 0
+    report = json.loads((xcheck / "crosscheck.json").read_text())
+    (seed, result), = report["results"].items()
+    assert result["n_studies"] == 4 and np.isfinite(result["score"]) and result["knobs"]["noise_hu"] != [10.0, 40.0]
     assert summary["seconds"]["total"] >= summary["seconds"]["data"] > 0  # the stage clock is kept (the demo's
     # ten-minute target is a benchmark: README, "Measured figures", `time rsna-cspine demo`)
 

@@ -354,11 +354,11 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_same_seed_same_bytes_and_study_k_independent_of_n(tmp_path: Path) -> None:
+def test_same_seed_same_bytes_with_any_workers_and_study_k_independent_of_n(tmp_path: Path) -> None:
     cfg = SynthConfig(n_studies=3, seed=21, image_size=48, n_slices=(12, 14), test_fraction=0.0,
                       compressed_fraction=1.0)
     write_dataset(tmp_path / "a", cfg, progress=False)
-    write_dataset(tmp_path / "b", cfg, progress=False)
+    write_dataset(tmp_path / "b", cfg, progress=False, workers=2)  # studies made in two processes: same bytes
     first, second = _tree(tmp_path / "a"), _tree(tmp_path / "b")
     assert first == second
     assert any(k.endswith(".dcm") for k in first) and any(k.endswith(".nii") for k in first)

@@ -97,6 +97,16 @@ class VertebraDataset(Dataset):
         fractured = self.items[self.items["label"] == 1]
         self._donors = {int(v): group.index.to_numpy() for v, group in fractured.groupby("vertebra")}
 
+    def preload(self) -> None:
+        """Read every item's stack now (``in_memory`` only).
+
+        Loader worker processes start from a copy of this dataset each epoch: stacks read here are
+        shared with them, where stacks a worker reads are lost with it at the end of its epoch.
+        """
+        if self.in_memory:
+            for index in range(len(self.items)):
+                self._stack(index)
+
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose augmentation draws are used (call before building the loader's iterator)."""
         self.epoch = epoch

@@ -158,6 +158,8 @@ class VertebraTask(TrainingTask):
         self.train_set = VertebraDataset(split.train, augment, seed=cfg.seed, in_memory=cfg.data.in_memory,
                                          paste_prob=cfg.aug.paste_prob, paste_feather=cfg.aug.paste_feather)
         self.val_set = VertebraDataset(split.val, None, in_memory=cfg.data.in_memory)
+        if cfg.train.num_workers > 0:  # the workers of every epoch then share the stacks read once here
+            self.train_set.preload()
         self.model = build_classifier(cfg).to(device)
         self.has_validation = cfg.fold >= 0 and len(split.val_labels) > 0
         self.oof_path = Path(cfg.run_dir) / f"oof_fold{cfg.fold}.csv"

@@ -16,7 +16,9 @@ generation and storage details) and ``synth_config.yaml`` (the config that made 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +60,7 @@ def study_uid(cfg: SynthConfig, index: int) -> str:
 
 
 def write_dataset(out_dir: str | Path, cfg: SynthConfig, progress: bool = True,
-                  overwrite: bool = False) -> pd.DataFrame:
+                  overwrite: bool = False, workers: int = 1) -> pd.DataFrame:
     """Generate ``cfg.n_studies`` phantoms and write them in the Kaggle layout.
 
     ``OUT/test_labels.csv`` holds the test studies' true labels: the real Kaggle layout has no such
@@ -72,6 +74,7 @@ def write_dataset(out_dir: str | Path, cfg: SynthConfig, progress: bool = True,
         progress: show a tqdm bar over studies.
         overwrite: delete earlier ``train_images``/``test_images``/``segmentations`` first; without it a
             non-empty earlier output is an error (mixing two runs would corrupt the layout).
+        workers: studies made at once in separate processes (the files are the same for any number).
 
     Returns:
         One row per study (train and test) with the label columns, ``split`` and generation details.
@@ -95,48 +98,22 @@ def write_dataset(out_dir: str | Path, cfg: SynthConfig, progress: bool = True,
     ranks = [d[0] if kind != "slab" else 2.0 + d[0] for d, kind in zip(split_draws, fov)]
     test_indices = set(np.argsort(ranks, kind="stable")[:n_test].tolist())
 
-    rows: list[dict] = []
-    boxes: list[dict] = []
-    for k in tqdm(range(cfg.n_studies), desc="synth studies", disable=not progress, unit="study"):
-        phantom_rng, storage_rng, _ = streams[k]
-        uid = study_uid(cfg, k)
-        phantom = make_phantom(cfg, phantom_rng)
-        storage = plan_storage(phantom, storage_rng, cfg, codecs)
-        is_test = k in test_indices
-        write_dicom_series(phantom, out / ("test_images" if is_test else "train_images") / uid, uid, storage)
-        has_segmentation = (not is_test) and split_draws[k][1] < cfg.segmentation_fraction
-        if has_segmentation:
-            write_segmentation(phantom, out / "segmentations" / f"{uid}.nii", storage)
-        n_boxes = 0
-        if not is_test and phantom.patient_overall and split_draws[k][2] < cfg.bbox_fraction:
-            for box in phantom.fracture_boxes:
-                boxes.append({"StudyInstanceUID": uid, "x": float(box["x"]), "y": float(box["y"]),
-                              "width": float(box["width"]), "height": float(box["height"]),
-                              "slice_number": storage.file_numbers[box["z"]]})
-                n_boxes += 1
-        rows.append({
-            "StudyInstanceUID": uid,
-            "patient_overall": phantom.patient_overall,
-            **{name: phantom.fractured[name] for name in VERTEBRAE},
-            "split": "test" if is_test else "train",
-            "study_index": k,
-            "n_slices": int(phantom.hu.shape[0]),
-            "image_size": int(phantom.hu.shape[1]),
-            "slice_spacing_mm": phantom.spacing[0],
-            "pixel_spacing_mm": phantom.spacing[1],
-            "codec": storage.codec,
-            "transfer_syntax": storage.transfer_syntax,
-            "pixel_representation": storage.pixel_representation,
-            "bits_stored": storage.bits_stored,
-            "numbering": storage.numbering,
-            "mixed_rescale": storage.mixed_rescale,
-            "circular_fov": phantom.circular_fov,
-            "has_segmentation": has_segmentation,
-            "n_boxes": n_boxes,
-            "fracture_kinds": json.dumps(phantom.fracture_kinds, sort_keys=True),
-            "fov": phantom.fov,
-            "scan_top_mm": round(phantom.scan_top_mm, 1),
-        })
+    jobs = [(out, cfg, codecs, k, k in test_indices, split_draws[k]) for k in range(cfg.n_studies)]
+    bar = tqdm(total=cfg.n_studies, desc="synth studies", disable=not progress, unit="study")
+    results: list[tuple[dict, list[dict]]] = []
+    if workers > 1 and cfg.n_studies > 1:
+        # Every study has its own seed streams and files, so studies are made in any order, in parallel.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for result in pool.map(_write_study_job, jobs):
+                results.append(result)
+                bar.update()
+    else:
+        for job in jobs:
+            results.append(_write_study(*job))
+            bar.update()
+    bar.close()
+    rows = [row for row, _ in results]
+    boxes = [box for _, study_boxes in results for box in study_boxes]
 
     table = pd.DataFrame(rows)
     if table.empty:
@@ -145,6 +122,55 @@ def write_dataset(out_dir: str | Path, cfg: SynthConfig, progress: bool = True,
     table.to_csv(out / "synth_studies.csv", index=False)
     (out / "synth_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return table
+
+
+def _write_study(out: Path, cfg: SynthConfig, codecs: list, k: int, is_test: bool,
+                 draws: np.ndarray) -> tuple[dict, list[dict]]:
+    """Make and write study ``k``; its row of ``synth_studies.csv`` and its box rows."""
+    boxes: list[dict] = []
+    phantom_rng, storage_rng, _ = study_streams(cfg, k)
+    uid = study_uid(cfg, k)
+    phantom = make_phantom(cfg, phantom_rng)
+    storage = plan_storage(phantom, storage_rng, cfg, codecs)
+    write_dicom_series(phantom, out / ("test_images" if is_test else "train_images") / uid, uid, storage)
+    has_segmentation = (not is_test) and draws[1] < cfg.segmentation_fraction
+    if has_segmentation:
+        write_segmentation(phantom, out / "segmentations" / f"{uid}.nii", storage)
+    n_boxes = 0
+    if not is_test and phantom.patient_overall and draws[2] < cfg.bbox_fraction:
+        for box in phantom.fracture_boxes:
+            boxes.append({"StudyInstanceUID": uid, "x": float(box["x"]), "y": float(box["y"]),
+                          "width": float(box["width"]), "height": float(box["height"]),
+                          "slice_number": storage.file_numbers[box["z"]]})
+            n_boxes += 1
+    row = {
+        "StudyInstanceUID": uid,
+        "patient_overall": phantom.patient_overall,
+        **{name: phantom.fractured[name] for name in VERTEBRAE},
+        "split": "test" if is_test else "train",
+        "study_index": k,
+        "n_slices": int(phantom.hu.shape[0]),
+        "image_size": int(phantom.hu.shape[1]),
+        "slice_spacing_mm": phantom.spacing[0],
+        "pixel_spacing_mm": phantom.spacing[1],
+        "codec": storage.codec,
+        "transfer_syntax": storage.transfer_syntax,
+        "pixel_representation": storage.pixel_representation,
+        "bits_stored": storage.bits_stored,
+        "numbering": storage.numbering,
+        "mixed_rescale": storage.mixed_rescale,
+        "circular_fov": phantom.circular_fov,
+        "has_segmentation": has_segmentation,
+        "n_boxes": n_boxes,
+        "fracture_kinds": json.dumps(phantom.fracture_kinds, sort_keys=True),
+        "fov": phantom.fov,
+        "scan_top_mm": round(phantom.scan_top_mm, 1),
+    }
+    return row, boxes
+
+
+def _write_study_job(job: tuple) -> tuple[dict, list[dict]]:
+    return _write_study(*job)
 
 
 def _write_tables(out: Path, table: pd.DataFrame, boxes: list[dict]) -> None:
