@@ -32,7 +32,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
-from fastapi.templating import Jinja2Templates
 from matplotlib.colors import to_hex
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -43,6 +42,7 @@ from rsna_cspine.io.volume import study_name
 from rsna_cspine.report.explain import StudyExplainer
 from rsna_cspine.report.guard import RequestGuard
 from rsna_cspine.report.jobs import Job, JobQueue, make_job_folder, remove_leftover_jobs
+from rsna_cspine.report.pages import TEMPLATES, error_response, wants_json
 from rsna_cspine.report.pictures import LABEL_COLOURS, PICTURES
 from rsna_cspine.report.receive import receive_upload
 from rsna_cspine.report.uploads import (
@@ -58,30 +58,17 @@ from rsna_cspine.report.uploads import (
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 #: The form field that carries the per-process token.
 TOKEN_FIELD = "token"
 #: Largest body of the study-folder form (a token and a folder name).
 _MAX_FORM_BYTES = 16 * 2**10
 
-__all__ = ["HOST", "Job", "JobQueue", "add_arguments", "create_app", "error_response", "run", "serve", "wants_json"]
+__all__ = ["HOST", "Job", "JobQueue", "add_arguments", "create_app", "run", "serve"]
 
 
 # ----------------------------------------------------------------------------------------------
 # The application
 # ----------------------------------------------------------------------------------------------
-
-
-def wants_json(request: Request) -> bool:
-    """The client asked for JSON (the viewer's scripts and API clients), not a page."""
-    return "application/json" in request.headers.get("accept", "")
-
-
-def error_response(request: Request, status: int, message: str) -> Response:
-    """A refusal or failure as JSON or as the error page, whichever the client asked for."""
-    if wants_json(request):
-        return JSONResponse({"error": message}, status_code=status)
-    return TEMPLATES.TemplateResponse(request, "error.html", {"status": status, "message": message}, status_code=status)
 
 
 def _result_context(job: Job) -> dict[str, Any]:

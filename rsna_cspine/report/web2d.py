@@ -31,7 +31,6 @@ from typing import Any
 import pydicom
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
-from fastapi.templating import Jinja2Templates
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -39,15 +38,14 @@ from starlette.requests import ClientDisconnect
 from rsna_cspine.errors import CSpineError
 from rsna_cspine.report.guard import RequestGuard
 from rsna_cspine.report.receive import receive_upload
+from rsna_cspine.report.pages import TEMPLATES, error_response, wants_json
 from rsna_cspine.report.uploads import UploadRejected, short
-from rsna_cspine.report.web import error_response, wants_json
 from rsna_cspine.twod.gradcam import save_cam_overlay
 from rsna_cspine.twod.predict import ImagePredictor
 from rsna_cspine.twod.saliency import save_saliency_overlay
 
 logger = logging.getLogger(__name__)
 
-TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 #: File types the tab accepts (by suffix; the content is checked when decoded).
 ACCEPTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 #: Largest image, in pixels, decoded (a 12-bit chest radiograph is ~4300 × 3500 = 15 MP).
