@@ -23,7 +23,8 @@ from rsna_cspine.errors import ConfigError
 from rsna_cspine.io.volume import Volume
 from rsna_cspine.report.explain import StudyExplainer
 from rsna_cspine.report.pictures import LABEL_COLOURS, axial_view, display_flips, overlay_labels, sagittal_view
-from rsna_cspine.report.gradcam import StackGradCAM, last_stage_name
+from rsna_cspine.cls.model import last_stage_name
+from rsna_cspine.report.gradcam import StackGradCAM
 
 torch.set_num_threads(1)
 

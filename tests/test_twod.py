@@ -19,7 +19,7 @@ from rsna_cspine.cli import main as cli_main
 from rsna_cspine.config import load_config
 from rsna_cspine.engine import load_checkpoint
 from rsna_cspine.errors import ConfigError, CSpineError, LayoutError
-from rsna_cspine.report.gradcam import last_stage_name
+from rsna_cspine.cls.model import last_stage_name
 from rsna_cspine.twod.config import TwoDConfig, TwoDSplitConfig
 from rsna_cspine.twod.data import check_images, index_images, read_image
 from rsna_cspine.twod.gradcam import image_gradcam

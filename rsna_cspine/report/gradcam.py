@@ -20,24 +20,8 @@ import torch
 from monai.visualize import GradCAM
 from torch import nn
 
+from rsna_cspine.cls.model import last_stage_name
 from rsna_cspine.errors import ConfigError
-
-
-def last_stage_name(backbone: nn.Module) -> str:
-    """Name, inside ``backbone``, of its deepest feature stage (the Grad-CAM target).
-
-    Args:
-        backbone: a timm model (it lists its stages in ``feature_info``).
-
-    Raises:
-        ConfigError: the model reports no feature stages (e.g. a ViT without spatial feature maps).
-    """
-    info = getattr(backbone, "feature_info", None)
-    names = [entry["module"] for entry in info] if info else []
-    modules = dict(backbone.named_modules())
-    if not names or names[-1] not in modules:
-        raise ConfigError(f"{backbone.__class__.__name__} lists no feature stage to take a Grad-CAM from")
-    return str(names[-1])
 
 
 class _SlicesAsBatch(nn.Module):

@@ -1,7 +1,7 @@
 """Grad-CAM of a 2D classifier for one image, and its overlay picture.
 
 MONAI's :class:`monai.visualize.GradCAM` does the work on the backbone's last feature stage, found the
-same way as for stage 2 (:func:`rsna_cspine.report.gradcam.last_stage_name`), so any timm CNN works, and the
+same way as for stage 2 (:func:`rsna_cspine.cls.model.last_stage_name`), so any timm CNN works, and the
 torchvision trunks, which list their last stage the same way. A backbone whose stages give channels-last
 maps (timm's Swin) has, in the explained copy only, a pair of transposes after that stage, so the hooked
 output is the ``(B, C, H, W)`` map MONAI expects and the network computes what it did before.
@@ -20,7 +20,7 @@ from monai.visualize import GradCAM
 
 from torch import nn
 
-from rsna_cspine.report.gradcam import last_stage_name
+from rsna_cspine.cls.model import last_stage_name
 from rsna_cspine.twod.model import ExplainScores, ImageClassifier
 
 
