@@ -61,6 +61,31 @@ class ImageCam:
     peak: float
 
 
+def explained_copy(
+    model: ImageClassifier, image: np.ndarray | torch.Tensor, class_index: int | None
+) -> tuple[ImageClassifier, torch.Tensor, np.ndarray, int]:
+    """What Grad-CAM and saliency both start from: a copy of ``model`` in eval mode (the model stays
+    untouched), the ``(C, H, W)`` image as a batch of one on its device, the class probabilities and the
+    class explained (``class_index``, default the predicted one).
+    """
+    x = torch.as_tensor(np.asarray(image, dtype=np.float32) if isinstance(image, np.ndarray) else image).float()
+    if x.ndim != 3:
+        raise ValueError(f"image must be (C, H, W), got shape {tuple(x.shape)}")
+    copied = copy.deepcopy(model).eval()
+    x = x[None].to(next(copied.parameters()).device)
+    with torch.no_grad():
+        probs = copied.class_probs(copied(x))[0].cpu().numpy()
+    target = int(probs.argmax()) if class_index is None else int(class_index)
+    return copied, x, probs, target
+
+
+def scaled_to_peak(raw: torch.Tensor) -> tuple[np.ndarray, float]:
+    """``raw`` divided by its maximum (all zeros when that is not positive), as float32, and the maximum."""
+    peak = float(raw.max())
+    scaled = raw / peak if peak > 0 else torch.zeros_like(raw)
+    return scaled.cpu().numpy().astype(np.float32), peak
+
+
 def image_gradcam(model: ImageClassifier, image: np.ndarray | torch.Tensor, class_index: int | None = None) -> ImageCam:
     """Grad-CAM of one ``(C, H, W)`` image in [0, 1].
 
@@ -69,25 +94,16 @@ def image_gradcam(model: ImageClassifier, image: np.ndarray | torch.Tensor, clas
         image: the image as the model consumes it.
         class_index: class to explain; default the predicted one.
     """
-    x = torch.as_tensor(np.asarray(image, dtype=np.float32) if isinstance(image, np.ndarray) else image).float()
-    if x.ndim != 3:
-        raise ValueError(f"image must be (C, H, W), got shape {tuple(x.shape)}")
-    hooked = copy.deepcopy(model).eval()
-    device = next(hooked.parameters()).device
+    hooked, x, probs, target = explained_copy(model, image, class_index)
     for parameter in hooked.parameters():
         parameter.requires_grad_(True)
-    x = x[None].to(device)
-    with torch.no_grad():
-        probs = hooked.class_probs(hooked(x))[0].cpu().numpy()
-    target = int(probs.argmax()) if class_index is None else int(class_index)
     layer = _target_layer(hooked)
     # Identity post-processing: MONAI's default rescales (and inverts) the map; keep the raw values.
     cam = GradCAM(ExplainScores(hooked), target_layers=layer, postprocessing=lambda m: m)
     with torch.enable_grad():
         raw = cam(x, class_idx=target).detach()[0, 0]
-    peak = float(raw.max())
-    scaled = raw / peak if peak > 0 else torch.zeros_like(raw)
-    return ImageCam(cam=scaled.cpu().numpy().astype(np.float32), class_index=target, probs=probs, peak=peak)
+    scaled, peak = scaled_to_peak(raw)
+    return ImageCam(cam=scaled, class_index=target, probs=probs, peak=peak)
 
 
 def save_map_overlay(image: np.ndarray, heat: np.ndarray, title: str, path: str | Path, cmap: str = "jet",

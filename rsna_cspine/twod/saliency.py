@@ -7,7 +7,6 @@ its own maximum. Unlike Grad-CAM it needs no feature stage, so every backbone (t
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from monai.visualize import VanillaGrad
 
-from rsna_cspine.twod.gradcam import save_map_overlay
+from rsna_cspine.twod.gradcam import explained_copy, save_map_overlay, scaled_to_peak
 from rsna_cspine.twod.model import ExplainScores, ImageClassifier
 
 
@@ -44,21 +43,11 @@ def image_saliency(model: ImageClassifier, image: np.ndarray | torch.Tensor, cla
         image: the image as the model consumes it.
         class_index: class to explain; default the predicted one.
     """
-    x = torch.as_tensor(np.asarray(image, dtype=np.float32) if isinstance(image, np.ndarray) else image).float()
-    if x.ndim != 3:
-        raise ValueError(f"image must be (C, H, W), got shape {tuple(x.shape)}")
-    copied = copy.deepcopy(model).eval()
-    device = next(copied.parameters()).device
-    x = x[None].to(device)
-    with torch.no_grad():
-        probs = copied.class_probs(copied(x))[0].cpu().numpy()
-    target = int(probs.argmax()) if class_index is None else int(class_index)
+    copied, x, probs, target = explained_copy(model, image, class_index)
     with torch.enable_grad():
         gradient = VanillaGrad(ExplainScores(copied))(x.clone(), index=target)[0]
-    magnitude = gradient.abs().amax(0).float()
-    peak = float(magnitude.max())
-    scaled = magnitude / peak if peak > 0 else torch.zeros_like(magnitude)
-    return ImageSaliency(saliency=scaled.cpu().numpy().astype(np.float32), class_index=target, probs=probs, peak=peak)
+    scaled, peak = scaled_to_peak(gradient.abs().amax(0).float())
+    return ImageSaliency(saliency=scaled, class_index=target, probs=probs, peak=peak)
 
 
 def save_saliency_overlay(image: np.ndarray, result: ImageSaliency, classes: list[str], path: str | Path) -> Path:
