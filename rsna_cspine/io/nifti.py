@@ -318,8 +318,9 @@ def _overlap_fraction(index_map: np.ndarray, shape: tuple[int, int, int], source
 def _clean_labels(aligned: np.ndarray, max_label: int | None, path: Path) -> np.ndarray:
     limit = _MAX_STORABLE_LABEL if max_label is None else min(max_label, _MAX_STORABLE_LABEL)
     if aligned.dtype == np.uint8:
-        counts = np.bincount(aligned.ravel(), minlength=256)
-        unknown = [int(v) for v in np.flatnonzero(counts[limit + 1 :]) + limit + 1]
+        # The maximum first: counting every value (np.bincount) would cast the map to int64, a temporary of
+        # 8 bytes per voxel (1 GB for 500 slices of 512²) whose fresh pages cost more than the count itself.
+        unknown = [int(v) for v in np.unique(aligned[aligned > limit])] if aligned.max(initial=0) > limit else []
         labels = aligned
         if unknown:
             labels = np.where(aligned > limit, 0, aligned).astype(np.uint8)
