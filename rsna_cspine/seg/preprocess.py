@@ -82,7 +82,7 @@ def preprocess_volume(
     hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
     *,
     antialias: bool = True,
-    chunk_slices: int = 32,
+    chunk_slices: int = 16,
     box: VoxelBox | None = None,
 ) -> np.ndarray:
     """HU → window clipped to [0, 1] → resampled to ``grid``; returns float32 ``(1, D, H, W)``.
@@ -97,7 +97,11 @@ def preprocess_volume(
         grid: target ``(D, H, W)``.
         hu_window: ``(low, high)`` HU mapped to 0 and 1.
         antialias: area-like averaging when shrinking an axis.
-        chunk_slices: slices normalised and resized in-plane at a time (bounds memory).
+        chunk_slices: slices normalised and resized in-plane at a time (bounds memory). 16 keeps a chunk
+            of 512² float32 slices (16 MiB) under glibc's largest mmap threshold (32 MiB), so the chunks'
+            buffers are reused from the heap rather than mapped and zeroed afresh by the kernel each time
+            (32 slices: ~0.5 M more page faults and ~1 CPU-s more system time per 500-slice study); the values
+            do not depend on it.
         box: resample only this box of the volume (the cascade's fine pass); voxels outside the
             volume read as the window's low end (air). Default: the whole volume.
     """
