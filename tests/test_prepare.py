@@ -200,6 +200,42 @@ def test_shards_and_merged_shard_folders_equal_one_unsharded_run(layout, tmp_pat
         merge_caches([tmp_path / "part0", tmp_path / "other"], tmp_path / "mixed")
 
 
+def _largest_first(root: Path, uids: list[str]) -> list[str]:
+    """The studies by decreasing slice files, then bytes (table order among equals), counted here independently."""
+    kaggle = KaggleLayout(root)
+
+    def size(uid: str) -> tuple[int, int]:
+        files = [p for p in kaggle.study_dir(uid, "train").iterdir() if p.is_file()]
+        return len(files), sum(p.stat().st_size for p in files)
+
+    sizes = {uid: size(uid) for uid in uids}
+    order = sorted(range(len(uids)), key=lambda k: (-sizes[uids[k]][0], -sizes[uids[k]][1], k))
+    return [uids[k] for k in order]
+
+
+def test_studies_start_largest_first_and_the_cache_does_not_depend_on_the_order(layout, tmp_path, monkeypatch):
+    import rsna_cspine.prepare.run as run_module
+
+    uids = _train_uids(layout)
+    expected = _largest_first(layout, uids)
+    slices = {u: len(list(KaggleLayout(layout).study_dir(u, "train").iterdir())) for u in uids}
+    assert len(set(slices.values())) > 1 and expected != uids  # the fixture's studies differ in size
+    original, started = run_module.prepare_study, []
+    monkeypatch.setattr(run_module, "prepare_study", lambda uid, job: started.append(uid) or original(uid, job))
+    prepare_dataset(layout, tmp_path / "largest_first", _cfg(), progress=False)
+    assert started == expected and [slices[u] for u in started] == sorted(slices.values(), reverse=True)
+    # The same studies one by one in table order (as before the scheduling) give the same cache.
+    started.clear()
+    for uid in uids:
+        prepare_dataset(layout, tmp_path / "table_order", _cfg(), studies=[uid], progress=False)
+    assert started == uids
+    _assert_same(_snapshot(tmp_path / "largest_first"), _snapshot(tmp_path / "table_order"))
+    # A shard is chosen in table order first, then started largest first.
+    started.clear()
+    prepare_dataset(layout, tmp_path / "shard", _cfg(), shard=(1, 2), progress=False)
+    assert started == [u for u in expected if u in uids[1::2]]
+
+
 def test_a_killed_run_resumes_where_it_stopped_and_equals_an_uninterrupted_one(layout, tmp_path, monkeypatch) -> None:
     import rsna_cspine.prepare.run as run_module
 
@@ -220,7 +256,8 @@ def test_a_killed_run_resumes_where_it_stopped_and_equals_an_uninterrupted_one(l
     monkeypatch.setattr(run_module, "prepare_study", lambda uid, job: counted.append(uid) or original(uid, job))
     resumed = prepare_dataset(root, tmp_path / "cache", _cfg(), progress=False)
     uids = _train_uids(root)
-    assert counted == uids[2:] and (resumed.resumed, resumed.done) == (2, 3)
+    assert len(ran) == 2 and counted == [u for u in _largest_first(root, uids) if u not in ran]
+    assert (resumed.resumed, resumed.done) == (2, 3)
     _assert_same(_snapshot(tmp_path / "straight"), _snapshot(tmp_path / "cache"))
 
     # Finished studies are never redone: not on a rerun, only the one whose files changed.
@@ -248,7 +285,7 @@ def test_a_killed_run_resumes_where_it_stopped_and_equals_an_uninterrupted_one(l
     counted.clear()
     prepare_dataset(root, tmp_path / "cache", _cfg(stage1=Stage1InputConfig(grid=(8, 16, 16))), restart=True,
                     progress=False)
-    assert counted == uids
+    assert sorted(counted) == sorted(uids)
     with np.load(PreparedCache(tmp_path / "cache").seg_path(changed)) as npz:
         assert npz["image"].shape == (1, 8, 16, 16)
 

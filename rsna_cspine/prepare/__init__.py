@@ -13,8 +13,8 @@ from rsna_cspine.prepare.config import (
     resolve_seg_models,
     settings_fingerprint,
 )
-from rsna_cspine.prepare.run import PrepareSummary, prepare_dataset, select_studies
-from rsna_cspine.prepare.study import StudyJob, prepare_study, study_inputs
+from rsna_cspine.prepare.run import PrepareSummary, largest_first, prepare_dataset, select_studies
+from rsna_cspine.prepare.study import StudyJob, prepare_study, study_inputs, study_size
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -24,6 +24,7 @@ __all__ = [
     "PreparedCache",
     "Stage1InputConfig",
     "StudyJob",
+    "largest_first",
     "merge_caches",
     "prepare_config_for",
     "prepare_dataset",
@@ -32,4 +33,5 @@ __all__ = [
     "select_studies",
     "settings_fingerprint",
     "study_inputs",
+    "study_size",
 ]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +79,40 @@ def study_inputs(job: StudyJob, uid: str) -> dict[str, Any]:
     }
 
 
+#: Bytes of one uncompressed 512² 16-bit slice: a single-file study's (NIfTI, Enhanced CT) slice count estimate.
+_SLICE_BYTES = 512 * 512 * 2
+
+
+def study_size(job: StudyJob, uid: str) -> tuple[int, int]:
+    """How much work a study is, known before it is decoded: ``(slices, bytes)`` of its files.
+
+    The slices are the folder's files (decoding and resampling cost grows with them, whatever the
+    codec); a single-file study (NIfTI, Enhanced CT) counts as many slices as its bytes would hold
+    uncompressed at 512². A missing study is ``(0, 0)``.
+
+    Args:
+        job: the run.
+        uid: the study.
+    """
+    from rsna_cspine.io.kaggle import KaggleLayout
+
+    where = KaggleLayout(Path(job.root)).study_path(uid, job.split)
+    try:
+        if where.is_dir():
+            sizes = [entry.stat().st_size for entry in os.scandir(where) if entry.is_file()]
+            return len(sizes), sum(sizes)
+        size = where.stat().st_size
+    except OSError:  # missing or unreadable: the study fails when it is prepared, and says why there
+        return 0, 0
+    return max(1, size // _SLICE_BYTES), size
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished children (a study's decoder processes)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _segmenter(job: StudyJob) -> Any:
     """This process's stage-1 models (loaded once, then reused by every study it prepares)."""
     global _SEGMENTER
@@ -119,7 +155,7 @@ def prepare_study(uid: str, job: StudyJob) -> Record:
     from rsna_cspine.seg.predict import write_mask
     from rsna_cspine.seg.preprocess import fold_labels, write_stage1_input
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     seconds: dict[str, float] = {}
     inputs = study_inputs(job, uid)
     layout, cache, cfg = KaggleLayout(Path(job.root)), PreparedCache(job.out), job.cfg
@@ -162,6 +198,9 @@ def prepare_study(uid: str, job: StudyJob) -> Record:
                   if job.split == "train" else "no crops: no stage-1 models were given (--seg-models)")
     seconds["crops"] = time.perf_counter() - tick
     seconds["total"] = time.perf_counter() - started
+    # CPU time beside the wall time: a study that waited for a core (other load, too many workers) shows
+    # a wall time well above its CPU time; one slowed by memory or cache contention, more CPU per slice.
+    seconds["cpu"] = _cpu_seconds() - cpu_started
 
     names = [cache.relative(p) for p in outputs]
     record: Record = {

@@ -52,7 +52,8 @@ MANIFEST_FILE = "manifest.csv"
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "StudyInstanceUID", "status", "reason", "n_slices", "rows", "cols", "spacing_z", "spacing_y", "spacing_x",
     "has_labels", "mask_source", "n_present", "has_boxes", "seg_file", "mask_file", "crop_file", "bytes",
-    "decode_workers", "seconds_load", "seconds_stage1", "seconds_mask", "seconds_crops", "seconds_total", "warnings",
+    "decode_workers", "seconds_load", "seconds_stage1", "seconds_mask", "seconds_crops", "seconds_total",
+    "seconds_cpu", "warnings",
 )  # fmt: skip
 
 
