@@ -334,10 +334,12 @@ _WORKER_FUNCTION: Callable[[str], Record] | None = None
 def _install_worker(work: Callable[[str], Record], threads: int) -> None:
     """Worker process start: keep the study function (unpickled once, not per study), limit threads."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     global _WORKER_FUNCTION
     _WORKER_FUNCTION = work
     torch.set_num_threads(threads)  # processes give the parallelism; more threads would oversubscribe
+    threadpool_limits(limits=threads)  # numpy's and scipy's BLAS and OpenMP pools too (for the process's life)
 
 
 def _attempt_installed(uid: str) -> StudyOutcome:
