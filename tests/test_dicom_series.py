@@ -147,6 +147,31 @@ def test_decoder_fallback_is_used_and_recorded(tmp_path, monkeypatch):
     assert has_warning(volume, "decoder fallback", f"{second} after {first}", f"simulated {first} failure")
 
 
+def test_single_threaded_decoding_tries_the_pool_workers_decoder_first_with_the_same_values(tmp_path, monkeypatch):
+    from rsna_cspine.io.dicom.decode import WORKER_DECODING_PLUGINS, single_threaded_decoding
+
+    stored = random_stored(3, 32, 32, seed=9)
+    write_series(tmp_path, stored, axial_positions(3), transfer_syntax=JPEG2000Lossless)
+    decoder = get_decoder(JPEG2000Lossless)
+    multi_threaded, single = DEFAULT_DECODING_PLUGINS[0], WORKER_DECODING_PLUGINS[JPEG2000Lossless][0]
+    assert (multi_threaded, single) == ("gdcm", "pylibjpeg")  # GDCM decodes JPEG 2000 on one thread per CPU
+
+    def refuse(src, runner):
+        raise RuntimeError(f"{multi_threaded} was asked")
+
+    monkeypatch.setitem(decoder._available, multi_threaded, refuse)  # a try of GDCM now shows as a fallback
+    default = load_series(tmp_path, workers=1)
+    assert has_warning(default, "decoder fallback", f"{single} after {multi_threaded}")
+    with single_threaded_decoding():
+        volume = load_series(tmp_path, workers=1)
+    with single_threaded_decoding(False):  # a study with a budget of several threads: the default again
+        assert has_warning(load_series(tmp_path, workers=1), "decoder fallback")
+    assert volume.warnings == []  # the single-threaded decoder was the first choice
+    np.testing.assert_array_equal(volume.hu, default.hu)
+    np.testing.assert_array_equal(volume.hu, hu_of(stored))
+    assert has_warning(load_series(tmp_path, workers=1), "decoder fallback")  # after the block: the default again
+
+
 def test_non_dicom_file_is_skipped_with_warning(tmp_path):
     stored = random_stored(4, ROWS, COLS, seed=10)
     write_series(tmp_path, stored, axial_positions(4))

@@ -81,8 +81,10 @@ def _assert_same(a: dict[str, object], b: dict[str, object]) -> None:
             np.testing.assert_array_equal(value, b["arrays"][name][key], err_msg=f"{name}:{key}")
 
 
-def _count_decodes(monkeypatch) -> dict[str, int]:
-    """Study folder name → how many times its slices were decoded (the loader's pixel pass)."""
+def _count_decodes(monkeypatch, single_threaded: list[bool] | None = None) -> dict[str, int]:
+    """Study folder name → how many times its slices were decoded (the loader's pixel pass); appends to
+    ``single_threaded`` whether each decode used the single-threaded decoders."""
+    import rsna_cspine.io.dicom.decode as decode
     import rsna_cspine.io.dicom.series as series
 
     counts: dict[str, int] = {}
@@ -90,6 +92,8 @@ def _count_decodes(monkeypatch) -> dict[str, int]:
 
     def counting(slices, pool, report):
         counts[report.folder.name] = counts.get(report.folder.name, 0) + 1
+        if single_threaded is not None:
+            single_threaded.append(decode._SINGLE_THREADED)
         return original(slices, pool, report)
 
     monkeypatch.setattr(series, "decode_series", counting)
@@ -97,10 +101,12 @@ def _count_decodes(monkeypatch) -> dict[str, int]:
 
 
 def test_one_decode_per_study_writes_every_product_of_the_old_caches(layout, tmp_path, monkeypatch) -> None:
-    decodes = _count_decodes(monkeypatch)
-    summary = prepare_dataset(layout, tmp_path / "cache", _cfg(), progress=False)
+    single_threaded: list[bool] = []
+    decodes = _count_decodes(monkeypatch, single_threaded)
+    summary = prepare_dataset(layout, tmp_path / "cache", _cfg(cpus=1), progress=False)
     uids = _train_uids(layout)
     assert decodes == {uid: 1 for uid in uids}  # each series decoded once, whatever it was turned into
+    assert single_threaded == [True] * len(uids)  # a one-core study never decodes on more threads (GDCM's JPEG 2000)
     assert (summary.done, summary.resumed, summary.failed, summary.workers) == (5, 0, {}, 1)
     cache = PreparedCache(tmp_path / "cache")
     manifest = pd.read_csv(cache.root / "manifest.csv", dtype={"StudyInstanceUID": str})

@@ -149,6 +149,7 @@ def prepare_study(uid: str, job: StudyJob) -> Record:
         and says why in ``reason``.
     """
     from rsna_cspine.crops.cache import save_crops, study_crops
+    from rsna_cspine.io.dicom.decode import single_threaded_decoding
     from rsna_cspine.io.kaggle import KaggleLayout
     from rsna_cspine.io.nifti import load_segmentation
     from rsna_cspine.io.study import load_study
@@ -161,7 +162,9 @@ def prepare_study(uid: str, job: StudyJob) -> Record:
     layout, cache, cfg = KaggleLayout(Path(job.root)), PreparedCache(job.out), job.cfg
 
     tick = time.perf_counter()
-    volume = load_study(layout.study_path(uid, job.split), workers=job.decode_workers)  # the one decode
+    # The one decode. On a one-thread budget, single-threaded decoders (GDCM's JPEG 2000 would use every core).
+    with single_threaded_decoding(job.decode_workers == 1):
+        volume = load_study(layout.study_path(uid, job.split), workers=job.decode_workers)
     seg_file = layout.segmentation_path(uid) if job.split == "train" else None
     labels = None if seg_file is None else load_segmentation(seg_file, volume)
     seconds["load"] = time.perf_counter() - tick

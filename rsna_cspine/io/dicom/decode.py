@@ -9,6 +9,7 @@ process: reading one costs less than sending it back from a worker.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -58,6 +59,9 @@ WORKER_DECODING_PLUGINS: dict[str, tuple[str, ...]] = {
     JPEG2000: ("pylibjpeg", "gdcm"),
 }
 
+#: Whether slices decoded in this process use the single-threaded decoders (:func:`single_threaded_decoding`).
+_SINGLE_THREADED = False
+
 #: Compressed slices per worker task.
 _SLICES_PER_TASK = 2
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -73,6 +77,27 @@ _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 
 
 #: What decoding one slice gave: (note naming a fallback decoder or None, error or None).
 Outcome = tuple[str | None, str | None]
+
+
+@contextlib.contextmanager
+def single_threaded_decoding(enabled: bool = True) -> Iterator[None]:
+    """Within the block, series decoded in this process (no worker pool) use the decoders the pool's
+    workers use (:data:`WORKER_DECODING_PLUGINS`): one thread per slice.
+
+    For a process that is one of several decoding at once, each on one core (``rsna-cspine prepare``'s
+    workers): GDCM decodes JPEG 2000 on one thread per CPU of the machine, whatever the process's share,
+    so two such workers on two cores ran four decoder threads and a "one-core" worker used both cores.
+    Lossless decoders give identical values.
+
+    Args:
+        enabled: False leaves the default decoders (e.g. a study's budget of several threads).
+    """
+    global _SINGLE_THREADED
+    before, _SINGLE_THREADED = _SINGLE_THREADED, enabled
+    try:
+        yield
+    finally:
+        _SINGLE_THREADED = before
 
 
 def read_slice_hu(path: str | Path, *, plugins: Sequence[str] | None = None) -> np.ndarray:
@@ -117,7 +142,9 @@ def decode_series(
             report.warn(f"decoder pool failed ({exc}); decoding in-process instead")
     if outcomes is None:
         scratch = _scratch_for(shape[1:])
-        outcomes = [_decode_slice_into(header, row, scratch) for header, row in zip(headers, hu, strict=True)]
+        choice = WORKER_DECODING_PLUGINS if _SINGLE_THREADED else {}
+        outcomes = [_decode_slice_into(header, row, scratch, choice.get(header.transfer_syntax))
+                    for header, row in zip(headers, hu, strict=True)]
     failed = {index: error for index, (_, error) in enumerate(outcomes) if error is not None}
     fallbacks = [f"{h.name} ({note})" for h, (note, error) in zip(headers, outcomes) if note and error is None]
     if fallbacks:
