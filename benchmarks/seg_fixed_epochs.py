@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -25,10 +24,9 @@ from pathlib import Path
 import seg_evidence  # the held-out scoring (score_heldout, summarise)
 
 
-def cpu_minutes(before: resource.struct_rusage) -> float:
-    """CPU minutes (user + system) this process spent since ``before``."""
-    now = resource.getrusage(resource.RUSAGE_SELF)
-    return (now.ru_utime + now.ru_stime - before.ru_utime - before.ru_stime) / 60
+def cpu_minutes(before: float) -> float:
+    """CPU minutes (user + system) since ``before`` (``seg_evidence.cpu_seconds``: loader processes included)."""
+    return (seg_evidence.cpu_seconds() - before) / 60
 
 
 def main() -> int:
@@ -74,7 +72,7 @@ def main() -> int:
         seed_everything(cfg.seed)
         loc_dir = prepare_run_dir(work / "localiser", loc_cfg, False)
         task = SegmentationTask(loc_cfg, train_paths, val_paths, device, progress=False, source="localiser")
-        before = resource.getrusage(resource.RUSAGE_SELF)
+        before = seg_evidence.cpu_seconds()
         fit(task, loc_cfg, loc_dir, device=device, progress=False)
         print(f"localiser: {cpu_minutes(before):.2f} CPU minutes", flush=True)
         load_checkpoint(loc_dir / "best.pt", model=task.model, map_location=device)
@@ -85,7 +83,7 @@ def main() -> int:
     run_dir = prepare_run_dir(cfg.fold_dir(), cfg, False)
     task = SegmentationTask(cfg, train_paths, val_paths, device, progress=False, source="fine",
                             extra={CHECKPOINT_KEY: localiser, "train_uids": train_uids, "val_uids": val_uids})
-    before, started = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    before, started = seg_evidence.cpu_seconds(), time.monotonic()
     fit(task, cfg, run_dir, device=device, progress=False)
     fine_cpu, fine_wall = cpu_minutes(before), (time.monotonic() - started) / 60
     summary = pd.read_csv(run_dir / "summary.csv")

@@ -71,6 +71,19 @@ def test_upsampling_of_noisy_probabilities_and_a_thoracic_class() -> None:
     assert_same_mask(mask, expected, histograms)
 
 
+def test_an_output_coarser_than_the_grid_that_reads_none_of_a_label_is_mapped_not_crashed() -> None:
+    # Pixels larger than the grid's (a 64 px phantom at 3 mm on a 1.2 mm fine grid): 32 grid rows
+    # become 10 output rows, which read grid rows 1, 4, 7, ... A one-voxel label on row 3 mixes cells
+    # that no output row reads, so the interpolated box is empty: the grid lookup is the exact answer.
+    probs = torch.zeros(8, 4, 32, 32)
+    probs[0] = 1.0
+    probs[0, :, 3, 3], probs[3, :, 3, 3] = 0.0, 1.0
+    mask, histograms = upsample_linear(probs, (4, 10, 10), chunk_slices=4)
+    expected = reference_mask(probs, (4, 10, 10))
+    assert not expected.any()  # the label falls between the output's rows
+    assert_same_mask(mask, expected, histograms)
+
+
 def test_voxels_of_unmixed_cells_keep_their_grid_label() -> None:
     # The shortcut's premise, checked against brute force: a cell whose 8 corners share an argmax
     # interpolates to that argmax everywhere inside it.

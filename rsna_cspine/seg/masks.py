@@ -292,6 +292,9 @@ def upsample_linear(
             b0, b1, c0, c1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
             y0, y1 = int(np.searchsorted(ly, b0, "left")), int(np.searchsorted(ly, b1, "right"))
             x0, x1 = int(np.searchsorted(lx, c0, "left")), int(np.searchsorted(lx, c1, "right"))
+        # An output coarser in-plane than the grid (pixels larger than the grid's mm) may read none of the
+        # footprint's rows or columns: nothing to interpolate, the lookup is the answer.
+        if footprint.any() and y0 < y1 and x0 < x1:
             z = (lz[start:stop], uz[start:stop], wz[start:stop])
             labels = _interpolate_labels(probs, z, (b0, b1, c0, c1), (n_y, n_x), (y0, y1, x0, x1))
             labels[labels > max(CERVICAL_LABELS)] = 0
