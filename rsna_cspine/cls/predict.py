@@ -16,16 +16,10 @@ from rsna_cspine.cls.model import FractureClassifier, build_classifier
 from rsna_cspine.config import config_from_checkpoint
 from rsna_cspine.constants import TARGET_COLUMNS
 from rsna_cspine.crops.extract import CropConfig, VertebraCrops, to_unit_float
-from rsna_cspine.engine import autocast, load_checkpoint
+from rsna_cspine.engine import autocast, cpu_has_native_bf16, load_checkpoint
 from rsna_cspine.errors import ConfigError, CSpineError
 
 log = logging.getLogger(__name__)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX); emulated bf16 is slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def _precision(device: torch.device, amp: bool, cpu_bf16: bool) -> AbstractContextManager:
