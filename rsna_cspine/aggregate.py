@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from scipy.special import expit, logit
 
-from rsna_cspine.constants import PATIENT_WEIGHTS, PROB_EPS, TARGET_COLUMNS, VERTEBRAE
+from rsna_cspine.constants import PROB_EPS, TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import ConfigError, SubmissionError
 from rsna_cspine.io.files import atomic_open
 from rsna_cspine.io.kaggle import check_test_frame, test_studies
 from rsna_cspine.metric import prior_predictions
+
+if TYPE_CHECKING:
+    from rsna_cspine.calibration import PatientCalibration
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +28,6 @@ PATIENT_RULES: tuple[str, ...] = (*FIXED_PATIENT_RULES, "calibrated")
 SUBMISSION_COLUMNS: tuple[str, ...] = ("row_id", "fractured")
 #: How many of the largest vertebra probabilities the ``mean_top`` rule averages.
 MEAN_TOP_K = 2
-#: Splits of :func:`cross_fit_patient_overall` (at most one per study).
-CROSS_FIT_SPLITS = 10
 _COLUMN_INDEX = {name: i for i, name in enumerate(TARGET_COLUMNS)}
 
 
@@ -41,114 +41,12 @@ def clip_probabilities(p: np.ndarray, eps: float = PROB_EPS) -> np.ndarray:
     return np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
 
 
-def _noisy_or(p: np.ndarray) -> np.ndarray:
+def noisy_or(p: np.ndarray) -> np.ndarray:
+    """1 − ∏(1 − p) over the last axis: the probability of at least one fracture if vertebrae were independent."""
     # In log space so that tiny p keep their sum (1 - ∏(1 - p) would round them to 0); p = 1 gives
     # log1p(-1) = -inf, whose expm1 is -1: the exact answer 1, so that warning is silenced.
     with np.errstate(divide="ignore"):
         return -np.expm1(np.log1p(-np.clip(p, 0.0, 1.0)).sum(axis=-1))
-
-
-@dataclass(frozen=True)
-class PatientCalibration:
-    """Platt scaling of the noisy-OR patient probability, fitted on one fold's validation studies.
-
-    ``patient_overall = sigmoid(slope · logit(noisy_or) + intercept)``. Noisy-OR treats the seven
-    vertebrae as independent and inherits their bias (the competition's 2:1 positive weight pushes every
-    vertebra probability up), so on its own it is miscalibrated in a way validation can measure.
-
-    Attributes:
-        slope: weight of the noisy-OR logit (0 when the validation studies were all of one class).
-        intercept: logit offset.
-        n_studies: validation studies it was fitted on.
-        n_positive: of which had a fracture.
-    """
-
-    slope: float
-    intercept: float
-    n_studies: int
-    n_positive: int
-
-    def apply(self, noisy_or: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities from noisy-OR probabilities (any shape; clipped to ``PROB_EPS`` first)."""
-        return expit(self.slope * logit(clip_probabilities(noisy_or)) + self.intercept)
-
-    def to_dict(self) -> dict[str, float | int]:
-        """Plain values, for a checkpoint's ``extra``."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, float | int]) -> PatientCalibration:
-        """Inverse of :meth:`to_dict`."""
-        return cls(float(values["slope"]), float(values["intercept"]), int(values["n_studies"]), int(values["n_positive"]))
-
-
-def fit_patient_calibration(vertebra_probs: np.ndarray, patient_labels: np.ndarray) -> PatientCalibration:
-    """Fit :class:`PatientCalibration` on validation predictions, weighted as the metric weighs patients.
-
-    A logistic regression (scikit-learn, default L2) on the noisy-OR logit, with the competition's
-    patient weights (positives 14, negatives 7), so it minimises the metric's patient_overall term.
-    When every study is of one class there is nothing to regress against: the result is the constant
-    ``(positives + 0.5) / (studies + 1)`` (Jeffreys), near the observed rate but never exactly 0 or 1.
-
-    Args:
-        vertebra_probs: ``(n, 7)`` the model's vertebra probabilities (prior-filled where not found).
-        patient_labels: ``(n,)`` 0/1 patient_overall truth.
-
-    Raises:
-        ValueError: shapes that do not match, or no studies.
-    """
-    from sklearn.linear_model import LogisticRegression
-
-    probs = np.asarray(vertebra_probs, dtype=np.float64)
-    labels = np.asarray(patient_labels, dtype=np.float64).ravel()
-    if probs.ndim != 2 or probs.shape[1] != len(VERTEBRAE) or len(probs) != len(labels) or not len(labels):
-        raise ValueError(f"need (n, {len(VERTEBRAE)}) probabilities and n labels, n > 0; got {probs.shape} and {labels.shape}")
-    n, positives = len(labels), int(labels.sum())
-    if positives in (0, n):
-        rate = (positives + 0.5) / (n + 1.0)
-        return PatientCalibration(0.0, float(logit(rate)), n, positives)
-    feature = logit(clip_probabilities(_noisy_or(probs)))[:, None]
-    weights = np.where(labels > 0.5, PATIENT_WEIGHTS[1], PATIENT_WEIGHTS[0])
-    model = LogisticRegression().fit(feature, labels.astype(int), sample_weight=weights)
-    return PatientCalibration(float(model.coef_[0, 0]), float(model.intercept_[0]), n, positives)
-
-
-def cross_fit_patient_overall(
-    vertebra_probs: np.ndarray, patient_labels: np.ndarray, studies: Sequence[str], n_splits: int = CROSS_FIT_SPLITS
-) -> np.ndarray:
-    """The ``calibrated`` patient_overall of scored studies, each from a fit that never saw its own label.
-
-    The studies are split ``n_splits`` ways (at most one split per study; the split depends on the study
-    UIDs only, not on their order); each split's studies get :func:`fit_patient_calibration` fitted on the
-    other splits, applied to their noisy-OR. Scoring a fold's validation studies with a calibration fitted
-    on those very studies would flatter it; this is the out-of-fold view of what ``predict`` does.
-
-    Args:
-        vertebra_probs: ``(n, 7)`` vertebra probabilities.
-        patient_labels: ``(n,)`` 0/1 patient_overall truth.
-        studies: ``n`` StudyInstanceUIDs (fix the split).
-        n_splits: number of splits (fewer when there are fewer studies).
-
-    Returns:
-        ``(n,)`` probabilities; plain noisy-OR when there are fewer than two studies (nothing to fit on).
-    """
-    from sklearn.model_selection import KFold
-
-    probs = np.asarray(vertebra_probs, dtype=np.float64)
-    labels = np.asarray(patient_labels, dtype=np.float64).ravel()
-    if len(studies) != len(labels) or probs.shape != (len(labels), len(VERTEBRAE)):
-        raise ValueError(f"need (n, {len(VERTEBRAE)}) probabilities, n labels and n studies; got {probs.shape}, "
-                         f"{labels.shape}, {len(studies)}")
-    noisy_or = _noisy_or(probs)
-    if len(labels) < 2:
-        return noisy_or
-    order = np.argsort(np.asarray(studies, dtype=str), kind="stable")
-    out = np.empty(len(labels))
-    splitter = KFold(n_splits=min(n_splits, len(labels)), shuffle=True, random_state=0)
-    for fit_rows, held_rows in splitter.split(order):
-        fit_idx, held_idx = order[fit_rows], order[held_rows]
-        out[held_idx] = fit_patient_calibration(probs[fit_idx], labels[fit_idx]).apply(noisy_or[held_idx])
-    return out
 
 
 def patient_overall(
@@ -174,12 +72,12 @@ def patient_overall(
     if p.ndim == 0 or p.shape[-1] != len(VERTEBRAE):
         raise ValueError(f"vertebra_probs must have last axis {len(VERTEBRAE)} (C1..C7), got shape {p.shape}")
     if rule == "noisy_or":
-        return _noisy_or(p)
+        return noisy_or(p)
     if rule == "calibrated":
         if not calibrations:
             raise ConfigError("rule 'calibrated' needs at least one PatientCalibration (stored in stage-2 checkpoints)")
-        noisy_or = _noisy_or(p)
-        return np.mean([c.apply(noisy_or) for c in calibrations], axis=0)
+        plain = noisy_or(p)
+        return np.mean([c.apply(plain) for c in calibrations], axis=0)
     if rule == "max":
         return p.max(axis=-1)
     if rule == "mean_top":
@@ -187,7 +85,7 @@ def patient_overall(
     if rule == "blend":
         if not 0.0 <= blend_weight <= 1.0:
             raise ConfigError(f"blend_weight must be in [0, 1], got {blend_weight}")
-        return blend_weight * _noisy_or(p) + (1.0 - blend_weight) * p.max(axis=-1)
+        return blend_weight * noisy_or(p) + (1.0 - blend_weight) * p.max(axis=-1)
     raise ConfigError(f"unknown patient_overall rule {rule!r}; expected one of {PATIENT_RULES}")
 
 

@@ -179,6 +179,16 @@ def test_ensemble_passes_each_present_vertebra_its_own_offset() -> None:
     np.testing.assert_allclose(probs[idx], torch.sigmoid(logits).numpy(), atol=1e-4)
     assert np.isnan(probs[~present]).all()
 
+    # A stored vertebra calibration acts on each model's logit before the models are averaged.
+    from rsna_cspine.calibration import VertebraCalibration
+
+    fits = [VertebraCalibration(0.5, -1.0, 100, 20), None]
+    pair = FractureEnsemble([model, copy_of(model)], crop, torch.device("cpu"), batch_size=3, vertebra_calibrations=fits)
+    expected = (torch.sigmoid(0.5 * logits - 1.0) + torch.sigmoid(logits)).numpy() / 2
+    np.testing.assert_allclose(pair.predict(crops)[idx], expected, atol=1e-4)
+    with pytest.raises(ConfigError, match="1 vertebra calibrations for 2 models"):
+        FractureEnsemble([model, copy_of(model)], crop, torch.device("cpu"), vertebra_calibrations=fits[:1])
+
 
 def copy_of(model: torch.nn.Module) -> torch.nn.Module:
     import copy

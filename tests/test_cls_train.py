@@ -11,7 +11,14 @@ import torch
 from scipy import ndimage
 
 import rsna_cspine.training.loop as loop_module
-from rsna_cspine.aggregate import PatientCalibration, cross_fit_patient_overall, fit_patient_calibration, patient_overall
+from rsna_cspine.aggregate import patient_overall
+from rsna_cspine.calibration import (
+    PatientCalibration,
+    VertebraCalibration,
+    cross_fit_patient_overall,
+    fit_patient_calibration,
+    fit_vertebra_calibration,
+)
 from rsna_cspine.cli import main as cli_main
 from rsna_cspine.cls.config import ClsAugConfig, ClsConfig
 from rsna_cspine.cls.data import VertebraDataset, intensity_levels, match_levels, vertebra_items
@@ -312,13 +319,25 @@ def test_resume_equals_uninterrupted_and_oof_is_written(tmp_path, monkeypatch) -
     assert stored.slope == pytest.approx(expected.slope, rel=1e-4, abs=1e-6)
     assert stored.intercept == pytest.approx(expected.intercept, rel=1e-4, abs=1e-6)
 
+    # ... and the vertebra calibration fitted on the model's own probabilities of every scored validation vertebra.
+    vertebra_fit = VertebraCalibration.from_dict(load_checkpoint(straight / "best.pt")["extra"]["vertebra_calibration"])
+    uncalibrated = load_classifiers([straight / "best.pt"], torch.device("cpu"))
+    uncalibrated.vertebra_calibrations = [None]
+    raw = np.concatenate([uncalibrated.predict(load_crops(f"{cache}/crops/{uid}.npz")) for uid in oof["StudyInstanceUID"]])
+    truth = labels.set_index("StudyInstanceUID").loc[oof["StudyInstanceUID"], list(VERTEBRAE)].to_numpy().ravel()
+    scored = np.isfinite(raw)
+    expected_fit = fit_vertebra_calibration(raw[scored], truth[scored])
+    assert (vertebra_fit.n_vertebrae, vertebra_fit.n_positive) == (expected_fit.n_vertebrae, expected_fit.n_positive)
+    assert vertebra_fit.slope == pytest.approx(expected_fit.slope, rel=1e-3, abs=1e-4)
+    assert vertebra_fit.intercept == pytest.approx(expected_fit.intercept, rel=1e-3, abs=1e-4)
+
     # ... and the training studies' prevalence, the fallback prior of predict (no train.csv needed there).
     prevalence = load_checkpoint(straight / "best.pt")["extra"]["prevalence"]
     np.testing.assert_allclose(prevalence, train_labels[list(TARGET_COLUMNS)].mean().to_numpy(), rtol=1e-12)
 
     # The checkpoint alone rebuilds the model for inference; absent vertebrae come back as NaN.
     ensemble = load_classifiers([straight / "best.pt", resumed / "best.pt"], torch.device("cpu"))
-    assert len(ensemble.calibrations) == 2
+    assert len(ensemble.calibrations) == 2 and ensemble.vertebra_calibrations == [vertebra_fit, vertebra_fit]
     np.testing.assert_allclose(ensemble.prevalence, prevalence, rtol=1e-12)
     crops = load_crops(f"{cache}/crops/{absent_uid}.npz")
     single = load_classifiers([straight / "best.pt"], torch.device("cpu")).predict(crops)

@@ -11,7 +11,7 @@ from matplotlib.image import imread
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import confusion_matrix, log_loss, precision_score, recall_score, roc_auc_score
 
-from rsna_cspine.aggregate import cross_fit_patient_overall
+from rsna_cspine.calibration import cross_fit_patient_overall
 from rsna_cspine.cli import main
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import LayoutError

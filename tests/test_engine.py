@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rsna_cspine.engine import (
+    training_autocast,
     EarlyStopping,
     SummaryLog,
     TimeBudget,
@@ -202,6 +203,20 @@ def test_amp_dtype_on_cpu_is_full_precision_unless_bf16_is_asked_for():
         assert torch.mm(a, b).dtype == torch.float32
     with autocast(cpu, enabled=True, cpu_bf16=True):
         assert torch.mm(a, b).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_training_amp_on_cpu_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, native):
+    import rsna_cspine.engine.devices as devices
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    a, b = torch.rand(4, 8), torch.rand(8, 3)
+    with training_autocast(cpu, enabled=True):
+        assert torch.mm(a, b).dtype == (torch.bfloat16 if native else torch.float32)
+    with training_autocast(cpu, enabled=False):
+        assert torch.mm(a, b).dtype == torch.float32
+    assert not make_grad_scaler(cpu, enabled=True).is_enabled()  # bfloat16 needs no loss scaling
 
 
 def test_a_gpu_job_reduces_its_own_numbers_through_gloo(monkeypatch):

@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import torch
 
-from rsna_cspine.aggregate import PATIENT_RULES, PatientCalibration
+from rsna_cspine.aggregate import PATIENT_RULES
+from rsna_cspine.calibration import PatientCalibration
 from rsna_cspine.constants import PROB_EPS, TARGET_COLUMNS
 from rsna_cspine.errors import ConfigError, LayoutError, SubmissionError
 from rsna_cspine.inference import (

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna_cspine.aggregate import PatientCalibration
+from rsna_cspine.calibration import PatientCalibration
 from rsna_cspine.cls.config import ClsConfig
 from rsna_cspine.cls.model import build_classifier
 from rsna_cspine.config import to_dict

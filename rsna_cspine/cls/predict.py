@@ -10,22 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rsna_cspine.aggregate import PatientCalibration
+from rsna_cspine.calibration import PatientCalibration, VertebraCalibration
 from rsna_cspine.cls.config import ClsConfig
 from rsna_cspine.cls.model import FractureClassifier, build_classifier
 from rsna_cspine.config import config_from_checkpoint
 from rsna_cspine.constants import TARGET_COLUMNS
 from rsna_cspine.crops.extract import CropConfig, VertebraCrops, to_unit_float
-from rsna_cspine.engine import autocast, load_checkpoint
+from rsna_cspine.engine import autocast, cpu_has_native_bf16, load_checkpoint
 from rsna_cspine.errors import ConfigError, CSpineError
 
 log = logging.getLogger(__name__)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX); emulated bf16 is slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def _precision(device: torch.device, amp: bool, cpu_bf16: bool) -> AbstractContextManager:
@@ -48,6 +42,8 @@ class FractureEnsemble:
             by ~1e-3, so it is off by default.
         calibrations: the patient_overall fits stored with the models (one per model that has one),
             for ``aggregate.patient_overall(rule="calibrated")``.
+        vertebra_calibrations: one per model (None: that model's own probabilities), applied to its logits
+            before the models are averaged.
         prevalence: ``(8,)`` the mean training prevalence the models were trained on (``TARGET_COLUMNS``
             order), the fallback prior of a prediction; None when no checkpoint stores one.
     """
@@ -62,9 +58,12 @@ class FractureEnsemble:
         cpu_bf16: bool = False,
         calibrations: Sequence[PatientCalibration] = (),
         prevalence: np.ndarray | None = None,
+        vertebra_calibrations: Sequence[VertebraCalibration | None] | None = None,
     ) -> None:
         if not models:
             raise ConfigError("an ensemble needs at least one model")
+        if vertebra_calibrations is not None and len(vertebra_calibrations) != len(models):
+            raise ConfigError(f"{len(vertebra_calibrations)} vertebra calibrations for {len(models)} models")
         # channels_last lets oneDNN (CPU) and cuDNN pick their fastest convolutions; results are unchanged.
         self.models = [m.to(device).to(memory_format=torch.channels_last).eval() for m in models]
         self.crop_config = crop_config
@@ -73,6 +72,7 @@ class FractureEnsemble:
         self.amp = amp
         self.cpu_bf16 = cpu_bf16
         self.calibrations = list(calibrations)
+        self.vertebra_calibrations = list(vertebra_calibrations or [None] * len(models))
         self.prevalence = None if prevalence is None else np.asarray(prevalence, dtype=np.float64)
 
     @property
@@ -97,7 +97,7 @@ class FractureEnsemble:
                 offset; None scores without it.
 
         Returns:
-            ``(B,)`` float64, the mean over models (and flips).
+            ``(B,)`` float64, the mean over models (and flips) of each model's calibrated probability.
         """
         c = self.crop_config
         expected = (c.n_slices, c.in_chans, c.size, c.size)
@@ -109,11 +109,11 @@ class FractureEnsemble:
             which = None if vertebrae is None else torch.as_tensor(vertebrae[start : start + len(x)], device=self.device)
             views = [x, x.flip(-1)] if tta else [x]
             total = torch.zeros(len(x), device=self.device)
-            for model in self.models:
+            for model, calibration in zip(self.models, self.vertebra_calibrations):
                 for view in views:
                     with _precision(self.device, self.amp, self.cpu_bf16):
-                        logit = model(view, which)["logit"]
-                    total += torch.sigmoid(logit.float())
+                        logit = model(view, which)["logit"].float()
+                    total += torch.sigmoid(logit if calibration is None else calibration.apply_to_logits(logit))
             out[start : start + len(x)] = (total / (len(self.models) * len(views))).cpu().numpy()
         return out
 
@@ -152,6 +152,7 @@ def load_classifiers(
         raise ConfigError("no stage-2 checkpoint given")
     models: list[FractureClassifier] = []
     calibrations: list[PatientCalibration] = []
+    vertebra_calibrations: list[VertebraCalibration | None] = []
     prevalences: list[np.ndarray] = []
     crop_config: CropConfig | None = None
     amp = True
@@ -168,6 +169,8 @@ def load_classifiers(
         model = build_classifier(cfg, load_pretrained=False)
         model.load_state_dict(state["model"])
         models.append(model)
+        stored_fit = (state.get("extra") or {}).get("vertebra_calibration")
+        vertebra_calibrations.append(VertebraCalibration.from_dict(stored_fit) if stored_fit else None)
         if state.get("extra", {}).get("patient_calibration"):
             calibrations.append(PatientCalibration.from_dict(state["extra"]["patient_calibration"]))
         stored = (state.get("extra") or {}).get("prevalence")
@@ -181,4 +184,5 @@ def load_classifiers(
         log.warning("only %d of %d checkpoints store their training prevalence; the prior is their mean",
                     len(prevalences), len(models))
     return FractureEnsemble(models, crop_config, device, batch_size=batch_size, amp=amp, cpu_bf16=cpu_bf16,
-                            calibrations=calibrations, prevalence=np.mean(prevalences, axis=0) if prevalences else None)
+                            calibrations=calibrations, prevalence=np.mean(prevalences, axis=0) if prevalences else None,
+                            vertebra_calibrations=vertebra_calibrations)

@@ -13,11 +13,14 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
-from rsna_cspine.aggregate import (
+from rsna_cspine.aggregate import patient_overall
+from rsna_cspine.calibration import (
     PatientCalibration,
+    VertebraCalibration,
     cross_fit_patient_overall,
+    cross_fit_vertebra_probabilities,
     fit_patient_calibration,
-    patient_overall,
+    fit_vertebra_calibration,
 )
 from rsna_cspine.cls.config import ClsConfig
 from rsna_cspine.cls.data import VertebraDataset
@@ -82,23 +85,28 @@ class FoldScores:
     """What one validation pass produced.
 
     Attributes:
-        metrics: the ``summary.csv`` columns (``val_score`` = the cross-fitted calibrated rule).
-        oof: the OOF table (:data:`OOF_COLUMNS`).
-        calibration: the patient_overall fit on every validation study (stored in the checkpoint for predict).
+        metrics: the ``summary.csv`` columns (``val_score`` = calibrated vertebrae and patient_overall, cross-fitted).
+        oof: the OOF table (:data:`OOF_COLUMNS`), with the cross-fitted calibrated values.
+        vertebra_calibration: the vertebra fit on every validation vertebra (stored in the checkpoint for predict).
+        calibration: the patient_overall fit on every validation study, over the vertebra-calibrated
+            probabilities (stored in the checkpoint for predict).
     """
 
     metrics: dict[str, float]
     oof: pd.DataFrame
+    vertebra_calibration: VertebraCalibration
     calibration: PatientCalibration
 
 
 def score_fold(split: FoldSplit, probs: np.ndarray, fold: int) -> FoldScores:
     """Score a fold's validation predictions the way ``predict`` will use them.
 
-    ``val_score`` scores patient_overall through the calibration, but each study's calibrated value comes
-    from a fit on the other validation studies (:func:`~rsna_cspine.aggregate.cross_fit_patient_overall`):
-    a fit on the very studies it scores would flatter every epoch alike and pick ``best.pt`` on it.
-    ``val_score_noisy_or`` scores plain noisy-OR. The checkpoint stores the fit on all of them.
+    ``predict`` applies the checkpoint's vertebra calibration, then noisy-OR, then the patient_overall
+    calibration. ``val_score`` scores the same chain, but each study's calibrated values come from fits on
+    the other validation studies (:mod:`rsna_cspine.calibration`): a fit on the very studies it scores
+    would flatter every epoch alike and pick ``best.pt`` on it. ``val_score_noisy_or`` takes plain noisy-OR
+    for patient_overall; ``val_loss`` and ``val_auc`` are the model's own probabilities. The checkpoint
+    stores the fits on all of them.
 
     Args:
         split: the fold.
@@ -109,7 +117,9 @@ def score_fold(split: FoldSplit, probs: np.ndarray, fold: int) -> FoldScores:
     weights = np.where(labels > 0.5, VERTEBRA_WEIGHTS[1], VERTEBRA_WEIGHTS[0])
     studies = split.val_labels["StudyInstanceUID"].tolist()
     y_true = split.val_labels[list(TARGET_COLUMNS)].to_numpy(np.float64)
-    vertebrae = study_predictions(split.val, probs, studies, split.prior)
+    item_studies = split.val["StudyInstanceUID"].astype(str).tolist()
+    vertebrae = study_predictions(split.val, cross_fit_vertebra_probabilities(probs, labels, item_studies), studies,
+                                  split.prior)
     truth_overall = y_true[:, len(VERTEBRAE)]
     noisy_or = np.column_stack([vertebrae, patient_overall(vertebrae, rule="noisy_or")])
     calibrated = np.column_stack([vertebrae, cross_fit_patient_overall(vertebrae, truth_overall, studies)])
@@ -124,7 +134,9 @@ def score_fold(split: FoldSplit, probs: np.ndarray, fold: int) -> FoldScores:
     oof.insert(0, "StudyInstanceUID", studies)
     oof["patient_overall_noisy_or"] = noisy_or[:, len(VERTEBRAE)]
     oof["fold"] = fold
-    return FoldScores(metrics, oof, fit_patient_calibration(vertebrae, truth_overall))
+    vertebra_fit = fit_vertebra_calibration(probs, labels) if len(labels) else VertebraCalibration.identity()
+    fitted = study_predictions(split.val, vertebra_fit.apply(probs), studies, split.prior)
+    return FoldScores(metrics, oof, vertebra_fit, fit_patient_calibration(fitted, truth_overall))
 
 
 def write_oof(path: Path, oof: pd.DataFrame) -> Path:
@@ -209,5 +221,6 @@ class VertebraTask(TrainingTask):
         # The training studies' prevalence travels with the weights: the prior a prediction falls back on.
         extra: dict[str, Any] = {"fold": self.cfg.fold, "prevalence": [float(v) for v in self.split.prior]}
         if self._last is not None:
+            extra["vertebra_calibration"] = self._last.vertebra_calibration.to_dict()
             extra["patient_calibration"] = self._last.calibration.to_dict()
         return extra

@@ -13,7 +13,15 @@ from rsna_cspine.engine.checkpoints import (
     restore_rng_state,
     save_checkpoint,
 )
-from rsna_cspine.engine.devices import amp_dtype, autocast, make_grad_scaler, resolve_device, seed_everything
+from rsna_cspine.engine.devices import (
+    amp_dtype,
+    autocast,
+    cpu_has_native_bf16,
+    make_grad_scaler,
+    resolve_device,
+    seed_everything,
+    training_autocast,
+)
 from rsna_cspine.engine.distributed import (
     DistContext,
     all_reduce_mean,
@@ -40,6 +48,8 @@ __all__ = [
     "amp_dtype",
     "any_rank",
     "autocast",
+    "training_autocast",
+    "cpu_has_native_bf16",
     "backend_for",
     "barrier",
     "capture_rng_state",

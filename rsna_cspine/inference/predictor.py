@@ -232,7 +232,7 @@ class FracturePipeline:
 
             self._ensembles[path] = FractureEnsemble(
                 full.models[: self.cfg.cheap_folds], full.crop_config, self.device, batch_size=full.batch_size, amp=full.amp,
-                cpu_bf16=full.cpu_bf16,
+                cpu_bf16=full.cpu_bf16, vertebra_calibrations=full.vertebra_calibrations[: self.cfg.cheap_folds],
             )
         return self._ensembles[path]
 

@@ -11,7 +11,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-from rsna_cspine.aggregate import PATIENT_RULES, cross_fit_patient_overall, patient_overall
+from rsna_cspine.aggregate import PATIENT_RULES, patient_overall
+from rsna_cspine.calibration import cross_fit_patient_overall
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import ConfigError, LayoutError
 from rsna_cspine.io.kaggle import check_train_labels, read_train_labels

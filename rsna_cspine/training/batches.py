@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from rsna_cspine.engine.devices import autocast
+from rsna_cspine.engine.devices import training_autocast
 from rsna_cspine.engine.distributed import DistContext
 
 
@@ -65,7 +65,7 @@ def predict_batches(
         dataset: items (no augmentation).
         batch_size: items per forward pass.
         device: where the model is.
-        amp: mixed precision on GPU.
+        amp: mixed precision (``engine.training_autocast``: on GPU, and on CPUs with native bfloat16).
         inputs: one batch → the model's positional inputs on ``device`` (the task's ``inputs``).
         to_probs: one batch's model outputs → ``(B,)`` or ``(B, K)`` probabilities.
         num_workers: DataLoader workers.
@@ -77,7 +77,7 @@ def predict_batches(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     probs: list[np.ndarray] = []
     for batch in tqdm(loader, desc="predict", leave=False, disable=None):
-        with autocast(device, amp):
+        with training_autocast(device, amp):
             out = model(*inputs(batch, device))
         probs.append(to_probs(out).float().cpu().numpy().astype(np.float64))
     return np.concatenate(probs) if probs else np.zeros(0)

@@ -32,7 +32,8 @@ class TrainConfig:
         epochs: planned epochs (the learning-rate schedule's length).
         batch_size: items per training step and process.
         val_batch_size: items per validation step.
-        amp: mixed precision on GPU (``engine.amp_dtype`` picks bfloat16 or float16).
+        amp: mixed precision: on GPU (``engine.amp_dtype`` picks bfloat16 or float16), and bfloat16 on CPUs
+            that compute it natively (``engine.training_autocast``); full precision on other CPUs.
         grad_clip: max gradient norm (0 = off).
         patience: validations without a better monitored score before stopping (0 = never).
         val_every: validate every this many epochs (and always after the last one).

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from rsna_cspine.config import to_dict
 from rsna_cspine.engine.checkpoints import load_checkpoint, save_checkpoint
-from rsna_cspine.engine.devices import autocast, make_grad_scaler
+from rsna_cspine.engine.devices import make_grad_scaler, training_autocast
 from rsna_cspine.engine.distributed import DistContext, all_reduce_mean, any_rank, barrier, unwrap_model, wrap_model
 from rsna_cspine.engine.runlog import SummaryLog
 from rsna_cspine.engine.schedules import EarlyStopping, TimeBudget, make_model_ema
@@ -140,7 +140,7 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{train.epochs}", leave=False, disable=None if progress else True)
     for step, batch in enumerate(bar):
         inputs = task.inputs(batch, device)
-        with autocast(device, train.amp):
+        with training_autocast(device, train.amp):
             outputs = model(*inputs)
         loss = task.loss(outputs, batch)
         optimizer.zero_grad(set_to_none=True)
