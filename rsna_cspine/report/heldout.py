@@ -173,7 +173,9 @@ def draw_detection_picture(
         tries: candidates tried per kind.
 
     Returns:
-        The path of ``detection.png``; None when no true positive with crops was found.
+        The path of ``detection.png``; None when no fractured vertebra with crops was found. When no
+        fracture reached ``threshold``, the left panel is the fractured vertebra the model ranked highest,
+        and its title says it stayed below the threshold.
     """
     from matplotlib.figure import Figure
     from matplotlib.image import imread
@@ -195,13 +197,17 @@ def draw_detection_picture(
         return None
 
     hits, _ = example_candidates(table, threshold)
+    detected_kind = "detected fracture"
+    if hits.empty:  # no fracture reached the threshold: show the one the model ranked highest, and say so
+        hits = table[table["label"] == 1].sort_values("probability", ascending=False, kind="stable")
+        detected_kind = f"highest-ranked fracture (below {threshold:.2f})"
     detected = first_drawn(hits, "detected")
     if detected is None:
         return None
     _, clear = example_candidates(table, threshold, str(detected[0]["StudyInstanceUID"]))
     cleared = first_drawn(clear, "cleared")
     panels = []
-    for kind, found in (("detected fracture", detected), ("correctly cleared", cleared)):
+    for kind, found in ((detected_kind, detected), ("correctly cleared", cleared)):
         if found is None:
             continue
         row, vertebra, picture = found
