@@ -36,7 +36,7 @@ RADIOGRAPH = ("cad_alexnet", "cad_googlenet", "efficientnet_bone", "mobilenet_sp
 #: Epochs of each system's run: what two CPU cores train in a few minutes at the benchmark's 64-px images
 #: (the larger thesis backbones get fewer). Fixed, so that a figure does not depend on the machine's load.
 EPOCHS: dict[str, int] = {
-    "thesis_unet": 4,
+    "thesis_unet": 3,
     "thesis_resnet26": 8, "thesis_resnetrs50": 5, "thesis_inception_resnet_v2": 3, "thesis_swin_s3_tiny": 6,
     "thesis_convnext_tiny": 6,
     "cad_alexnet": 10, "cad_googlenet": 10, "efficientnet_bone": 12, "mobilenet_spine": 15,
