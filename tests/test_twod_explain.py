@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from scipy import ndimage
 from torchvision import models
@@ -98,6 +99,27 @@ def test_torchvision_trunks_load_local_weights_without_their_imagenet_layer(tmp_
         ImageClassifier("tv/alexnet", 1, 2)
     with pytest.raises(ConfigError, match="offered: tv/alexnet, tv/googlenet"):
         ImageClassifier("tv/vgg16", 3, 2)
+
+
+def test_random_weights_start_where_training_can_move_them() -> None:
+    """From random weights: He init keeps the signal's size through a random AlexNet's seven ReLU layers
+    (torchvision's default layer init, the baseline, shrinks it several hundred times, and the differences
+    between images with it), and a new timm classifier starts near uniform (timm's own init of MobileNetV2's
+    2-class layer, the baseline, starts with logits of SD ~3, so that the first epochs go into shrinking them)."""
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 64, 64)
+    images[:4] *= torch.linspace(0.2, 1.0, 64)  # two kinds of image, so that features have something to tell
+    default = models.alexnet(weights=None)
+    default.classifier = default.classifier[:-1]
+    trunk, _ = create_trunk("tv/alexnet", 3)
+    with torch.no_grad():
+        ours, theirs = trunk.eval()(images), default.eval()(images)
+    assert 0.3 < float(ours.std()) < 30 and float(theirs.std()) < 0.05, (float(ours.std()), float(theirs.std()))
+    assert float(ours.std(0).mean()) > 50 * float(theirs.std(0).mean())  # images told apart at a usable scale
+    with torch.no_grad():
+        fresh = ImageClassifier("mobilenetv2_100", 3, 2).train()(images)
+        timm_own = timm.create_model("mobilenetv2_100", num_classes=2).train()(images)
+    assert float(fresh.std()) < 1.0 < float(timm_own.std()), (float(fresh.std()), float(timm_own.std()))
 
 
 @pytest.mark.slow

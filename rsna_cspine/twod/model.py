@@ -26,6 +26,18 @@ def fc2_head(features: int, n_out: int, hidden: int, dropout: float) -> nn.Seque
                          nn.Linear(hidden, n_out))
 
 
+def init_new_classifier(layer: nn.Linear) -> None:
+    """Small normal weights (SD 0.01) and zero bias for a classifier layer that starts untrained.
+
+    timm's EfficientNet / MobileNet init scales a linear layer by its *output* width (Google's init), so a
+    2-class classifier over 1280 features starts with logits of SD ~4: the first epochs go into shrinking
+    them (training loss 5 for two classes) instead of into the task. Every new head starts near uniform.
+    """
+    nn.init.normal_(layer.weight, std=0.01)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 def _fixed_input_size(name: str) -> bool:
     """Whether a timm model is built for one input size (Swin: its windows and position tables)."""
     try:
@@ -112,6 +124,9 @@ class ImageClassifier(nn.Module):
                 global_pool=global_pool, drop_rate=drop_rate, **extra,
             )
             self.head = nn.Identity()  # timm's own classifier is the head (and no key of older checkpoints moves)
+            classifier = self.backbone.get_classifier()
+            if isinstance(classifier, nn.Linear):
+                init_new_classifier(classifier)
         if ordinal:
             # Decreasing thresholds: P(class > k) starts ordered, as CORAL's rank consistency needs.
             self.ordinal_bias = nn.Parameter(torch.linspace(1.0, -1.0, n_classes - 1))
