@@ -99,11 +99,9 @@ def test_typed_values_win_over_file_and_overrides_and_are_not_reparsed(tmp_path)
     "cls_path, stored, current, values",
     [
         # The shipped configs now name a prepared cache (the old ones named a cache per stage), and a
-        # checkpoint from before the cascade is a whole-volume model: today's config with the cascade off
-        # (and the epochs, validation interval and CPU plan it was trained with).
+        # checkpoint from before the cascade is a whole-volume model: today's config with the cascade off.
         ("rsna_cspine.seg.config:SegConfig", "seg_cpu.yaml", "seg_cpu.yaml",
-         {"data": {"cache_dir": "work/seg_cache_64x128x128", "spacing": ()}, "localiser": {"enabled": False},
-          "train": {"epochs": 190, "val_every": 2, "num_workers": 0, "threads": 0}}),
+         {"data": {"cache_dir": "work/seg_cache_64x128x128", "spacing": ()}, "localiser": {"enabled": False}}),
         ("rsna_cspine.cls.config:ClsConfig", "cls_cpu.yaml", "cls_cpu.yaml", {"data.cache_dir": "work/crops_cpu"}),
         ("rsna_cspine.twod.config:TwoDConfig", "twod_convnext_tiny.yaml", "twod_convnext_tiny.yaml", {"fold": 2}),
     ],
