@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -16,8 +16,12 @@ from rsna_cspine.io.files import atomic_open
 from rsna_cspine.io.kaggle import check_test_frame, test_studies
 from rsna_cspine.metric import prior_predictions
 
-if TYPE_CHECKING:
-    from rsna_cspine.calibration import PatientCalibration
+
+class PatientFit(Protocol):
+    """What the ``calibrated`` rule needs of a fit (``calibration.PatientCalibration`` is one): noisy-OR in,
+    calibrated probability out. A protocol, so that this module does not import the one that fits them."""
+
+    def apply(self, noisy_or_probs: np.ndarray) -> np.ndarray: ...
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +57,7 @@ def patient_overall(
     vertebra_probs: np.ndarray,
     rule: str = "noisy_or",
     blend_weight: float = 0.5,
-    calibrations: Sequence[PatientCalibration] = (),
+    calibrations: Sequence[PatientFit] = (),
 ) -> np.ndarray:
     """Probability that a study has any fracture, from its seven vertebra probabilities.
 
