@@ -10,7 +10,10 @@ the demo's own training set. Nothing is trained here.
 
 Run (from the repository root, after ``rsna-cspine demo --out demo``):
     .venv/bin/python benchmarks/demo_crosscheck.py --demo demo --work work/demo_xcheck --seeds 101 202 303
-``--quick`` (a handful of studies, one seed) checks that the script runs.
+``--quick`` (a handful of studies, one seed) checks that the script runs. ``--generator-defaults`` adds one
+more set whose fracture knobs are the generator's own defaults instead of the demo's (fainter, smaller
+fractures, more benign look-alikes): how far the demo's models carry beyond their world, reported beside
+the targets, not counted in them.
 """
 
 from __future__ import annotations
@@ -64,6 +67,21 @@ def crosscheck_config(base: dict[str, Any], seed: int, studies: int, spread: flo
             "fov_slab_fraction": 0.0}
 
 
+#: The fracture knobs the demo may set more conspicuously than the generator does (``configs/demo.yaml``).
+FRACTURE_KNOBS: tuple[str, ...] = ("fracture_size_mm", "fracture_contrast_hu", "displaced_fraction",
+                                   "compression_fraction", "height_loss", "benign_rate", "second_defect_fraction",
+                                   "line_fraction")
+
+
+def defaults_config(base: dict[str, Any], seed: int, studies: int) -> dict[str, Any]:
+    """The demo's settings with every :data:`FRACTURE_KNOBS` value back at the generator's default."""
+    from rsna_cspine.synth import SynthConfig
+
+    defaults = SynthConfig().to_dict()
+    return {**base, **{k: defaults[k] for k in FRACTURE_KNOBS}, "seed": seed, "n_studies": studies,
+            "test_fraction": 1.0, "fov_slab_fraction": 0.0}
+
+
 def run_set(demo: Path, work: Path, values: dict[str, Any], device: str) -> dict[str, Any]:
     """Write one set, predict it with the demo's models, score it against the demo's training prior."""
     from rsna_cspine.config import load_config
@@ -88,7 +106,7 @@ def run_set(demo: Path, work: Path, values: dict[str, Any], device: str) -> dict
     labels = read_train_labels(data / "test_labels.csv")
     prior = prior_predictions(read_train_labels(demo / "data" / "train.csv"))
     scores = score_heldout(submission, labels, prior)
-    return {"knobs": {k: values[k] for k in MOVED_KNOBS}, **scores.to_dict(), "predict_s": round(time.monotonic() - tick, 1)}
+    return {"knobs": {k: values[k] for k in (*MOVED_KNOBS, *FRACTURE_KNOBS) if k in values}, **scores.to_dict(), "predict_s": round(time.monotonic() - tick, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spread", type=float, default=0.25, help="largest relative move of a knob")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="4 studies, the first seed: checks that it runs")
+    parser.add_argument("--generator-defaults", action="store_true",
+                        help="also score one set (the first seed + 1) at the generator's default fracture knobs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("openjpeg").setLevel(logging.WARNING)
@@ -115,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['sensitivity']:.3f}, specificity {r['specificity']:.3f}, score {r['score']:.4f} vs prior "
               f"{r['prior_score']:.4f} ({abs(r['below_prior']):.1%} {'below' if r['below_prior'] >= 0 else 'above'})",
               flush=True)
-    met = {s: bool(r["auc"] >= TARGET_AUC and r["below_prior"] >= TARGET_BELOW_PRIOR) for s, r in results.items()}
+    if args.generator_defaults:
+        seed = seeds[0] + 1
+        r = run_set(args.demo, args.work / f"defaults{seed}", defaults_config(base, seed, studies), args.device)
+        results["generator_defaults"] = r
+        print(f"generator-default fracture knobs (seed {seed}): pooled AUC {r['auc']:.3f}, score {r['score']:.4f} "
+              f"vs prior {r['prior_score']:.4f} ({r['below_prior']:+.1%} below); not counted in the targets", flush=True)
+    met = {s: bool(r["auc"] >= TARGET_AUC and r["below_prior"] >= TARGET_BELOW_PRIOR) for s, r in results.items()
+           if s != "generator_defaults"}
     out = {"demo": str(args.demo), "seeds": seeds, "studies": studies, "spread": args.spread,
            "targets": {"auc": TARGET_AUC, "below_prior": TARGET_BELOW_PRIOR}, "met": met, "results": results}
     args.work.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from rsna_cspine.metric import competition_score, labels_to_solution
 from tests.paths import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from demo_crosscheck import FRACTURE_KNOBS, defaults_config  # noqa: E402
 from demo_crosscheck import main as crosscheck_main  # noqa: E402
 
 torch.set_num_threads(1)
@@ -107,6 +108,20 @@ def test_demo_writes_a_valid_scored_submission_report_and_pictures(tmp_path: Pat
     assert {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*") if p.is_file()} == data_files
     assert result.score == pytest.approx(competition_score(solution, pd.read_csv(out / "submission.csv",
                                                                                   dtype={"row_id": str})))
+
+
+def test_the_crosscheck_set_at_generator_defaults_undoes_exactly_the_demos_fracture_knobs() -> None:
+    from rsna_cspine.config import load_config
+    from rsna_cspine.synth import SynthConfig
+
+    demo = load_config(SynthConfig, values=load_config(DemoConfig, REPO_ROOT / "configs" / "demo.yaml").synth).to_dict()
+    generator = SynthConfig().to_dict()
+    assert any(demo[k] != generator[k] for k in FRACTURE_KNOBS)  # the shipped demo does make fractures easier
+    values = defaults_config(demo, seed=7, studies=5)
+    assert {k: values[k] for k in FRACTURE_KNOBS} == {k: generator[k] for k in FRACTURE_KNOBS}
+    others = set(demo) - set(FRACTURE_KNOBS) - {"seed", "n_studies", "test_fraction", "fov_slab_fraction"}
+    assert {k: values[k] for k in others} == {k: demo[k] for k in others}
+    assert SynthConfig(**{**values, "n_studies": 5}).test_fraction == 1.0
 
 
 def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path) -> None:
