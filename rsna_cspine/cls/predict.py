@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,6 @@ from rsna_cspine.engine import autocast, cpu_has_native_bf16, load_checkpoint
 from rsna_cspine.errors import ConfigError, CSpineError
 
 log = logging.getLogger(__name__)
-
-
-def _precision(device: torch.device, amp: bool, cpu_bf16: bool) -> AbstractContextManager:
-    if device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else nullcontext()
-    return autocast(device, amp)
 
 
 class FractureEnsemble:
@@ -111,7 +104,8 @@ class FractureEnsemble:
             total = torch.zeros(len(x), device=self.device)
             for model, calibration in zip(self.models, self.vertebra_calibrations):
                 for view in views:
-                    with _precision(self.device, self.amp, self.cpu_bf16):
+                    # GPU: the run's amp setting; CPU: bfloat16 only when asked for (and native).
+                    with autocast(self.device, self.amp if self.device.type != "cpu" else self.cpu_bf16, self.cpu_bf16):
                         logit = model(view, which)["logit"].float()
                     total += torch.sigmoid(logit if calibration is None else calibration.apply_to_logits(logit))
             out[start : start + len(x)] = (total / (len(self.models) * len(views))).cpu().numpy()
@@ -169,11 +163,12 @@ def load_classifiers(
         model = build_classifier(cfg, load_pretrained=False)
         model.load_state_dict(state["model"])
         models.append(model)
-        stored_fit = (state.get("extra") or {}).get("vertebra_calibration")
+        extra = state.get("extra") or {}
+        stored_fit = extra.get("vertebra_calibration")
         vertebra_calibrations.append(VertebraCalibration.from_dict(stored_fit) if stored_fit else None)
-        if state.get("extra", {}).get("patient_calibration"):
-            calibrations.append(PatientCalibration.from_dict(state["extra"]["patient_calibration"]))
-        stored = (state.get("extra") or {}).get("prevalence")
+        if extra.get("patient_calibration"):
+            calibrations.append(PatientCalibration.from_dict(extra["patient_calibration"]))
+        stored = extra.get("prevalence")
         if stored is not None and len(stored) == len(TARGET_COLUMNS) and np.all(np.isfinite(stored)):
             prevalences.append(np.asarray(stored, dtype=np.float64))
         log.info("loaded %s (%s, epoch %s, best score %s)", path, cfg.model.backbone, state.get("epoch"), state.get("best_score"))
