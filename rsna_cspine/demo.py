@@ -41,7 +41,12 @@ from rsna_cspine.config import load_config
 from rsna_cspine.errors import ConfigError, CSpineError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
+    from rsna_cspine.cls.config import ClsConfig
+    from rsna_cspine.prepare.config import PrepareConfig
     from rsna_cspine.report.heldout import HeldoutScores
+    from rsna_cspine.seg.config import SegConfig
 
 logger = logging.getLogger(__name__)
 
@@ -164,13 +169,81 @@ def _best(summary_csv: Path, column: str, mode: str) -> float:
     return float(values.max() if mode == "max" else values.min())
 
 
+def write_data(data_dir: Path, config: DemoConfig, seed: int) -> None:
+    """Step 1: the synthetic Kaggle-layout dataset (reused when the folder already holds the same settings)."""
+    from rsna_cspine.synth import SynthConfig, write_dataset
+
+    synth_cfg = load_config(SynthConfig, values={**config.synth, "seed": seed})
+    if (data_dir / _DATA_DONE).is_file() and json.loads((data_dir / _DATA_DONE).read_text()) == repr(synth_cfg):
+        _banner("1/7 data", f"reusing the synthetic dataset in {data_dir}")
+        return
+    _banner("1/7 data", f"writing {synth_cfg.n_studies} synthetic studies ({synth_cfg.image_size} px) to {data_dir}")
+    shutil.rmtree(data_dir, ignore_errors=True)
+    write_dataset(data_dir, synth_cfg, workers=config.workers)
+    (data_dir / _DATA_DONE).write_text(json.dumps(repr(synth_cfg)))
+
+
+def stage_configs(config: DemoConfig, seed: int, out_dir: Path) -> tuple[SegConfig, ClsConfig, PrepareConfig]:
+    """The two stages' training configs and the prepared cache they share (one folder per setting)."""
+    from rsna_cspine.cls.config import ClsConfig
+    from rsna_cspine.prepare import prepare_config_for
+    from rsna_cspine.seg.config import SegConfig
+
+    data_dir, runs_dir = out_dir / "data", out_dir / "runs"
+    common = {"seed": seed, "device": config.device}
+    seg_cfg = load_config(SegConfig, _config_path(config.seg_config), config.seg_overrides,
+                          values={"data": {"root": data_dir}, "run_dir": runs_dir / "seg", **common})
+    cls_cfg = load_config(ClsConfig, _config_path(config.cls_config), config.cls_overrides,
+                          values={"data": {"root": data_dir}, "run_dir": runs_dir / "cls", "fold": 0, **common})
+    # A prepared cache refuses other settings: one folder per setting lets a rerun change them.
+    prepare_cfg = prepare_config_for(seg_cfg, cls_cfg, mask_source="gt")
+    key = hashlib.sha1(repr((prepare_cfg.stage1, prepare_cfg.crop)).encode()).hexdigest()[:8]
+    seg_cfg.data.cache_dir = cls_cfg.data.cache_dir = str(out_dir / "work" / f"prepared_{key}")
+    return seg_cfg, cls_cfg, prepare_cfg
+
+
+def predict_test(out_dir: Path, runs: dict[str, tuple[Path, int]], config: DemoConfig) -> pd.DataFrame:
+    """Step 5: copy the trained models to ``OUT/models`` and predict ``test.csv`` exactly as a submission would.
+
+    Args:
+        runs: stage (``seg``, ``cls``) → (its run's fold folder, its fold number).
+    """
+    from rsna_cspine.pipeline import PipelineConfig, predict_dataset
+
+    for stage, (run, fold) in runs.items():
+        target = out_dir / "models" / stage / f"fold{fold}"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("best.pt", "config.yaml"):
+            shutil.copy2(run / name, target / name)
+    _banner("5/7 predict", f"test.csv studies → {out_dir / 'submission.csv'}")
+    return predict_dataset(out_dir / "data", out_dir / "models", out_dir / "submission.csv",
+                           cfg=PipelineConfig(device=config.device, rule=config.rule, resume=False))
+
+
+def draw_detection(out_dir: Path, submission: pd.DataFrame, test_labels: pd.DataFrame, config: DemoConfig) -> Path | None:
+    """Step 7a: Grad-CAM of the most confident detected fracture beside a cleared vertebra (None: not drawn)."""
+    from rsna_cspine.io.kaggle import KaggleLayout
+    from rsna_cspine.report.heldout import draw_detection_picture, vertebra_table
+
+    detection: Path | None = None
+    try:
+        detection = draw_detection_picture(out_dir / "models", KaggleLayout(out_dir / "data").test_images,
+                                           vertebra_table(submission, test_labels), out_dir / "detection",
+                                           config.threshold, device=config.device)
+    except Exception as exc:  # noqa: BLE001 - the scores stand without the picture; say why it is missing
+        logger.warning("detection picture not drawn (%s: %s)", exc.__class__.__name__, exc)
+    if detection is None:
+        logger.warning("no detection picture: no fractured test vertebra with crops reached p >= %.2f", config.threshold)
+    return detection
+
+
 def run_demo(
     out_dir: str | Path,
     minutes: float | None = None,
     seed: int | None = None,
     config: DemoConfig | None = None,
 ) -> DemoResult:
-    """Synthetic data → train both stages → predict → score → CV report.
+    """Synthetic data → train both stages → predict → score → CV report (each step a function above).
 
     Args:
         out_dir: demo folder (created; a previous demo's runs in it are replaced, its data reused).
@@ -182,17 +255,14 @@ def run_demo(
         Paths of the artefacts and the scores.
     """
     started = time.monotonic()  # before the heavy imports below: they are part of the demo's ten minutes
-    from rsna_cspine.cls.config import ClsConfig
     from rsna_cspine.cls.train import train_classifier
     from rsna_cspine.io.kaggle import KaggleLayout, read_test_csv, read_train_labels
     from rsna_cspine.metric import prior_predictions
-    from rsna_cspine.pipeline import PipelineConfig, predict_dataset, timing_log_path
+    from rsna_cspine.pipeline import timing_log_path
+    from rsna_cspine.prepare import prepare_dataset
     from rsna_cspine.report.cv import cv_report, load_oof
-    from rsna_cspine.report.heldout import draw_detection_picture, score_heldout, vertebra_table
-    from rsna_cspine.seg.config import SegConfig
-    from rsna_cspine.prepare import prepare_config_for, prepare_dataset
+    from rsna_cspine.report.heldout import score_heldout
     from rsna_cspine.seg.train import train_segmentation
-    from rsna_cspine.synth import SynthConfig, write_dataset
 
     if config is None:
         config = load_config(DemoConfig, DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
@@ -207,36 +277,14 @@ def run_demo(
     seconds: dict[str, float] = {}
     # The resolved settings beside the results (the cross-check reads the rule and threshold from it).
     (out_dir / _CONFIG_FILE).write_text(yaml.safe_dump({**asdict(config), "minutes": minutes, "seed": seed}, sort_keys=False))
-    data_dir, work_dir, runs_dir, models_dir = out_dir / "data", out_dir / "work", out_dir / "runs", out_dir / "models"
+    data_dir = out_dir / "data"
 
-    # 1. Data.
     tick = time.monotonic()
-    synth_cfg = load_config(SynthConfig, values={**config.synth, "seed": seed})
-    if (data_dir / _DATA_DONE).is_file() and json.loads((data_dir / _DATA_DONE).read_text()) == repr(synth_cfg):
-        _banner("1/7 data", f"reusing the synthetic dataset in {data_dir}")
-    else:
-        _banner("1/7 data", f"writing {synth_cfg.n_studies} synthetic studies ({synth_cfg.image_size} px) to {data_dir}")
-        shutil.rmtree(data_dir, ignore_errors=True)
-        write_dataset(data_dir, synth_cfg, workers=config.workers)
-        (data_dir / _DATA_DONE).write_text(json.dumps(repr(synth_cfg)))
+    write_data(data_dir, config, seed)
     seconds["data"] = time.monotonic() - tick
     layout = KaggleLayout(data_dir)
     train_labels = read_train_labels(layout.train_csv)
-
-    seg_cfg = load_config(
-        SegConfig, _config_path(config.seg_config), config.seg_overrides,
-        values={"data": {"root": data_dir}, "run_dir": runs_dir / "seg",
-                "seed": seed, "device": config.device},
-    )
-    cls_cfg = load_config(
-        ClsConfig, _config_path(config.cls_config), config.cls_overrides,
-        values={"data": {"root": data_dir}, "run_dir": runs_dir / "cls", "seed": seed, "fold": 0,
-                "device": config.device},
-    )
-    # A prepared cache refuses other settings: one folder per setting lets a rerun change them.
-    prepare_cfg = prepare_config_for(seg_cfg, cls_cfg, mask_source="gt")
-    key = hashlib.sha1(repr((prepare_cfg.stage1, prepare_cfg.crop)).encode()).hexdigest()[:8]
-    seg_cfg.data.cache_dir = cls_cfg.data.cache_dir = str(work_dir / f"prepared_{key}")
+    seg_cfg, cls_cfg, prepare_cfg = stage_configs(config, seed, out_dir)
 
     # 2. Data preparation first, so that the training budgets below are spent on training alone.
     tick = time.monotonic()
@@ -262,18 +310,8 @@ def run_demo(
     cls_run = train_classifier(cls_cfg)
     seconds["stage2"] = time.monotonic() - tick
 
-    # 5. Predict the held-out studies exactly as a submission would.
     tick = time.monotonic()
-    for stage, run, fold in (("seg", seg_run, seg_cfg.fold), ("cls", cls_run, cls_cfg.fold)):
-        target = models_dir / stage / f"fold{fold}"
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(run / "best.pt", target / "best.pt")
-        shutil.copy2(run / "config.yaml", target / "config.yaml")
-    _banner("5/7 predict", f"test.csv studies → {out_dir / 'submission.csv'}")
-    submission_path = out_dir / "submission.csv"
-    submission = predict_dataset(
-        data_dir, models_dir, submission_path, cfg=PipelineConfig(device=config.device, rule=config.rule, resume=False)
-    )
+    submission = predict_test(out_dir, {"seg": (seg_run, seg_cfg.fold), "cls": (cls_run, cls_cfg.fold)}, config)
     seconds["predict"] = time.monotonic() - tick
 
     # 6. Score against the held-out truth, next to the prior every model must beat.
@@ -288,14 +326,7 @@ def run_demo(
     # 7. What a newcomer should see: one detected fracture beside one cleared vertebra, and the CV report.
     tick = time.monotonic()
     _banner("7/7 report", "Grad-CAM of the most confident detected fracture; CV report of the out-of-fold predictions")
-    detection: Path | None = None
-    try:
-        detection = draw_detection_picture(models_dir, layout.test_images, vertebra_table(submission, test_labels),
-                                           out_dir / "detection", config.threshold, device=config.device)
-    except Exception as exc:  # noqa: BLE001 - the scores stand without the picture; say why it is missing
-        logger.warning("detection picture not drawn (%s: %s)", exc.__class__.__name__, exc)
-    if detection is None:
-        logger.warning("no detection picture: no fractured test vertebra with crops reached p >= %.2f", config.threshold)
+    detection = draw_detection(out_dir, submission, test_labels, config)
     report = cv_report(load_oof(Path(cls_cfg.run_dir)), train_labels, out_dir / "cv_report", rule=config.rule)
     seconds["report"] = time.monotonic() - tick
     seconds["total"] = time.monotonic() - started
@@ -304,11 +335,11 @@ def run_demo(
     pictures += [p for p in (seg_run / "curves.png", cls_run / "curves.png") if p.is_file()]
     result = DemoResult(
         out_dir=out_dir,
-        submission=submission_path,
-        timings=timing_log_path(submission_path),
+        submission=out_dir / "submission.csv",
+        timings=timing_log_path(out_dir / "submission.csv"),
         cv_report=Path(report["files"]["report"]),
         pictures=pictures,
-        models_dir=models_dir,
+        models_dir=out_dir / "models",
         score=heldout.score,
         prior_score=heldout.prior_score,
         heldout=heldout,
