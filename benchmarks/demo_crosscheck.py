@@ -57,14 +57,18 @@ def moved_knobs(base: dict[str, Any], seed: int, spread: float = 0.25) -> dict[s
     return out
 
 
-def crosscheck_config(base: dict[str, Any], seed: int, studies: int, spread: float) -> dict[str, Any]:
-    """The generator settings of one cross-check set: the demo's, another seed, moved knobs, all studies held out.
+def held_out_set(base: dict[str, Any], changes: dict[str, Any], seed: int, studies: int) -> dict[str, Any]:
+    """The demo's generator settings with ``changes``, another seed, and every study held out.
 
     Few-slice studies (``fov_slab_fraction``) are a stage-1 training aid the demo keeps out of its test
     split, so they are left out here too.
     """
-    return {**base, **moved_knobs(base, seed, spread), "seed": seed, "n_studies": studies, "test_fraction": 1.0,
-            "fov_slab_fraction": 0.0}
+    return {**base, **changes, "seed": seed, "n_studies": studies, "test_fraction": 1.0, "fov_slab_fraction": 0.0}
+
+
+def crosscheck_config(base: dict[str, Any], seed: int, studies: int, spread: float) -> dict[str, Any]:
+    """The generator settings of one cross-check set: the demo's with :data:`MOVED_KNOBS` moved (:func:`held_out_set`)."""
+    return held_out_set(base, moved_knobs(base, seed, spread), seed, studies)
 
 
 #: The fracture knobs the demo may set more conspicuously than the generator does (``configs/demo.yaml``).
@@ -78,8 +82,7 @@ def defaults_config(base: dict[str, Any], seed: int, studies: int) -> dict[str, 
     from rsna_cspine.synth import SynthConfig
 
     defaults = SynthConfig().to_dict()
-    return {**base, **{k: defaults[k] for k in FRACTURE_KNOBS}, "seed": seed, "n_studies": studies,
-            "test_fraction": 1.0, "fov_slab_fraction": 0.0}
+    return held_out_set(base, {k: defaults[k] for k in FRACTURE_KNOBS}, seed, studies)
 
 
 def run_set(demo: Path, work: Path, values: dict[str, Any], device: str) -> dict[str, Any]:
