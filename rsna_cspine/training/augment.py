@@ -19,6 +19,10 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 class StackAugment:
     """The same random geometry for every plane of a stack, and intensity jitter on the image planes.
 
+    The image planes may also get Gaussian noise and a low-resolution simulation (nnU-Net's
+    ``SimulateLowResolutionTransform``; SynthSeg's resolution randomisation): what a crop looks like when the
+    patient is smaller, the scan noisier or coarser than those trained on.
+
     The geometry (random resized crop, flips, rotation, translation: the torchvision set) is composed
     into one affine map and applied with a single ``grid_sample`` over all ``N*C`` planes: one
     interpolation instead of torchvision's two, and less time per item (on the 2-core CPU an 8×11×80²
@@ -77,6 +81,20 @@ class StackAugment:
         contrast = 1.0 + (torch.rand(()) * 2 - 1) * self.cfg.contrast
         brightness = (torch.rand(()) * 2 - 1) * self.cfg.brightness
         images = out[:, : self.image_channels]  # a view: changed in place, no copies of the stack
+        self.degrade(images)
         mean = images.mean()
         images.sub_(mean).mul_(contrast).add_(mean + brightness).clamp_(0.0, 1.0)
         return out
+
+    def degrade(self, images: torch.Tensor) -> None:
+        """Noise, then fewer pixels, on ``(N, C, H, W)`` image planes in place (both off by default)."""
+        if self.cfg.noise_std > 0 and images.numel():
+            images.add_(torch.randn(images.shape) * (torch.rand(()) * self.cfg.noise_std))
+        if self.cfg.low_res_zoom < 1.0 and images.numel():
+            small = max(4, round(self.size * self._uniform(self.cfg.low_res_zoom, 1.0)))
+            if small < self.size:
+                n, c = images.shape[:2]
+                planes = images.reshape(1, n * c, self.size, self.size)
+                shrunk = F.interpolate(planes, size=(small, small), mode="area")
+                images.copy_(F.interpolate(shrunk, size=(self.size, self.size), mode="bilinear",
+                                           align_corners=False).reshape(images.shape))

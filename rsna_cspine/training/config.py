@@ -118,6 +118,11 @@ class ImageAugConfig:
         translate: largest shift as a fraction of the size.
         brightness: largest additive intensity shift (images are 0..1).
         contrast: largest relative contrast change.
+        noise_std: largest standard deviation of Gaussian noise added to the image planes (each stack draws
+            its own from 0..``noise_std``; images are 0..1). 0: off.
+        low_res_zoom: smallest zoom of the low-resolution simulation (each stack is shrunk by a factor drawn
+            from ``low_res_zoom``..1 and enlarged back): the blur of a structure cut from fewer pixels, as in
+            a smaller patient or a coarser scan. 1: off.
     """
 
     enabled: bool = True
@@ -128,10 +133,15 @@ class ImageAugConfig:
     translate: float = 0.05
     brightness: float = 0.1
     contrast: float = 0.15
+    noise_std: float = 0.0
+    low_res_zoom: float = 1.0
 
     def validate(self) -> None:
         if not 0.0 < self.scale_min <= 1.0:
             raise ConfigError(f"aug.scale_min must be in (0, 1], got {self.scale_min}")
+        if not 0.0 < self.low_res_zoom <= 1.0 or self.noise_std < 0.0:
+            raise ConfigError(f"aug.low_res_zoom must be in (0, 1] and aug.noise_std >= 0, got "
+                              f"{self.low_res_zoom}, {self.noise_std}")
 
 
 @dataclass
