@@ -29,7 +29,7 @@ from rsna_cspine.cls.task import OOF_COLUMNS
 from rsna_cspine.cls.train import fold_split, train_classifier
 from rsna_cspine.config import load_config, save_config
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
-from rsna_cspine.crops import CropConfig, VertebraCrops, load_crops, save_crops
+from rsna_cspine.crops import CropConfig, VertebraCrops, load_crops
 from rsna_cspine.engine import fold_of, load_checkpoint
 from rsna_cspine.errors import ConfigError, LayoutError
 from rsna_cspine.prepare import PrepareConfig, PreparedCache, settings_fingerprint

@@ -70,7 +70,6 @@ def test_segmentation_ddp_ranks_agree_and_track_single_process(tmp_path) -> None
 
 
 def test_classifier_cli_runs_unchanged_under_torchrun_and_resumes(tmp_path) -> None:
-    from rsna_cspine.cli import main
     from tests.toy_cls import tiny_cls_config, toy_crop_dataset
 
     root, cache = toy_crop_dataset(tmp_path)

@@ -15,7 +15,6 @@ from rsna_cspine.config import load_config, to_dict
 from rsna_cspine.prepare.config import PrepareConfig, training_config_overrides
 from rsna_cspine.seg.config import SegConfig
 from tests.paths import REPO_ROOT
-from tests.paths import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_smoke.sh"
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
