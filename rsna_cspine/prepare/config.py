@@ -46,6 +46,7 @@ class Stage1InputConfig:
             the grid, no cascade).
         box_margin_mm: its ``data.box_margin_mm`` (the cascade only; empty without it).
         localiser_spacing: its ``localiser.spacing`` (the cascade only; empty without it).
+        reference_neck_mm: its ``data.reference_neck_mm`` (the cascade only; 0: off).
     """
 
     grid: tuple[int, int, int] = (128, 128, 128)
@@ -54,6 +55,7 @@ class Stage1InputConfig:
     spacing: tuple[float, ...] = ()
     box_margin_mm: tuple[float, ...] = ()
     localiser_spacing: tuple[float, ...] = ()
+    reference_neck_mm: float = 0.0
 
     def cascade(self) -> CascadeGeometry | None:
         """The cascade's spacings and margins (None: whole-volume grid)."""
@@ -62,7 +64,7 @@ class Stage1InputConfig:
         if not self.spacing:
             return None
         return CascadeGeometry(tuple(self.spacing), tuple(self.box_margin_mm),  # type: ignore[arg-type]
-                               tuple(self.localiser_spacing))
+                               tuple(self.localiser_spacing), float(self.reference_neck_mm))
 
 
 @dataclass
@@ -152,7 +154,9 @@ def stage1_settings(seg: SegConfig) -> dict[str, Any]:
     return {"grid": [int(g) for g in d.grid], "hu_window": [float(h) for h in d.hu_window],
             "antialias": bool(d.antialias), "spacing": [float(v) for v in d.spacing],
             "box_margin_mm": [float(v) for v in d.box_margin_mm] if cascade else [],
-            "localiser_spacing": [float(v) for v in seg.localiser.spacing] if cascade else []}
+            "localiser_spacing": [float(v) for v in seg.localiser.spacing] if cascade else [],
+            # Only when on, so the settings (and fingerprints) of caches prepared without it stay the same.
+            **({"reference_neck_mm": float(d.reference_neck_mm)} if cascade and d.reference_neck_mm > 0 else {})}
 
 
 def training_config_overrides(seg_config: str | Path | None, cls_config: str | Path | None) -> list[str]:
@@ -220,11 +224,14 @@ def settings_fingerprint(cfg: PrepareConfig, seg_models: list[Path], split: str)
     from rsna_cspine.io.files import sha256_file
     from rsna_cspine.seg.preprocess import CACHE_VERSION
 
+    stage1 = to_dict(cfg.stage1)
+    if not stage1.get("reference_neck_mm"):  # off: left out, so caches prepared before it existed still match
+        stage1.pop("reference_neck_mm", None)
     return {
         "version": PREPARE_VERSION,
         "stage1_cache_version": CACHE_VERSION,
         "split": split,
-        "stage1": to_dict(cfg.stage1),
+        "stage1": stage1,
         "crop": to_dict(cfg.crop),
         "slice_label_rule": SLICE_LABEL_RULE,
         "mask_source": cfg.mask_source,

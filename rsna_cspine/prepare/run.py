@@ -104,7 +104,7 @@ def select_studies(root: str | Path, split: str, studies: Sequence[str] | None, 
         segmented_only: keep only studies with a segmentation.
     """
     from rsna_cspine.io.kaggle import KaggleLayout
-    from rsna_cspine.seg.predict import study_uids
+    from rsna_cspine.seg.batch import study_uids
 
     uids = list(dict.fromkeys(studies)) if studies else study_uids(root, split)
     if segmented_only:

@@ -153,7 +153,7 @@ def prepare_study(uid: str, job: StudyJob) -> Record:
     from rsna_cspine.io.kaggle import KaggleLayout
     from rsna_cspine.io.nifti import load_segmentation
     from rsna_cspine.io.study import load_study
-    from rsna_cspine.seg.predict import write_mask
+    from rsna_cspine.seg.batch import write_mask
     from rsna_cspine.seg.preprocess import fold_labels, write_stage1_input
 
     started, cpu_started = time.perf_counter(), _cpu_seconds()

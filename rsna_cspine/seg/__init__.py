@@ -6,7 +6,8 @@ from __future__ import annotations
 from rsna_cspine.seg.config import SegConfig
 from rsna_cspine.seg.evaluate import evaluate_segmentation
 from rsna_cspine.seg.localise import Localiser, NeckLocation
-from rsna_cspine.seg.predict import SegmentationResult, Segmenter, load_segmenter, predict_studies
+from rsna_cspine.seg.batch import predict_studies
+from rsna_cspine.seg.predict import SegmentationResult, Segmenter, load_segmenter
 from rsna_cspine.seg.preprocess import cache_training_study, preprocess_volume
 from rsna_cspine.seg.qc import QCLimits, check_vertebrae, qc_summary
 from rsna_cspine.seg.train import fit_segmentation, train_segmentation

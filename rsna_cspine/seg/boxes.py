@@ -100,6 +100,30 @@ def box_size(volume_spacing: Sequence[float], grid: Sequence[int], spacing: Sequ
     return tuple(max(1, int(round(g * s / v))) for g, s, v in zip(grid, spacing, volume_spacing))  # type: ignore[return-value]
 
 
+#: Relative neck lengths outside this band are not taken for a patient's size (a localiser that merged
+#: the skull base in, labels that ran into the chest): the box keeps its reference size there.
+SIZE_BAND = (0.55, 1.6)
+
+
+def size_scale(neck_mm: float, reference_mm: float) -> float:
+    """How much larger (> 1) or smaller than the reference this patient's neck is: the fine box's factor.
+
+    A neck ``neck_mm`` long is seen in a box ``neck_mm / reference_mm`` times the configured size, so
+    every neck fills the grid alike and the fine network tells C5 from C6 by shape and order, not by
+    millimetres from the skull base (a network trained on adult-sized necks shifted the levels of necks
+    0.7 times as long by half a vertebra; benchmarks/results/evidence.md, "Stage 1: patient size").
+    1.0 when ``reference_mm`` is 0 (off) or the ratio is outside :data:`SIZE_BAND`.
+
+    Args:
+        neck_mm: the neck's length (``seg.masks.neck_length_mm``).
+        reference_mm: the same measure of a reference neck (``data.reference_neck_mm``).
+    """
+    if reference_mm <= 0 or neck_mm <= 0:
+        return 1.0
+    ratio = neck_mm / reference_mm
+    return float(ratio) if SIZE_BAND[0] <= ratio <= SIZE_BAND[1] else 1.0
+
+
 def coarse_shape(shape: Sequence[int], volume_spacing: Sequence[float], spacing: Sequence[float]) -> tuple[int, int, int]:
     """Grid shape of a whole volume seen at ``spacing`` mm per voxel (at least one voxel per axis).
 
@@ -186,11 +210,14 @@ class CascadeGeometry:
         spacing: mm per fine-grid voxel ``(z, y, x)``.
         margin_mm: extra mm on each side of the fine box stored for training (random localisation error).
         localiser_spacing: mm per coarse voxel.
+        reference_neck_mm: neck length that the fine box's ``spacing`` is meant for; each study's box is
+            scaled by :func:`size_scale` (0: every box the same size in mm).
     """
 
     spacing: tuple[float, float, float]
     margin_mm: tuple[float, float, float]
     localiser_spacing: tuple[float, float, float]
+    reference_neck_mm: float = 0.0
 
     def margin_voxels(self) -> tuple[int, int, int]:
         """The margin in fine-grid voxels per side."""
@@ -198,5 +225,8 @@ class CascadeGeometry:
 
     def settings(self) -> dict[str, list[float]]:
         """JSON-able form (part of the stage-1 cache fingerprint)."""
-        return {"spacing": [float(v) for v in self.spacing], "box_margin_mm": [float(v) for v in self.margin_mm],
-                "localiser_spacing": [float(v) for v in self.localiser_spacing]}
+        out = {"spacing": [float(v) for v in self.spacing], "box_margin_mm": [float(v) for v in self.margin_mm],
+               "localiser_spacing": [float(v) for v in self.localiser_spacing]}
+        if self.reference_neck_mm > 0:  # absent when off, so caches written before it stay valid
+            out["reference_neck_mm"] = [float(self.reference_neck_mm)]
+        return out

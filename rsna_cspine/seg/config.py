@@ -26,6 +26,10 @@ class SegDataConfig:
         box_margin_mm: the prepared cache stores the fine box this much larger on each side ``(z, y, x)``;
             training crops the grid from it at random, as if the localiser had missed the neck's centre
             by up to this much.
+        reference_neck_mm: with the cascade, the neck length (C1's top to C7's bottom, as the localiser
+            measures it at its coarse spacing) for which the fine box is ``grid × spacing`` mm; a longer
+            or shorter neck gets a box scaled to it (``seg.boxes.size_scale``), so every patient's neck
+            fills the grid alike. 0: one box size in mm for every patient.
         hu_window: HU range clipped and mapped to [0, 1]; bone-friendly by default.
         antialias: average (rather than point-sample) voxels when shrinking a study to the grid.
         thoracic: ``background`` folds T1.. into label 0; ``class`` gives them one extra class (8).
@@ -42,6 +46,7 @@ class SegDataConfig:
     grid: tuple[int, int, int] = (128, 128, 128)
     spacing: tuple[float, ...] = ()
     box_margin_mm: tuple[float, float, float] = (30.0, 20.0, 20.0)
+    reference_neck_mm: float = 0.0
     hu_window: tuple[float, float] = (-400.0, 1600.0)
     antialias: bool = True
     thoracic: str = "background"

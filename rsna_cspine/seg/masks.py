@@ -175,6 +175,29 @@ def mask_table(mask: np.ndarray, slice_numbers: np.ndarray | None = None) -> pd.
     return table_from_histograms(axis_histograms(mask), slice_numbers)
 
 
+def neck_length_mm(table: pd.DataFrame, n_slices: int, slice_mm: float) -> float:
+    """The neck's length as C1's centre to C7's centre along z, in mm, from a vertebra table (:func:`mask_table`,
+    or stage 1's own).
+
+    The one measure of a neck for the true labels (training) and the network's (prediction), so a box is
+    scaled alike in both. Centres rather than C1's top and C7's bottom: a few stray voxels of C7 on T1
+    moved the extremes of a network's labels by 10-20 mm, its centres hardly. 0 (not measured) unless all
+    seven vertebrae are labelled and none touches the scan's first or last slice: a neck the scan cuts
+    is shorter than the patient's.
+
+    Args:
+        table: one row per vertebra with ``found``, ``z_min``, ``z_max``, ``centroid_z`` (slice indices).
+        n_slices: the study's number of slices.
+        slice_mm: its slice spacing.
+    """
+    if len(table) < len(CERVICAL_LABELS) or not bool(table["found"].all()):
+        return 0.0
+    if int(table["z_min"].min()) <= 0 or int(table["z_max"].max()) >= n_slices - 1:
+        return 0.0
+    centres = table.set_index("vertebra")["centroid_z"]
+    return float(abs(centres[VERTEBRAE[-1]] - centres[VERTEBRAE[0]]) * slice_mm)
+
+
 def linear_source(n_source: int, n_target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lower and upper source index and the upper one's weight for every target index.
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rsna_cspine.errors import CSpineError
 from rsna_cspine.runner import parse_shard
-from rsna_cspine.seg.predict import predict_studies
+from rsna_cspine.seg.batch import predict_studies
 
 logger = logging.getLogger(__name__)
 

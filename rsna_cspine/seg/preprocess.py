@@ -30,7 +30,9 @@ from rsna_cspine.seg.boxes import (
     nearest_indices,
     read_box,
     sample_labels,
+    size_scale,
 )
+from rsna_cspine.seg.masks import mask_table, neck_length_mm
 
 if TYPE_CHECKING:
     from rsna_cspine.io.kaggle import KaggleLayout
@@ -124,7 +126,7 @@ def _stored_settings(npz: np.lib.npyio.NpzFile) -> dict[str, object]:
     """The preprocessing settings a cache file records (the form of :func:`cache_fingerprint`)."""
     stored: dict[str, object] = {"version": int(npz["version"]), "grid": [int(v) for v in npz["grid"]],
                                  "hu_window": [float(v) for v in npz["hu_window"]], "antialias": bool(npz["antialias"])}
-    for key in ("spacing", "box_margin_mm", "localiser_spacing"):
+    for key in ("spacing", "box_margin_mm", "localiser_spacing", "reference_neck_mm"):
         if f"cascade_{key}" in npz:
             stored[key] = [float(v) for v in npz[f"cascade_{key}"]]
     return stored
@@ -191,7 +193,9 @@ def write_stage1_input(
     Without ``cascade``: the volume on the grid, and its labels there when it has any. With it, the
     cascade's two inputs: ``image``/``labels`` are the fine box (``grid`` plus ``cascade.margin_mm`` on each
     side, at ``cascade.spacing``) centred on the labelled cervical spine (on the volume's centre when none
-    is in view or the study has no labels), ``box`` its ``[start, size]`` in original voxels, and
+    is in view or the study has no labels) and scaled to the neck's length (``cascade.reference_neck_mm``,
+    :func:`~rsna_cspine.seg.boxes.size_scale`; ``size_scale`` records the factor), ``box`` its
+    ``[start, size]`` in original voxels, and
     ``loc_image``/``loc_labels`` the whole study at ``cascade.localiser_spacing``.
 
     Args:
@@ -217,10 +221,15 @@ def write_stage1_input(
     stored = tuple(int(g) + 2 * m for g, m in zip(grid, cascade.margin_voxels()))
     centre = None if labels is None else label_centre(labels, CERVICAL_LABELS)
     centre = centre or tuple((n - 1) / 2.0 for n in volume.shape)
-    box = VoxelBox.centred(centre, box_size(volume.spacing, stored, cascade.spacing))
     coarse = coarse_shape(volume.shape, volume.spacing, cascade.localiser_spacing)
+    scale = 1.0
+    if labels is not None and cascade.reference_neck_mm > 0:  # measured as prediction measures its own labels
+        table = mask_table(np.where(labels <= max(CERVICAL_LABELS), labels, 0).astype(np.uint8))
+        scale = size_scale(neck_length_mm(table, volume.shape[0], volume.spacing[0]), cascade.reference_neck_mm)
+    box = VoxelBox.centred(centre, box_size(volume.spacing, stored, tuple(v * scale for v in cascade.spacing)))
     extra = {
         "grid": np.asarray(grid, dtype=np.int64), "box": np.asarray(box.to_list(), dtype=np.int64),
+        "size_scale": np.asarray(scale, dtype=np.float64),
         "loc_image": preprocess_volume(volume, coarse, hu_window, antialias=antialias).astype(np.float16),
         **{f"cascade_{key}": np.asarray(value, dtype=np.float64) for key, value in cascade.settings().items()},
     }

@@ -81,7 +81,8 @@ def cascade_geometry(cfg: SegConfig) -> CascadeGeometry | None:
     d = cfg.data
     if not d.cascade:
         return None
-    return CascadeGeometry(tuple(d.spacing), tuple(d.box_margin_mm), tuple(cfg.localiser.spacing))  # type: ignore[arg-type]
+    return CascadeGeometry(tuple(d.spacing), tuple(d.box_margin_mm), tuple(cfg.localiser.spacing),  # type: ignore[arg-type]
+                           float(d.reference_neck_mm))
 
 
 def labelled_studies(root: str | Path, max_studies: int = 0) -> list[str]:

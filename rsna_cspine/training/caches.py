@@ -82,7 +82,7 @@ def prepared_seg_studies(
         command: the command that prepares the cache, for the error messages.
         exclude: studies never used for training.
         cascade: the run's cascade settings (``seg.boxes.CascadeGeometry.settings()``: ``spacing``,
-            ``box_margin_mm``, ``localiser_spacing``); None without the cascade.
+            ``box_margin_mm``, ``localiser_spacing``, ``reference_neck_mm`` when set); None without the cascade.
 
     Raises:
         LayoutError: no cache, or a study neither prepared nor failed.
@@ -91,8 +91,11 @@ def prepared_seg_studies(
     cache, settings = _open(cache_dir, command)
     wanted = {"grid": [int(g) for g in grid], "hu_window": [float(h) for h in hu_window], "antialias": bool(antialias),
               **{key: [float(v) for v in (cascade or {}).get(key, [])] for key in CASCADE_KEYS}}
+    # Recorded only when on (see prepare.config.stage1_settings): None on both sides when off.
+    reference = (cascade or {}).get("reference_neck_mm")
+    wanted["reference_neck_mm"] = float(reference[0]) if reference else None
     _compare(cache, settings.get("stage1", {}), wanted, "stage-1 input",
-             "data.grid/hu_window/antialias/spacing/box_margin_mm, localiser.spacing", command)
+             "data.grid/hu_window/antialias/spacing/box_margin_mm/reference_neck_mm, localiser.spacing", command)
     uids = _without_excluded(uids, exclude)
     records = cache.records()
     failures = cache.failures(records)
