@@ -16,7 +16,7 @@ from scipy import ndimage
 from rsna_cspine.cli import main as cli_main
 from rsna_cspine.errors import ConfigError, LayoutError
 from rsna_cspine.synth.fractures import Defect, FracturePlan
-from rsna_cspine.twod.sagittal import GRADES, SagittalConfig, sagittal_slices, study_grade
+from rsna_cspine.twod.sagittal import FIT_MARGIN, GRADES, SagittalConfig, sagittal_slices, study_grade
 from rsna_cspine.twod.sagittal_import import import_sagittal, parse_labels
 
 REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real"
@@ -69,6 +69,25 @@ def test_planes_are_centred_on_the_column_with_head_up_and_anterior_left() -> No
         sagittal_slices(hu, np.zeros_like(column), (2.0, 1.0, 1.0), cfg)
 
 
+def test_a_fitted_field_holds_the_column_height_plus_the_margin_and_integer_maps_keep_their_labels() -> None:
+    hu = np.full((60, 50, 40), -1000.0, dtype=np.float32)
+    column = np.zeros(hu.shape, dtype=bool)
+    column[5:55, 20:30, 18:22] = True  # 50 slices of 2 mm: 100 mm of column
+    hu[column] = 700.0
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    labels[10:20, 22:26, 19:21] = 3
+    labels[40:44, 22:26, 19:21] = 5
+    cfg = SagittalConfig(slices=3, spacing_mm=1.0, size=55, field_mm=None)
+    stack = sagittal_slices(hu, column, (2.0, 1.0, 1.0), cfg, extra=labels)
+    assert stack.field_mm == pytest.approx(100.0 * (1 + FIT_MARGIN))  # 110 mm over 55 px: 2 mm per pixel
+    assert stack.pixel_mm2 == pytest.approx(4.0)
+    rows, _ = np.nonzero(stack.masks[1])
+    assert rows.max() - rows.min() + 1 == pytest.approx(50, abs=1)  # 100 mm of column in 2-mm pixels
+    assert stack.extra.dtype == np.uint8 and set(np.unique(stack.extra[1])) == {0, 3, 5}
+    # 10 slices (20 mm) of label 3 by 4 mm of depth → about 10 x 2 pixels of 2 mm in the plane through it.
+    assert (stack.extra[1] == 3).sum() == pytest.approx(20, abs=3)
+
+
 @pytest.fixture(scope="module")
 def sagittal_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sagittal") / "data"
@@ -87,8 +106,11 @@ def test_synth_sagittal_writes_images_masks_and_grades(sagittal_dir: Path, tmp_p
     assert ((merged["label"] == "absent") == (merged["fracture"] == "normal")).all()
     fractured = studies[studies["label"] != "absent"]
     assert len(fractured) >= 1 and (fractured["vertebrae"].str.len() > 0).all()
-    # Defect pixels are counted where a plane crosses a defect (an off-centre one may be crossed by none).
-    assert (table.loc[table["label"] == "absent", "defect_pixels"] == 0).all() and (table["defect_pixels"] >= 0).all()
+    # Defect pixels are counted where a plane crosses a defect (an off-centre one may be crossed by none);
+    # an absent study's planes show no defect of a visible fracture, and a plane's own label says what it shows.
+    assert (table.loc[table["label"] == "absent", "defect_mm2"] == 0).all() and (table["defect_pixels"] >= 0).all()
+    assert ((table["image_label"] == "absent") | (table["image_label"] == table["label"])).all()
+    assert (table.loc[table["image_label"] != "absent", "defect_mm2"] >= 8.0).all()
     for row in table.itertuples():
         image = np.asarray(Image.open(sagittal_dir / row.path))
         mask = np.asarray(Image.open(sagittal_dir / row.mask))
@@ -104,6 +126,34 @@ def test_synth_sagittal_writes_images_masks_and_grades(sagittal_dir: Path, tmp_p
         np.testing.assert_array_equal(first, np.asarray(Image.open(again / "images" / "study_0000" / name)))
     with pytest.raises(ConfigError, match="fov_slab_fraction"):
         cli_main(["synth-sagittal", str(tmp_path / "x"), "--studies", "1", "synth.fov_slab_fraction=0.1"])
+
+
+def test_a_present_study_shows_its_fracture_in_its_planes(sagittal_dir: Path, tmp_path: Path) -> None:
+    # label_from: slab (the default): every study graded present shows at least min_defect_mm2 (8) of defect
+    # in one of its planes, from its visible vertebrae only.
+    table = pd.read_csv(sagittal_dir / "labels.csv")
+    studies = pd.read_csv(sagittal_dir / "studies.csv").set_index("study")
+    present = studies.index[studies["label"] != "absent"]
+    assert len(present) >= 1
+    shown = table.groupby("study")["defect_mm2"].max()
+    assert (shown[present] >= 8.0).all()
+    assert (studies.loc[present, "visible_vertebrae"].str.len() > 0).all()
+    assert set(studies["field_mm"].round(1)) and (studies["field_mm"] > 60).all()  # fitted to each neck
+    # A threshold no defect reaches: the slab rule grades every study absent (its planes show nothing that
+    # counts), while the phantom rule keeps the phantoms' grades; the images are the same either way.
+    args = ["--studies", "3", "--seed", "7", "--slices", "5", "--size", "48", "synth.image_size=96",
+            "synth.prevalence_scale=2.1", "min_defect_mm2=1e9"]
+    assert cli_main(["synth-sagittal", str(tmp_path / "slab"), *args]) == 0
+    assert cli_main(["synth-sagittal", str(tmp_path / "phantom"), *args, "label_from=phantom"]) == 0
+    slab = pd.read_csv(tmp_path / "slab" / "studies.csv").set_index("study")
+    phantom = pd.read_csv(tmp_path / "phantom" / "studies.csv").set_index("study")
+    assert (slab["label"] == "absent").all() and (slab["phantom_label"] == studies["phantom_label"]).all()
+    assert (phantom["label"] == studies["phantom_label"]).all() and (phantom["label"] != "absent").any()
+    assert (pd.read_csv(tmp_path / "slab" / "labels.csv")["image_label"] == "absent").all()
+    first = np.asarray(Image.open(tmp_path / "slab" / "images" / "study_0000" / "study_0000_s02.png"))
+    np.testing.assert_array_equal(first, np.asarray(Image.open(sagittal_dir / "images" / "study_0000" / "study_0000_s02.png")))
+    with pytest.raises(ConfigError, match="label_from"):
+        cli_main(["synth-sagittal", str(tmp_path / "x"), "--studies", "1", "label_from=vertebra"])
 
 
 def test_import_from_a_verse_style_nifti_pair(tmp_path: Path) -> None:
