@@ -109,6 +109,30 @@ def test_augmentation_geometry_is_one_exact_affine_map() -> None:
     assert float(turned[4:28, 14:18].sum()) > 0.9 * float(bar.sum())
 
 
+def test_degradation_adds_noise_and_blurs_image_planes_only_when_asked() -> None:
+    still = dict(scale_min=1.0, rotate_deg=0.0, translate=0.0, brightness=0.0, contrast=0.0, hflip=0.0)
+    # A checkerboard of 1-pixel squares: any loss of resolution averages it towards 0.5.
+    board = ((torch.arange(SIZE)[:, None] + torch.arange(SIZE)[None]) % 2).float()
+    stack = torch.stack([board, board])[None].repeat(N_SLICES, 1, 1, 1) * 0.5 + 0.25
+    off = StackAugment(ClsAugConfig(**still), SIZE, image_channels=2)
+    off._uniform = lambda low, high: (low + high) / 2  # type: ignore[method-assign]
+    torch.testing.assert_close(off(stack.clone()), stack)
+
+    noisy = StackAugment(ClsAugConfig(**still, noise_std=0.1), SIZE, image_channels=1)
+    noisy._uniform = lambda low, high: (low + high) / 2  # type: ignore[method-assign]
+    torch.manual_seed(0)
+    out = noisy(stack.clone())
+    residual = out[:, 0] - stack[:, 0]
+    assert 0.0 < float(residual.std()) <= 0.1
+    torch.testing.assert_close(out[:, 1], stack[:, 1])  # a trailing mask plane is never degraded
+
+    blurred = StackAugment(ClsAugConfig(**still, low_res_zoom=0.5), SIZE, image_channels=2)
+    blurred._uniform = lambda low, high: low  # type: ignore[method-assign] - the strongest shrink
+    out = blurred(stack.clone())
+    assert float((out - 0.5).abs().mean()) < 0.5 * float((stack - 0.5).abs().mean())
+    torch.testing.assert_close(out.mean(), stack.mean(), atol=0.02, rtol=0.0)
+
+
 def test_dataset_items_and_known_negative_slices(tmp_path) -> None:
     root, cache = toy_crop_dataset(tmp_path, n_studies=4)
     labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
