@@ -26,10 +26,11 @@ class SegDataConfig:
         box_margin_mm: the prepared cache stores the fine box this much larger on each side ``(z, y, x)``;
             training crops the grid from it at random, as if the localiser had missed the neck's centre
             by up to this much.
-        reference_neck_mm: with the cascade, the neck length (C1's top to C7's bottom, as the localiser
-            measures it at its coarse spacing) for which the fine box is ``grid × spacing`` mm; a longer
-            or shorter neck gets a box scaled to it (``seg.boxes.size_scale``), so every patient's neck
-            fills the grid alike. 0: one box size in mm for every patient.
+        reference_neck_mm: with the cascade, the neck length (C1's centre to C7's centre along z,
+            ``seg.masks.neck_length_mm``) for which the fine box is ``grid × spacing`` mm; a longer or
+            shorter neck gets a box scaled to it (``seg.boxes.size_scale``): by the true labels in
+            training, by a first pass's labels in prediction, so every patient's neck fills the grid
+            alike. 0: one box size in mm for every patient.
         hu_window: HU range clipped and mapped to [0, 1]; bone-friendly by default.
         antialias: average (rather than point-sample) voxels when shrinking a study to the grid.
         thoracic: ``background`` folds T1.. into label 0; ``class`` gives them one extra class (8).
