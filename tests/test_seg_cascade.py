@@ -189,6 +189,20 @@ def test_the_fine_box_follows_the_neck_length_when_a_reference_is_set() -> None:
             assert evaluate_segmentation(result.mask, truth)["dice_mean"] > 0.85
 
 
+def test_no_second_box_is_fitted_to_a_first_pass_whose_c1_is_painted_over_the_skull() -> None:
+    volume, _ = spine_volume()
+    segmenter = band_cascade()
+    segmenter.cfg.data.reference_neck_mm = 108.0 / 1.1
+    box, _ = segmenter.locate(volume)
+    first = segmenter.segment_box(volume, box)
+    assert segmenter.refine_box(first, volume) is not None  # a plausible first pass is refined
+    skull = first.mask[30:70, 72:88, 32:48]  # C1 run up 80 mm above the neck, as on a real skull base
+    skull[skull == 0] = 1
+    first.vertebrae = mask_table(first.mask)
+    assert neck_length_mm(first.vertebrae, volume.shape[0], 2.0) > 0  # it would still measure a "neck"
+    assert segmenter.refine_box(first, volume) is None
+
+
 def test_size_scale_is_the_neck_length_over_the_reference_inside_its_band() -> None:
     assert size_scale(100.0, 0.0) == 1.0  # off
     assert size_scale(112.0, 140.0) == pytest.approx(0.8)

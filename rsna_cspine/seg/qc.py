@@ -255,6 +255,12 @@ def _keep_longest_run(alive: list[int], centre: dict[int, np.ndarray], names: di
             verdicts[i] = f"{DROPPED}: not on one column with {span}: {reason}"
 
 
+def wrong_size(verdict: str) -> bool:
+    """Whether a verdict of :func:`check_vertebrae` drops a vertebra for its own height, volume or slice count
+    (not for being cut by the scan or the box, nor for its place on the column)."""
+    return any(str(verdict).startswith(f"{DROPPED}: {reason}") for reason in ("height", "volume", "on "))
+
+
 def kept_vertebrae(table: pd.DataFrame) -> list[str]:
     """The vertebrae the QC kept, in order."""
     return [str(v) for v, q in zip(table["vertebra"], table["qc"]) if q == KEPT]
