@@ -39,7 +39,7 @@ from rsna_cspine.seg.masks import (
 )
 from rsna_cspine.seg.model import build_model
 from rsna_cspine.seg.preprocess import num_classes, preprocess_volume
-from rsna_cspine.seg.qc import DROPPED, QCLimits, check_vertebrae, dropped_labels, qc_summary, wrong_size
+from rsna_cspine.seg.qc import DROPPED, QCLimits, check_vertebrae, dropped_labels, qc_summary, too_large
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class Segmenter:
         from the true labels. (The localiser's coarse box, 6-mm voxels, is only the first guess of
         :meth:`locate`: on phantoms it was up to 27 % long.) None when there is nothing to refine (no
         cascade, no reference, a neck not measured: a vertebra missing or cut by the scan's edge, or a
-        first-pass C1 or C7 whose height or volume the QC calls impossible).
+        first-pass C1 or C7 whose height or volume the QC calls too large for its level).
 
         Args:
             result: the first pass (:meth:`segment_box`).
@@ -262,14 +262,16 @@ class Segmenter:
         neck_mm = neck_length_mm(result.vertebrae, volume.shape[0], volume.spacing[0])
         if neck_mm <= 0:
             return None
-        # A C1 or C7 of an impossible size (a C1 painted over the skull base, a C7 running into the chest)
-        # would stretch and shift the box towards what is not neck: keep the first pass then. Being cut
-        # by the first box or off the column does not count: a box too small cuts the ends it must fit.
+        # A C1 or C7 too large for its level (a C1 painted over the skull base, a C7 running into the chest)
+        # would stretch and shift the box towards what is not neck: keep the first pass then. A small,
+        # cut or off-column end does not count: a box too small cuts the ends it must fit, and a faint
+        # end's centre is still near its level.
         box = (result.box.start, result.box.size) if result.box is not None else None
         verdicts = check_vertebrae(result.vertebrae, volume.spacing, volume.shape, box=box, limits=self.qc_limits)["qc"]
-        if wrong_size(verdicts.iloc[0]) or wrong_size(verdicts.iloc[-1]):
-            log.info("study %s: no second pass, the first pass's %s", volume.study_uid or "?",
-                     "C1 " + verdicts.iloc[0] if wrong_size(verdicts.iloc[0]) else "C7 " + verdicts.iloc[-1])
+        ends = [f"{name} {verdict}" for name, verdict in (("C1", verdicts.iloc[0]), ("C7", verdicts.iloc[-1]))
+                if too_large(verdict)]
+        if ends:
+            log.info("study %s: no second pass, the first pass's %s", volume.study_uid or "?", "; ".join(ends))
             return None
         rows = result.vertebrae
         centre = tuple((float(rows[f"{k}_min"].min()) + float(rows[f"{k}_max"].max())) / 2.0 for k in "zyx")

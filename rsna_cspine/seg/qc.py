@@ -255,10 +255,12 @@ def _keep_longest_run(alive: list[int], centre: dict[int, np.ndarray], names: di
             verdicts[i] = f"{DROPPED}: not on one column with {span}: {reason}"
 
 
-def wrong_size(verdict: str) -> bool:
-    """Whether a verdict of :func:`check_vertebrae` drops a vertebra for its own height, volume or slice count
-    (not for being cut by the scan or the box, nor for its place on the column)."""
-    return any(str(verdict).startswith(f"{DROPPED}: {reason}") for reason in ("height", "volume", "on "))
+def too_large(verdict: str) -> bool:
+    """Whether a verdict of :func:`check_vertebrae` drops a vertebra for a height or volume above its
+    level's range (a label spilling onto what is not that vertebra), not for being small, cut or off the
+    column."""
+    verdict = str(verdict)
+    return verdict.startswith((f"{DROPPED}: height", f"{DROPPED}: volume")) and " above " in verdict
 
 
 def kept_vertebrae(table: pd.DataFrame) -> list[str]:
