@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 LOCALISER_SPAN_RATIO = 1.2
 
 
-
 @dataclass
 class SegmentationResult:
     """What stage 1 says about one study.
@@ -266,8 +265,7 @@ class Segmenter:
         # would stretch and shift the box towards what is not neck: keep the first pass then. A small,
         # cut or off-column end does not count: a box too small cuts the ends it must fit, and a faint
         # end's centre is still near its level.
-        box = (result.box.start, result.box.size) if result.box is not None else None
-        verdicts = check_vertebrae(result.vertebrae, volume.spacing, volume.shape, box=box, limits=self.qc_limits)["qc"]
+        verdicts = self.verdicts(result, volume)["qc"]
         ends = [f"{name} {verdict}" for name, verdict in (("C1", verdicts.iloc[0]), ("C7", verdicts.iloc[-1]))
                 if too_large(verdict)]
         if ends:
@@ -278,6 +276,19 @@ class Segmenter:
         spacing = tuple(v * size_scale(neck_mm, reference) for v in self.cfg.data.spacing)
         return VoxelBox.centred(centre, box_size(volume.spacing, self.grid, spacing))
 
+    def verdicts(self, result: SegmentationResult, volume: Volume) -> pd.DataFrame:
+        """The quality check's table of a segmentation (``seg.qc.check_vertebrae``), judged against the box
+        the network saw; nothing is changed.
+
+        Args:
+            result: a segmentation of ``volume`` (:meth:`segment_box` or :meth:`segment`).
+            volume: the study it describes.
+        """
+        box = None
+        if result.box is not None and result.box != VoxelBox.whole(volume.shape):
+            box = (result.box.start, result.box.size)
+        return check_vertebrae(result.vertebrae, volume.spacing, volume.shape, box=box, limits=self.qc_limits)
+
     def check(self, result: SegmentationResult, volume: Volume) -> SegmentationResult:
         """The anatomical quality check (``seg.qc``): verdicts in the table, dropped vertebrae out of the masks.
 
@@ -285,10 +296,7 @@ class Segmenter:
             result: :meth:`segment`'s output (its arrays are modified in place).
             volume: the study it describes.
         """
-        box = None
-        if result.box is not None and result.box != VoxelBox.whole(volume.shape):
-            box = (result.box.start, result.box.size)
-        table = check_vertebrae(result.vertebrae, volume.spacing, volume.shape, box=box, limits=self.qc_limits)
+        table = self.verdicts(result, volume)
         for label in dropped_labels(table):
             row = table.iloc[label - 1]
             region = tuple(slice(int(row[f"{k}_min"]), int(row[f"{k}_max"]) + 1) for k in "zyx")
