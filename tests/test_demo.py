@@ -124,6 +124,22 @@ def test_the_crosscheck_set_at_generator_defaults_undoes_exactly_the_demos_fract
     assert SynthConfig(**{**values, "n_studies": 5}).test_fraction == 1.0
 
 
+def test_the_demos_fractures_are_the_generators_conspicuous_preset() -> None:
+    """configs/demo.yaml writes its fracture knobs out (a user reads them there); they must stay those of
+    ``CONSPICUOUS_FRACTURES``, which synth-sagittal and the evidence runs share."""
+    from rsna_cspine.config import load_config
+    from rsna_cspine.synth import SynthConfig
+    from rsna_cspine.synth.config import CONSPICUOUS_FRACTURES
+    from rsna_cspine.twod.sagittal import conspicuous_fractures
+
+    demo = load_config(SynthConfig, values=load_config(DemoConfig, REPO_ROOT / "configs" / "demo.yaml").synth)
+    preset = SynthConfig(**CONSPICUOUS_FRACTURES)
+    assert {k: getattr(demo, k) for k in CONSPICUOUS_FRACTURES} == {k: getattr(preset, k) for k in CONSPICUOUS_FRACTURES}
+    assert {k: getattr(conspicuous_fractures(), k) for k in CONSPICUOUS_FRACTURES} == \
+        {k: getattr(preset, k) for k in CONSPICUOUS_FRACTURES}
+    assert any(getattr(preset, k) != getattr(SynthConfig(), k) for k in CONSPICUOUS_FRACTURES)
+
+
 def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path) -> None:
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not a previous demo"):

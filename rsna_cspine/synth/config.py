@@ -52,6 +52,20 @@ _FRACTIONS = (
     "arms_fraction",
 )
 
+#: Fractures more conspicuous than the generator's defaults (5-10 mm and a 500-900 HU drop against 3-8 mm
+#: and 300-700 HU; more displaced fragments and compressed bodies, fewer benign look-alikes): those of the
+#: stage-2 evidence runs, the demo (``configs/demo.yaml``'s ``synth:`` block, kept equal by a test) and
+#: ``synth-sagittal``. At the defaults a ten-minute CPU stage 2 learns little beyond each vertebra's base rate
+#: (benchmarks/results/evidence.md, "The demo").
+CONSPICUOUS_FRACTURES: dict[str, Any] = {
+    "fracture_size_mm": (5.0, 10.0),
+    "fracture_contrast_hu": (500.0, 900.0),
+    "displaced_fraction": 0.6,
+    "compression_fraction": 0.6,
+    "height_loss": (0.15, 0.4),
+    "benign_rate": (0.0, 0.15),
+}
+
 
 @dataclass
 class SynthConfig:

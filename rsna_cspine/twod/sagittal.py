@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from rsna_cspine.constants import VERTEBRAE
 from rsna_cspine.errors import ConfigError, LayoutError
 from rsna_cspine.synth import SynthConfig, make_phantom
+from rsna_cspine.synth.config import CONSPICUOUS_FRACTURES
 from rsna_cspine.synth.fractures import FracturePlan
 
 log = logging.getLogger(__name__)
@@ -233,12 +234,10 @@ def study_grade(plans: dict[str, FracturePlan]) -> str:
 
 
 def conspicuous_fractures() -> SynthConfig:
-    """The phantoms of ``synth-sagittal``: the demo's conspicuous fractures (``configs/demo.yaml``: 5–10 mm,
-    500–900 HU, 60 % displaced, 60 % compressed by 15–40 %, at most 15 % benign look-alikes), the
-    generator's defaults otherwise, and no few-slice ``slab`` windows (they do not hold the whole column)."""
-    return SynthConfig(fov_slab_fraction=0.0, fracture_size_mm=(5.0, 10.0), fracture_contrast_hu=(500.0, 900.0),
-                       displaced_fraction=0.6, compression_fraction=0.6, height_loss=(0.15, 0.4),
-                       benign_rate=(0.0, 0.15))
+    """The phantoms of ``synth-sagittal``: the demo's conspicuous fractures
+    (``synth.config.CONSPICUOUS_FRACTURES``), the generator's defaults otherwise, and no few-slice ``slab``
+    windows (they do not hold the whole column)."""
+    return SynthConfig(fov_slab_fraction=0.0, **CONSPICUOUS_FRACTURES)
 
 
 @dataclass
