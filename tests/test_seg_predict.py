@@ -209,3 +209,23 @@ def test_dice_through_monai_equals_the_confusion_matrix_formula_on_real_labels(r
         else:
             assert scores["dice"][name] == pytest.approx(expected, rel=1e-6, abs=1e-7), name  # MONAI: float32
     assert scores["dice"]["C3"] == 0.0 and scores["dice"]["C5"] == 0.0 and 0.0 < scores["dice"]["C1"] < 1.0
+
+
+def test_mirroring_makes_the_labels_follow_a_left_right_flip_of_the_input() -> None:
+    # A randomly initialised UNet is not mirror-symmetric: its softmax on a flipped input is not the flipped
+    # softmax. Averaged with the mirrored pass it must be (up to float rounding), and equal to that average.
+    torch.manual_seed(0)
+    model_cfg = SegModelConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
+    cfg = lambda mirror: SegConfig(  # noqa: E731
+        data=SegDataConfig(grid=(8, 16, 16), hu_window=WINDOW, antialias=False),
+        predict=SegPredictConfig(mirror=mirror))
+    model = build_model(model_cfg, out_channels=8).eval()
+    image = np.random.default_rng(0).random((1, 8, 16, 16), dtype=np.float32)
+    flipped = image[..., ::-1].copy()
+    plain, mirrored = (Segmenter([model], cfg(m), torch.device("cpu"), amp=False) for m in (False, True))
+    assert (plain.predict_probabilities(flipped) - plain.predict_probabilities(image).flip(-1)).abs().max() > 1e-3
+    both = mirrored.predict_probabilities(image)
+    torch.testing.assert_close(mirrored.predict_probabilities(flipped), both.flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(both, (plain.predict_probabilities(image)
+                                      + plain.predict_probabilities(flipped).flip(-1)) / 2, atol=1e-6, rtol=0)
+    assert torch.allclose(both.sum(0), torch.ones(8, 16, 16), atol=1e-5)

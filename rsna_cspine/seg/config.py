@@ -182,6 +182,9 @@ class SegPredictConfig:
         upsample: ``linear`` (argmax of trilinearly interpolated probabilities, smooth boundaries) or
             ``nearest`` (expand the grid label map; fastest) to return to the original resolution.
         chunk_slices: original slices upsampled at a time (bounds memory).
+        mirror: also label the left-right mirrored input and average the two softmaxes (nnU-Net's test-time
+            mirroring; the labels are symmetric across the midline). Twice the network's time. Off by
+            default so checkpoints saved before it predict as they did.
     """
 
     sw_batch_size: int = 1
@@ -189,6 +192,7 @@ class SegPredictConfig:
     keep_largest_component: bool = True
     upsample: str = "linear"
     chunk_slices: int = 8
+    mirror: bool = False
 
 
 @dataclass

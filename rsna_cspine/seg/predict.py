@@ -111,22 +111,26 @@ class Segmenter:
 
     @torch.inference_mode()
     def predict_probabilities(self, image: np.ndarray) -> torch.Tensor:
-        """Softmax probabilities ``(C, D, H, W)`` on the grid (mean over the models), on ``self.device``.
+        """Softmax probabilities ``(C, D, H, W)`` on the grid (mean over the models and, with
+        ``predict.mirror``, over the input and its left-right mirror), on ``self.device``.
 
         Args:
             image: ``(1, D, H, W)`` output of ``preprocess_volume`` with this segmenter's settings.
         """
         x = torch.as_tensor(image, dtype=torch.float32)[None].to(self.device)
+        views = [x, x.flip(-1)] if self.cfg.predict.mirror else [x]  # W is the patient's left-right axis
         probs = None
         for model in self.models:
-            with autocast(self.device, self.amp):
-                logits = sliding_window_inference(
-                    x, roi_size=self.grid, sw_batch_size=self.cfg.predict.sw_batch_size,
-                    predictor=model, overlap=self.cfg.predict.overlap,
-                )
-            p = torch.softmax(logits.float(), dim=1)
-            probs = p if probs is None else probs + p
-        return probs[0] / len(self.models)
+            for i, view in enumerate(views):
+                with autocast(self.device, self.amp):
+                    logits = sliding_window_inference(
+                        view, roi_size=self.grid, sw_batch_size=self.cfg.predict.sw_batch_size,
+                        predictor=model, overlap=self.cfg.predict.overlap,
+                    )
+                p = torch.softmax(logits.float(), dim=1)
+                p = p.flip(-1) if i else p
+                probs = p if probs is None else probs + p
+        return probs[0] / (len(self.models) * len(views))
 
     @torch.inference_mode()
     def clean(self, probs: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
