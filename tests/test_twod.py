@@ -314,6 +314,17 @@ def test_time_budget_stops_after_the_first_epoch(tmp_path, image_folder) -> None
     assert (run / "report" / "test_metrics.csv").is_file()  # the reports still come from best.pt
 
 
+def test_validation_starts_at_val_from_of_the_run_and_best_pt_comes_from_a_validated_epoch(tmp_path, image_folder) -> None:
+    cfg = _tiny_config(tmp_path / "late", image_folder / "labels.csv", epochs=4, val_every=1, val_from=0.5, patience=0)
+    run = train_2d(cfg)
+    summary = pd.read_csv(run / "summary.csv")
+    assert summary["epoch"].tolist() == [1, 2, 3, 4]
+    assert summary.loc[summary["val_loss"].notna(), "epoch"].tolist() == [2, 3, 4]  # 0.5 of 4 planned epochs
+    assert load_checkpoint(run / "best.pt")["epoch"] in (2, 3, 4)
+    with pytest.raises(ConfigError, match="val_from"):
+        load_config(TwoDConfig, None, ["train.val_from=1.0"]).validate()
+
+
 def test_config_refuses_bad_values() -> None:
     for key, value in (("split.mode", "random"), ("data.in_chans", 2), ("train.monitor", "train_loss"),
                        ("split.val_fraction", 0.9), ("fold", 7)):

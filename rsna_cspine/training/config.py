@@ -37,6 +37,9 @@ class TrainConfig:
         grad_clip: max gradient norm (0 = off).
         patience: validations without a better monitored score before stopping (0 = never).
         val_every: validate every this many epochs (and always after the last one).
+        val_from: validate only from this fraction of the run on (of the planned epochs: the configured
+            count, or with a time budget the count that fits it; 0 = from the first epoch). Under a cosine
+            schedule fitted to a budget the best epoch comes late, and each validation costs training time.
         max_minutes: wall-clock budget counted from the start of the command (data preparation
             included, and the time of earlier runs when resuming); the run stops before an epoch that would
             overrun it, and the schedule is fitted to the epochs that fit (0 = none; ``engine.TimeBudget``).
@@ -56,6 +59,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     patience: int = 5
     val_every: int = 1
+    val_from: float = 0.0
     max_minutes: float = 0.0
     threads: int = 0
     num_workers: int = 2
@@ -69,6 +73,8 @@ class TrainConfig:
             raise ConfigError("train.epochs, train.batch_size, train.val_batch_size and train.val_every must be ≥ 1")
         if min(self.grad_clip, self.patience, self.max_minutes, self.threads, self.num_workers) < 0:
             raise ConfigError("train.grad_clip, patience, max_minutes, threads and num_workers must be ≥ 0")
+        if not 0.0 <= self.val_from < 1.0:
+            raise ConfigError(f"train.val_from must be in [0, 1), got {self.val_from}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.n_folds < 2:

@@ -3,7 +3,7 @@
 
 What :func:`fit` does for every task: a timm optimiser and per-update schedule, AMP (``engine.amp_dtype``)
 with a GradScaler where float16 needs one, gradient clipping, a weight average (``train.ema_decay``),
-validation every ``train.val_every`` epochs and after the last one, early stopping on ``task.monitor``,
+validation every ``train.val_every`` epochs (from ``train.val_from`` of the run on) and after the last one, early stopping on ``task.monitor``,
 ``last.pt`` every epoch and ``best.pt`` on improvement (with every RNG state, so ``resume`` repeats an
 uninterrupted run on CPU), ``summary.csv`` + ``curves.png``, a wall-clock budget that the DDP ranks agree
 on and that the learning-rate schedule is fitted to (``engine.TimeBudget``), and DDP under torchrun.
@@ -237,7 +237,8 @@ def fit(
         # Stop before an epoch that would overrun the budget, this epoch's validation included.
         out_of_time = any_rank(not budget.next_epoch_fits(spent() + (val_s if task.has_validation else 0.0)), ctx)
         last = out_of_time or epoch + 1 == train.epochs
-        scored = task.has_validation and (last or (epoch + 1) % train.val_every == 0)
+        due = (epoch + 1) % train.val_every == 0 and epoch + 1 >= train.val_from * budget.planned
+        scored = task.has_validation and (last or due)
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
         improved = not task.has_validation  # without validation the latest weights are the ones to keep
         if scored:
