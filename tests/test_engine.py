@@ -260,3 +260,18 @@ def test_fold_run_dir_is_the_one_rule_for_every_stage(tmp_path):
     assert fold_run_dir(tmp_path, 3) == tmp_path / "fold3"
     assert fold_run_dir(tmp_path, -1) == tmp_path / "all"
     assert fold_run_dir(tmp_path, None) == tmp_path
+
+
+def test_a_training_call_on_one_thread_gives_the_caller_its_threads_back():
+    # The demo trains stage 2 on one torch thread and then predicts in the same process on all of them.
+    from rsna_cspine.engine.distributed import run_seeded_distributed, torch_threads
+
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    seen = run_seeded_distributed(lambda device, ctx: torch.get_num_threads(), device="cpu", seed=0, threads=wanted)
+    assert seen == wanted and torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with torch_threads(wanted):
+            assert torch.get_num_threads() == wanted
+            raise RuntimeError("a failed run")
+    assert torch.get_num_threads() == before

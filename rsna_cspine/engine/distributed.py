@@ -9,8 +9,9 @@ tensor: the first such collective would raise.)
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -139,23 +140,40 @@ def barrier(ctx: DistContext) -> None:
         _all_reduce([0.0], "sum")
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` for the duration (0 keeps them), then put back: a training
+    run on one thread must not leave the caller, e.g. the demo's prediction after it, on one thread.
+
+    Args:
+        threads: intra-op threads while inside (0 = unchanged).
+    """
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_seeded_distributed(
     body: Callable[[torch.device, DistContext], _T], *, device: str, seed: int, threads: int = 0
 ) -> _T:
-    """Set threads and seeds, resolve the device, join the process group (under torchrun), run ``body``.
+    """Set threads (for the call only) and seeds, resolve the device, join the process group (under
+    torchrun), run ``body``.
 
     Args:
         body: the training function, called with the device and the distributed context.
         device: "auto", "cpu", "cuda", ...
         seed: global seed.
-        threads: torch intra-op threads (0 keeps torch's default).
+        threads: torch intra-op threads while ``body`` runs (0 keeps torch's default).
     """
-    if threads > 0:
-        torch.set_num_threads(threads)
-    seed_everything(seed)
-    resolved = resolve_device(device)
-    ctx = init_distributed(resolved)
-    try:
-        return body(resolved, ctx)
-    finally:
-        cleanup_distributed(ctx)
+    with torch_threads(threads):
+        seed_everything(seed)
+        resolved = resolve_device(device)
+        ctx = init_distributed(resolved)
+        try:
+            return body(resolved, ctx)
+        finally:
+            cleanup_distributed(ctx)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rsna_cspine.engine.devices import resolve_device, seed_everything
-from rsna_cspine.engine.distributed import DistContext, barrier, run_seeded_distributed
+from rsna_cspine.engine.distributed import DistContext, barrier, run_seeded_distributed, torch_threads
 from rsna_cspine.engine.folds import fold_of
 from rsna_cspine.engine.runlog import prepare_run_dir
 from rsna_cspine.errors import ConfigError, LayoutError
@@ -233,26 +233,23 @@ def fit_segmentation(
         extra: stored in every checkpoint (e.g. the study split).
         started: ``time.monotonic()`` the time budget counts from (default now).
     """
-    import torch
-
     cfg = resolve_config(cfg)
     device = device or resolve_device(cfg.device)
     ctx = ctx or DistContext()
     started = time.monotonic() if started is None else started
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.seed)
-    run_dir = prepare_run_dir(cfg.fold_dir(), cfg, resume, write=ctx.is_main)
-    barrier(ctx)
-    extra = dict(extra or {})
-    if cfg.data.cascade:
-        extra[CHECKPOINT_KEY] = _fit_localiser(cfg, run_dir, train_paths, val_paths, resume=resume, progress=progress,
-                                               ctx=ctx, device=device, started=started)
+    with torch_threads(cfg.train.threads):
         seed_everything(cfg.seed)
-    source = "fine" if cfg.data.cascade else "grid"
-    task = SegmentationTask(cfg, train_paths, val_paths, device, extra=extra, progress=progress and ctx.is_main,
-                            source=source)
-    return fit(task, cfg, run_dir, device=device, ctx=ctx, resume=resume, started=started, progress=progress)
+        run_dir = prepare_run_dir(cfg.fold_dir(), cfg, resume, write=ctx.is_main)
+        barrier(ctx)
+        extra = dict(extra or {})
+        if cfg.data.cascade:
+            extra[CHECKPOINT_KEY] = _fit_localiser(cfg, run_dir, train_paths, val_paths, resume=resume,
+                                                   progress=progress, ctx=ctx, device=device, started=started)
+            seed_everything(cfg.seed)
+        source = "fine" if cfg.data.cascade else "grid"
+        task = SegmentationTask(cfg, train_paths, val_paths, device, extra=extra, progress=progress and ctx.is_main,
+                                source=source)
+        return fit(task, cfg, run_dir, device=device, ctx=ctx, resume=resume, started=started, progress=progress)
 
 
 def _fit_localiser(
