@@ -67,16 +67,12 @@ class PrepareSummary:
 def _cpu_threads(threads: int) -> Iterator[None]:
     """This process's torch threads, and its BLAS and OpenMP pools (numpy's and scipy's OpenBLAS start one
     thread per core), for the duration: studies prepared here, not in workers."""
-    import torch
     from threadpoolctl import threadpool_limits
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with threadpool_limits(limits=threads):
-            yield
-    finally:
-        torch.set_num_threads(before)
+    from rsna_cspine.engine.distributed import torch_threads
+
+    with torch_threads(threads), threadpool_limits(limits=threads):
+        yield
 
 
 def largest_first(uids: Sequence[str], size: Callable[[str], tuple[int, int]]) -> list[str]:
