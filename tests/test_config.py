@@ -100,10 +100,12 @@ def test_typed_values_win_over_file_and_overrides_and_are_not_reparsed(tmp_path)
     [
         # The shipped configs now name a prepared cache (the old ones named a cache per stage), and a
         # checkpoint from before the cascade is a whole-volume model: today's config with the cascade off,
-        # no box scaled to the neck, no test-time mirroring (it predicts as it did) and validation from the start.
+        # no box scaled to the neck, no test-time mirroring and one window over the whole grid (it predicts as it
+        # did), and validation from the start.
         ("rsna_cspine.seg.config:SegConfig", "seg_cpu.yaml", "seg_cpu.yaml",
          {"data": {"cache_dir": "work/seg_cache_64x128x128", "spacing": (), "reference_neck_mm": 0.0},
-          "localiser": {"enabled": False}, "predict": {"mirror": False}, "train": {"val_from": 0.0}}),
+          "localiser": {"enabled": False}, "train": {"val_from": 0.0},
+          "predict": {"mirror": False, "roi_size": (0, 0, 0), "overlap": 0.25, "blend": "constant", "sw_batch_size": 1}}),
         ("rsna_cspine.cls.config:ClsConfig", "cls_cpu.yaml", "cls_cpu.yaml", {"data.cache_dir": "work/crops_cpu"}),
         ("rsna_cspine.twod.config:TwoDConfig", "twod_convnext_tiny.yaml", "twod_convnext_tiny.yaml", {"fold": 2}),
     ],

@@ -229,3 +229,50 @@ def test_mirroring_makes_the_labels_follow_a_left_right_flip_of_the_input() -> N
     torch.testing.assert_close(both, (plain.predict_probabilities(image)
                                       + plain.predict_probabilities(flipped).flip(-1)) / 2, atol=1e-6, rtol=0)
     assert torch.allclose(both.sum(0), torch.ones(8, 16, 16), atol=1e-5)
+
+
+def test_validation_and_prediction_run_the_network_in_the_same_windows_of_roi_size() -> None:
+    # nnU-Net's rule: a network trained on patches predicts in windows of the patch, so its instance norms see
+    # what they saw in training. The default (0 = the grid's size) is one window, as before the setting.
+    from rsna_cspine.errors import ConfigError
+    from rsna_cspine.seg.task import make_loss, validate
+
+    torch.manual_seed(0)
+    model = build_model(SegModelConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=0), out_channels=8).eval()
+    seen: list[tuple[int, ...]] = []
+    model.register_forward_hook(lambda _m, inputs, _out: seen.append(tuple(inputs[0].shape[2:])))
+    grid = (8, 16, 16)
+    image = np.random.default_rng(0).random((1, *grid), dtype=np.float32)
+
+    def segmenter(**predict) -> Segmenter:
+        cfg = SegConfig(data=SegDataConfig(grid=grid, hu_window=WINDOW, antialias=False),
+                        predict=SegPredictConfig(**predict))
+        return Segmenter([model], cfg, torch.device("cpu"), amp=False)
+
+    whole = segmenter().predict_probabilities(image)
+    assert seen == [grid]
+    seen.clear()
+    windows = SegPredictConfig(roi_size=(0, 8, 8), overlap=0.5, blend="gaussian")
+    windowed = segmenter(**vars(windows)).predict_probabilities(image)
+    assert set(seen) == {(8, 8, 8)} and len(seen) == 9  # 3 × 3 half-overlapping windows in-plane
+    assert (windowed - whole).abs().max() > 1e-3  # the instance norms' statistics differ per window
+    assert torch.allclose(windowed.sum(0), torch.ones(grid), atol=1e-5)
+
+    # Validation scores the windowed labels, not the whole grid's: against the windowed argmax as the truth its
+    # Dice is 1 for every class present, and below 1 when it runs in one window over the grid.
+    assert (windowed.argmax(0) != whole.argmax(0)).any()
+    label = windowed.argmax(0)[None, None].float()
+    batch = [{"image": torch.as_tensor(image)[None], "label": label}]
+    loss = make_loss(SegConfig(data=SegDataConfig(grid=grid)))
+    seen.clear()
+    _, dice = validate(model, batch, loss, torch.device("cpu"), 8, amp=False, windows=windows, grid=grid, progress=False)
+    assert set(seen) == {(8, 8, 8)} and len(seen) == 9
+    present = np.isfinite(dice)
+    assert present.sum() >= 2 and np.allclose(dice[present], 1.0)
+    _, dice_whole = validate(model, batch, loss, torch.device("cpu"), 8, amp=False, windows=SegPredictConfig(), grid=grid,
+                             progress=False)
+    assert np.nanmean(dice_whole) < 0.99
+
+    for bad, match in (({"roi_size": (0, 32, 8)}, "roi_size"), ({"blend": "median"}, "blend")):
+        with pytest.raises(ConfigError, match=match):
+            segmenter(**bad).predict_probabilities(image)

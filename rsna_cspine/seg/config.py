@@ -177,7 +177,14 @@ class SegPredictConfig:
 
     Attributes:
         sw_batch_size: windows per forward pass of MONAI's sliding-window inference.
-        overlap: window overlap (one window when the grid is the ROI, the default).
+        roi_size: the fine network's sliding window on the grid, ``0`` = the grid's size on that axis (one
+            window, the default). Set it to ``train.patch_size`` when the network trains on patches: its
+            instance norms then see at prediction what they saw in training (nnU-Net's rule); on the whole
+            128² grid a network trained on 48² patches scored 0.03 Dice lower (evidence.md, "Stage 1:
+            windows of the training patch").
+        overlap: overlap of both networks' sliding windows (the localiser's windows are its grid).
+        blend: how overlapping windows are averaged, MONAI's ``mode``: ``constant`` or ``gaussian``
+            (nnU-Net's: a window's centre counts more than its edges).
         keep_largest_component: keep only the largest connected piece of each vertebra.
         upsample: ``linear`` (argmax of trilinearly interpolated probabilities, smooth boundaries) or
             ``nearest`` (expand the grid label map; fastest) to return to the original resolution.
@@ -188,7 +195,9 @@ class SegPredictConfig:
     """
 
     sw_batch_size: int = 1
+    roi_size: tuple[int, int, int] = (0, 0, 0)
     overlap: float = 0.25
+    blend: str = "constant"
     keep_largest_component: bool = True
     upsample: str = "linear"
     chunk_slices: int = 8

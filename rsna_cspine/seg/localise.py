@@ -42,7 +42,7 @@ def localiser_config(cfg: SegConfig) -> SegConfig:
     """The run config the localiser trains with: the fine run's, with the coarse grid, spacing and network.
 
     It keeps the seed, data, augmentation and optimiser of the fine run; ``data.grid``/``data.spacing``
-    become the coarse ones, ``model`` the localiser's, training uses whole crops of the coarse grid.
+    become the coarse ones, ``model`` the localiser's, training and validation use whole crops of the coarse grid.
 
     Args:
         cfg: the fine network's resolved config (``localiser.enabled``).
@@ -55,6 +55,7 @@ def localiser_config(cfg: SegConfig) -> SegConfig:
     out.train.epochs = loc.epochs
     out.train.patch_size = (0, 0, 0)
     out.train.patch_foreground = loc.patch_foreground
+    out.predict.roi_size = (0, 0, 0)  # its windows are its whole grid (``Localiser.probabilities``)
     out.localiser.enabled = False
     return out
 

@@ -1,14 +1,19 @@
-"""Stage-1 network factory: a MONAI 3-D UNet or SegResNet built from the model config."""
+"""Stage-1 network factory (a MONAI 3-D UNet or SegResNet built from the model config) and the one way the
+fine network is run on a grid image, shared by validation and prediction."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from monai.inferers import sliding_window_inference
 from monai.networks.nets import SegResNet, UNet
 
 from rsna_cspine.errors import ConfigError
-from rsna_cspine.seg.config import SegModelConfig
+from rsna_cspine.seg.config import SegModelConfig, SegPredictConfig
 
 MODEL_NAMES: tuple[str, ...] = ("unet", "segresnet")
+BLEND_MODES: tuple[str, ...] = ("constant", "gaussian")
 
 
 def build_model(cfg: SegModelConfig, out_channels: int, in_channels: int = 1) -> torch.nn.Module:
@@ -55,3 +60,30 @@ def grid_divisor(cfg: SegModelConfig) -> int:
             factor *= int(s)
         return factor
     return 2 ** (len(cfg.blocks_down) - 1)
+
+
+def window_size(cfg: SegPredictConfig, grid: Sequence[int]) -> tuple[int, int, int]:
+    """The sliding window of ``cfg.roi_size`` on ``grid`` (0 on an axis: the grid's size)."""
+    if cfg.blend not in BLEND_MODES:
+        raise ConfigError(f"predict.blend must be one of {BLEND_MODES}, got {cfg.blend!r}")
+    roi = tuple(int(r) if int(r) > 0 else int(g) for r, g in zip(cfg.roi_size, grid))
+    if len(roi) != len(grid) or any(r > int(g) for r, g in zip(roi, grid)):
+        raise ConfigError(f"predict.roi_size {list(cfg.roi_size)} must have one size per grid axis, each at most "
+                          f"the grid's {list(grid)} (0 = the whole axis)")
+    return roi  # type: ignore[return-value]
+
+
+def window_logits(model: torch.nn.Module, image: torch.Tensor, cfg: SegPredictConfig, grid: Sequence[int]) -> torch.Tensor:
+    """The network's logits over a ``(B, 1, D, H, W)`` grid image, in the sliding windows of ``cfg``.
+
+    Validation and prediction both call this, so the epoch kept as best is chosen on the labels that
+    prediction will give.
+
+    Args:
+        model: the fine network (in eval mode).
+        image: preprocessed grid image(s).
+        cfg: the predict section (``roi_size``, ``overlap``, ``blend``, ``sw_batch_size``).
+        grid: the grid the network was trained on (``data.grid``).
+    """
+    return sliding_window_inference(image, roi_size=window_size(cfg, grid), sw_batch_size=cfg.sw_batch_size,
+                                    predictor=model, overlap=cfg.overlap, mode=cfg.blend)

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from monai.inferers import sliding_window_inference
 from monai.transforms import KeepLargestConnectedComponent
 
 from rsna_cspine.config import config_from_checkpoint
@@ -37,7 +36,7 @@ from rsna_cspine.seg.masks import (
     upsample_linear,
     upsample_mask,
 )
-from rsna_cspine.seg.model import build_model
+from rsna_cspine.seg.model import build_model, window_logits
 from rsna_cspine.seg.preprocess import num_classes, preprocess_volume
 from rsna_cspine.seg.qc import DROPPED, QCLimits, check_vertebrae, dropped_labels, qc_summary, too_large
 
@@ -123,10 +122,7 @@ class Segmenter:
         for model in self.models:
             for i, view in enumerate(views):
                 with autocast(self.device, self.amp):
-                    logits = sliding_window_inference(
-                        view, roi_size=self.grid, sw_batch_size=self.cfg.predict.sw_batch_size,
-                        predictor=model, overlap=self.cfg.predict.overlap,
-                    )
+                    logits = window_logits(model, view, self.cfg.predict, self.grid)
                 p = torch.softmax(logits.float(), dim=1)
                 p = p.flip(-1) if i else p
                 probs = p if probs is None else probs + p

@@ -1,5 +1,6 @@
 """Stage 1 as a :class:`~rsna_cspine.training.loop.TrainingTask`: cached studies → MONAI network → Dice + CE,
-validated by the mean Dice of C1–C7 at grid resolution (the localiser: of the cervical spine)."""
+validated by the mean Dice of C1–C7 at grid resolution (the localiser: of the cervical spine), in the
+sliding windows that prediction uses."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from tqdm.auto import tqdm
 from rsna_cspine.constants import VERTEBRAE
 from rsna_cspine.engine.devices import autocast
 from rsna_cspine.engine.distributed import DistContext
-from rsna_cspine.seg.config import SegConfig
+from rsna_cspine.seg.config import SegConfig, SegPredictConfig
 from rsna_cspine.seg.data import build_transforms, make_dataset, make_loader
-from rsna_cspine.seg.model import build_model, grid_divisor
+from rsna_cspine.seg.model import build_model, grid_divisor, window_logits
 from rsna_cspine.training.loop import TrainingTask
 
 
@@ -56,6 +57,8 @@ def validate(
     n_classes: int,
     *,
     amp: bool,
+    windows: SegPredictConfig,
+    grid: Sequence[int],
     progress: bool = True,
 ) -> tuple[float, np.ndarray]:
     """Validation loss and Dice per foreground class at grid resolution (NaN where a class is absent).
@@ -67,6 +70,8 @@ def validate(
         device: where to compute.
         n_classes: network output channels.
         amp: mixed precision on GPU.
+        windows: the predict section: the network runs in its sliding windows (``model.window_logits``).
+        grid: the grid the network trains on.
         progress: tqdm bar.
     """
     model.eval()
@@ -76,7 +81,7 @@ def validate(
         image = batch["image"].to(device)
         label = batch["label"].to(device)
         with autocast(device, amp):
-            logits = model(image)
+            logits = window_logits(model, image, windows, grid)
         losses.append(float(loss_fn(logits.float(), label)))
         pred = one_hot(logits.argmax(1, keepdim=True), n_classes)
         metric(y_pred=pred, y=one_hot(label.long(), n_classes))
@@ -130,7 +135,7 @@ class SegmentationTask(TrainingTask):
         loader = make_loader(self.val_set, batch_size=t.val_batch_size, shuffle=False, seed=self.cfg.seed, epoch=0,
                              num_workers=t.num_workers)
         val_loss, dice = validate(model, loader, self.loss_fn, self.device, self.n_classes, amp=t.amp,
-                                  progress=self.progress)
+                                  windows=self.cfg.predict, grid=self.cfg.data.grid, progress=self.progress)
         vertebra_dice = dice[: len(VERTEBRAE)] if self.names[0] == VERTEBRAE[0] else dice[:1]
         score = float(np.nanmean(vertebra_dice)) if np.isfinite(vertebra_dice).any() else 0.0
         return {"val_loss": val_loss, "val_dice_mean": score, **{f"val_dice_{n}": float(v) for n, v in zip(self.names, dice)}}
