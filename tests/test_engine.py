@@ -264,7 +264,8 @@ def test_fold_run_dir_is_the_one_rule_for_every_stage(tmp_path):
 
 def test_a_training_call_on_one_thread_gives_the_caller_its_threads_back():
     # The demo trains stage 2 on one torch thread and then predicts in the same process on all of them.
-    from rsna_cspine.engine.distributed import run_seeded_distributed, torch_threads
+    from rsna_cspine.engine.devices import torch_threads
+    from rsna_cspine.engine.distributed import run_seeded_distributed
 
     before = torch.get_num_threads()
     wanted = 1 if before > 1 else 2

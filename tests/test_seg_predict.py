@@ -273,6 +273,9 @@ def test_validation_and_prediction_run_the_network_in_the_same_windows_of_roi_si
                              progress=False)
     assert np.nanmean(dice_whole) < 0.99
 
-    for bad, match in (({"roi_size": (0, 32, 8)}, "roi_size"), ({"blend": "median"}, "blend")):
+    seen.clear()
+    segmenter(roi_size=(0, 32, 8)).predict_probabilities(image)  # beyond the grid: the grid's size on that axis
+    assert set(seen) == {(8, 16, 8)}
+    for bad, match in (({"roi_size": (0, 8)}, "roi_size"), ({"blend": "median"}, "blend")):
         with pytest.raises(ConfigError, match=match):
             segmenter(**bad).predict_probabilities(image)

@@ -1,6 +1,6 @@
 """Training machinery shared by every trainer (stage 1, stage 2, 2D mode), one module per job.
 
-``devices`` (seeds, device, mixed precision), ``distributed`` (torchrun process group, DDP wrapper,
+``devices`` (seeds, thread count, device, mixed precision), ``distributed`` (torchrun process group, DDP wrapper,
 collectives), ``checkpoints`` (save/load with RNG states), ``runlog`` (run folder, ``summary.csv``,
 curves), ``schedules`` (early stopping, time budget, weight average) and ``folds`` (study → fold, a
 fold's run folder). The public names are importable from ``rsna_cspine.engine`` directly.
@@ -20,6 +20,7 @@ from rsna_cspine.engine.devices import (
     make_grad_scaler,
     resolve_device,
     seed_everything,
+    torch_threads,
     training_autocast,
 )
 from rsna_cspine.engine.distributed import (
@@ -67,6 +68,7 @@ __all__ = [
     "run_seeded_distributed",
     "save_checkpoint",
     "seed_everything",
+    "torch_threads",
     "under_torchrun",
     "unwrap_model",
     "wrap_model",

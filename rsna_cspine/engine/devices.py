@@ -1,4 +1,4 @@
-"""Seeds, the training device and its mixed precision.
+"""Seeds, torch's thread count, the training device and its mixed precision.
 
 ``amp_dtype`` is the one place that decides which reduced precision a device runs: bfloat16 only where
 the hardware has it natively, float16 (with an active ``GradScaler``) on older GPUs, nothing on CPU unless
@@ -7,7 +7,9 @@ bfloat16 is asked for explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -27,6 +29,23 @@ def seed_everything(seed: int) -> None:
         seed: the run's seed.
     """
     set_determinism(seed=seed)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` for the duration (0 keeps them), then put back: a training
+    run on one thread must not leave the caller, e.g. the demo's prediction after it, on one thread.
+
+    Args:
+        threads: intra-op threads while inside (0 = unchanged).
+    """
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

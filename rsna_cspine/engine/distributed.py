@@ -9,15 +9,14 @@ tensor: the first such collective would raise.)
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
-from rsna_cspine.engine.devices import resolve_device, seed_everything
+from rsna_cspine.engine.devices import resolve_device, seed_everything, torch_threads
 
 #: Process-group backend per device type of the training device.
 GPU_BACKEND = "cpu:gloo,cuda:nccl"
@@ -138,23 +137,6 @@ def barrier(ctx: DistContext) -> None:
     NCCL half of a ``cpu:gloo,cuda:nccl`` group and its device guess."""
     if ctx.enabled:
         _all_reduce([0.0], "sum")
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """torch's intra-op threads set to ``threads`` for the duration (0 keeps them), then put back: a training
-    run on one thread must not leave the caller, e.g. the demo's prediction after it, on one thread.
-
-    Args:
-        threads: intra-op threads while inside (0 = unchanged).
-    """
-    before = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_seeded_distributed(

@@ -69,7 +69,7 @@ def _cpu_threads(threads: int) -> Iterator[None]:
     thread per core), for the duration: studies prepared here, not in workers."""
     from threadpoolctl import threadpool_limits
 
-    from rsna_cspine.engine.distributed import torch_threads
+    from rsna_cspine.engine.devices import torch_threads
 
     with torch_threads(threads), threadpool_limits(limits=threads):
         yield

@@ -63,14 +63,14 @@ def grid_divisor(cfg: SegModelConfig) -> int:
 
 
 def window_size(cfg: SegPredictConfig, grid: Sequence[int]) -> tuple[int, int, int]:
-    """The sliding window of ``cfg.roi_size`` on ``grid`` (0 on an axis: the grid's size)."""
+    """The sliding window of ``cfg.roi_size`` on ``grid``: 0 on an axis, or a size beyond the grid's (a small
+    grid set on the command line, as training clamps its patch), is the grid's size."""
     if cfg.blend not in BLEND_MODES:
         raise ConfigError(f"predict.blend must be one of {BLEND_MODES}, got {cfg.blend!r}")
-    roi = tuple(int(r) if int(r) > 0 else int(g) for r, g in zip(cfg.roi_size, grid))
-    if len(roi) != len(grid) or any(r > int(g) for r, g in zip(roi, grid)):
-        raise ConfigError(f"predict.roi_size {list(cfg.roi_size)} must have one size per grid axis, each at most "
-                          f"the grid's {list(grid)} (0 = the whole axis)")
-    return roi  # type: ignore[return-value]
+    if len(cfg.roi_size) != len(grid):
+        raise ConfigError(f"predict.roi_size {list(cfg.roi_size)} needs one size per grid axis {list(grid)} "
+                          "(0 = the whole axis)")
+    return tuple(min(int(r), int(g)) if int(r) > 0 else int(g) for r, g in zip(cfg.roi_size, grid))  # type: ignore[return-value]
 
 
 def window_logits(model: torch.nn.Module, image: torch.Tensor, cfg: SegPredictConfig, grid: Sequence[int]) -> torch.Tensor:
