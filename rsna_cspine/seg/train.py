@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rsna_cspine.engine.devices import resolve_device, seed_everything
-from rsna_cspine.engine.devices import torch_threads
+from rsna_cspine.engine.devices import resolve_device, seed_everything, torch_threads
 from rsna_cspine.engine.distributed import DistContext, barrier, run_seeded_distributed
 from rsna_cspine.engine.folds import fold_of
 from rsna_cspine.engine.runlog import prepare_run_dir
