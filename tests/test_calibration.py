@@ -170,3 +170,71 @@ def test_cross_fitted_vertebrae_never_see_their_own_studys_labels() -> None:
     assert weighted_log_loss(y, fitted, weights) < weighted_log_loss(y, p, weights) - 0.03
     one_study = cross_fit_vertebra_probabilities(p[:7], y[:7], studies[:7])
     np.testing.assert_allclose(one_study, np.clip(p[:7], PROB_EPS, 1 - PROB_EPS))
+
+
+def _one_blind_vertebra(n_studies: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """What copy-paste leaves behind: the model took the inflated base rate back for C2–C7, whose fractures it
+    sees, but not for C1, whose fractures it cannot see (near-constant, high probabilities at a 10 % rate)."""
+    rng = np.random.default_rng(seed)
+    vertebrae = np.tile(np.arange(7), n_studies)
+    true_p = np.where(vertebrae == 0, 0.1, rng.beta(0.5, 3.0, size=len(vertebrae)))
+    labels = (rng.random(len(vertebrae)) < true_p).astype(float)
+    probs = np.where(vertebrae == 0, rng.uniform(0.55, 0.65, size=len(vertebrae)), true_p)
+    return probs, labels, vertebrae, [f"1.2.{seed}.{i // 7}" for i in range(len(vertebrae))]
+
+
+def test_per_vertebra_calibration_takes_back_a_base_rate_the_model_could_not_see() -> None:
+    val_p, val_y, val_v, _ = _one_blind_vertebra(60, seed=4)
+    test_p, test_y, test_v, _ = _one_blind_vertebra(1000, seed=5)
+    pooled, per_level = fit_vertebra_calibration(val_p, val_y), fit_vertebra_calibration(val_p, val_y, val_v)
+    assert not pooled.per_vertebra and per_level.per_vertebra
+    blind = test_v == 0
+    # The metric weighs a fractured vertebra 2:1, so the weighted fit's aim for a 10 % rate is 0.2 / 1.1 = 0.18.
+    # The pooled fit moves every vertebra alike and leaves C1 far above it; the per-vertebra fit, shrunk
+    # towards the pooled one on 60 validation C1s, brings it most of the way.
+    aim = 2 * 0.1 / (2 * 0.1 + 0.9)
+    assert pooled.apply(test_p)[blind].mean() > 0.3
+    assert abs(per_level.apply(test_p, test_v)[blind].mean() - aim) < 0.08
+    # Pooled over C1–C7, intact C1s no longer outrank fractured C2–C7s: the pooled AUC and the metric's loss gain.
+    calibrated = per_level.apply(test_p, test_v)
+    assert roc_auc_score(test_y, calibrated) > roc_auc_score(test_y, pooled.apply(test_p)) + 0.05
+    weights = np.where(test_y > 0.5, VERTEBRA_WEIGHTS[1], VERTEBRA_WEIGHTS[0])
+    assert weighted_log_loss(test_y, calibrated, weights) < weighted_log_loss(test_y, pooled.apply(test_p), weights) - 0.02
+    # Within a vertebra whose slope stays positive the ranking is the model's own.
+    for v in range(1, 7):
+        rows = test_v == v
+        assert per_level.slope + per_level.level_slope[v] > 0
+        assert roc_auc_score(test_y[rows], calibrated[rows]) == pytest.approx(roc_auc_score(test_y[rows], test_p[rows]), abs=1e-12)
+
+
+def test_per_vertebra_calibration_is_the_same_on_torch_logits_and_round_trips_through_a_checkpoint() -> None:
+    import torch
+
+    p, y, v, _ = _one_blind_vertebra(60, seed=6)
+    fit = fit_vertebra_calibration(p, y, v)
+    z = np.log(np.clip(p, PROB_EPS, 1 - PROB_EPS) / (1 - np.clip(p, PROB_EPS, 1 - PROB_EPS)))
+    on_tensors = fit.apply_to_logits(torch.from_numpy(z).float(), torch.from_numpy(v)).double().numpy()
+    np.testing.assert_allclose(on_tensors, fit.apply_to_logits(z, v), rtol=1e-5, atol=1e-5)
+    assert VertebraCalibration.from_dict(fit.to_dict()) == fit
+    # A fit stored before the per-vertebra terms existed loads as the pooled fit it was.
+    old = {"slope": 1.2, "intercept": -1.5, "n_vertebrae": 288, "n_positive": 64}
+    loaded = VertebraCalibration.from_dict(old)
+    assert not loaded.per_vertebra
+    np.testing.assert_allclose(loaded.apply(p), 1 / (1 + np.exp(-(1.2 * z - 1.5))), rtol=1e-9)
+    with pytest.raises(ValueError, match="each row's vertebra"):
+        fit.apply(p)
+    with pytest.raises(ValueError, match="0..6"):
+        fit_vertebra_calibration(p, y, v + 1)
+    with pytest.raises(ValueError, match="empty or 7"):
+        VertebraCalibration(1.0, 0.0, 1, 0, (0.0,) * 3, (0.0,) * 3)
+
+
+def test_per_vertebra_cross_fit_never_sees_its_own_studys_labels() -> None:
+    p, y, v, studies = _one_blind_vertebra(80, seed=7)
+    fitted = cross_fit_vertebra_probabilities(p, y, studies, v)
+    own = [i for i, s in enumerate(studies) if s == studies[10]]
+    flipped = y.copy()
+    flipped[own] = 1.0 - flipped[own]
+    again = cross_fit_vertebra_probabilities(p, flipped, studies, v)
+    np.testing.assert_array_equal(again[own], fitted[own])
+    assert fitted[v == 0].mean() < 0.3 < p[v == 0].mean()  # C1 brought down by fits on the other studies

@@ -87,7 +87,8 @@ class FractureEnsemble:
             images: ``(B, N, C, S, S)`` as cut by ``extract_vertebra_crops`` (uint8 or float16).
             tta: also score the left-right mirrored stacks and average.
             vertebrae: ``(B,)`` 0-based vertebra of each stack (0 = C1), for models with a per-vertebra
-                offset; None scores without it.
+                offset and calibrations with per-vertebra terms; None scores without the offset (and raises
+                ValueError under a per-vertebra calibration).
 
         Returns:
             ``(B,)`` float64, the mean over models (and flips) of each model's calibrated probability.
@@ -107,7 +108,7 @@ class FractureEnsemble:
                     # GPU: the run's amp setting; CPU: bfloat16 only when asked for (and native).
                     with autocast(self.device, self.amp if self.device.type != "cpu" else self.cpu_bf16, self.cpu_bf16):
                         logit = model(view, which)["logit"].float()
-                    total += torch.sigmoid(logit if calibration is None else calibration.apply_to_logits(logit))
+                    total += torch.sigmoid(logit if calibration is None else calibration.apply_to_logits(logit, which))
             out[start : start + len(x)] = (total / (len(self.models) * len(views))).cpu().numpy()
         return out
 

@@ -118,8 +118,9 @@ def score_fold(split: FoldSplit, probs: np.ndarray, fold: int) -> FoldScores:
     studies = split.val_labels["StudyInstanceUID"].tolist()
     y_true = split.val_labels[list(TARGET_COLUMNS)].to_numpy(np.float64)
     item_studies = split.val["StudyInstanceUID"].astype(str).tolist()
-    vertebrae = study_predictions(split.val, cross_fit_vertebra_probabilities(probs, labels, item_studies), studies,
-                                  split.prior)
+    levels = split.val["vertebra"].to_numpy(np.int64)
+    vertebrae = study_predictions(split.val, cross_fit_vertebra_probabilities(probs, labels, item_studies, levels),
+                                  studies, split.prior)
     truth_overall = y_true[:, len(VERTEBRAE)]
     noisy_or = np.column_stack([vertebrae, patient_overall(vertebrae, rule="noisy_or")])
     calibrated = np.column_stack([vertebrae, cross_fit_patient_overall(vertebrae, truth_overall, studies)])
@@ -134,8 +135,8 @@ def score_fold(split: FoldSplit, probs: np.ndarray, fold: int) -> FoldScores:
     oof.insert(0, "StudyInstanceUID", studies)
     oof["patient_overall_noisy_or"] = noisy_or[:, len(VERTEBRAE)]
     oof["fold"] = fold
-    vertebra_fit = fit_vertebra_calibration(probs, labels) if len(labels) else VertebraCalibration.identity()
-    fitted = study_predictions(split.val, vertebra_fit.apply(probs), studies, split.prior)
+    vertebra_fit = fit_vertebra_calibration(probs, labels, levels) if len(labels) else VertebraCalibration.identity()
+    fitted = study_predictions(split.val, vertebra_fit.apply(probs, levels), studies, split.prior)
     return FoldScores(metrics, oof, vertebra_fit, fit_patient_calibration(fitted, truth_overall))
 
 
