@@ -92,7 +92,10 @@ def score_sets(demo: Path, sets: list[Path], run: Path, tta: bool, calibration: 
     if calibration == "none":
         ensemble.vertebra_calibrations = [None] * len(ensemble.models)
     elif calibration != "stored":
-        refit_calibration(ensemble, run, cache, demo / "data" / "train.csv", calibration == "per-vertebra")
+        import yaml
+
+        trained_on = Path(yaml.safe_load(next(run.rglob("config.yaml")).read_text())["data"]["root"])
+        refit_calibration(ensemble, run, cache, trained_on / "train.csv", calibration == "per-vertebra")
     prior = prior_predictions(read_train_labels(demo / "data" / "train.csv"))
     results: dict[str, dict[str, float]] = {}
     for crop_dir in sets:
