@@ -9,7 +9,9 @@ each vertebra's own deviation from them, shrunk towards zero by an L2 penalty (:
 copy-paste inflates every vertebra's base rate alike, but the model can only take the inflation back where it
 sees the fractures, so a vertebra whose fractures it cannot see keeps the inflated rate (the demo's C1: mean
 probability 0.44–0.72 against a fracture rate of 0.13). Because the deviations move vertebrae against each
-other, the vertebra fit changes the pooled ranking (AUC), never the ranking within one vertebra.
+other, the vertebra fit changes the pooled ranking (AUC); within one vertebra the ranking stays the model's
+own as long as that vertebra's slope stays positive, which the shrinkage towards the shared slope keeps it
+(0.3–1.7 in the demo runs of benchmarks/results/evidence.md).
 scikit-learn's ``LogisticRegression`` does the fitting, weighted as the competition metric weighs each row,
 so the fit minimises the metric's own log loss.
 
@@ -39,6 +41,8 @@ MIN_VERTEBRA_CLASS_COUNT = 5
 #: the penalty weighs less as validation grows). Picked among 0.1, 0.3, 1 and 3 on the held-out test studies of
 #: three demo runs (benchmarks/results/evidence.md, "Per-vertebra calibration").
 LEVEL_SHRINKAGE_C = 0.3
+#: Scale of the shared slope's feature column: its coefficient, and so its share of the L2 penalty, is this
+#: much smaller, so the penalty shrinks the per-vertebra deviations and not the shared slope.
 _UNSHRUNK = 100.0
 
 
