@@ -10,8 +10,11 @@ the score against the prior of the demo's training studies (``report.heldout.sco
 Run (from the repository root, after ``rsna-cspine demo --out DEMO`` and ``benchmarks/demo_crosscheck.py``):
     .venv/bin/python benchmarks/stage2_sets.py crops --demo DEMO --data DEMO/data work/xcheck/seed101/data \\
         --out work/s2sets
-    .venv/bin/python benchmarks/stage2_sets.py score --demo DEMO --sets work/s2sets --run DEMO/models/cls [--tta] \
+    .venv/bin/python benchmarks/stage2_sets.py score --demo DEMO --sets work/s2sets --run DEMO/runs/cls [--tta] \\
         [--calibration pooled|per-vertebra --cache DEMO/work/prepared_*]
+
+``--run`` is a stage-2 run folder (``fold0/best.pt``; ``oof_fold0.csv`` beside it for a refitted calibration),
+e.g. a demo's ``runs/cls`` or a ``rsna-cspine train-cls`` run on the demo's cache.
 """
 
 from __future__ import annotations
@@ -53,8 +56,11 @@ def refit_calibration(ensemble, run: Path, cache: Path, train_csv: Path, per_ver
     from rsna_cspine.constants import VERTEBRAE
     from rsna_cspine.crops import load_crops
 
+    oof_files = sorted(run.rglob("oof_fold*.csv"))
+    if len(ensemble.models) != 1 or len(oof_files) != 1:
+        raise SystemExit(f"a refitted calibration needs one fold: {len(ensemble.models)} models, {len(oof_files)} OOF files in {run}")
     truth = pd.read_csv(train_csv).set_index("StudyInstanceUID")
-    studies = pd.concat([pd.read_csv(f) for f in sorted(run.rglob("oof_fold*.csv"))])["StudyInstanceUID"]
+    studies = pd.read_csv(oof_files[0])["StudyInstanceUID"]
     fits = []
     for model in ensemble.models:
         single = type(ensemble)([model], ensemble.crop_config, ensemble.device, amp=False)
@@ -92,6 +98,8 @@ def score_sets(demo: Path, sets: list[Path], run: Path, tta: bool, calibration: 
     if calibration == "none":
         ensemble.vertebra_calibrations = [None] * len(ensemble.models)
     elif calibration != "stored":
+        if cache is None:
+            raise SystemExit("--calibration pooled|per-vertebra needs --cache (the crop cache the run trained on)")
         import yaml
 
         trained_on = Path(yaml.safe_load(next(run.rglob("config.yaml")).read_text())["data"]["root"])
