@@ -4,7 +4,8 @@ A demo run costs ten minutes and its cross-check five more, and most of both is 
 compare stage-2 variants (training settings, calibration, test-time flips) this script runs a finished
 demo's stage 1 once over each set's test studies and stores the crops it cuts (``crops``); every stage-2
 run is then scored on exactly those crops in seconds (``score``), the way ``predict`` scores them: a
-vertebra stage 1 did not find, or its quality check dropped, takes the prior; patient_overall by noisy-OR;
+vertebra stage 1 did not find, or its quality check dropped, takes the prior that ``predict`` would give it
+(the set's own ``train.csv`` prevalence, else the models'); patient_overall by noisy-OR (the demo's rule);
 the score against the prior of the demo's training studies (``report.heldout.score_heldout``).
 
 Run (from the repository root, after ``rsna-cspine demo --out DEMO`` and ``benchmarks/demo_crosscheck.py``):
@@ -110,6 +111,10 @@ def score_sets(demo: Path, sets: list[Path], run: Path, tta: bool, calibration: 
         for set_dir in sorted(p for p in [crop_dir, *crop_dir.iterdir()] if (p / "data").is_file()):
             data = Path((set_dir / "data").read_text())
             labels = read_train_labels(data / "test_labels.csv")
+            # The fallback predict uses (PipelineConfig.prior "train_csv"): the set's own train.csv prevalence when
+            # it has labelled studies (a demo's test split), else the models' training prevalence (cross-check sets).
+            train = read_train_labels(data / "train.csv") if (data / "train.csv").is_file() else None
+            fallback = prior_predictions(train) if train is not None and len(train) else ensemble.prevalence
             rows = []
             for uid in labels["StudyInstanceUID"]:
                 stored = np.load(set_dir / f"{uid}.npz")
@@ -118,7 +123,7 @@ def score_sets(demo: Path, sets: list[Path], run: Path, tta: bool, calibration: 
                 if present.any():
                     probs[present] = ensemble.predict_stacks(stored["images"][present], tta=tta,
                                                              vertebrae=np.flatnonzero(present))
-                filled = clip_probabilities(np.where(np.isfinite(probs), probs, ensemble.prevalence[: len(VERTEBRAE)]))
+                filled = clip_probabilities(np.where(np.isfinite(probs), probs, fallback[: len(VERTEBRAE)]))
                 overall = patient_overall(filled[None], rule="noisy_or")[0]
                 rows += [(f"{uid}_{c}", p) for c, p in zip([*VERTEBRAE, "patient_overall"], [*filled, overall])]
             submission = pd.DataFrame(rows, columns=["row_id", "fractured"])
