@@ -91,9 +91,11 @@ def score_sets(demo: Path, sets: list[Path], run: Path, tta: bool, calibration: 
     from rsna_cspine.aggregate import clip_probabilities, patient_overall
     from rsna_cspine.cls.predict import load_classifiers
     from rsna_cspine.constants import VERTEBRAE
-    from rsna_cspine.io.kaggle import read_train_labels
+    from rsna_cspine.inference import PipelineConfig
+    from rsna_cspine.inference.dataset import dataset_prior
+    from rsna_cspine.io.kaggle import KaggleLayout, read_train_labels
     from rsna_cspine.metric import prior_predictions
-    from rsna_cspine.report.heldout import score_heldout
+    from rsna_cspine.report.heldout import score_heldout, vertebra_table
 
     ensemble = load_classifiers(sorted(run.rglob("best.pt")), torch.device("cpu"))
     if calibration == "none":
@@ -111,10 +113,10 @@ def score_sets(demo: Path, sets: list[Path], run: Path, tta: bool, calibration: 
         for set_dir in sorted(p for p in [crop_dir, *crop_dir.iterdir()] if (p / "data").is_file()):
             data = Path((set_dir / "data").read_text())
             labels = read_train_labels(data / "test_labels.csv")
-            # The fallback predict uses (PipelineConfig.prior "train_csv"): the set's own train.csv prevalence when
-            # it has labelled studies (a demo's test split), else the models' training prevalence (cross-check sets).
-            train = read_train_labels(data / "train.csv") if (data / "train.csv").is_file() else None
-            fallback = prior_predictions(train) if train is not None and len(train) else ensemble.prevalence
+            # The fallback predict uses: the set's own train.csv prevalence when it has labelled studies (a demo's
+            # test split), else the models' training prevalence (cross-check sets).
+            fallback = dataset_prior(KaggleLayout(data), PipelineConfig())
+            fallback = ensemble.prevalence if fallback is None else fallback
             rows = []
             for uid in labels["StudyInstanceUID"]:
                 stored = np.load(set_dir / f"{uid}.npz")
@@ -128,12 +130,9 @@ def score_sets(demo: Path, sets: list[Path], run: Path, tta: bool, calibration: 
                 rows += [(f"{uid}_{c}", p) for c, p in zip([*VERTEBRAE, "patient_overall"], [*filled, overall])]
             submission = pd.DataFrame(rows, columns=["row_id", "fractured"])
             scores = score_heldout(submission, labels, prior).to_dict()
-            truth = labels.set_index("StudyInstanceUID")
-            table = submission[~submission.row_id.str.endswith("overall")].copy()
-            table["uid"], table["vertebra"] = table.row_id.str.rsplit("_", n=1).str[0], table.row_id.str.rsplit("_", n=1).str[1]
-            table["label"] = [truth.loc[u, v] for u, v in zip(table.uid, table.vertebra)]
-            per = {v: round(float(roc_auc_score(g.label, g.fractured)), 2) for v, g in table.groupby("vertebra")
-                   if 0 < g.label.sum() < len(g)}
+            table = vertebra_table(submission, labels)
+            per = {v: round(float(roc_auc_score(g["label"], g["probability"])), 2) for v, g in table.groupby("vertebra")
+                   if 0 < g["label"].sum() < len(g)}
             results[set_dir.name] = {"auc": round(scores["auc"], 4), "below_prior": round(scores["below_prior"], 4),
                                      "sensitivity": round(scores["sensitivity"], 3),
                                      "specificity": round(scores["specificity"], 3), "per_vertebra": per}

@@ -57,8 +57,8 @@ def parts_dir(out_csv: str | Path) -> Path:
     return out_csv.with_name(out_csv.name + ".parts")
 
 
-def _dataset_prior(layout: KaggleLayout, cfg: PipelineConfig) -> np.ndarray | None:
-    """The prior ``cfg.prior`` names; None when it is the models' (known once they are loaded)."""
+def dataset_prior(layout: KaggleLayout, cfg: PipelineConfig) -> np.ndarray | None:
+    """The prior ``cfg.prior`` names for a dataset's studies; None when it is the models' (known once they are loaded)."""
     if cfg.prior == "real":
         return prior_predictions(None)
     if cfg.prior == "train_csv" and layout.train_csv.is_file():
@@ -227,7 +227,7 @@ def predict_dataset(
     test = read_test_csv(layout.test_csv)
     all_uids = test_studies(test)
     uids = all_uids if shard is None else shard_studies(all_uids, shard)
-    prior = _dataset_prior(layout, cfg)
+    prior = dataset_prior(layout, cfg)
     shard_note = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
     logger.info("%d studies to predict%s from %s", len(uids), shard_note, layout.test_csv)
 
