@@ -1,7 +1,8 @@
 """``rsna-cspine demo``: the whole job on a fresh machine in about ten minutes of CPU.
 
 Generates a small synthetic Kaggle-layout dataset, trains stage 1 (3D UNet) and stage 2 (2.5D
-classifier, crops from the ground-truth masks) briefly, predicts the held-out test studies through the
+classifier, training crops from the ground-truth masks, validation crops from stage 1's, as the test crops
+are) briefly, predicts the held-out test studies through the
 same pipeline as a real submission (stage-1 predicted masks → crops → stage 2), scores it on the held-out
 labels (pooled per-vertebra ROC AUC, sensitivity and specificity at 0.5, competition score next to the
 prior baseline), draws one detected fracture beside one cleared vertebra, writes the CV report of the
@@ -10,7 +11,8 @@ stage-2 out-of-fold predictions, and prints where everything is.
 Output folder::
 
     OUT/data/            synthetic Kaggle layout (train.csv, test.csv, test_labels.csv, *_images/, segmentations/)
-    OUT/work/            the prepared cache (stage-1 grids, masks, stage-2 crops; one decode per study)
+    OUT/work/            the prepared cache (stage-1 grids, masks, stage-2 crops; one decode per study) and
+                         validation_stage1/ (stage 2's validation studies cropped with stage 1's masks)
     OUT/runs/seg/        stage-1 run (config.yaml, summary.csv, curves.png, best.pt, last.pt)
     OUT/runs/cls/        stage-2 run (fold0/..., oof_fold0.csv)
     OUT/models/          the models folder predict reads (seg/fold0/best.pt, cls/fold0/best.pt)
@@ -34,18 +36,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import yaml
 
 from rsna_cspine.config import load_config
 from rsna_cspine.errors import ConfigError, CSpineError
+from rsna_cspine.report.demo_summary import DemoResult, as_json, format_summary
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from rsna_cspine.cls.config import ClsConfig
     from rsna_cspine.prepare.config import PrepareConfig
-    from rsna_cspine.report.heldout import HeldoutScores
     from rsna_cspine.seg.config import SegConfig
 
 logger = logging.getLogger(__name__)
@@ -96,44 +97,6 @@ class DemoConfig:
     workers: int = 2
 
 
-@dataclass
-class DemoResult:
-    """Where the demo's artefacts are and how well it did.
-
-    Attributes:
-        out_dir: the demo folder.
-        submission: the submission of the held-out test studies.
-        timings: the per-study timing log of the prediction.
-        cv_report: ``report.md`` of the stage-2 out-of-fold predictions.
-        pictures: the PNG files (CV report plots, training curves).
-        models_dir: the models folder used for prediction.
-        score: competition score (study form) of the submission on the held-out labels.
-        prior_score: the same score of the prior (training prevalence) submission.
-        heldout: every held-out figure (pooled per-vertebra AUC, sensitivity, specificity, scores).
-        detection_picture: Grad-CAM of the most confident detected fracture beside a cleared vertebra
-            (None when no fractured test vertebra reached the threshold or the picture failed).
-        seg_dice: best validation mean Dice of stage 1 (NaN when unknown).
-        cv_score: stage-2 out-of-fold competition score (study form).
-        n_test: held-out test studies.
-        seconds: wall-clock time of each step and ``total``.
-    """
-
-    out_dir: Path
-    submission: Path
-    timings: Path
-    cv_report: Path
-    pictures: list[Path]
-    models_dir: Path
-    score: float
-    prior_score: float
-    heldout: HeldoutScores
-    detection_picture: Path | None
-    seg_dice: float
-    cv_score: float
-    n_test: int
-    seconds: dict[str, float]
-
-
 def _config_path(name: str) -> Path:
     path = Path(name)
     if path.is_absolute() or path.is_file():
@@ -175,9 +138,9 @@ def write_data(data_dir: Path, config: DemoConfig, seed: int) -> None:
 
     synth_cfg = load_config(SynthConfig, values={**config.synth, "seed": seed})
     if (data_dir / _DATA_DONE).is_file() and json.loads((data_dir / _DATA_DONE).read_text()) == repr(synth_cfg):
-        _banner("1/7 data", f"reusing the synthetic dataset in {data_dir}")
+        _banner("1/8 data", f"reusing the synthetic dataset in {data_dir}")
         return
-    _banner("1/7 data", f"writing {synth_cfg.n_studies} synthetic studies ({synth_cfg.image_size} px) to {data_dir}")
+    _banner("1/8 data", f"writing {synth_cfg.n_studies} synthetic studies ({synth_cfg.image_size} px) to {data_dir}")
     shutil.rmtree(data_dir, ignore_errors=True)
     write_dataset(data_dir, synth_cfg, workers=config.workers)
     (data_dir / _DATA_DONE).write_text(json.dumps(repr(synth_cfg)))
@@ -186,6 +149,7 @@ def write_data(data_dir: Path, config: DemoConfig, seed: int) -> None:
 def stage_configs(config: DemoConfig, seed: int, out_dir: Path) -> tuple[SegConfig, ClsConfig, PrepareConfig]:
     """The two stages' training configs and the prepared cache they share (one folder per setting)."""
     from rsna_cspine.cls.config import ClsConfig
+    from rsna_cspine.cls.train import validation_studies
     from rsna_cspine.prepare import prepare_config_for
     from rsna_cspine.seg.config import SegConfig
 
@@ -195,6 +159,9 @@ def stage_configs(config: DemoConfig, seed: int, out_dir: Path) -> tuple[SegConf
                           values={"data": {"root": data_dir}, "run_dir": runs_dir / "seg", **common})
     cls_cfg = load_config(ClsConfig, _config_path(config.cls_config), config.cls_overrides,
                           values={"data": {"root": data_dir}, "run_dir": runs_dir / "cls", "fold": 0, **common})
+    # Stage 1 never trains on stage 2's validation studies: their crops are cut with its masks (step 4), which
+    # must be as good as a test study's, not better.
+    seg_cfg.data.exclude = (*seg_cfg.data.exclude, *validation_studies(cls_cfg))
     # A prepared cache refuses other settings: one folder per setting lets a rerun change them.
     prepare_cfg = prepare_config_for(seg_cfg, cls_cfg, mask_source="gt")
     key = hashlib.sha1(repr((prepare_cfg.stage1, prepare_cfg.crop)).encode()).hexdigest()[:8]
@@ -202,8 +169,32 @@ def stage_configs(config: DemoConfig, seed: int, out_dir: Path) -> tuple[SegConf
     return seg_cfg, cls_cfg, prepare_cfg
 
 
+def validation_crops(out_dir: Path, seg_run: Path, cls_cfg: ClsConfig, prepare_cfg: PrepareConfig) -> Path:
+    """Step 4: stage 2's validation studies cropped with the stage-1 model just trained, as the test studies
+    will be; stage 2 picks its epoch and fits its vertebra calibration on them (``data.val_cache_dir``).
+
+    Fitted on crops cut with the true masks instead, the calibration missed what stage 1's rough masks do to
+    the probabilities (evidence.md, "Per-vertebra calibration").
+
+    Args:
+        seg_run: the stage-1 run's fold folder (its ``best.pt``).
+        cls_cfg: the stage-2 config (its data root and validation fold).
+        prepare_cfg: the settings of the training crops (the mask source is replaced).
+    """
+    from dataclasses import replace
+
+    from rsna_cspine.cls.train import validation_studies
+    from rsna_cspine.prepare import prepare_dataset
+
+    cache, uids = out_dir / "work" / "validation_stage1", validation_studies(cls_cfg)
+    _banner("4/8 validation crops", f"stage 2's {len(uids)} validation studies cropped with stage 1's masks")
+    prepare_dataset(out_dir / "data", cache, replace(prepare_cfg, mask_source="pred"), seg_models=seg_run / "best.pt",
+                    studies=uids, restart=True)  # always the stage-1 model of this run
+    return cache
+
+
 def predict_test(out_dir: Path, runs: dict[str, tuple[Path, int]], config: DemoConfig) -> pd.DataFrame:
-    """Step 5: copy the trained models to ``OUT/models`` and predict ``test.csv`` exactly as a submission would.
+    """Step 6: copy the trained models to ``OUT/models`` and predict ``test.csv`` exactly as a submission would.
 
     Args:
         runs: stage (``seg``, ``cls``) → (its run's fold folder, its fold number).
@@ -215,13 +206,13 @@ def predict_test(out_dir: Path, runs: dict[str, tuple[Path, int]], config: DemoC
         target.mkdir(parents=True, exist_ok=True)
         for name in ("best.pt", "config.yaml"):
             shutil.copy2(run / name, target / name)
-    _banner("5/7 predict", f"test.csv studies → {out_dir / 'submission.csv'}")
+    _banner("6/8 predict", f"test.csv studies → {out_dir / 'submission.csv'}")
     return predict_dataset(out_dir / "data", out_dir / "models", out_dir / "submission.csv",
                            cfg=PipelineConfig(device=config.device, rule=config.rule, resume=False))
 
 
 def draw_detection(out_dir: Path, submission: pd.DataFrame, test_labels: pd.DataFrame, config: DemoConfig) -> Path | None:
-    """Step 7a: Grad-CAM of the most confident detected fracture beside a cleared vertebra (None: not drawn)."""
+    """Step 8a: Grad-CAM of the most confident detected fracture beside a cleared vertebra (None: not drawn)."""
     from rsna_cspine.io.kaggle import KaggleLayout
     from rsna_cspine.report.heldout import draw_detection_picture, vertebra_table
 
@@ -288,7 +279,7 @@ def run_demo(
 
     # 2. Data preparation first, so that the training budgets below are spent on training alone.
     tick = time.monotonic()
-    _banner("2/7 prepare", "one decode per training study: stage-1 grids and stage-2 crops (ground-truth masks)")
+    _banner("2/8 prepare", "one decode per training study: stage-1 grids and stage-2 crops (ground-truth masks)")
     prepare_dataset(data_dir, seg_cfg.data.cache_dir, prepare_cfg)
     seconds["caches"] = time.monotonic() - tick
 
@@ -299,14 +290,19 @@ def run_demo(
     # 3. Stage 1. Its trainer stops before an epoch that would overrun its budget; stage 2 gets the rest.
     tick = time.monotonic()
     seg_cfg.train.max_minutes = training_minutes(config.seg_share)
-    _banner("3/7 stage 1", f"training the 3D UNet for ≤ {seg_cfg.train.max_minutes:.1f} min ({config.seg_config})")
+    _banner("3/8 stage 1", f"training the 3D UNet for ≤ {seg_cfg.train.max_minutes:.1f} min ({config.seg_config})")
     seg_run = train_segmentation(seg_cfg)
     seconds["stage1"] = time.monotonic() - tick
 
-    # 4. Stage 2, on what is left.
+    # 4. Stage 2's validation crops, cut as the test crops will be.
+    tick = time.monotonic()
+    cls_cfg.data.val_cache_dir = str(validation_crops(out_dir, seg_run, cls_cfg, prepare_cfg))
+    seconds["val_crops"] = time.monotonic() - tick
+
+    # 5. Stage 2, on what is left.
     tick = time.monotonic()
     cls_cfg.train.max_minutes = training_minutes(1.0)
-    _banner("4/7 stage 2", f"training the 2.5D classifier for ≤ {cls_cfg.train.max_minutes:.1f} min ({config.cls_config})")
+    _banner("5/8 stage 2", f"training the 2.5D classifier for ≤ {cls_cfg.train.max_minutes:.1f} min ({config.cls_config})")
     cls_run = train_classifier(cls_cfg)
     seconds["stage2"] = time.monotonic() - tick
 
@@ -314,18 +310,18 @@ def run_demo(
     submission = predict_test(out_dir, {"seg": (seg_run, seg_cfg.fold), "cls": (cls_run, cls_cfg.fold)}, config)
     seconds["predict"] = time.monotonic() - tick
 
-    # 6. Score against the held-out truth, next to the prior every model must beat.
+    # 7. Score against the held-out truth, next to the prior every model must beat.
     tick = time.monotonic()
-    _banner("6/7 score", "held-out test labels: per-vertebra ROC AUC, sensitivity/specificity, competition metric")
+    _banner("7/8 score", "held-out test labels: per-vertebra ROC AUC, sensitivity/specificity, competition metric")
     test = read_test_csv(layout.test_csv)
     test_labels = read_train_labels(data_dir / "test_labels.csv")
     test_labels = test_labels[test_labels["StudyInstanceUID"].isin(set(test["StudyInstanceUID"]))]
     heldout = score_heldout(submission, test_labels, prior_predictions(train_labels), config.threshold)
     seconds["score"] = time.monotonic() - tick
 
-    # 7. What a newcomer should see: one detected fracture beside one cleared vertebra, and the CV report.
+    # 8. What a newcomer should see: one detected fracture beside one cleared vertebra, and the CV report.
     tick = time.monotonic()
-    _banner("7/7 report", "Grad-CAM of the most confident detected fracture; CV report of the out-of-fold predictions")
+    _banner("8/8 report", "Grad-CAM of the most confident detected fracture; CV report of the out-of-fold predictions")
     detection = draw_detection(out_dir, submission, test_labels, config)
     report = cv_report(load_oof(Path(cls_cfg.run_dir)), train_labels, out_dir / "cv_report", rule=config.rule)
     seconds["report"] = time.monotonic() - tick
@@ -349,60 +345,8 @@ def run_demo(
         n_test=heldout.n_studies,
         seconds={k: round(v, 1) for k, v in seconds.items()},
     )
-    (out_dir / _MARKER).write_text(json.dumps(_as_json(result), indent=2) + "\n")
+    (out_dir / _MARKER).write_text(json.dumps(as_json(result), indent=2) + "\n")
     return result
-
-
-def _finite(value: Any) -> Any:
-    return None if isinstance(value, float) and not np.isfinite(value) else value
-
-
-def _as_json(result: DemoResult) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in vars(result).items():
-        if key == "heldout":
-            value = {k: _finite(v) for k, v in value.to_dict().items()}
-        elif isinstance(value, Path):
-            value = str(value)
-        elif isinstance(value, list):
-            value = [str(v) for v in value]
-        elif isinstance(value, float) and not np.isfinite(value):
-            value = None
-        out[key] = value
-    return out
-
-
-def format_summary(result: DemoResult) -> str:
-    """The closing summary printed by ``rsna-cspine demo``.
-
-    Args:
-        result: what ``run_demo`` returned.
-    """
-    h = result.heldout
-    lines = [
-        "",
-        "=== demo finished in {:.1f} min ({})".format(
-            result.seconds["total"] / 60, ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items() if k != "total")
-        ),
-        f"held-out test set: {h.n_studies} studies, {h.n_vertebrae} vertebrae ({h.n_fractured} fractured), "
-        "predicted through the whole pipeline (stage-1 masks → crops → stage 2)",
-        f"  per-vertebra ROC AUC:  {h.auc:.3f}",
-        f"  sensitivity at p >= {h.threshold:g}: {h.sensitivity:.3f}",
-        f"  specificity at p >= {h.threshold:g}: {h.specificity:.3f}",
-        f"  competition score (weighted log loss, lower is better): model {h.score:.4f} vs prior "
-        f"{h.prior_score:.4f} ("
-        + (f"{h.below_prior:.1%} below the prior)" if h.below_prior >= 0 else f"{-h.below_prior:.1%} above the prior: worse)"),
-        f"stage 1 best validation Dice: {result.seg_dice:.3f}; stage 2 out-of-fold score: {result.cv_score:.4f}",
-        "detected fracture beside a cleared vertebra (Grad-CAM): "
-        + (str(result.detection_picture) if result.detection_picture else "not drawn (see the log)"),
-        f"submission:   {result.submission}",
-        f"timings:      {result.timings}",
-        f"CV report:    {result.cv_report}",
-        f"models:       {result.models_dir}",
-        "pictures:",
-        *(f"  {p}" for p in result.pictures),
-    ]
-    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -412,7 +356,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser: the subcommand's parser.
     """
     parser.add_argument("--out", type=Path, default=Path("demo"), help="demo folder (default ./demo)")
-    parser.add_argument("--minutes", type=float, default=None, help="time target in minutes (default: the config's, 9 in configs/demo.yaml)")
+    parser.add_argument("--minutes", type=float, default=None, help="time target in minutes (default: the config's, 9.3 in configs/demo.yaml)")
     parser.add_argument("--seed", type=int, default=None, help="dataset and training seed (default 0)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="demo YAML (default configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="DemoConfig settings, e.g. synth.n_studies=30")

@@ -26,7 +26,7 @@ from rsna_cspine.cls.loss import fracture_loss
 from rsna_cspine.cls.model import FractureClassifier
 from rsna_cspine.cls.predict import load_classifiers
 from rsna_cspine.cls.task import OOF_COLUMNS
-from rsna_cspine.cls.train import fold_split, train_classifier
+from rsna_cspine.cls.train import classifier_data, fold_split, train_classifier, validation_studies
 from rsna_cspine.config import load_config, save_config
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.crops import CropConfig, VertebraCrops, load_crops
@@ -445,8 +445,6 @@ def test_an_incomplete_or_foreign_cache_is_refused_before_joining_a_group(tmp_pa
 
 
 def test_studies_without_crops_or_excluded_are_left_out(tmp_path) -> None:
-    from rsna_cspine.cls.train import classifier_data
-
     root, cache = toy_crop_dataset(tmp_path, n_studies=6)
     prepared = PreparedCache(cache)
     ledger = prepared.ledger(settings_fingerprint(PrepareConfig(crop=CROP), [], "train"))
@@ -461,3 +459,44 @@ def test_studies_without_crops_or_excluded_are_left_out(tmp_path) -> None:
     split = fold_split(cfg, index)
     used = set(split.train["StudyInstanceUID"]) | set(split.val_labels["StudyInstanceUID"])
     assert used == {toy_uid(k) for k in (0, 2, 3)}
+
+
+def test_validation_crops_come_from_the_validation_cache(tmp_path) -> None:
+    """``data.val_cache_dir`` (crops cut with stage 1's masks): the epoch, the OOF file and the stored
+    calibration see those crops; training keeps the main cache's."""
+    root, cache = toy_crop_dataset(tmp_path)
+    cfg = tiny_cls_config(tmp_path, root, cache, "val_cache", epochs=1)
+    val_uids = validation_studies(cfg)
+    labels = pd.read_csv(f"{root}/train.csv", dtype={"StudyInstanceUID": str})
+    folds = fold_of(labels["StudyInstanceUID"].tolist(), 3, 42)
+    assert val_uids == [u for u in labels["StudyInstanceUID"] if folds[u] == 0] and len(val_uids) >= 3
+    # As stage 1 might leave them: C1 missed in every validation study, and nothing found in one of them.
+    val_cache = tmp_path / "val_crops"
+    for k, uid in enumerate(val_uids):
+        crops = load_crops(f"{cache}/crops/{uid}.npz")
+        crops.present[0] = False
+        if k == 0:
+            crops.present[:] = False
+        crops.images[~crops.present] = 0
+        save_prepared(val_cache, uid, crops, mask_source="pred")
+    plain = fold_split(cfg, classifier_data(cfg))
+    cfg.data.val_cache_dir = str(val_cache)
+    split = fold_split(cfg, classifier_data(cfg))
+    pd.testing.assert_frame_equal(split.train, plain.train)
+    assert split.val["path"].str.startswith(str(val_cache)).all()
+    assert 0 not in set(split.val["vertebra"]) and val_uids[0] not in set(split.val["StudyInstanceUID"])
+    assert len(split.val) == len(plain.val) - len(plain.val[plain.val["StudyInstanceUID"] == val_uids[0]]) - (len(val_uids) - 1)
+    assert split.val_labels["StudyInstanceUID"].tolist() == val_uids  # a study with nothing found is still scored
+
+    run = train_classifier(cfg)
+    oof = pd.read_csv(tmp_path / "val_cache" / "oof_fold0.csv", dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+    prior = labels[labels["StudyInstanceUID"].map(folds) != 0][list(VERTEBRAE)].mean().to_numpy()
+    np.testing.assert_allclose(oof.loc[val_uids, "C1"], prior[0])  # missed by "stage 1": the prior, as predict gives it
+    np.testing.assert_allclose(oof.loc[val_uids[0], list(VERTEBRAE)].to_numpy(float), prior)
+    fit = VertebraCalibration.from_dict(load_checkpoint(run / "best.pt")["extra"]["vertebra_calibration"])
+    assert fit.n_vertebrae == len(split.val)
+
+    # The validation cache must hold every validation study; the error says how to prepare it.
+    (val_cache / "crops" / f"{val_uids[1]}.npz").unlink()
+    with pytest.raises(LayoutError, match=r"1 of \d+ studies neither prepared nor failed.*--seg-models"):
+        fold_split(cfg, classifier_data(cfg))

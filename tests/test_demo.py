@@ -93,6 +93,16 @@ def test_demo_writes_a_valid_scored_submission_report_and_pictures(tmp_path: Pat
         assert list((out / "detection").glob("detected_*/C?_gradcam.png"))
     assert yaml.safe_load((out / "demo_config.yaml").read_text())["seed"] == 3
 
+    # Stage 2 picked its epoch and fitted its calibration on its validation studies cropped with the masks of the
+    # stage 1 just trained, which never trained on them: as the test studies are cropped.
+    cls_config = yaml.safe_load((out / "runs" / "cls" / "fold0" / "config.yaml").read_text())
+    manifest = pd.read_csv(Path(cls_config["data"]["val_cache_dir"]) / "manifest.csv", dtype={"StudyInstanceUID": str})
+    oof = pd.read_csv(out / "runs" / "cls" / "oof_fold0.csv", dtype={"StudyInstanceUID": str})
+    assert sorted(manifest["StudyInstanceUID"]) == sorted(oof["StudyInstanceUID"]) and len(oof) > 0
+    assert set(manifest["mask_source"]) == {"pred"}
+    seg_config = yaml.safe_load((out / "runs" / "seg" / "fold0" / "config.yaml").read_text())
+    assert set(oof["StudyInstanceUID"]) <= set(seg_config["data"]["exclude"])
+
     # The cross-check script runs on this demo: fresh studies, moved knobs, the demo's models.
     xcheck = tmp_path / "xcheck"
     assert crosscheck_main(["--demo", str(out), "--work", str(xcheck), "--quick", "--device", "cpu"]) == 0

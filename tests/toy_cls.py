@@ -29,11 +29,11 @@ def absent_study(n_studies: int) -> int:
     return min(i for i in range(n_studies) if folds[toy_uid(i)] == 0)
 
 
-def save_prepared(cache: str | Path, uid: str, crops: VertebraCrops, crop: CropConfig = CROP) -> None:
+def save_prepared(cache: str | Path, uid: str, crops: VertebraCrops, crop: CropConfig = CROP, mask_source: str = "gt") -> None:
     """One study's crops as ``rsna-cspine prepare`` leaves them: the crop file and its ledger record."""
     prepared = PreparedCache(cache)
-    name = prepared.relative(save_crops(prepared.crop_path(uid), crops, mask_source="gt"))
-    record = {"crop_file": name, "mask_source": "gt", "n_present": int(crops.present.sum()), "outputs": [name]}
+    name = prepared.relative(save_crops(prepared.crop_path(uid), crops, mask_source=mask_source))
+    record = {"crop_file": name, "mask_source": mask_source, "n_present": int(crops.present.sum()), "outputs": [name]}
     prepared.ledger(settings_fingerprint(PrepareConfig(crop=crop), [], "train")).save(uid, record)
 
 

@@ -23,6 +23,10 @@ class ClsDataConfig:
         cache_dir: the prepared cache (``rsna-cspine prepare``) whose ``crops/<uid>.npz`` hold each study's
             stacks; it must have been prepared with this ``crop`` (which mask they were cut from is a
             setting of ``prepare``, recorded in its manifest).
+        val_cache_dir: a second prepared cache the validation studies' crops come from instead (empty: from
+            ``cache_dir``). Prepared with ``--seg-models``, it holds crops cut with stage 1's masks, as the
+            test crops are: the best epoch and the stored calibration are then chosen on what ``predict``
+            will see, not on crops cut with the true masks. It needs only the fold's validation studies.
         in_memory: keep every decoded stack in RAM (small datasets; saves re-reading the npz each epoch).
         exclude: StudyInstanceUIDs never used for training (default: the real data set's known broken
             scans, see README).
@@ -31,6 +35,7 @@ class ClsDataConfig:
 
     root: str = "data/kaggle"
     cache_dir: str = "work/prepared"
+    val_cache_dir: str = ""
     in_memory: bool = False
     exclude: tuple[str, ...] = KNOWN_BROKEN_STUDIES
     crop: CropConfig = field(default_factory=CropConfig)

@@ -75,7 +75,7 @@ def study_predictions(items: pd.DataFrame, probs: np.ndarray, studies: list[str]
     """
     row_of = {uid: i for i, uid in enumerate(studies)}
     out = np.tile(prior[: len(VERTEBRAE)], (len(studies), 1)).astype(np.float64)
-    rows = items["StudyInstanceUID"].map(row_of).to_numpy()
+    rows = items["StudyInstanceUID"].map(row_of).to_numpy(dtype=np.int64)  # int even when no item was scored
     out[rows, items["vertebra"].to_numpy()] = probs
     return out
 

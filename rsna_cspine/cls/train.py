@@ -65,8 +65,32 @@ def classifier_data(cfg: ClsConfig) -> pd.DataFrame:
                                exclude=d.exclude)
 
 
+def validation_studies(cfg: ClsConfig) -> list[str]:
+    """The train.csv studies of the run's validation fold, in table order (what ``data.val_cache_dir`` must hold).
+
+    Args:
+        cfg: the run config (``data.root``, ``fold``, ``train.n_folds``, ``train.fold_seed``).
+    """
+    _, labels = _labels(cfg)
+    uids = labels["StudyInstanceUID"].tolist()
+    folds = fold_of(uids, cfg.train.n_folds, cfg.train.fold_seed) if cfg.fold >= 0 else {}
+    return [u for u in uids if folds.get(u) == cfg.fold and u not in set(cfg.data.exclude)]
+
+
+def _with_validation_crops(cfg: ClsConfig, index: pd.DataFrame, val_uids: list[str]) -> pd.DataFrame:
+    """``index`` with the validation studies' rows taken from ``data.val_cache_dir``."""
+    command = (f"rsna-cspine prepare --data {cfg.data.root} --out {cfg.data.val_cache_dir} --cls-config CONFIG "
+               "--seg-models MODELS --studies VALIDATION_UIDS")
+    val_index = prepared_crop_index(cfg.data.val_cache_dir, val_uids, cfg.data.crop, command, exclude=cfg.data.exclude)
+    sources = val_index.loc[val_index["status"] != "failed", "mask_source"].value_counts().to_dict()
+    log.info("fold %d: the %d validation studies' crops come from %s (mask sources %s)", cfg.fold, len(val_index),
+             cfg.data.val_cache_dir, sources)
+    return pd.concat([index[~index["StudyInstanceUID"].isin(set(val_uids))], val_index], ignore_index=True)
+
+
 def fold_split(cfg: ClsConfig, index: pd.DataFrame) -> FoldSplit:
-    """The fold's items from a crop cache index (studies whose crops failed are left out).
+    """The fold's items from a crop cache index (studies whose crops failed are left out); with
+    ``data.val_cache_dir``, the validation studies' crops come from that cache.
 
     Args:
         cfg: the run config (``fold``, ``train.n_folds``, ``train.fold_seed``).
@@ -76,6 +100,8 @@ def fold_split(cfg: ClsConfig, index: pd.DataFrame) -> FoldSplit:
     # Folds come from every study of train.csv, so a study whose crops fail never reshuffles the others.
     # Fold -1 validates on nothing, so it needs no fold assignment (and works with fewer studies than folds).
     folds = fold_of(labels["StudyInstanceUID"].tolist(), cfg.train.n_folds, cfg.train.fold_seed) if cfg.fold >= 0 else {}
+    if cfg.data.val_cache_dir and cfg.fold >= 0:
+        index = _with_validation_crops(cfg, index, validation_studies(cfg))
     ok = index[index["status"] != "failed"]
     if ok.empty:
         raise LayoutError("no study has crops; see the crop cache errors above", cfg.data.cache_dir)

@@ -136,7 +136,9 @@ class Segmenter:
         Args:
             probs: ``(C, D, H, W)`` from :meth:`predict_probabilities` (modified in place).
         """
-        labels = probs.argmax(dim=0, keepdim=True)  # (1, D, H, W)
+        # max().indices, not argmax(): the same labels, ~10x faster over the channel axis on CPU (measured
+        # on an 8 x 64 x 128 x 128 grid: 0.016 s against 0.19 s; evidence.md, "Stage-1 inference on CPU").
+        labels = probs.max(dim=0, keepdim=True).indices  # (1, D, H, W)
         labels[labels > max(CERVICAL_LABELS)] = 0  # the optional thoracic class is not part of the mask
         if self.cfg.predict.keep_largest_component:
             kept = torch.as_tensor(self._keep_largest(labels.clone())).to(labels.device)  # it works in place

@@ -83,7 +83,7 @@ def validate(
         with autocast(device, amp):
             logits = window_logits(model, image, windows, grid)
         losses.append(float(loss_fn(logits.float(), label)))
-        pred = one_hot(logits.argmax(1, keepdim=True), n_classes)
+        pred = one_hot(logits.max(1, keepdim=True).indices, n_classes)  # argmax(1) is ~10x slower on CPU
         metric(y_pred=pred, y=one_hot(label.long(), n_classes))
     dice = metric.aggregate().cpu().numpy().astype(np.float64)
     return float(np.mean(losses)) if losses else float("nan"), dice
