@@ -169,7 +169,7 @@ def stage_configs(config: DemoConfig, seed: int, out_dir: Path) -> tuple[SegConf
     return seg_cfg, cls_cfg, prepare_cfg
 
 
-def validation_crops(out_dir: Path, seg_run: Path, cls_cfg: ClsConfig, prepare_cfg: PrepareConfig) -> Path:
+def validation_crops(out_dir: Path, seg_run: Path, cls_cfg: ClsConfig, prepare_cfg: PrepareConfig) -> str:
     """Step 4: stage 2's validation studies cropped with the stage-1 model just trained, as the test studies
     will be; stage 2 picks its epoch and fits its vertebra calibration on them (``data.val_cache_dir``).
 
@@ -180,6 +180,9 @@ def validation_crops(out_dir: Path, seg_run: Path, cls_cfg: ClsConfig, prepare_c
         seg_run: the stage-1 run's fold folder (its ``best.pt``).
         cls_cfg: the stage-2 config (its data root and validation fold).
         prepare_cfg: the settings of the training crops (the mask source is replaced).
+
+    Returns:
+        The cache folder (``""`` when the fold has no validation study).
     """
     from dataclasses import replace
 
@@ -187,10 +190,12 @@ def validation_crops(out_dir: Path, seg_run: Path, cls_cfg: ClsConfig, prepare_c
     from rsna_cspine.prepare import prepare_dataset
 
     cache, uids = out_dir / "work" / "validation_stage1", validation_studies(cls_cfg)
+    if not uids:  # nothing to validate on (prepare would take an empty list for every study)
+        return ""
     _banner("4/8 validation crops", f"stage 2's {len(uids)} validation studies cropped with stage 1's masks")
     prepare_dataset(out_dir / "data", cache, replace(prepare_cfg, mask_source="pred"), seg_models=seg_run / "best.pt",
                     studies=uids, restart=True)  # always the stage-1 model of this run
-    return cache
+    return str(cache)
 
 
 def predict_test(out_dir: Path, runs: dict[str, tuple[Path, int]], config: DemoConfig) -> pd.DataFrame:
@@ -296,7 +301,7 @@ def run_demo(
 
     # 4. Stage 2's validation crops, cut as the test crops will be.
     tick = time.monotonic()
-    cls_cfg.data.val_cache_dir = str(validation_crops(out_dir, seg_run, cls_cfg, prepare_cfg))
+    cls_cfg.data.val_cache_dir = validation_crops(out_dir, seg_run, cls_cfg, prepare_cfg)
     seconds["val_crops"] = time.monotonic() - tick
 
     # 5. Stage 2, on what is left.

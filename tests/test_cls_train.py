@@ -500,3 +500,18 @@ def test_validation_crops_come_from_the_validation_cache(tmp_path) -> None:
     (val_cache / "crops" / f"{val_uids[1]}.npz").unlink()
     with pytest.raises(LayoutError, match=r"1 of \d+ studies neither prepared nor failed.*--seg-models"):
         fold_split(cfg, classifier_data(cfg))
+
+
+def test_the_monitored_score_picks_best_pt(tmp_path) -> None:
+    """``train.monitor``: the epoch kept is the best under the rule the models will predict with."""
+    root, cache = toy_crop_dataset(tmp_path)
+    cfg = tiny_cls_config(tmp_path, root, cache, "noisy_or", epochs=3, monitor="val_score_noisy_or")
+    run = train_classifier(cfg)
+    summary = pd.read_csv(run / "summary.csv")
+    best = load_checkpoint(run / "best.pt")
+    assert best["best_score"] == pytest.approx(summary["val_score_noisy_or"].min(), abs=1e-5)
+    assert best["epoch"] == summary.loc[summary["val_score_noisy_or"].idxmin(), "epoch"]
+    assert not np.isclose(summary["val_score"].min(), summary["val_score_noisy_or"].min())  # the two would differ
+    cfg.train.monitor = "val_auc"
+    with pytest.raises(ConfigError, match="train.monitor must be one of"):
+        train_classifier(cfg)

@@ -240,6 +240,9 @@ def test_studies_start_largest_first_and_the_cache_does_not_depend_on_the_order(
     started.clear()
     prepare_dataset(layout, tmp_path / "shard", _cfg(), shard=(1, 2), progress=False)
     assert started == [u for u in expected if u in uids[1::2]]
+    # An empty list of studies is none, not every study (a fold without validation studies, say).
+    started.clear()
+    assert prepare_dataset(layout, tmp_path / "none", _cfg(), studies=[], progress=False).done == 0 and started == []
 
 
 def test_a_killed_run_resumes_where_it_stopped_and_equals_an_uninterrupted_one(layout, tmp_path, monkeypatch) -> None:

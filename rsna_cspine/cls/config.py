@@ -12,6 +12,8 @@ from rsna_cspine.errors import ConfigError
 from rsna_cspine.training.config import FLAT_TRAIN_KEYS, ImageAugConfig, OptimConfig, RunConfig, TrainConfig
 
 HEADS: tuple[str, ...] = ("gru", "lstm", "attention")
+#: Validation scores (``summary.csv`` columns, lower is better) that can pick ``best.pt``.
+MONITORS: tuple[str, ...] = ("val_score", "val_score_noisy_or")
 
 
 @dataclass
@@ -97,13 +99,18 @@ class ClsAugConfig(ImageAugConfig):
 
 @dataclass
 class ClsTrainConfig(TrainConfig):
-    """The shared loop settings (:class:`~rsna_cspine.training.config.TrainConfig`) plus stage 2's loss weight.
+    """The shared loop settings (:class:`~rsna_cspine.training.config.TrainConfig`) plus stage 2's loss weight
+    and the score that picks ``best.pt``.
 
     Attributes:
         slice_loss_weight: weight of the per-slice BCE on known slice labels (0 = off).
+        monitor: the validation score that picks ``best.pt`` and drives early stopping: ``val_score``
+            (patient_overall by the ``calibrated`` rule, ``predict``'s default) or ``val_score_noisy_or`` (for
+            ``--rule noisy_or``). Pick the epoch on the rule the models will predict with.
     """
 
     slice_loss_weight: float = 0.2
+    monitor: str = "val_score"
 
 
 @dataclass
@@ -150,6 +157,8 @@ class ClsConfig(RunConfig):
         if self.model.head not in HEADS:
             raise ConfigError(f"model.head must be one of {HEADS}, got {self.model.head!r}")
         self.train.validate()
+        if self.train.monitor not in MONITORS:
+            raise ConfigError(f"train.monitor must be one of {MONITORS}, got {self.train.monitor!r}")
         self.check_run(self.train.n_folds)
         self.aug.validate()
         if self.train.slice_loss_weight < 0:

@@ -161,11 +161,11 @@ class VertebraTask(TrainingTask):
         device: the training device.
     """
 
-    monitor = "val_score"
     mode = "min"
 
     def __init__(self, cfg: ClsConfig, split: FoldSplit, device: torch.device) -> None:
         self.cfg, self.split, self.device = cfg, split, device
+        self.monitor = cfg.train.monitor
         crop = cfg.data.crop
         augment = StackAugment(cfg.aug, crop.size, crop.in_chans - int(crop.add_mask_channel)) if cfg.aug.enabled else None
         self.train_set = VertebraDataset(split.train, augment, seed=cfg.seed, in_memory=cfg.data.in_memory,

@@ -96,13 +96,13 @@ def select_studies(root: str | Path, split: str, studies: Sequence[str] | None, 
     Args:
         root: the Kaggle-layout folder.
         split: ``train`` or ``test``.
-        studies: explicit StudyInstanceUIDs (kept in this order), or None.
+        studies: explicit StudyInstanceUIDs (kept in this order; an empty list selects none), or None.
         segmented_only: keep only studies with a segmentation.
     """
     from rsna_cspine.io.kaggle import KaggleLayout
     from rsna_cspine.seg.batch import study_uids
 
-    uids = list(dict.fromkeys(studies)) if studies else study_uids(root, split)
+    uids = list(dict.fromkeys(studies)) if studies is not None else study_uids(root, split)
     if segmented_only:
         layout = KaggleLayout(Path(root))
         uids = [u for u in uids if layout.segmentation_path(u) is not None]

@@ -137,7 +137,7 @@ class Segmenter:
             probs: ``(C, D, H, W)`` from :meth:`predict_probabilities` (modified in place).
         """
         # max().indices, not argmax(): the same labels, ~10x faster over the channel axis on CPU (measured
-        # on an 8 x 64 x 128 x 128 grid: 0.016 s against 0.19 s; evidence.md, "Stage-1 inference on CPU").
+        # on an 8 x 64 x 128 x 128 grid: 0.016 s against 0.19 s; evidence.md, "Validation crops through stage 1").
         labels = probs.max(dim=0, keepdim=True).indices  # (1, D, H, W)
         labels[labels > max(CERVICAL_LABELS)] = 0  # the optional thoracic class is not part of the mask
         if self.cfg.predict.keep_largest_component:
