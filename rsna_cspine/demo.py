@@ -190,7 +190,7 @@ def validation_crops(out_dir: Path, seg_run: Path, cls_cfg: ClsConfig, prepare_c
     from rsna_cspine.prepare import prepare_dataset
 
     cache, uids = out_dir / "work" / "validation_stage1", validation_studies(cls_cfg)
-    if not uids:  # nothing to validate on (prepare would take an empty list for every study)
+    if not uids:  # a fold without validation studies: nothing to crop
         return ""
     _banner("4/8 validation crops", f"stage 2's {len(uids)} validation studies cropped with stage 1's masks")
     prepare_dataset(out_dir / "data", cache, replace(prepare_cfg, mask_source="pred"), seg_models=seg_run / "best.pt",
