@@ -71,10 +71,17 @@ def validation_studies(cfg: ClsConfig) -> list[str]:
     Args:
         cfg: the run config (``data.root``, ``fold``, ``train.n_folds``, ``train.fold_seed``).
     """
-    _, labels = _labels(cfg)
+    excluded = set(cfg.data.exclude)
+    return [u for u in _fold_studies(cfg, _labels(cfg)[1]) if u not in excluded]
+
+
+def _fold_studies(cfg: ClsConfig, labels: pd.DataFrame) -> list[str]:
+    """The studies of ``labels`` in the run's validation fold, in table order. Folds come from every study of
+    train.csv, so a study whose crops fail never reshuffles the others; fold -1 validates on nothing (and
+    works with fewer studies than folds)."""
     uids = labels["StudyInstanceUID"].tolist()
     folds = fold_of(uids, cfg.train.n_folds, cfg.train.fold_seed) if cfg.fold >= 0 else {}
-    return [u for u in uids if folds.get(u) == cfg.fold and u not in set(cfg.data.exclude)]
+    return [u for u in uids if folds.get(u) == cfg.fold]
 
 
 def _with_validation_crops(cfg: ClsConfig, index: pd.DataFrame, val_uids: list[str]) -> pd.DataFrame:
@@ -97,17 +104,15 @@ def fold_split(cfg: ClsConfig, index: pd.DataFrame) -> FoldSplit:
         index: :func:`classifier_data`'s index of the train.csv studies.
     """
     _, labels = _labels(cfg)
-    # Folds come from every study of train.csv, so a study whose crops fail never reshuffles the others.
-    # Fold -1 validates on nothing, so it needs no fold assignment (and works with fewer studies than folds).
-    folds = fold_of(labels["StudyInstanceUID"].tolist(), cfg.train.n_folds, cfg.train.fold_seed) if cfg.fold >= 0 else {}
-    if cfg.data.val_cache_dir and cfg.fold >= 0:
-        index = _with_validation_crops(cfg, index, validation_studies(cfg))
+    fold_uids = _fold_studies(cfg, labels)
+    if cfg.data.val_cache_dir and fold_uids:
+        index = _with_validation_crops(cfg, index, fold_uids)  # data.exclude is left out there
     ok = index[index["status"] != "failed"]
     if ok.empty:
         raise LayoutError("no study has crops; see the crop cache errors above", cfg.data.cache_dir)
     labels = labels[labels["StudyInstanceUID"].isin(ok["StudyInstanceUID"])].reset_index(drop=True)
     items = vertebra_items(labels, dict(zip(ok["StudyInstanceUID"], ok["path"])))
-    val_uids = {u for u in labels["StudyInstanceUID"] if folds.get(u) == cfg.fold}
+    val_uids = set(fold_uids) & set(labels["StudyInstanceUID"])
     train_uids = set(labels["StudyInstanceUID"]) - val_uids
     in_train = items["StudyInstanceUID"].isin(train_uids)
     # Vertebrae the mask missed have no image: never trained on; in validation they take the prior.
