@@ -21,7 +21,7 @@ from rsna_cspine.metric import competition_score, labels_to_solution
 from tests.paths import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-from demo_crosscheck import FRACTURE_KNOBS, defaults_config  # noqa: E402
+from demo_crosscheck import FRACTURE_KNOBS, MOVED_KNOBS, defaults_config  # noqa: E402
 from demo_crosscheck import main as crosscheck_main  # noqa: E402
 from stage2_sets import cut_crops, score_sets  # noqa: E402
 
@@ -105,10 +105,15 @@ def test_demo_writes_a_valid_scored_submission_report_and_pictures(tmp_path: Pat
 
     # The cross-check script runs on this demo: fresh studies, moved knobs, the demo's models.
     xcheck = tmp_path / "xcheck"
-    assert crosscheck_main(["--demo", str(out), "--work", str(xcheck), "--quick", "--device", "cpu"]) == 0
+    assert crosscheck_main(["--demo", str(out), "--work", str(xcheck), "--quick", "--unmoved", "--device", "cpu"]) == 0
     report = json.loads((xcheck / "crosscheck.json").read_text())
-    (seed, result), = report["results"].items()
+    (seed, result), (paired, unmoved) = report["results"].items()
     assert result["n_studies"] == 4 and np.isfinite(result["score"]) and result["knobs"]["noise_hu"] != [10.0, 40.0]
+    # --unmoved: the same studies and labels at the demo's own knobs, not counted in the targets.
+    assert paired == f"{seed}_unmoved" and list(report["met"]) == [seed]
+    assert unmoved["knobs"]["noise_hu"] == [10.0, 40.0] and unmoved["n_fractured"] == result["n_fractured"]
+    demo_knobs = yaml.safe_load((out / "data" / "synth_config.yaml").read_text())
+    assert {k: unmoved["knobs"][k] for k in MOVED_KNOBS} == {k: demo_knobs[k] for k in MOVED_KNOBS}
     assert summary["seconds"]["total"] >= summary["seconds"]["data"] > 0  # the stage clock is kept (the demo's
     # ten-minute target is a benchmark: README, "Measured figures", `time rsna-cspine demo`)
 

@@ -7,11 +7,12 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
 from rsna_cspine.errors import LayoutError
 from rsna_cspine.metric import competition_score, labels_to_solution
-from rsna_cspine.report.heldout import pick_examples, score_heldout, vertebra_table
+from rsna_cspine.report.heldout import pick_examples, pooled_auc_interval, score_heldout, vertebra_table
 from tests.paths import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -44,6 +45,7 @@ def test_scores_count_every_vertebra_against_the_written_out_definitions() -> No
     assert s.sensitivity == pytest.approx(2 / 3) and s.specificity == pytest.approx(17 / 18)
     # AUC by counting pairs: 0.9 and 0.8 beat all 18 negatives; 0.4 beats the 17 below it, loses to 0.6.
     assert s.auc == pytest.approx((18 + 18 + 17) / (3 * 18))
+    assert s.auc_low <= s.auc <= s.auc_high
     solution = labels_to_solution(labels)
     assert s.score == pytest.approx(competition_score(solution, submission))
     prior_rows = _submission({uid: list(prior) for uid in PROBS})
@@ -52,6 +54,26 @@ def test_scores_count_every_vertebra_against_the_written_out_definitions() -> No
     # A threshold above every probability detects nothing and clears every intact vertebra.
     strict = score_heldout(submission, labels, prior, threshold=0.95)
     assert (strict.sensitivity, strict.specificity) == (0.0, 1.0)
+
+
+def test_the_auc_interval_resamples_whole_studies() -> None:
+    rng = np.random.default_rng(3)
+    n = 60  # studies; 7 vertebrae each, the fractured ones scored higher on average
+    studies = np.repeat([f"s{k}" for k in range(n)], 7)
+    y = (rng.random(n * 7) < 0.2).astype(int)
+    p = np.clip(0.3 + 0.25 * y + rng.normal(0, 0.2, n * 7), 0, 1)
+    low, high = pooled_auc_interval(studies, y, p)
+    auc = roc_auc_score(y, p)
+    assert low < auc < high and 0.05 < high - low < 0.3
+    # The same submission gets the same interval, and the rows' order does not change it.
+    order = rng.permutation(n * 7)
+    assert (low, high) == pooled_auc_interval(studies, y, p)
+    assert pooled_auc_interval(studies[order], y[order], p[order]) == pytest.approx((low, high), abs=0.02)
+    # Whole studies are drawn: one study's rows all come or go together, so a single study gives no interval.
+    assert np.isnan(pooled_auc_interval(np.repeat(["only"], 7), y[:7], p[:7])).all()
+    # Four times the studies: the interval narrows (by about half).
+    many = pooled_auc_interval(np.repeat([f"t{k}" for k in range(4 * n)], 7), np.tile(y, 4), np.tile(p, 4))
+    assert many[1] - many[0] < 0.7 * (high - low)
 
 
 def test_scoring_needs_a_row_for_every_labelled_vertebra_and_ignores_other_studies() -> None:

@@ -88,7 +88,8 @@ def format_summary(result: DemoResult) -> str:
         ),
         f"held-out test set: {h.n_studies} studies, {h.n_vertebrae} vertebrae ({h.n_fractured} fractured), "
         "predicted through the whole pipeline (stage-1 masks → crops → stage 2)",
-        f"  per-vertebra ROC AUC:  {h.auc:.3f}",
+        f"  per-vertebra ROC AUC:  {h.auc:.3f} (95 % interval over another draw of {h.n_studies} studies: "
+        f"{h.auc_low:.3f}–{h.auc_high:.3f})",
         f"  sensitivity at p >= {h.threshold:g}: {h.sensitivity:.3f}",
         f"  specificity at p >= {h.threshold:g}: {h.specificity:.3f}",
         f"  competition score (weighted log loss, lower is better): model {h.score:.4f} vs prior "
