@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -17,6 +18,7 @@ from tests.paths import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 from demo_crosscheck import MOVED_KNOBS, crosscheck_config, moved_knobs  # noqa: E402
+from fracture_kinds import by_kind, outranked_share, vertebra_rows  # noqa: E402
 
 
 def _labels() -> pd.DataFrame:
@@ -116,3 +118,26 @@ def test_crosscheck_moves_each_knob_range_by_one_factor_within_the_spread_and_by
     cfg = load_config(SynthConfig, values=values)  # valid generator settings
     assert (cfg.seed, cfg.n_studies, cfg.test_fraction, cfg.fov_slab_fraction) == (202, 12, 1.0, 0.0)
     assert tuple(cfg.fracture_size_mm) == tuple(moves[202]["fracture_size_mm"])
+
+
+def test_fracture_kinds_ranks_each_fractured_vertebra_among_intact_ones_of_its_level_and_set() -> None:
+    studies = _labels()
+    studies["fracture_kinds"] = [json.dumps({"C1": ["break:posterior_arch"], "C7": ["compression", "break:body"]}),
+                                 float("nan"), json.dumps({"C5": ["line:body", "displaced"]})]
+    probs = {"s1": [0.6, 0.1, 0.1, 0.1, 0.1, 0.1, 0.4, 0.9], "s2": [0.6, 0.1, 0.1, 0.1, 0.1, 0.1, 0.05, 0.6],
+             "s3": [0.1, 0.1, 0.1, 0.1, 0.05, 0.1, 0.1, 0.1]}
+    fractured = outranked_share(vertebra_rows(_submission(probs), studies, "a")).set_index(["level"])
+    # s1 C1 at 0.6: above s3's intact C1 (0.1), tied with s2's (0.6, counts half) -> (1 + 0.5) / 2.
+    assert fractured.loc["C1", "outranked"] == pytest.approx(0.75)
+    assert fractured.loc["C7", "outranked"] == 1.0 and fractured.loc["C5", "outranked"] == 0.0
+    table = by_kind(outranked_share(vertebra_rows(_submission(probs), studies, "a"))).set_index(["group", "level"])
+    assert table.loc[("with compression", "all"), ["n", "outranked"]].tolist() == [1, 1.0]
+    assert table.loc[("without compression", "all"), "outranked"] == pytest.approx((0.75 + 0.0) / 2)
+    assert table.loc[("kind displaced", "all"), "outranked"] == 0.0
+    # Ranks are taken within a set: another set's intact vertebrae do not count, and a study the submission
+    # does not score is left out (without s2, s1's C1 only has s3's below it).
+    other = vertebra_rows(_submission({uid: [0.99] * 8 for uid in probs}), studies, "b")
+    both = outranked_share(pd.concat([vertebra_rows(_submission(probs), studies, "a"), other], ignore_index=True))
+    assert both[both["set"] == "a"]["outranked"].tolist() == fractured["outranked"].tolist()
+    without_s2 = outranked_share(vertebra_rows(_submission({k: v for k, v in probs.items() if k != "s2"}), studies, "a"))
+    assert without_s2.set_index("level").loc["C1", "outranked"] == 1.0
