@@ -21,28 +21,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna_cspine.constants import VERTEBRAE
-
 
 def vertebra_rows(submission: pd.DataFrame, studies: pd.DataFrame, set_name: str) -> pd.DataFrame:
-    """One row per (study, vertebra) of ``studies`` that ``submission`` scores: set, level, label, probability, kinds.
+    """One row per (study, vertebra) of the ``studies`` that ``submission`` scores: set, level, label,
+    probability, kinds (:func:`report.heldout.vertebra_table`, which refuses a study scored in part).
 
     Args:
         submission: ``row_id, fractured`` (``<uid>_C1`` ...).
         studies: the generator's ``synth_studies.csv`` (``StudyInstanceUID``, ``C1``..``C7``, ``fracture_kinds``).
         set_name: names the set (ranks are taken within a set).
     """
-    probs = submission.set_index(submission["row_id"].astype(str))["fractured"]
-    rows = []
-    for study in studies.itertuples(index=False):
-        uid = str(study.StudyInstanceUID)
-        kinds = json.loads(study.fracture_kinds) if isinstance(study.fracture_kinds, str) else {}
-        for level in VERTEBRAE:
-            row_id = f"{uid}_{level}"
-            if row_id in probs.index:
-                rows.append({"set": set_name, "level": level, "label": int(getattr(study, level)),
-                             "probability": float(probs[row_id]), "kinds": tuple(kinds.get(level, ()))})
-    return pd.DataFrame(rows, columns=["set", "level", "label", "probability", "kinds"])
+    from rsna_cspine.report.heldout import vertebra_table
+
+    scored = {row_id.rsplit("_", 1)[0] for row_id in submission["row_id"].astype(str)}
+    studies = studies[studies["StudyInstanceUID"].astype(str).isin(scored)]
+    table = vertebra_table(submission, studies)
+    kinds = {str(uid): json.loads(k) if isinstance(k, str) else {}
+             for uid, k in zip(studies["StudyInstanceUID"], studies["fracture_kinds"])}
+    table["kinds"] = [tuple(kinds[uid].get(level, ())) for uid, level in zip(table["StudyInstanceUID"], table["vertebra"])]
+    table.insert(0, "set", set_name)
+    return table.rename(columns={"vertebra": "level"})[["set", "level", "label", "probability", "kinds"]]
 
 
 def outranked_share(rows: pd.DataFrame) -> pd.DataFrame:

@@ -99,7 +99,8 @@ def pooled_auc_interval(
 
     Studies, not vertebrae, are resampled: a study's seven vertebrae share its anatomy and image quality, and
     its set of fractured levels. With a few dozen studies the interval is wide; it says how far another draw
-    of as many studies from the same generator may land.
+    of as many studies from the same generator may land. Written here because ``scipy.stats.bootstrap``
+    resamples single observations, not groups of rows.
 
     Args:
         studies: ``(n,)`` the study of each vertebra row.
