@@ -88,9 +88,9 @@ def score_sets(demo: Path, sets: list[Path], run: Path, tta: bool, calibration: 
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from rsna_cspine.aggregate import clip_probabilities, patient_overall
+    from rsna_cspine.aggregate import study_probabilities
     from rsna_cspine.cls.predict import load_classifiers
-    from rsna_cspine.constants import VERTEBRAE
+    from rsna_cspine.constants import TARGET_COLUMNS, VERTEBRAE
     from rsna_cspine.inference import PipelineConfig
     from rsna_cspine.inference.dataset import dataset_prior
     from rsna_cspine.io.kaggle import KaggleLayout, read_train_labels
@@ -125,9 +125,8 @@ def score_sets(demo: Path, sets: list[Path], run: Path, tta: bool, calibration: 
                 if present.any():
                     probs[present] = ensemble.predict_stacks(stored["images"][present], tta=tta,
                                                              vertebrae=np.flatnonzero(present))
-                filled = clip_probabilities(np.where(np.isfinite(probs), probs, fallback[: len(VERTEBRAE)]))
-                overall = patient_overall(filled[None], rule="noisy_or")[0]
-                rows += [(f"{uid}_{c}", p) for c, p in zip([*VERTEBRAE, "patient_overall"], [*filled, overall])]
+                row = study_probabilities(probs, fallback, rule="noisy_or")  # as predict does, the demo's rule
+                rows += [(f"{uid}_{c}", p) for c, p in zip(TARGET_COLUMNS, row)]
             submission = pd.DataFrame(rows, columns=["row_id", "fractured"])
             scores = score_heldout(submission, labels, prior).to_dict()
             table = vertebra_table(submission, labels)

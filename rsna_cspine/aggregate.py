@@ -93,6 +93,26 @@ def patient_overall(
     raise ConfigError(f"unknown patient_overall rule {rule!r}; expected one of {PATIENT_RULES}")
 
 
+def study_probabilities(
+    vertebra_probs: np.ndarray,
+    prior: np.ndarray,
+    rule: str = "noisy_or",
+    blend_weight: float = 0.5,
+    calibrations: Sequence[PatientFit] = (),
+) -> np.ndarray:
+    """One study's seven classifier outputs → its eight clipped probabilities (``TARGET_COLUMNS`` order).
+
+    Args:
+        vertebra_probs: ``(7,)``; a non-finite entry (a vertebra not found) takes that vertebra's prior.
+        prior: ``(8,)`` or ``(7,)`` fallback probabilities, C1 first.
+        rule, blend_weight, calibrations: the patient_overall rule (:func:`patient_overall`).
+    """
+    probs = np.asarray(vertebra_probs, dtype=np.float64)
+    filled = clip_probabilities(np.where(np.isfinite(probs), probs, np.asarray(prior, dtype=np.float64)[: len(VERTEBRAE)]))
+    overall = patient_overall(filled[None], rule=rule, blend_weight=blend_weight, calibrations=calibrations)[0]
+    return clip_probabilities(np.append(filled, overall))
+
+
 def _valid_fallback(fallback: np.ndarray | None) -> np.ndarray:
     prior = prior_predictions(None) if fallback is None else np.asarray(fallback, dtype=np.float64)
     if prior.shape != (len(TARGET_COLUMNS),) or not np.isfinite(prior).all() or (prior < 0).any() or (prior > 1).any():

@@ -155,3 +155,16 @@ def test_interrupted_write_keeps_previous_file(tmp_path, monkeypatch) -> None:
         write_submission(good.assign(fractured=0.9), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]
+
+
+def test_study_probabilities_fill_missing_vertebrae_with_the_prior_and_clip_all_eight() -> None:
+    from rsna_cspine.aggregate import noisy_or, study_probabilities
+
+    prior = np.linspace(0.05, 0.4, 8)
+    probs = np.array([0.0, np.nan, 0.3, 1.0, 0.2, np.nan, 0.1])
+    row = study_probabilities(probs, prior)
+    filled = np.clip([0.0, prior[1], 0.3, 1.0, 0.2, prior[5], 0.1], PROB_EPS, 1 - PROB_EPS)
+    np.testing.assert_allclose(row[:7], filled)
+    assert row[7] == pytest.approx(1 - PROB_EPS)  # a certain vertebra makes the study certain, clipped
+    np.testing.assert_allclose(study_probabilities(probs, prior[:7], rule="max")[7], filled.max())
+    assert study_probabilities(np.full(7, np.nan), prior)[7] == pytest.approx(noisy_or(prior[:7]))

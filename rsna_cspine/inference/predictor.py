@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rsna_cspine.aggregate import clip_probabilities, patient_overall
+from rsna_cspine.aggregate import study_probabilities
 from rsna_cspine.constants import VERTEBRAE
 from rsna_cspine.engine.checkpoints import find_checkpoints
 from rsna_cspine.errors import ConfigError
@@ -307,12 +307,8 @@ class FracturePipeline:
         Args:
             vertebra_probs: ``(7,)``; a non-finite entry takes that vertebra's prior.
         """
-        filled = np.where(np.isfinite(vertebra_probs), vertebra_probs, self.prior[: len(VERTEBRAE)])
-        filled = clip_probabilities(filled)
         rule = "noisy_or" if self.cfg.rule == "calibrated" and not self.calibrations else self.cfg.rule
-        overall = patient_overall(filled[None], rule=rule, blend_weight=self.cfg.blend_weight,
-                                  calibrations=self.calibrations)[0]
-        return clip_probabilities(np.append(filled, overall))
+        return study_probabilities(vertebra_probs, self.prior, rule, self.cfg.blend_weight, self.calibrations)
 
     def predict_study(
         self,
