@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import probes
 
 STAGES = ("load", "segment", "crop", "classify")
 CPU_TARGET_S = 20.0
@@ -75,19 +76,19 @@ def measure_in_process(
     if cuda:
         torch.cuda.synchronize()
     model_load_s = time.perf_counter() - tick
-    rss_after_models = common.peak_rss_mib()
+    rss_after_models = probes.peak_rss_mib()
 
     cold: list[dict[str, float]] = []
     for _ in range(warmup):
         cold.append(pipeline.predict_study(study).timings)
-    peak_before_timed = common.peak_rss_mib()  # imports + models + warm-up
+    peak_before_timed = probes.peak_rss_mib()  # imports + models + warm-up
 
     runs: list[dict[str, Any]] = []
     for _ in range(repeats):
-        exact_reset = common.reset_peak_rss()
+        exact_reset = probes.reset_peak_rss()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        with common.RssSampler() as sampler:
+        with probes.RssSampler() as sampler:
             start = time.perf_counter()
             prediction = pipeline.predict_study(study)
         timings = prediction.timings
@@ -100,7 +101,7 @@ def measure_in_process(
         run: dict[str, Any] = {
             "timings": timings,
             "stage_peak_rss_mib": stage_peaks,
-            "peak_rss_mib": common.peak_rss_mib() if exact_reset else max(r for _, r in sampler.samples),
+            "peak_rss_mib": probes.peak_rss_mib() if exact_reset else max(r for _, r in sampler.samples),
             "peak_exact": exact_reset,
             "decoder_workers_uss_mib": sampler.children_peak(),
             "peak_with_workers_mib": sampler.combined_peak(),
@@ -193,7 +194,7 @@ def measure(
     args = ["--child", "--study", str(study), "--models", str(models), "--device", device,
             "--threads", str(threads or common.usable_cores()), "--warmup", str(warmup), "--repeats", str(repeats)]
     flags = (["--amp"] if amp else []) + (["--cpu-bf16"] if cpu_bf16 else [])
-    return common.run_fresh(Path(__file__), args + flags)
+    return probes.run_fresh(Path(__file__), args + flags)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.child:
-        common.emit_result(measure_in_process(args.study, args.models, args.device, args.threads, args.amp,
+        probes.emit_result(measure_in_process(args.study, args.models, args.device, args.threads, args.amp,
                                               args.warmup, args.repeats, args.cpu_bf16))
         return 0
     if args.quick:

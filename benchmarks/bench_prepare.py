@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import common
+import probes
 
 #: 2 workers on 2 cores must reach this many times the rate of one worker on one core.
 TARGET_SPEEDUP = 1.8
@@ -98,7 +99,7 @@ def child(layout: Path, out: Path, workers: int, cpus: int) -> None:
     wall = time.perf_counter() - tick
     manifest = summary.manifest
     worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest finished child (MiB)
-    common.emit_result({
+    probes.emit_result({
         "workers": summary.workers, "threads": summary.threads, "cpus": cpus, "wall_s": wall,
         # Time the workers were busy with studies; the rest of the wall time is start-up (spawning workers
         # that import torch, planning) and the tail where some workers have nothing left to do.
@@ -106,7 +107,7 @@ def child(layout: Path, out: Path, workers: int, cpus: int) -> None:
         "cpu_s": float(manifest["seconds_cpu"].sum()),  # user + system of every study (its process and decoders)
         "studies": int(summary.done), "failed": summary.failed, "slices": int(manifest["n_slices"].sum()),
         "bytes": int(manifest["bytes"].sum()), "decodes": decodes if summary.workers == 1 else None,
-        "peak_rss_mib": common.peak_rss_mib() if summary.workers == 1 else worker_peak,
+        "peak_rss_mib": probes.peak_rss_mib() if summary.workers == 1 else worker_peak,
         "median_s": {step: float(manifest[f"seconds_{step}"].median())
                      for step in ("load", "stage1", "mask", "crops", "total")},
         "outputs": hashlib.sha1(manifest[["StudyInstanceUID", "n_slices", "n_present", "seg_file", "crop_file"]]
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for workers, cpus in ((1, 1), (1, cores), (cores, cores)):
         print(f"== {workers} worker(s) on {cpus} core(s)", flush=True)
-        runs.append(common.run_fresh(Path(__file__), ["--child", str(layout), str(args.work / "prepare_out"),
+        runs.append(probes.run_fresh(Path(__file__), ["--child", str(layout), str(args.work / "prepare_out"),
                                                       str(workers), str(cpus)]))
     shutil.rmtree(args.work / "prepare_out", ignore_errors=True)
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import common
+import probes
 
 
 def child(studies: int, config: Path) -> None:
@@ -36,7 +37,7 @@ def child(studies: int, config: Path) -> None:
         table = write_dataset(out, cfg, progress=False)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     kinds = table["fov"].value_counts().to_dict() if "fov" in table else "n/a"
-    common.emit_result({"wall_s_per_study": wall / studies, "cpu_s_per_study": cpu / studies,
+    probes.emit_result({"wall_s_per_study": wall / studies, "cpu_s_per_study": cpu / studies,
                         "slices_mean": float(table["n_slices"].mean()), "slices_max": int(table["n_slices"].max()),
                         "image_size": cfg.image_size, "fov": kinds})
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for name, source in sources.items():
             env = {"PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-            runs[name].append(common.run_fresh(Path(__file__), ["--child", "--studies", str(args.studies),
+            runs[name].append(probes.run_fresh(Path(__file__), ["--child", "--studies", str(args.studies),
                                                                 "--config", str(args.config)], env=env))
     rows = []
     for name, results in runs.items():

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import probes
 
 #: Config pairs by name: (stage-1 YAML, stage-2 YAML).
 CONFIG_SETS: dict[str, tuple[str, str]] = {
@@ -197,7 +198,7 @@ def measure_seg(config: str, overrides: list[str], data: Path, work: Path, steps
         "n_studies": len(paths),
         "train": summarise_steps(timed, warmup),
         "loader_alone": alone,
-        "peak_rss_mib": common.peak_rss_mib(),
+        "peak_rss_mib": probes.peak_rss_mib(),
     }
 
 
@@ -267,7 +268,7 @@ def measure_cls(config: str, overrides: list[str], data: Path, work: Path, steps
         "n_items": len(split.train),
         "train": summarise_steps(timed, warmup),
         "loader_alone": alone,
-        "peak_rss_mib": common.peak_rss_mib(),
+        "peak_rss_mib": probes.peak_rss_mib(),
     }
 
 
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(threads)
         measure = measure_seg if args.child == "seg" else measure_cls
-        common.emit_result(measure(args.config, overrides[args.child], args.data, args.work, args.steps,
+        probes.emit_result(measure(args.config, overrides[args.child], args.data, args.work, args.steps,
                                    args.warmup_steps, args.num_workers))
         return 0
     if args.quick:
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 child_args += ["--num-workers", str(args.num_workers)]
             if args.set:
                 child_args += ["--set", *args.set]
-            results.append(common.run_fresh(Path(__file__), child_args))
+            results.append(probes.run_fresh(Path(__file__), child_args))
     title = (f"### Training throughput on CPU ({threads} torch threads; {args.studies} synthetic studies)\n\n")
     common.save_results("training", info, command, title + render(results, threads),
                         {"args": vars(args) | {"work": str(args.work)}, "results": results})
