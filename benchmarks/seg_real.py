@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from seg_evidence import REPO_ROOT
+from common import REPO_ROOT
 
 
 def real_series(real_dir: Path, scratch: Path) -> list[tuple[str, Path | None, str]]:
