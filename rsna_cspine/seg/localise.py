@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
 from rsna_cspine.config import config_from_checkpoint, to_dict
@@ -29,7 +28,7 @@ from rsna_cspine.errors import CSpineError
 from rsna_cspine.io.volume import Volume
 from rsna_cspine.seg.boxes import coarse_shape, grid_to_voxel
 from rsna_cspine.seg.config import SegConfig
-from rsna_cspine.seg.model import build_model
+from rsna_cspine.seg.model import build_model, window_logits
 from rsna_cspine.seg.preprocess import preprocess_volume
 
 #: Checkpoint ``extra`` key holding the localiser (``{"config": ..., "model": state_dict}``).
@@ -133,8 +132,8 @@ class Localiser:
         total = None
         for model in self.models:
             with autocast(self.device, self.amp):
-                logits = sliding_window_inference(x, roi_size=tuple(d.grid), sw_batch_size=self.cfg.predict.sw_batch_size,
-                                                  predictor=model, overlap=self.cfg.predict.overlap)
+                # The windows its validation ran in (whole coarse grids, ``localiser_config``), blended the same way.
+                logits = window_logits(model, x, self.cfg.predict, d.grid)
             p = torch.softmax(logits.float(), dim=1)[0, 1]
             total = p if total is None else total + p
         return total / len(self.models)
