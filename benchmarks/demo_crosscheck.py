@@ -88,12 +88,32 @@ def defaults_config(base: dict[str, Any], seed: int, studies: int) -> dict[str, 
     return held_out_set(base, {k: defaults[k] for k in FRACTURE_KNOBS}, seed, studies)
 
 
-def run_set(demo: Path, work: Path, values: dict[str, Any], device: str) -> dict[str, Any]:
-    """Write one set, predict it with the demo's models, score it against the demo's training prior."""
+def demo_pipeline(demo: Path, device: str) -> tuple[Any, Any]:
+    """The demo's models (``<demo>/models``, wherever the demo ran from) with the demo's patient rule, loaded once.
+
+    Raises:
+        SystemExit: the models do not load (``predict`` would give every study the prior, and the sets would
+            score the prior as if it were the demo's).
+    """
+    from rsna_cspine.inference.predictor import FracturePipeline
+    from rsna_cspine.pipeline import PipelineConfig
+
+    rule = yaml.safe_load((demo / "demo_config.yaml").read_text()).get("rule", "calibrated") \
+        if (demo / "demo_config.yaml").is_file() else "calibrated"
+    cfg = PipelineConfig(device=device, rule=rule, prior="models", resume=False)
+    try:
+        return FracturePipeline.from_models_dir(demo / "models", cfg), cfg
+    except Exception as exc:  # noqa: BLE001 - any cause: say it and stop
+        raise SystemExit(f"{demo / 'models'}: the demo's models do not load ({exc})") from exc
+
+
+def run_set(demo: Path, work: Path, values: dict[str, Any], models: tuple[Any, Any]) -> dict[str, Any]:
+    """Write one set, predict it with the demo's models (:func:`demo_pipeline`), score it against the demo's
+    training prior."""
     from rsna_cspine.config import load_config
     from rsna_cspine.io.kaggle import read_train_labels
     from rsna_cspine.metric import prior_predictions
-    from rsna_cspine.pipeline import PipelineConfig, predict_dataset
+    from rsna_cspine.pipeline import predict_dataset
     from rsna_cspine.report.heldout import score_heldout
     from rsna_cspine.synth import SynthConfig, write_dataset
 
@@ -103,12 +123,9 @@ def run_set(demo: Path, work: Path, values: dict[str, Any], device: str) -> dict
     if not (marker.is_file() and json.loads(marker.read_text()) == cfg.to_dict()):
         write_dataset(data, cfg, overwrite=True, workers=2)
         marker.write_text(json.dumps(cfg.to_dict()))
-    summary = json.loads((demo / "demo_summary.json").read_text())
-    rule = yaml.safe_load((demo / "demo_config.yaml").read_text()).get("rule", "calibrated") \
-        if (demo / "demo_config.yaml").is_file() else "calibrated"
+    pipeline, predict_cfg = models
     tick = time.monotonic()
-    submission = predict_dataset(data, summary["models_dir"], work / "submission.csv",
-                                 cfg=PipelineConfig(device=device, rule=rule, prior="models", resume=False))
+    submission = predict_dataset(data, demo / "models", work / "submission.csv", cfg=predict_cfg, pipeline=pipeline)
     labels = read_train_labels(data / "test_labels.csv")
     prior = prior_predictions(read_train_labels(demo / "data" / "train.csv"))
     scores = score_heldout(submission, labels, prior)
@@ -135,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds, studies = (args.seeds[:1], 4) if args.quick else (args.seeds, args.studies)
 
     base = yaml.safe_load((args.demo / "data" / "synth_config.yaml").read_text())
+    models = demo_pipeline(args.demo, args.device)
     results: dict[str, Any] = {}
     for seed in seeds:
         values = crosscheck_config(base, seed, studies, args.spread)
-        r = run_set(args.demo, args.work / f"seed{seed}", values, args.device)
+        r = run_set(args.demo, args.work / f"seed{seed}", values, models)
         results[str(seed)] = r
         print(f"seed {seed} {r['knobs']}: {r['n_studies']} studies, pooled AUC {r['auc']:.3f} (95 % over studies "
               f"{r['auc_low']:.3f}–{r['auc_high']:.3f}), sensitivity "
@@ -146,13 +164,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['prior_score']:.4f} ({abs(r['below_prior']):.1%} {'below' if r['below_prior'] >= 0 else 'above'})",
               flush=True)
         if args.unmoved:
-            u = run_set(args.demo, args.work / f"seed{seed}_unmoved", held_out_set(base, {}, seed, studies), args.device)
+            u = run_set(args.demo, args.work / f"seed{seed}_unmoved", held_out_set(base, {}, seed, studies), models)
             results[f"{seed}_unmoved"] = u
             print(f"  the same studies at the demo's own knobs: pooled AUC {u['auc']:.3f} ({u['below_prior']:+.1%} below "
                   f"the prior); the moved knobs changed the AUC by {r['auc'] - u['auc']:+.3f}", flush=True)
     if args.generator_defaults:
         seed = seeds[0] + 1
-        r = run_set(args.demo, args.work / f"defaults{seed}", defaults_config(base, seed, studies), args.device)
+        r = run_set(args.demo, args.work / f"defaults{seed}", defaults_config(base, seed, studies), models)
         results["generator_defaults"] = r
         print(f"generator-default fracture knobs (seed {seed}): pooled AUC {r['auc']:.3f}, score {r['score']:.4f} "
               f"vs prior {r['prior_score']:.4f} ({r['below_prior']:+.1%} below); not counted in the targets", flush=True)

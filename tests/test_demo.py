@@ -43,7 +43,7 @@ TINY = {
 }
 
 
-def test_demo_writes_a_valid_scored_submission_report_and_pictures(tmp_path: Path, capsys) -> None:
+def test_demo_writes_a_valid_scored_submission_report_and_pictures(tmp_path: Path, capsys, monkeypatch) -> None:
     config_file = tmp_path / "demo.yaml"
     config_file.write_text(yaml.safe_dump(TINY))
     out = tmp_path / "demo"
@@ -103,12 +103,20 @@ def test_demo_writes_a_valid_scored_submission_report_and_pictures(tmp_path: Pat
     seg_config = yaml.safe_load((out / "runs" / "seg" / "fold0" / "config.yaml").read_text())
     assert set(oof["StudyInstanceUID"]) <= set(seg_config["data"]["exclude"])
 
-    # The cross-check script runs on this demo: fresh studies, moved knobs, the demo's models.
+    # The cross-check script runs on this demo: fresh studies, moved knobs, the demo's models. It finds them in the
+    # demo folder, not at the summary's path, which is relative to wherever the demo ran (`--out demo`).
+    summary_file = out / "demo_summary.json"
+    summary_file.write_text(json.dumps({**json.loads(summary_file.read_text()), "models_dir": "demo/models"}))
     xcheck = tmp_path / "xcheck"
-    assert crosscheck_main(["--demo", str(out), "--work", str(xcheck), "--quick", "--unmoved", "--device", "cpu"]) == 0
+    assert not (out / "data" / "demo").exists()
+    with monkeypatch.context() as elsewhere:
+        elsewhere.chdir(out / "data")  # where "demo/models" holds nothing
+        assert crosscheck_main(["--demo", str(out), "--work", str(xcheck), "--quick", "--unmoved", "--device", "cpu"]) == 0
     report = json.loads((xcheck / "crosscheck.json").read_text())
     (seed, result), (paired, unmoved) = report["results"].items()
     assert result["n_studies"] == 4 and np.isfinite(result["score"]) and result["knobs"]["noise_hu"] != [10.0, 40.0]
+    timings = pd.read_csv(xcheck / f"seed{seed}" / "submission.timings.csv")
+    assert set(timings["path"]) == {"full"} and set(timings["status"]) == {"ok"}  # every study through the models
     # --unmoved: the same studies and labels at the demo's own knobs, not counted in the targets.
     assert paired == f"{seed}_unmoved" and list(report["met"]) == [seed]
     assert unmoved["knobs"]["noise_hu"] == [10.0, 40.0] and unmoved["n_fractured"] == result["n_fractured"]
@@ -164,6 +172,17 @@ def test_the_demos_fractures_are_the_generators_conspicuous_preset() -> None:
     assert {k: getattr(conspicuous_fractures(), k) for k in CONSPICUOUS_FRACTURES} == \
         {k: getattr(preset, k) for k in CONSPICUOUS_FRACTURES}
     assert any(getattr(preset, k) != getattr(SynthConfig(), k) for k in CONSPICUOUS_FRACTURES)
+
+
+def test_the_crosscheck_stops_when_the_demos_models_do_not_load(tmp_path: Path) -> None:
+    # predict would give every study the prior and the sets would score it as if it were the demo's models.
+    demo = tmp_path / "demo"
+    (demo / "data").mkdir(parents=True)
+    (demo / "data" / "synth_config.yaml").write_text("{}\n")
+    (demo / "models" / "seg").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="models do not load"):
+        crosscheck_main(["--demo", str(demo), "--work", str(tmp_path / "xcheck"), "--quick", "--device", "cpu"])
+    assert not (tmp_path / "xcheck").exists()
 
 
 def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path) -> None:
