@@ -138,37 +138,6 @@ def band_cascade(upsample: str = "nearest") -> Segmenter:
     return Segmenter([IntensityBands()], fine, torch.device("cpu"), localiser=localiser)
 
 
-def test_the_localiser_predicts_in_the_windows_and_blend_its_validation_used() -> None:
-    # Validation (seg.task.validate) runs every network through model.window_logits with its predict section; the
-    # localiser's prediction must too, or a scan longer than its grid is blended otherwise than when it was picked.
-    import dataclasses
-
-    from rsna_cspine.seg.localise import LOCALISER_CLASSES
-    from rsna_cspine.seg.model import window_logits
-
-    torch.manual_seed(0)
-    small = SegModelConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
-    fine = SegConfig(data=SegDataConfig(grid=(48, 32, 32), spacing=(4.0, 4.0, 4.0), hu_window=WINDOW, antialias=False),
-                     localiser=SegLocaliserConfig(enabled=True, model=small),
-                     predict=SegPredictConfig(overlap=0.5, blend="gaussian"))
-    loc_cfg = localiser_config(fine)
-    loc_cfg.data.spacing, loc_cfg.data.grid = (8.0, 8.0, 8.0), (16, 16, 16)
-    model = build_model(loc_cfg.model, LOCALISER_CLASSES).eval()
-    seen: list[tuple[int, ...]] = []
-    model.register_forward_hook(lambda _m, inputs, _out: seen.append(tuple(inputs[0].shape[2:])))
-    volume, _ = spine_volume()  # 400 mm: 50 coarse slices, so the 16-slice windows overlap along z
-    probs = Localiser([model], loc_cfg, torch.device("cpu")).probabilities(volume)
-    assert set(seen) == {(16, 16, 16)} and len(seen) > 4
-    shape = coarse_shape(volume.shape, volume.spacing, loc_cfg.data.spacing)
-    image = torch.as_tensor(preprocess_volume(volume, shape, WINDOW, antialias=False), dtype=torch.float32)[None]
-    with torch.no_grad():
-        validated = torch.softmax(window_logits(model, image, loc_cfg.predict, loc_cfg.data.grid), dim=1)[0, 1]
-        flat = dataclasses.replace(loc_cfg.predict, blend="constant")
-        constant = torch.softmax(window_logits(model, image, flat, loc_cfg.data.grid), dim=1)[0, 1]
-    torch.testing.assert_close(probs, validated)
-    assert (constant - validated).abs().max() > 1e-4  # the blend matters where windows overlap
-
-
 @pytest.mark.parametrize("upsample", ["nearest", "linear"])
 def test_the_fine_box_is_centred_on_the_neck_and_the_mask_maps_back_to_every_slice(upsample) -> None:
     volume, truth = spine_volume()

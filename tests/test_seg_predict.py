@@ -279,3 +279,40 @@ def test_validation_and_prediction_run_the_network_in_the_same_windows_of_roi_si
     for bad, match in (({"roi_size": (0, 8)}, "roi_size"), ({"blend": "median"}, "blend")):
         with pytest.raises(ConfigError, match=match):
             segmenter(**bad).predict_probabilities(image)
+
+
+def test_the_localiser_predicts_in_the_windows_and_blend_its_validation_used() -> None:
+    # The same rule for the cascade's localiser: validation (seg.task.validate) runs it through model.window_logits
+    # with its predict section, and so must its prediction, or a scan longer than its grid is blended otherwise
+    # than when its epoch was picked.
+    import dataclasses
+
+    from rsna_cspine.seg.boxes import coarse_shape
+    from rsna_cspine.seg.config import SegLocaliserConfig
+    from rsna_cspine.seg.localise import LOCALISER_CLASSES, Localiser, localiser_config
+    from rsna_cspine.seg.model import window_logits
+    from rsna_cspine.seg.preprocess import preprocess_volume
+
+    torch.manual_seed(0)
+    small = SegModelConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
+    fine = SegConfig(data=SegDataConfig(grid=(48, 32, 32), spacing=(4.0, 4.0, 4.0), hu_window=WINDOW, antialias=False),
+                     localiser=SegLocaliserConfig(enabled=True, model=small),
+                     predict=SegPredictConfig(overlap=0.5, blend="gaussian"))
+    loc_cfg = localiser_config(fine)
+    loc_cfg.data.spacing, loc_cfg.data.grid = (8.0, 8.0, 8.0), (16, 16, 16)
+    model = build_model(loc_cfg.model, LOCALISER_CLASSES).eval()
+    seen: list[tuple[int, ...]] = []
+    model.register_forward_hook(lambda _m, inputs, _out: seen.append(tuple(inputs[0].shape[2:])))
+    hu = np.random.default_rng(1).uniform(-400.0, 1200.0, size=(200, 64, 64)).astype(np.float32)
+    volume = axial_volume(hu, study_uid="1.2.3.long")
+    volume.spacing = (2.0, 2.0, 2.0)  # 400 mm: 50 coarse slices, so the 16-slice windows overlap along z
+    probs = Localiser([model], loc_cfg, torch.device("cpu")).probabilities(volume)
+    assert set(seen) == {(16, 16, 16)} and len(seen) > 4
+    shape = coarse_shape(volume.shape, volume.spacing, loc_cfg.data.spacing)
+    image = torch.as_tensor(preprocess_volume(volume, shape, WINDOW, antialias=False), dtype=torch.float32)[None]
+    with torch.no_grad():
+        validated = torch.softmax(window_logits(model, image, loc_cfg.predict, loc_cfg.data.grid), dim=1)[0, 1]
+        flat = dataclasses.replace(loc_cfg.predict, blend="constant")
+        constant = torch.softmax(window_logits(model, image, flat, loc_cfg.data.grid), dim=1)[0, 1]
+    torch.testing.assert_close(probs, validated)
+    assert (constant - validated).abs().max() > 1e-4  # the blend matters where windows overlap
