@@ -21,6 +21,7 @@ from rsna_cspine.synth import SynthConfig, load_config, make_phantom, sample_fra
 from rsna_cspine.synth.dataset import study_streams
 from rsna_cspine.synth.labels import REAL_FRACTURES_PER_POSITIVE
 from rsna_cspine.synth.phantom import PADDING_HU
+from rsna_cspine.synth.slice_files import SliceFileWriter
 from rsna_cspine.synth.writer import (
     CODECS,
     available_codecs,
@@ -237,6 +238,24 @@ def test_dicom_series_round_trip_is_lossless(tmp_path: Path, small_phantom, code
     hu, datasets = read_series(tmp_path / "twelve")
     assert np.array_equal(hu, unpadded.hu) and datasets[0].BitsStored == 12
     assert datasets[0].pixel_array.max() < 4096
+
+
+@pytest.mark.parametrize("codec", ["none", "implicit", *available_codecs()])
+def test_slice_files_are_the_bytes_pydicom_save_as_writes(tmp_path: Path, small_phantom, codec: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The series writer encodes the shared header once; every file must still be save_as's, byte for byte."""
+    cfg, ph = small_phantom
+    storage = _storage(ph, cfg, "none" if codec == "implicit" else codec, True, "shuffled", mixed=True)
+    if codec == "implicit":
+        storage = replace(storage, transfer_syntax=str(pydicom.uid.ImplicitVRLittleEndian))
+    write_dicom_series(ph, tmp_path / "fast", "1.2.826.0.1.3680043.96", storage)
+    monkeypatch.setattr(SliceFileWriter, "write", lambda self, ds, path: ds.save_as(path, enforce_file_format=True))
+    write_dicom_series(ph, tmp_path / "save_as", "1.2.826.0.1.3680043.96", storage)
+    files = sorted((tmp_path / "fast").glob("*.dcm"))
+    assert len(files) == ph.hu.shape[0]
+    for path in files:
+        assert path.read_bytes() == (tmp_path / "save_as" / path.name).read_bytes(), (codec, path.name)
+    assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == storage.transfer_syntax
 
 
 def test_segmentation_aligns_by_recipe_and_by_affine(tmp_path: Path, small_phantom) -> None:

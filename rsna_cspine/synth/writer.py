@@ -40,6 +40,7 @@ from pydicom.uid import (
 from rsna_cspine.errors import DicomSeriesError, NiftiError
 from rsna_cspine.synth.config import SynthConfig
 from rsna_cspine.synth.phantom import HU_RANGE, Phantom
+from rsna_cspine.synth.slice_files import SliceFileWriter
 
 log = logging.getLogger(__name__)
 # pylibjpeg-openjpeg logs one INFO line per encoded frame, which floods any INFO-level log.
@@ -198,6 +199,7 @@ def write_dicom_series(phantom: Phantom, folder: str | Path, study_uid: str,
     paths = []
     # One dataset per series, updated slice by slice: building ~50 elements per file dominated the time.
     ds = _series_dataset(phantom, storage, study_uid, series_uid, frame_uid)
+    files = SliceFileWriter()  # the shared header encoded once: save_as per slice was most of the time
     info = np.iinfo(dtype)
     limit = info.max if storage.pixel_representation else (1 << storage.bits_stored) - 1
     with tempfile.TemporaryDirectory(prefix="rsna_cspine_synth_") as scratch:
@@ -228,7 +230,7 @@ def write_dicom_series(phantom: Phantom, folder: str | Path, study_uid: str,
             else:
                 ds.compress(storage.transfer_syntax, raw, generate_instance_uid=False)
             path = folder / f"{number}.dcm"
-            ds.save_as(path, enforce_file_format=True)
+            files.write(ds, path)
             paths.append(path)
     return paths
 
