@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,34 @@ def test_one_decode_per_study_writes_every_product_of_the_old_caches(layout, tmp
     boxed = set(pd.read_csv(layout / "train_bounding_boxes.csv", dtype={"StudyInstanceUID": str})["StudyInstanceUID"])
     assert boxed and set(manifest.loc[manifest["has_boxes"], "StudyInstanceUID"]) == boxed & set(uids)
     assert manifest.set_index("StudyInstanceUID").loc[segmented, "has_boxes"].tolist() == old_crops["has_boxes"].tolist()
+
+
+def test_stage1_inputs_only_for_the_studies_stage_1_reads_and_redone_when_another_needs_one(layout, tmp_path) -> None:
+    from rsna_cspine.training.caches import prepared_seg_studies
+
+    kaggle = KaggleLayout(layout)
+    segmented = [u for u in _train_uids(layout) if kaggle.segmentation_path(u)]
+    first, rest = segmented[0], segmented[1:]
+    cache = PreparedCache(tmp_path / "cache")
+    prepare_dataset(layout, cache.root, _cfg(), progress=False, stage1_studies=[first])
+    manifest = pd.read_csv(cache.root / "manifest.csv", dtype={"StudyInstanceUID": str}, keep_default_na=False)
+    rows = manifest.set_index("StudyInstanceUID")
+    assert rows.loc[first, "seg_file"] == f"seg/{first}.npz" and cache.seg_path(first).is_file()
+    for uid in rest:  # stage 2's crops and masks all the same, without the stage-1 input
+        assert rows.loc[uid, "seg_file"] == "" and not cache.seg_path(uid).exists()
+        assert rows.loc[uid, "crop_file"] == f"crops/{uid}.npz" and cache.mask_path(uid).is_file()
+    crops = {uid: load_crops(cache.crop_path(uid)).images for uid in rest}
+    seg_studies = partial(prepared_seg_studies, cache.root, grid=GRID, hu_window=(-400.0, 1600.0), antialias=True,
+                          command="rsna-cspine prepare ...")
+    assert seg_studies([first]) == {first: cache.seg_path(first)}
+    with pytest.raises(LayoutError, match=f"{len(rest)} of the {len(segmented)} studies .* without their stage-1 input"):
+        seg_studies(segmented)
+    # Prepared again for every study's stage 1: what each study records as its inputs changed, so all are redone.
+    summary = prepare_dataset(layout, cache.root, _cfg(), progress=False)
+    assert summary.resumed == 0 and all(cache.seg_path(u).is_file() for u in segmented)
+    assert sorted(seg_studies(segmented)) == sorted(segmented)
+    for uid in rest:  # the crops did not depend on whether the stage-1 input was written
+        np.testing.assert_array_equal(load_crops(cache.crop_path(uid)).images, crops[uid])
 
 
 def test_stage1_models_mask_every_study_from_the_same_decode(layout, tmp_path, monkeypatch) -> None:

@@ -41,6 +41,8 @@ class StudyJob:
         seg_models: stage-1 checkpoints (empty: none).
         boxes: uid → ``(n, 5)`` rows ``(slice_number, x, y, width, height)`` of the bounding boxes.
         decode_workers: processes decoding one study's slices (its share of the CPU budget).
+        stage1_studies: the studies that get the stage-1 input; None: every study. The others get their mask
+            and crops only (a run whose stage 1 trains on a few of many studies: the demo).
     """
 
     root: str
@@ -50,6 +52,10 @@ class StudyJob:
     seg_models: tuple[str, ...] = ()
     boxes: dict[str, np.ndarray] = field(default_factory=dict)
     decode_workers: int = 1
+    stage1_studies: frozenset[str] | None = None
+
+    def writes_stage1(self, uid: str) -> bool:
+        return self.stage1_studies is None or uid in self.stage1_studies
 
 
 def study_inputs(job: StudyJob, uid: str) -> dict[str, Any]:
@@ -71,12 +77,15 @@ def study_inputs(job: StudyJob, uid: str) -> dict[str, Any]:
         files = [(where.name, where.stat().st_size)] if where.is_file() else None
     seg = layout.segmentation_path(uid) if job.split == "train" else None
     boxes = job.boxes.get(uid)
-    return {
+    inputs = {
         "files": None if files is None else hashlib.sha1(json.dumps(files).encode()).hexdigest(),
         "n_files": None if files is None else len(files),
         "segmentation": None if seg is None else seg.stat().st_size,
         "boxes": None if boxes is None else hashlib.sha1(np.ascontiguousarray(boxes).tobytes()).hexdigest(),
     }
+    if job.stage1_studies is not None:  # a study prepared without its stage-1 input is redone when it needs one
+        inputs["stage1_input"] = job.writes_stage1(uid)
+    return inputs
 
 
 #: Bytes of one uncompressed 512² 16-bit slice: a single-file study's (NIfTI, Enhanced CT) slice count estimate.
@@ -170,9 +179,10 @@ def prepare_study(uid: str, job: StudyJob) -> Record:
     seconds["load"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    s1 = cfg.stage1
-    seg_path, image = write_stage1_input(cache.seg_path(uid), volume, labels, s1.grid, s1.hu_window,
-                                         antialias=s1.antialias, cascade=s1.cascade())
+    s1, seg_path, image = cfg.stage1, None, None
+    if job.writes_stage1(uid):
+        seg_path, image = write_stage1_input(cache.seg_path(uid), volume, labels, s1.grid, s1.hu_window,
+                                             antialias=s1.antialias, cascade=s1.cascade())
     seconds["stage1"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -185,16 +195,14 @@ def prepare_study(uid: str, job: StudyJob) -> Record:
     elif source == "gt":
         mask = fold_labels(labels)  # type: ignore[arg-type]
     del image
-    outputs = [seg_path]
-    if mask is not None:
-        outputs.append(write_mask(cache.mask_path(uid), mask, volume.slice_numbers))
+    mask_path = None if mask is None else write_mask(cache.mask_path(uid), mask, volume.slice_numbers)
     seconds["mask"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    n_present, reason = 0, ""
+    n_present, reason, crop_path = 0, "", None
     if mask is not None:
         crops = study_crops(volume, mask, cfg.crop, job.boxes.get(uid))
-        outputs.append(save_crops(cache.crop_path(uid), crops, mask_source=source))
+        crop_path = save_crops(cache.crop_path(uid), crops, mask_source=source)
         n_present = int(crops.present.sum())
     else:
         reason = ("no crops: the study has no segmentation and no stage-1 models were given (--seg-models)"
@@ -205,17 +213,18 @@ def prepare_study(uid: str, job: StudyJob) -> Record:
     # a wall time well above its CPU time; one slowed by memory or cache contention, more CPU per slice.
     seconds["cpu"] = _cpu_seconds() - cpu_started
 
-    names = [cache.relative(p) for p in outputs]
+    outputs = [p for p in (seg_path, mask_path, crop_path) if p is not None]
+    seg_file, mask_file, crop_file = (cache.relative(p) if p is not None else "" for p in (seg_path, mask_path, crop_path))
     record: Record = {
         "StudyInstanceUID": uid, "status": "done", "reason": reason, "n_slices": volume.shape[0],
         "rows": volume.shape[1], "cols": volume.shape[2],
         **{f"spacing_{axis}": round(float(mm), 6) for axis, mm in zip("zyx", volume.spacing)},
         "has_labels": labels is not None,
-        "mask_source": source, "n_present": n_present, "has_boxes": uid in job.boxes, "seg_file": names[0],
-        "mask_file": names[1] if mask is not None else "", "crop_file": names[2] if mask is not None else "",
+        "mask_source": source, "n_present": n_present, "has_boxes": uid in job.boxes, "seg_file": seg_file,
+        "mask_file": mask_file, "crop_file": crop_file,
         "bytes": sum(p.stat().st_size for p in outputs), "decode_workers": job.decode_workers,
         **{f"seconds_{k}": round(v, 3) for k, v in seconds.items()},
-        "warnings": list(volume.warnings), "outputs": names, "inputs": inputs,
+        "warnings": list(volume.warnings), "outputs": [cache.relative(p) for p in outputs], "inputs": inputs,
     }  # fmt: skip
     if vertebrae is not None:
         record["vertebrae"] = json.loads(vertebrae.to_json(orient="records"))

@@ -99,10 +99,15 @@ def prepared_seg_studies(
     uids = _without_excluded(uids, exclude)
     records = cache.records()
     failures = cache.failures(records)
-    done = {u: cache.resolve(records[u]["seg_file"]) for u in uids if u in records and records[u].get("has_labels")}
+    done = {u: cache.resolve(records[u]["seg_file"]) for u in uids
+            if u in records and records[u].get("has_labels") and records[u].get("seg_file")}
     skipped = {u: failures[u].get("reason", "") for u in uids if u not in done and u in failures}
     for uid, reason in skipped.items():
         log.warning("stage 1: study %s left out: preparing it failed: %s", uid, reason)
+    without = [u for u in uids if u in records and records[u].get("has_labels") and not records[u].get("seg_file")]
+    if without:  # prepared for stage 2 only (prepare_dataset's stage1_studies)
+        raise LayoutError(f"{len(without)} of the {len(uids)} studies stage 1 needs were prepared without their "
+                          f"stage-1 input (e.g. {without[0]}); prepare them again with it: {command}", cache.root)
     _refuse_missing(cache, [u for u in uids if u not in done and u not in skipped], len(uids), command)
     return done
 
