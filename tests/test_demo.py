@@ -14,10 +14,11 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from rsna_cspine.cli import main
-from rsna_cspine.demo import DemoConfig, run_demo
+from rsna_cspine.demo import DemoConfig, predict_reserve, run_demo
 from rsna_cspine.errors import ConfigError
 from rsna_cspine.io.kaggle import read_test_csv
 from rsna_cspine.metric import competition_score, labels_to_solution
+from rsna_cspine.report.demo_summary import slow_machine_advice
 from tests.paths import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -92,6 +93,8 @@ def test_demo_writes_a_valid_scored_submission_report_and_pictures(tmp_path: Pat
         assert picture.read_bytes()[:4] == b"\x89PNG" and str(picture) in printed
         assert list((out / "detection").glob("detected_*/C?_gradcam.png"))
     assert yaml.safe_load((out / "demo_config.yaml").read_text())["seed"] == 3
+    # Stage 2 trained its one configured epoch: the budget did not cut it short, so no slow-machine note.
+    assert summary["stage2_epochs"] == 1 and summary["advice"] == "" and "NOTE" not in printed
 
     # Stage 2 picked its epoch and fitted its calibration on its validation studies cropped with the masks of the
     # stage 1 just trained, which never trained on them: as the test studies are cropped.
@@ -183,6 +186,21 @@ def test_the_crosscheck_stops_when_the_demos_models_do_not_load(tmp_path: Path) 
     with pytest.raises(SystemExit, match="models do not load"):
         crosscheck_main(["--demo", str(demo), "--work", str(tmp_path / "xcheck"), "--quick", "--device", "cpu"])
     assert not (tmp_path / "xcheck").exists()
+
+
+def test_a_stage_2_cut_short_by_the_budget_gets_the_minutes_that_would_give_it_its_epochs() -> None:
+    # 2 epochs of 23 s where 10 were wanted: 184 s more for stage 2, which gets 55 % of any extra minute; a fifth on top.
+    advice = slow_machine_advice(epochs=2, epoch_s=23.0, minutes=9.3, seg_share=0.45, min_epochs=10)
+    assert "2 epoch(s) of 23 s" in advice and advice.endswith("rsna-cspine demo --minutes 16")  # 9.3 + 1.2 x 5.6 min
+    assert slow_machine_advice(epochs=9, epoch_s=12.0, minutes=9.3, seg_share=0.45, min_epochs=10).endswith("--minutes 10")
+    assert slow_machine_advice(epochs=10, epoch_s=23.0, minutes=9.3, seg_share=0.45, min_epochs=10) == ""
+    assert slow_machine_advice(epochs=0, epoch_s=float("nan"), minutes=9.3, seg_share=0.45, min_epochs=10) == ""
+
+
+def test_predict_keeps_the_time_step_4_took_per_study_when_that_is_more_than_the_reserve() -> None:
+    assert predict_reserve(45.0, val_crops_s=88.0, n_val=44, n_test=36) == pytest.approx(88.0 / 44 * 36 + 10.0)
+    assert predict_reserve(45.0, val_crops_s=30.0, n_val=44, n_test=36) == 45.0  # a fast machine keeps the reserve
+    assert predict_reserve(45.0, val_crops_s=0.0, n_val=0, n_test=36) == 45.0  # no validation studies: no pace
 
 
 def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path) -> None:
