@@ -178,8 +178,9 @@ def write_data(data_dir: Path, config: DemoConfig, seed: int) -> None:
     (data_dir / _DATA_DONE).write_text(json.dumps(repr(synth_cfg)))
 
 
-def stage_configs(config: DemoConfig, seed: int, out_dir: Path) -> tuple[SegConfig, ClsConfig, PrepareConfig]:
-    """The two stages' training configs and the prepared cache they share (one folder per setting)."""
+def stage_configs(config: DemoConfig, seed: int, out_dir: Path) -> tuple[SegConfig, ClsConfig, PrepareConfig, list[str]]:
+    """The two stages' training configs, the prepared cache they share (one folder per setting) and stage 2's
+    validation studies (stage 1 never trains on them)."""
     from rsna_cspine.cls.config import ClsConfig
     from rsna_cspine.cls.train import validation_studies
     from rsna_cspine.prepare import prepare_config_for
@@ -193,15 +194,16 @@ def stage_configs(config: DemoConfig, seed: int, out_dir: Path) -> tuple[SegConf
                           values={"data": {"root": data_dir}, "run_dir": runs_dir / "cls", "fold": 0, **common})
     # Stage 1 never trains on stage 2's validation studies: their crops are cut with its masks (step 4), which
     # must be as good as a test study's, not better.
-    seg_cfg.data.exclude = (*seg_cfg.data.exclude, *validation_studies(cls_cfg))
+    val_uids = validation_studies(cls_cfg)
+    seg_cfg.data.exclude = (*seg_cfg.data.exclude, *val_uids)
     # A prepared cache refuses other settings: one folder per setting lets a rerun change them.
     prepare_cfg = prepare_config_for(seg_cfg, cls_cfg, mask_source="gt")
     key = hashlib.sha1(repr((prepare_cfg.stage1, prepare_cfg.crop)).encode()).hexdigest()[:8]
     seg_cfg.data.cache_dir = cls_cfg.data.cache_dir = str(out_dir / "work" / f"prepared_{key}")
-    return seg_cfg, cls_cfg, prepare_cfg
+    return seg_cfg, cls_cfg, prepare_cfg, val_uids
 
 
-def validation_crops(out_dir: Path, seg_run: Path, cls_cfg: ClsConfig, prepare_cfg: PrepareConfig) -> str:
+def validation_crops(out_dir: Path, seg_run: Path, uids: list[str], prepare_cfg: PrepareConfig) -> str:
     """Step 4: stage 2's validation studies cropped with the stage-1 model just trained, as the test studies
     will be; stage 2 picks its epoch and fits its vertebra calibration on them (``data.val_cache_dir``).
 
@@ -210,7 +212,7 @@ def validation_crops(out_dir: Path, seg_run: Path, cls_cfg: ClsConfig, prepare_c
 
     Args:
         seg_run: the stage-1 run's fold folder (its ``best.pt``).
-        cls_cfg: the stage-2 config (its data root and validation fold).
+        uids: stage 2's validation studies.
         prepare_cfg: the settings of the training crops (the mask source is replaced).
 
     Returns:
@@ -218,10 +220,9 @@ def validation_crops(out_dir: Path, seg_run: Path, cls_cfg: ClsConfig, prepare_c
     """
     from dataclasses import replace
 
-    from rsna_cspine.cls.train import validation_studies
     from rsna_cspine.prepare import prepare_dataset
 
-    cache, uids = out_dir / "work" / "validation_stage1", validation_studies(cls_cfg)
+    cache = out_dir / "work" / "validation_stage1"
     if not uids:  # a fold without validation studies: nothing to crop
         return ""
     _banner("4/8 validation crops", f"stage 2's {len(uids)} validation studies cropped with stage 1's masks")
@@ -283,7 +284,7 @@ def run_demo(
         Paths of the artefacts and the scores.
     """
     started = time.monotonic()  # before the heavy imports below: they are part of the demo's ten minutes
-    from rsna_cspine.cls.train import train_classifier, validation_studies
+    from rsna_cspine.cls.train import train_classifier
     from rsna_cspine.io.kaggle import KaggleLayout, read_test_csv, read_train_labels
     from rsna_cspine.metric import prior_predictions
     from rsna_cspine.pipeline import timing_log_path
@@ -312,7 +313,7 @@ def run_demo(
     seconds["data"] = time.monotonic() - tick
     layout = KaggleLayout(data_dir)
     train_labels = read_train_labels(layout.train_csv)
-    seg_cfg, cls_cfg, prepare_cfg = stage_configs(config, seed, out_dir)
+    seg_cfg, cls_cfg, prepare_cfg, val_uids = stage_configs(config, seed, out_dir)
 
     # 2. Data preparation first, so that the training budgets below are spent on training alone.
     tick = time.monotonic()
@@ -336,11 +337,11 @@ def run_demo(
 
     # 4. Stage 2's validation crops, cut as the test crops will be.
     tick = time.monotonic()
-    cls_cfg.data.val_cache_dir = validation_crops(out_dir, seg_run, cls_cfg, prepare_cfg)
+    cls_cfg.data.val_cache_dir = validation_crops(out_dir, seg_run, val_uids, prepare_cfg)
     seconds["val_crops"] = time.monotonic() - tick
 
     # 5. Stage 2, on what is left: at least what step 4's pace says predicting the test studies will take.
-    reserve_s = predict_reserve(config.reserve_s, seconds["val_crops"], len(validation_studies(cls_cfg)),
+    reserve_s = predict_reserve(config.reserve_s, seconds["val_crops"], len(val_uids),
                                 len(read_test_csv(layout.test_csv)["StudyInstanceUID"].unique()))
     tick = time.monotonic()
     cls_cfg.train.max_minutes = training_minutes(1.0)
