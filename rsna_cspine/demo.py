@@ -97,7 +97,7 @@ class DemoConfig:
     rule: str = "calibrated"
     threshold: float = 0.5
     workers: int = 2
-    min_stage2_epochs: int = 10
+    min_stage2_epochs: int = 8
 
 
 def _config_path(name: str) -> Path:

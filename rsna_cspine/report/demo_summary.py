@@ -61,24 +61,24 @@ def slow_machine_advice(epochs: int, epoch_s: float, minutes: float, seg_share: 
 
     The fixed work (data, caches, prediction) takes what it takes, so on a CPU half as fast the training
     budget shrinks by more than half and the figures fall (evidence.md, "The demo on a slower CPU"). Extra
-    minutes are shared as the budget is: stage 1 takes ``seg_share`` of them. A fifth more on top: given 15
-    minutes where this said 15, a 2-core AMD EPYC trained 8 epochs, not 10 (with a better stage 1, more
-    vertebrae pass its check: validation and predict take longer).
+    minutes are shared as the budget is: stage 1 takes ``seg_share`` of them. A fifth more on top: with a better
+    stage 1 more vertebrae pass its check, so validation and predict take longer (a 2-core AMD EPYC given the
+    15 minutes this said for 10 epochs without the fifth trained 8).
 
     Args:
         epochs: stage-2 epochs trained.
         epoch_s: mean seconds per stage-2 epoch.
         minutes: the demo's budget.
         seg_share: stage 1's share of the training time.
-        min_epochs: fewest stage-2 epochs the demo's figures were measured with.
+        min_epochs: fewest stage-2 epochs the demo's settings expect (the README's runs trained 7-15).
     """
     if epochs >= min_epochs or not epoch_s > 0:
         return ""
     extra_s = 1.2 * (min_epochs - epochs) * epoch_s / (1.0 - seg_share)
     suggested = math.ceil(minutes + extra_s / 60.0)
-    return (f"this machine left stage 2 time for {epochs} epoch(s) of {epoch_s:.0f} s; the demo's figures were "
-            f"measured with at least {min_epochs} (configs/demo.yaml), so these are lower than they would be. "
-            f"For those figures here, give it more time: rsna-cspine demo --minutes {suggested}")
+    return (f"this machine left stage 2 time for {epochs} epoch(s) of {epoch_s:.0f} s, fewer than the {min_epochs} the "
+            f"demo's settings expect (min_stage2_epochs, configs/demo.yaml), so these figures are lower than the "
+            f"README's. For them here, give it more time: rsna-cspine demo --minutes {suggested}")
 
 
 def _finite(value: Any) -> Any:
