@@ -124,12 +124,17 @@ def _banner(step: str, text: str) -> None:
     print(f"\n=== [{step}] {text}", flush=True)
 
 
-def _best(summary_csv: Path, column: str, mode: str) -> float:
+def _summary_column(summary_csv: Path, column: str) -> pd.Series:
+    """A run's ``summary.csv`` column as numbers, blanks dropped (empty without the file or the column)."""
     import pandas as pd
 
     if not summary_csv.is_file():
-        return float("nan")
-    values = pd.to_numeric(pd.read_csv(summary_csv).get(column, pd.Series(dtype=float)), errors="coerce").dropna()
+        return pd.Series(dtype=float)
+    return pd.to_numeric(pd.read_csv(summary_csv).get(column, pd.Series(dtype=float)), errors="coerce").dropna()
+
+
+def _best(summary_csv: Path, column: str, mode: str) -> float:
+    values = _summary_column(summary_csv, column)
     if values.empty:
         return float("nan")
     return float(values.max() if mode == "max" else values.min())
@@ -137,11 +142,7 @@ def _best(summary_csv: Path, column: str, mode: str) -> float:
 
 def _epochs(summary_csv: Path) -> tuple[int, float]:
     """(epochs, mean seconds per epoch) of a run's ``summary.csv``; (0, nan) without one."""
-    import pandas as pd
-
-    if not summary_csv.is_file():
-        return 0, float("nan")
-    times = pd.to_numeric(pd.read_csv(summary_csv).get("time_s", pd.Series(dtype=float)), errors="coerce").dropna()
+    times = _summary_column(summary_csv, "time_s")
     return len(times), float(times.mean()) if len(times) else float("nan")
 
 
@@ -341,8 +342,8 @@ def run_demo(
     seconds["val_crops"] = time.monotonic() - tick
 
     # 5. Stage 2, on what is left: at least what step 4's pace says predicting the test studies will take.
-    reserve_s = predict_reserve(config.reserve_s, seconds["val_crops"], len(val_uids),
-                                len(read_test_csv(layout.test_csv)["StudyInstanceUID"].unique()))
+    test = read_test_csv(layout.test_csv)
+    reserve_s = predict_reserve(config.reserve_s, seconds["val_crops"], len(val_uids), test["StudyInstanceUID"].nunique())
     tick = time.monotonic()
     cls_cfg.train.max_minutes = training_minutes(1.0)
     _banner("5/8 stage 2", f"training the 2.5D classifier for ≤ {cls_cfg.train.max_minutes:.1f} min ({config.cls_config}); "
@@ -357,7 +358,6 @@ def run_demo(
     # 7. Score against the held-out truth, next to the prior every model must beat.
     tick = time.monotonic()
     _banner("7/8 score", "held-out test labels: per-vertebra ROC AUC, sensitivity/specificity, competition metric")
-    test = read_test_csv(layout.test_csv)
     test_labels = read_train_labels(data_dir / "test_labels.csv")
     test_labels = test_labels[test_labels["StudyInstanceUID"].isin(set(test["StudyInstanceUID"]))]
     heldout = score_heldout(submission, test_labels, prior_predictions(train_labels), config.threshold)
