@@ -87,7 +87,7 @@ class DemoConfig:
     minutes: float = 10.0
     seed: int = 0
     device: str = "auto"
-    synth: dict[str, Any] = field(default_factory=lambda: {"n_studies": 300, "image_size": 128, "test_fraction": 0.12})
+    synth: dict[str, Any] = field(default_factory=lambda: {"n_studies": 200, "image_size": 128, "test_fraction": 0.18})
     seg_config: str = "configs/seg_cpu.yaml"
     seg_overrides: list[str] = field(default_factory=list)
     cls_config: str = "configs/cls_cpu.yaml"
