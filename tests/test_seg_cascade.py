@@ -169,7 +169,7 @@ def test_a_neck_at_the_edge_of_the_scan_is_padded_not_squashed() -> None:
 
 
 def test_the_fine_box_follows_the_neck_length_when_a_reference_is_set() -> None:
-    """With ``data.reference_neck_mm`` a second pass labels a box centred on the first pass's labels and
+    """With ``data.reference_neck_mm`` the labels come from a box centred on a first (sizing) pass's labels and
     scaled by their length over the reference: a neck 1.1 times the reference gets a box 1.1 times as
     large; a ratio outside SIZE_BAND keeps the configured size; the labels still map back to every slice."""
     volume, truth = spine_volume()  # C1 to C7 centres: slices 73.5 to 127.5 × 2 mm = 108 mm
@@ -187,6 +187,28 @@ def test_the_fine_box_follows_the_neck_length_when_a_reference_is_set() -> None:
         # vertebrae; on the finer grids it labels about as well as with the plain box (Dice 0.92).
         if ratio <= 1.0 or factor == 1.0:
             assert evaluate_segmentation(result.mask, truth)["dice_mean"] > 0.85
+
+
+def test_the_first_pass_sizes_the_box_on_its_nearest_labels_and_the_labels_come_from_the_configured_pass() -> None:
+    """With ``data.reference_neck_mm`` the first pass's table is read from its nearest-neighbour labels (no
+    linear upsampling of a grid that only sizes the box): the box is the one its linear labels give to within
+    a voxel, and what ``segment`` returns is the configured (linear) pass over that box."""
+    volume, _ = spine_volume()
+    segmenter = band_cascade("linear")
+    segmenter.cfg.data.reference_neck_mm = 108.0 / 1.1
+    box, _ = segmenter.locate(volume)
+    grid_mask, probs = segmenter.grid_labels(volume, box)
+    by_nearest = segmenter.refine_box(segmenter.map_back(grid_mask, probs.clone(), box, volume, "nearest"), volume)
+    by_linear = segmenter.refine_box(segmenter.map_back(grid_mask, probs, box, volume), volume)
+    assert by_nearest is not None and by_linear is not None and by_nearest != box
+    assert all(abs(a - b) <= 1 for a, b in zip(by_nearest.start + by_nearest.size, by_linear.start + by_linear.size))
+    result = segmenter.segment(volume)
+    assert result.box == by_nearest
+    np.testing.assert_array_equal(result.mask, segmenter.segment_box(volume, by_nearest).mask)
+    # Without a reference the one pass is returned as configured.
+    segmenter.cfg.data.reference_neck_mm = 0.0
+    plain_box, _ = segmenter.locate(volume)
+    np.testing.assert_array_equal(segmenter.segment(volume).mask, segmenter.segment_box(volume, plain_box).mask)
 
 
 def test_no_second_box_is_fitted_to_a_first_pass_whose_c1_is_painted_over_the_skull() -> None:
