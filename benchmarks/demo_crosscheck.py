@@ -26,10 +26,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
+
+if TYPE_CHECKING:  # loaded in demo_pipeline: the script's --help stays fast
+    from rsna_cspine.inference.predictor import FracturePipeline
+    from rsna_cspine.pipeline import PipelineConfig
 
 #: Generator knobs moved around the demo's values: each ``(low, high)`` range is multiplied by one factor
 #: drawn log-uniformly in ``[1 / (1 + spread), 1 + spread]`` (the range keeps its shape and moves).
@@ -88,7 +92,7 @@ def defaults_config(base: dict[str, Any], seed: int, studies: int) -> dict[str, 
     return held_out_set(base, {k: defaults[k] for k in FRACTURE_KNOBS}, seed, studies)
 
 
-def demo_pipeline(demo: Path, device: str) -> tuple[Any, Any]:
+def demo_pipeline(demo: Path, device: str) -> tuple[FracturePipeline, PipelineConfig]:
     """The demo's models (``<demo>/models``, wherever the demo ran from) with the demo's patient rule, loaded once.
 
     Raises:
@@ -107,7 +111,8 @@ def demo_pipeline(demo: Path, device: str) -> tuple[Any, Any]:
         raise SystemExit(f"{demo / 'models'}: the demo's models do not load ({exc})") from exc
 
 
-def run_set(demo: Path, work: Path, values: dict[str, Any], models: tuple[Any, Any]) -> dict[str, Any]:
+def run_set(demo: Path, work: Path, values: dict[str, Any], models: tuple[FracturePipeline, PipelineConfig]
+            ) -> dict[str, Any]:
     """Write one set, predict it with the demo's models (:func:`demo_pipeline`), score it against the demo's
     training prior."""
     from rsna_cspine.config import load_config
